@@ -1,0 +1,64 @@
+# AIGateway developer entry points. `make test` and `make dev` are the two commands the README promises.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+TESTBED := scripts/testbed
+TESTBED_ENV = $(shell $(TESTBED) env-path)
+# Load the test bed's env file (KUBECONFIG, DATABASE_URL, …) into a recipe's shell.
+WITH_ENV = set -a && source "$(TESTBED_ENV)" && set +a &&
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+.PHONY: toolchain
+toolchain: ## install the Rust components and the wasm target (rust-toolchain.toml pins the version)
+	rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
+	rustup component add rustfmt clippy
+	rustup target add wasm32-wasip1
+
+.PHONY: testbed
+testbed: ## install and start the local servers (idempotent)
+	$(TESTBED) up
+
+.PHONY: migrate
+migrate: testbed ## apply the MySQL and ClickHouse migrations to the test bed
+	$(WITH_ENV) cargo run --quiet -p aigw-migrations --bin aigw-migrate
+
+.PHONY: test
+test: toolchain testbed migrate ## test bed up → migrations → every test → the plugin's wasm build
+	cargo test --workspace --no-fail-fast
+	$(MAKE) wasm
+
+.PHONY: wasm
+wasm: ## build the usage-reporter plugin for wasm32-wasip1
+	cargo build -p aigw-plugin --target wasm32-wasip1 --release
+	@ls -l target/wasm32-wasip1/release/aigw_plugin.wasm
+
+.PHONY: dev
+dev: toolchain testbed migrate ## the product locally: test bed, operator + apiserver + billing in the foreground
+	cargo build --workspace --bins
+	$(WITH_ENV) exec scripts/dev
+
+.PHONY: lint
+lint: ## rustfmt, clippy (pedantic, -D warnings), shell scripts
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	bash -n $(TESTBED) scripts/*.sh scripts/dev .ci/run
+
+.PHONY: fmt
+fmt: ## format the code
+	cargo fmt --all
+
+.PHONY: generate
+generate: ## regenerate committed artefacts (CRD YAML)
+	@echo "no generated artefacts yet: the CRD YAML arrives with the CRDs"
+
+.PHONY: bench
+bench: ## run the benchmarks (numbers go to docs/benchmarks.md)
+	cargo bench --workspace
+
+.PHONY: down
+down: ## stop the test bed
+	$(TESTBED) down

@@ -1,0 +1,90 @@
+//! The usage reporter's logic, free of proxy-wasm so it is testable on the host.
+//!
+//! This crate owns the plugin config contract: the operator serialises a [`PluginConfig`] into the
+//! `WasmPlugin`, the plugin parses it here, and a config with a `version` it does not know is refused
+//! rather than half-understood. Usage extraction from JSON and SSE responses lands here with the
+//! plugin issue.
+
+use serde::{Deserialize, Serialize};
+
+/// The config version this build understands.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// Configuration of the usage-reporter plugin, as written by the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Contract version; must equal [`CONFIG_VERSION`].
+    pub version: u32,
+    /// Envoy cluster name of the billing ingest service.
+    pub ingest_cluster: String,
+    /// Path on the ingest service that accepts usage events.
+    #[serde(default = "default_ingest_path")]
+    pub ingest_path: String,
+    /// Timeout of the call to ingest, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u32,
+}
+
+fn default_ingest_path() -> String {
+    "/v1/usage".to_owned()
+}
+
+fn default_timeout_ms() -> u32 {
+    2_000
+}
+
+/// Why a plugin config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("plugin config is not valid JSON for this version: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error(
+        "plugin config version {found} is not supported (this build understands {CONFIG_VERSION})"
+    )]
+    Version { found: u32 },
+    #[error("plugin config field {0} must not be empty")]
+    Empty(&'static str),
+}
+
+impl PluginConfig {
+    /// Parses and checks a config as the plugin receives it.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let config: Self = serde_json::from_slice(bytes)?;
+        if config.version != CONFIG_VERSION {
+            return Err(ConfigError::Version {
+                found: config.version,
+            });
+        }
+        if config.ingest_cluster.is_empty() {
+            return Err(ConfigError::Empty("ingestCluster"));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_minimal_config_with_defaults() {
+        let c = PluginConfig::parse(br#"{"version":1,"ingestCluster":"outbound|8090||ingest"}"#)
+            .unwrap();
+        assert_eq!(c.ingest_path, "/v1/usage");
+        assert_eq!(c.timeout_ms, 2_000);
+        let round = serde_json::to_vec(&c).unwrap();
+        assert_eq!(PluginConfig::parse(&round).unwrap(), c);
+    }
+
+    #[test]
+    fn refuses_unknown_version_and_fields() {
+        let err = PluginConfig::parse(br#"{"version":2,"ingestCluster":"x"}"#).unwrap_err();
+        assert!(matches!(err, ConfigError::Version { found: 2 }), "{err}");
+        let err =
+            PluginConfig::parse(br#"{"version":1,"ingestCluster":"x","extra":1}"#).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(_)), "{err}");
+        let err = PluginConfig::parse(br#"{"version":1,"ingestCluster":""}"#).unwrap_err();
+        assert!(matches!(err, ConfigError::Empty("ingestCluster")), "{err}");
+    }
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Builds the Go-based test-bed servers (kube-apiserver, kubectl, etcd, helm) from the Go module
+# proxy into a version-keyed cache outside the repo, so a second run is instant.
+#
+# usage: scripts/build-go-tools.sh [kube|etcd|helm|all]
+set -euo pipefail
+
+K8S_VERSION="${K8S_VERSION:-v1.35.4}"
+ETCD_VERSION="${ETCD_VERSION:-v3.5.35}"
+HELM_VERSION="${HELM_VERSION:-v3.19.5}"
+CACHE="${AIGW_CACHE:-$HOME/.cache/aigateway}"
+export GOFLAGS=-mod=mod
+export CGO_ENABLED=0
+
+log() { printf '[build-go-tools] %s\n' "$*" >&2; }
+
+# Builds kube-apiserver and kubectl: k8s.io/kubernetes cannot be `go install`ed because its go.mod
+# replaces the staging modules with local paths, so we generate a module that replaces each of them
+# with the published v0.X.Y of the same release.
+build_kube() {
+  local out="$CACHE/kubernetes-$K8S_VERSION/bin"
+  if [[ -x "$out/kube-apiserver" && -x "$out/kubectl" && -x "$out/kube-controller-manager" ]]; then return 0; fi
+  rm -f "$out"/*
+  local src="$CACHE/kubernetes-$K8S_VERSION/src"
+  local minor="v0.${K8S_VERSION#v1.}"
+  mkdir -p "$src" "$out"
+  log "building kube-apiserver, kube-controller-manager and kubectl $K8S_VERSION (cold: several minutes)"
+  local gomod
+  gomod=$(cd "$src" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')
+  [[ -f "$gomod" ]] || { log "could not download k8s.io/kubernetes@$K8S_VERSION"; return 1; }
+  local gover
+  gover=$(sed -n 's/^go \([0-9.]*\)$/\1/p' "$gomod" | head -1)
+  {
+    echo "module aigateway.local/testbed-kube"
+    echo
+    echo "go ${gover:-1.24}"
+    echo
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    echo
+    echo "replace ("
+    sed -n 's#^[[:space:]]*\(k8s\.io/[^ ]*\) => \./staging/src/k8s\.io/[^ ]*$#\t\1 => \1 '"$minor"'#p' "$gomod"
+    echo ")"
+  } >"$src/go.mod"
+  cat >"$src/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+)
+GO
+  # Without these the binaries report v0.0.0-master and kubectl warns about version skew.
+  local minor_num="${K8S_VERSION#v1.}"
+  minor_num="${minor_num%%.*}"
+  local ldflags="" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor_num"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  (cd "$src" && go mod tidy -e >/dev/null 2>&1 || true
+   local cmd
+   for cmd in kube-apiserver kubectl kube-controller-manager; do
+     go build -trimpath -ldflags "$ldflags" -o "$out/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
+     mv "$out/$cmd.tmp" "$out/$cmd"
+   done)
+}
+
+build_etcd() {
+  local out="$CACHE/etcd-$ETCD_VERSION/bin"
+  if [[ -x "$out/etcd" ]]; then return 0; fi
+  local src="$CACHE/etcd-$ETCD_VERSION/src"
+  mkdir -p "$src" "$out"
+  log "building etcd $ETCD_VERSION"
+  cat >"$src/go.mod" <<GOMOD
+module aigateway.local/testbed-etcd
+
+go 1.23
+
+require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+GOMOD
+  (cd "$src" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null &&
+    go build -trimpath -o "$out/etcd.tmp" go.etcd.io/etcd/server/v3 && mv "$out/etcd.tmp" "$out/etcd")
+}
+
+build_helm() {
+  local out="$CACHE/helm-$HELM_VERSION/bin"
+  if [[ -x "$out/helm" ]]; then return 0; fi
+  local src="$CACHE/helm-$HELM_VERSION/src"
+  mkdir -p "$src" "$out"
+  log "building helm $HELM_VERSION"
+  cat >"$src/go.mod" <<GOMOD
+module aigateway.local/testbed-helm
+
+go 1.24
+
+require helm.sh/helm/v3 $HELM_VERSION
+GOMOD
+  (cd "$src" && go get "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >/dev/null &&
+    go build -trimpath -o "$out/helm.tmp" helm.sh/helm/v3/cmd/helm && mv "$out/helm.tmp" "$out/helm")
+}
+
+case "${1:-all}" in
+  kube) build_kube ;;
+  etcd) build_etcd ;;
+  helm) build_helm ;;
+  all) build_etcd; build_kube; build_helm ;;
+  *) echo "usage: $0 [kube|etcd|helm|all]" >&2; exit 2 ;;
+esac

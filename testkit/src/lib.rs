@@ -1,0 +1,184 @@
+//! Test support for integration tests against the local test bed.
+//!
+//! `scripts/testbed up` starts real servers and writes an env file; [`Testbed::load`] reads that
+//! file, never the process environment, so a developer's own `KUBECONFIG` or `DATABASE_URL` can never
+//! point a test at a real cluster or database. The file is `$AIGW_TESTBED_ENV` if set, else
+//! `$AIGW_TESTBED_DIR/env`, else `~/.local/state/aigateway/testbed/env`.
+//!
+//! A test bed that is not up is an error (a failing test), never a silent skip.
+
+use std::{collections::HashMap, path::PathBuf};
+
+/// Errors finding or reaching the test bed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "test bed env file {path} not readable ({source}); start the test bed: scripts/testbed up"
+    )]
+    EnvFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("test bed env file has no {0}; restart the test bed: scripts/testbed up")]
+    Missing(&'static str),
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error("kube client: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("mysql: {0}")]
+    MySql(#[from] sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+}
+
+/// The test bed's endpoints, as written by `scripts/testbed up`.
+#[derive(Debug, Clone)]
+pub struct Testbed {
+    vars: HashMap<String, String>,
+}
+
+impl Testbed {
+    /// Reads the test bed env file.
+    pub fn load() -> Result<Self, Error> {
+        let path = env_file_path();
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::EnvFile {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self::parse(&text))
+    }
+
+    fn parse(text: &str) -> Self {
+        let vars = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        Self { vars }
+    }
+
+    /// A variable of the env file.
+    pub fn var(&self, key: &'static str) -> Result<&str, Error> {
+        self.vars
+            .get(key)
+            .map(String::as_str)
+            .ok_or(Error::Missing(key))
+    }
+
+    /// A client for the test bed's kube-apiserver, as cluster admin.
+    pub async fn kube_client(&self) -> Result<kube::Client, Error> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(self.var("KUBECONFIG")?)?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// `host:port` list of the Kafka broker.
+    pub fn kafka_brokers(&self) -> Result<&str, Error> {
+        self.var("KAFKA_BROKERS")
+    }
+
+    /// A pool on the shared `aigateway` database.
+    pub async fn mysql(&self) -> Result<sqlx::MySqlPool, Error> {
+        Ok(sqlx::MySqlPool::connect(self.var("DATABASE_URL")?).await?)
+    }
+
+    /// A fresh, empty MySQL database for one test, and a pool on it.
+    pub async fn scratch_mysql(&self, purpose: &str) -> Result<(String, sqlx::MySqlPool), Error> {
+        let name = unique_ident(purpose);
+        let url = self.var("DATABASE_URL")?;
+        let admin = sqlx::MySqlPool::connect(url).await?;
+        sqlx::query(&format!("CREATE DATABASE `{name}`"))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let base = url.rsplit_once('/').map_or(url, |(base, _)| base);
+        let pool = sqlx::MySqlPool::connect(&format!("{base}/{name}")).await?;
+        Ok((name, pool))
+    }
+
+    /// A client for the test bed's Redis.
+    pub fn redis(&self) -> Result<redis::Client, Error> {
+        Ok(redis::Client::open(self.var("REDIS_URL")?)?)
+    }
+
+    /// A ClickHouse client on a fresh, empty database for one test.
+    pub async fn scratch_clickhouse(&self, purpose: &str) -> Result<clickhouse::Client, Error> {
+        let name = unique_ident(purpose);
+        let server = clickhouse::Client::default()
+            .with_url(self.var("CLICKHOUSE_URL")?)
+            // ClickHouse 18.16 lacks what the crate's validation needs (docs/testbed.md); tests check
+            // the struct ↔ schema mapping themselves.
+            .with_validation(false);
+        server
+            .query(&format!("CREATE DATABASE `{name}`"))
+            .execute()
+            .await?;
+        Ok(server.with_database(name))
+    }
+}
+
+fn env_file_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("AIGW_TESTBED_ENV") {
+        return PathBuf::from(p);
+    }
+    if let Some(dir) = std::env::var_os("AIGW_TESTBED_DIR") {
+        return PathBuf::from(dir).join("env");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".local/state/aigateway/testbed/env")
+}
+
+/// A name unique to this call: `<purpose>_<12 hex>`, safe as a SQL identifier.
+pub fn unique_ident(purpose: &str) -> String {
+    let clean: String = purpose
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("t_{clean}_{}", &id[..12])
+}
+
+/// A name unique to this call, valid as a Kubernetes object name: `<purpose>-<8 hex>`.
+pub fn unique_name(purpose: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{purpose}-{}", &id[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_env_file_ignoring_comments() {
+        let tb =
+            Testbed::parse("# comment\nKAFKA_BROKERS=127.0.0.1:19092\n\nREDIS_URL = redis://x/\n");
+        assert_eq!(tb.kafka_brokers().unwrap(), "127.0.0.1:19092");
+        assert_eq!(tb.var("REDIS_URL").unwrap(), "redis://x/");
+        assert!(matches!(
+            tb.var("KUBECONFIG"),
+            Err(Error::Missing("KUBECONFIG"))
+        ));
+    }
+
+    #[test]
+    fn unique_names_differ_and_are_safe() {
+        let a = unique_ident("Usage-Logs");
+        assert!(a.starts_with("t_usage_logs_"), "{a}");
+        assert_ne!(a, unique_ident("Usage-Logs"));
+        assert!(unique_name("ns").starts_with("ns-"));
+    }
+}
