@@ -7,6 +7,8 @@
 //!
 //! A test bed that is not up is an error (a failing test), never a silent skip.
 
+pub mod process;
+
 use std::{collections::HashMap, path::PathBuf};
 
 /// Errors finding or reaching the test bed.
@@ -78,6 +80,14 @@ impl Testbed {
         )
         .await?;
         Ok(kube::Client::try_from(config)?)
+    }
+
+    /// The env file's variables, for handing to a child process.
+    pub fn vars(&self) -> Vec<(&str, &str)> {
+        self.vars
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
     }
 
     /// `host:port` list of the Kafka broker.

@@ -1,0 +1,36 @@
+//! The apiserver binary starts for real against the test bed: ops endpoints, a JSON 404 on the
+//! REST listener, and a clean exit on SIGTERM.
+
+// Test code: a failed unwrap is a failed test with its message.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use aigw_testkit::{
+    Testbed,
+    process::{Service, free_addr, http_get},
+};
+
+#[test]
+fn serves_json_errors_becomes_ready_and_stops_on_sigterm() {
+    let tb = Testbed::load().unwrap();
+    let api = free_addr().unwrap().to_string();
+    let svc = Service::start(
+        Path::new(env!("CARGO_BIN_EXE_aigw-apiserver")),
+        &["--listen-addr", &api],
+        &tb.vars(),
+    )
+    .unwrap();
+    assert_eq!(svc.wait_for_status("/readyz", 200, 30).unwrap(), "ready\n");
+
+    let (status, body) = http_get(api.parse().unwrap(), "/api/v1/nothing-here").unwrap();
+    assert_eq!(status, 404);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["error"]["code"], "not_found");
+    assert_eq!(
+        json["error"]["message"],
+        "no route for /api/v1/nothing-here"
+    );
+
+    assert!(svc.terminate(10).unwrap().success());
+}
