@@ -37,8 +37,9 @@ wasm: ## build the usage-reporter plugin for wasm32-wasip1
 	@ls -l target/wasm32-wasip1/release/aigw_plugin.wasm
 
 .PHONY: dev
-dev: toolchain testbed migrate ## the product locally: test bed, operator + apiserver + billing in the foreground
+dev: toolchain testbed migrate ## the product locally: test bed, our CRDs, operator + apiserver + billing in the foreground
 	cargo build --workspace --bins
+	$(WITH_ENV) "$$KUBECTL" apply --server-side --field-manager=aigw-dev -f crds/crds.yaml
 	$(WITH_ENV) exec scripts/dev
 
 .PHONY: lint
@@ -52,8 +53,9 @@ fmt: ## format the code
 	cargo fmt --all
 
 .PHONY: generate
-generate: ## regenerate committed artefacts (CRD YAML)
-	@echo "no generated artefacts yet: the CRD YAML arrives with the CRDs"
+generate: ## regenerate committed artefacts: crds/crds.yaml from the CRD types
+	cargo run --quiet -p aigw-crds --bin crdgen > crds/crds.yaml.tmp
+	mv crds/crds.yaml.tmp crds/crds.yaml
 
 .PHONY: bench
 bench: ## run the benchmarks (numbers go to docs/benchmarks.md)

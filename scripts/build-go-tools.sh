@@ -14,6 +14,18 @@ export CGO_ENABLED=0
 
 log() { printf '[build-go-tools] %s\n' "$*" >&2; }
 
+# quiet LOG CMD...: run CMD with its chatter (one line per downloaded module) in LOG; show LOG
+# only if CMD fails.
+quiet() {
+  local logfile=$1
+  shift
+  if ! "$@" >>"$logfile" 2>&1; then
+    log "failed: $* (log: $logfile)"
+    tail -n 40 "$logfile" >&2
+    return 1
+  fi
+}
+
 # Builds kube-apiserver and kubectl: k8s.io/kubernetes cannot be `go install`ed because its go.mod
 # replaces the staging modules with local paths, so we generate a module that replaces each of them
 # with the published v0.X.Y of the same release.
@@ -60,10 +72,10 @@ GO
     ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor_num"
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
-  (cd "$src" && go mod tidy -e >/dev/null 2>&1 || true
+  (cd "$src" && quiet "$src/build.log" go mod tidy
    local cmd
    for cmd in kube-apiserver kubectl kube-controller-manager; do
-     go build -trimpath -ldflags "$ldflags" -o "$out/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
+     quiet "$src/build.log" go build -trimpath -ldflags "$ldflags" -o "$out/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
      mv "$out/$cmd.tmp" "$out/$cmd"
    done)
 }
@@ -81,8 +93,9 @@ go 1.23
 
 require go.etcd.io/etcd/server/v3 $ETCD_VERSION
 GOMOD
-  (cd "$src" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null &&
-    go build -trimpath -o "$out/etcd.tmp" go.etcd.io/etcd/server/v3 && mv "$out/etcd.tmp" "$out/etcd")
+  (cd "$src" && quiet "$src/build.log" go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" &&
+    quiet "$src/build.log" go build -trimpath -o "$out/etcd.tmp" go.etcd.io/etcd/server/v3 &&
+    mv "$out/etcd.tmp" "$out/etcd")
 }
 
 build_helm() {
@@ -98,8 +111,9 @@ go 1.24
 
 require helm.sh/helm/v3 $HELM_VERSION
 GOMOD
-  (cd "$src" && go get "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >/dev/null &&
-    go build -trimpath -o "$out/helm.tmp" helm.sh/helm/v3/cmd/helm && mv "$out/helm.tmp" "$out/helm")
+  (cd "$src" && quiet "$src/build.log" go get "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" &&
+    quiet "$src/build.log" go build -trimpath -o "$out/helm.tmp" helm.sh/helm/v3/cmd/helm &&
+    mv "$out/helm.tmp" "$out/helm")
 }
 
 case "${1:-all}" in
