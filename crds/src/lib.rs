@@ -34,6 +34,21 @@ pub const TENANT_NAMESPACE_PREFIX: &str = "aigw-";
 /// `app.kubernetes.io/managed-by` value on every object AIGateway writes.
 pub const MANAGED_BY: &str = "aigateway";
 
+/// Label and annotation keys.
+pub mod labels {
+    /// `app.kubernetes.io/managed-by`.
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    /// The tenant an object belongs to.
+    pub const TENANT: &str = "aigateway.io/tenant";
+    /// Restricts an operator instance to the CRs carrying this label with its value.
+    pub const INSTANCE: &str = "aigateway.io/instance";
+    /// The component of AIGateway that wrote an object (e.g. `higress-sync`).
+    pub const COMPONENT: &str = "aigateway.io/component";
+}
+
+/// Finalizer guarding external state (MySQL rows, McpBridge registries).
+pub const FINALIZER: &str = "aigateway.io/cleanup";
+
 /// Every AIGateway `CustomResourceDefinition`, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![Tenant::crd(), Channel::crd(), Token::crd(), Pricing::crd()]

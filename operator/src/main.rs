@@ -1,14 +1,16 @@
 //! `aigw-operator`: reconciles Tenant, Channel, Token and Pricing CRs into Higress objects, tenant
 //! namespaces, status and the MySQL mirror.
-//!
-//! Today it connects to its dependencies and serves its ops endpoints; the controllers arrive with
-//! the CRDs (see `docs/architecture.md`).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use aigw_common::{OpsArgs, init_tracing, ops, probe, shutdown::Shutdown};
+use aigw_operator::{
+    context::{Config, Ctx, Metrics},
+    keys::Sealer,
+};
 use clap::Parser;
 use prometheus_client::registry::Registry;
+use rdkafka::{ClientConfig, producer::FutureProducer};
 
 /// Reconciles AIGateway custom resources into Higress configuration.
 #[derive(Debug, Parser)]
@@ -19,6 +21,66 @@ struct Cli {
     /// MySQL URL of the mirror database (`mysql://user:pass@host:port/db`).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
+    /// AES-256 key (64 hex characters) sealing upstream keys in MySQL.
+    #[arg(long, env = "AIGW_CHANNEL_KEY", hide_env_values = true)]
+    channel_key: String,
+    /// Kafka bootstrap servers for `tenant.events`; events are off when unset.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Namespace the Higress controller reads.
+    #[arg(long, env = "AIGW_HIGRESS_NAMESPACE", default_value = aigw_crds::HIGRESS_NAMESPACE)]
+    higress_namespace: String,
+    /// Reconcile only CRs labelled `aigateway.io/instance=<value>`.
+    #[arg(long, env = "AIGW_INSTANCE")]
+    instance: Option<String>,
+    /// `host:port` of the apiserver Service for `/api` and `/oauth`.
+    #[arg(
+        long,
+        env = "AIGW_APISERVER_DESTINATION",
+        default_value = "aigw-apiserver.aigw-system.svc.cluster.local:8080"
+    )]
+    apiserver_destination: String,
+    /// FQDN of the authz Service Higress ext-auth calls.
+    #[arg(
+        long,
+        env = "AIGW_AUTHZ_SERVICE",
+        default_value = "aigw-apiserver.aigw-system.svc.cluster.local"
+    )]
+    authz_service: String,
+    /// Port of the authz listener.
+    #[arg(long, env = "AIGW_AUTHZ_PORT", default_value_t = 8081)]
+    authz_port: u16,
+    /// Path of the authz endpoint.
+    #[arg(long, env = "AIGW_AUTHZ_PATH", default_value = "/authz")]
+    authz_path: String,
+    /// Envoy cluster of the billing ingest Service.
+    #[arg(
+        long,
+        env = "AIGW_INGEST_CLUSTER",
+        default_value = "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local"
+    )]
+    ingest_cluster: String,
+    /// Image of our usage-reporter plugin.
+    #[arg(
+        long,
+        env = "AIGW_USAGE_REPORTER_IMAGE",
+        default_value = "oci://ghcr.io/aigateway/aigw-plugin:0.1.0"
+    )]
+    usage_reporter_image: String,
+    /// Image of the Higress ai-proxy plugin.
+    #[arg(
+        long,
+        env = "AIGW_AI_PROXY_IMAGE",
+        default_value = "oci://higress-registry.cn-hangzhou.cr.aliyuncs.com/plugins/ai-proxy:2.0.1"
+    )]
+    ai_proxy_image: String,
+    /// Image of the Higress ext-auth plugin.
+    #[arg(
+        long,
+        env = "AIGW_EXT_AUTH_IMAGE",
+        default_value = "oci://higress-registry.cn-hangzhou.cr.aliyuncs.com/plugins/ext-auth:2.0.0"
+    )]
+    ext_auth_image: String,
 }
 
 #[tokio::main]
@@ -29,15 +91,46 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signal();
     let readiness = ops::Readiness::default();
-    let registry = Registry::with_prefix("aigw_operator");
+    let mut registry = Registry::with_prefix("aigw_operator");
+    let metrics = Metrics::register(&mut registry);
 
     // `Client::try_default` reads KUBECONFIG, or the in-cluster service account.
     let client = kube::Client::try_default().await?;
-    probe::kube(&readiness, shutdown.clone(), client);
+    probe::kube(&readiness, shutdown.clone(), client.clone());
     let pool = sqlx::mysql::MySqlPoolOptions::new()
-        .max_connections(4)
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(5))
         .connect_lazy(&cli.database_url)?;
-    probe::mysql(&readiness, shutdown.clone(), pool);
+    probe::mysql(&readiness, shutdown.clone(), pool.clone());
+    let events = match &cli.kafka_brokers {
+        Some(brokers) => Some(
+            ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .set("enable.idempotence", "true")
+                .create::<FutureProducer>()?,
+        ),
+        None => None,
+    };
+    let config = Config {
+        higress_namespace: cli.higress_namespace,
+        instance: cli.instance,
+        apiserver_destination: cli.apiserver_destination,
+        authz_service: cli.authz_service,
+        authz_port: cli.authz_port,
+        authz_path: cli.authz_path,
+        ingest_cluster: cli.ingest_cluster,
+        usage_reporter_image: cli.usage_reporter_image,
+        ai_proxy_image: cli.ai_proxy_image,
+        ext_auth_image: cli.ext_auth_image,
+    };
+    let ctx = Arc::new(Ctx::new(
+        client,
+        pool,
+        config,
+        metrics,
+        Sealer::from_hex(&cli.channel_key)?,
+        events,
+    ));
 
     let (addr, ops_task) = ops::serve_ops(
         cli.ops.ops_addr,
@@ -48,7 +141,8 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     tracing::info!(ops = %addr, "aigw-operator started");
 
-    shutdown.wait().await;
+    aigw_operator::run(ctx, shutdown.clone()).await;
+    shutdown.trigger();
     ops_task.await??;
     tracing::info!("aigw-operator stopped");
     Ok(())

@@ -6,7 +6,19 @@
 
 use std::path::Path;
 
-use aigw_testkit::{Testbed, process::Service};
+use aigw_testkit::{Testbed, process::Service, unique_name};
+
+/// The test bed's variables plus an instance label no CR carries, so this operator process
+/// reconciles nothing that other tests own.
+fn vars(tb: &Testbed) -> Vec<(&str, String)> {
+    let mut v: Vec<(&str, String)> = tb
+        .vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect();
+    v.push(("AIGW_INSTANCE", unique_name("process-test")));
+    v
+}
 
 #[test]
 fn starts_becomes_ready_and_stops_on_sigterm() {
@@ -28,7 +40,8 @@ fn starts_becomes_ready_and_stops_on_sigterm() {
 #[test]
 fn is_not_ready_while_a_dependency_is_down() {
     let tb = Testbed::load().unwrap();
-    let mut vars = tb.vars();
+    let vars = vars(&tb);
+    let mut vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // Nothing listens on port 1: MySQL stays unreachable, so readiness must say so.
     vars.retain(|(k, _)| *k != "DATABASE_URL");
     vars.push(("DATABASE_URL", "mysql://aigw:aigw@127.0.0.1:1/aigateway"));

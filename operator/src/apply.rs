@@ -1,0 +1,92 @@
+//! Writing children: server-side apply under one field manager, skipped when the live object
+//! already has every field we want — so a reconcile of an unchanged world writes nothing, and a
+//! manual edit of one of our fields is reverted on the next reconcile.
+
+use kube::{
+    Api, Resource,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::{context::Ctx, error::Result};
+
+/// The field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "aigw-operator";
+
+/// Whether `live` has every field of `want` with the same value. Objects may carry extra keys
+/// (server defaults, other managers' fields); lists must match element by element.
+pub fn contains(live: &Value, want: &Value) -> bool {
+    match (live, want) {
+        (Value::Object(l), Value::Object(w)) => w
+            .iter()
+            .all(|(k, wv)| l.get(k).is_some_and(|lv| contains(lv, wv))),
+        (Value::Array(l), Value::Array(w)) => {
+            l.len() == w.len() && l.iter().zip(w).all(|(lv, wv)| contains(lv, wv))
+        }
+        _ => live == want,
+    }
+}
+
+/// Applies `desired` unless the live object already matches it; returns whether it wrote.
+pub async fn apply<K>(ctx: &Ctx, api: &Api<K>, name: &str, desired: &K) -> Result<bool>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let want = serde_json::to_value(desired)?;
+    if let Some(live) = api.get_opt(name).await?
+        && contains(&serde_json::to_value(&live)?, &want)
+    {
+        return Ok(false);
+    }
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&want),
+    )
+    .await?;
+    ctx.count_write();
+    Ok(true)
+}
+
+/// Deletes every object matching `selector` in `api` whose name is not in `keep`; returns how many.
+pub async fn prune<K>(ctx: &Ctx, api: &Api<K>, selector: &str, keep: &[String]) -> Result<usize>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let mut deleted = 0;
+    for obj in api.list(&ListParams::default().labels(selector)).await? {
+        let Some(name) = obj.meta().name.clone() else {
+            continue;
+        };
+        if !keep.contains(&name) && obj.meta().deletion_timestamp.is_none() {
+            api.delete(&name, &DeleteParams::background()).await?;
+            ctx.count_write();
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::contains;
+
+    #[test]
+    fn contains_ignores_extra_fields_but_not_changed_ones() {
+        let live = json!({"metadata": {"name": "a", "uid": "x", "labels": {"k": "v", "other": "1"}},
+                          "spec": {"list": [{"a": 1, "b": 2}], "n": 3}});
+        assert!(contains(
+            &live,
+            &json!({"metadata": {"labels": {"k": "v"}}, "spec": {"list": [{"a": 1}]}})
+        ));
+        assert!(!contains(&live, &json!({"spec": {"n": 4}})));
+        assert!(
+            !contains(&live, &json!({"spec": {"list": [{"a": 1}, {"a": 2}]}})),
+            "list length"
+        );
+        assert!(!contains(&live, &json!({"spec": {"missing": true}})));
+    }
+}

@@ -1,0 +1,159 @@
+//! What every reconcile gets: clients, configuration, metrics.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use kube::Client;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+use rdkafka::producer::FutureProducer;
+use sqlx::MySqlPool;
+
+use crate::keys::Sealer;
+
+/// Operator configuration (from flags; see `main.rs`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Namespace the Higress controller reads (`higress-system`).
+    pub higress_namespace: String,
+    /// Only CRs with label `aigateway.io/instance=<value>` are reconciled when set (sharding, tests).
+    pub instance: Option<String>,
+    /// `host:port` of the apiserver Service that `/api` and `/oauth` route to.
+    pub apiserver_destination: String,
+    /// FQDN of the Service of the authz endpoint Higress ext-auth calls (`forward_auth`).
+    pub authz_service: String,
+    /// Port of the authz endpoint.
+    pub authz_port: u16,
+    /// Path of the authz endpoint.
+    pub authz_path: String,
+    /// Envoy cluster of the billing ingest service, for the usage reporter.
+    pub ingest_cluster: String,
+    /// OCI URL of our usage-reporter plugin image.
+    pub usage_reporter_image: String,
+    /// OCI URL of the Higress ai-proxy plugin image.
+    pub ai_proxy_image: String,
+    /// OCI URL of the Higress ext-auth plugin image.
+    pub ext_auth_image: String,
+}
+
+impl Config {
+    /// A label selector restricting watches to this instance, if any.
+    pub fn selector(&self) -> Option<String> {
+        self.instance
+            .as_ref()
+            .map(|i| format!("{}={i}", aigw_crds::labels::INSTANCE))
+    }
+}
+
+/// Labels of the reconcile metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: &'static str,
+}
+
+/// Labels of the error metric.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub controller: &'static str,
+    pub category: &'static str,
+}
+
+/// Prometheus metrics of the operator.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub reconciles: Family<ControllerLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub duration: Family<ControllerLabels, Histogram>,
+    pub writes: Counter,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            reconciles: Family::default(),
+            errors: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new([0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
+            }),
+            writes: Counter::default(),
+        };
+        registry.register(
+            "reconciles",
+            "Reconciles run, by controller",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles, by controller and category",
+            m.errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            m.duration.clone(),
+        );
+        registry.register("writes", "Writes to the kube-apiserver", m.writes.clone());
+        m
+    }
+}
+
+/// Shared state of all controllers.
+#[derive(Clone)]
+pub struct Ctx {
+    pub client: Client,
+    pub db: MySqlPool,
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    pub sealer: Sealer,
+    /// Producer for `tenant.events`; none disables the events (tests of other parts).
+    pub events: Option<FutureProducer>,
+    writes: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("config", &self.config)
+            .field("events", &self.events.is_some())
+            .field("writes", &self.writes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ctx {
+    pub fn new(
+        client: Client,
+        db: MySqlPool,
+        config: Config,
+        metrics: Metrics,
+        sealer: Sealer,
+        events: Option<FutureProducer>,
+    ) -> Self {
+        Self {
+            client,
+            db,
+            config: Arc::new(config),
+            metrics,
+            sealer,
+            events,
+            writes: Arc::default(),
+        }
+    }
+
+    /// Records one write to the kube-apiserver.
+    pub fn count_write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.writes.inc();
+    }
+
+    /// Writes made so far by this process (tests assert that a steady state writes nothing).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,608 @@
+//! `build` for Higress: the complete Higress configuration as a pure function of the Channels,
+//! their upstream keys and the operator config. No client here; `sync` applies the result.
+//!
+//! The scale rule: nothing here grows with tenants × models. Routes are host-independent (they
+//! match any host; authz checks that the token's tenant owns the host), and models that share the
+//! same channels, priorities and weights share one Ingress. Per channel there is one McpBridge
+//! registry and one ai-proxy provider entry.
+//!
+//! Priority tiers and fallback: an Ingress routes a model group to the channels of its highest
+//! priority tier, weighted (`higress.io/destination`), with Envoy's next-upstream retries across
+//! that tier (`proxy-next-upstream`, tries = the tier's largest `maxRetry` + 1). Lower tiers are not
+//! routed yet; see docs/architecture.md §4.
+
+use std::collections::BTreeMap;
+
+use aigw_crds::{Channel, MANAGED_BY, Provider, labels};
+use aigw_plugin_core::PluginConfig;
+use k8s_openapi::api::networking::v1::Ingress;
+use kube::{
+    ResourceExt,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::{context::Config, error::Result};
+
+/// Prefix of every McpBridge registry, Ingress and WasmPlugin the operator owns in Higress.
+pub const PREFIX: &str = "aigw-";
+/// `aigateway.io/component` of the objects written here.
+pub const COMPONENT: &str = "higress-sync";
+/// The header model-router fills from the body's `model`.
+pub const MODEL_HEADER: &str = "x-higress-llm-model";
+
+/// The McpBridge API (Higress serves only `v1`).
+pub fn mcp_bridge_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("networking.higress.io", "v1", "McpBridge"),
+        "mcpbridges",
+    )
+}
+
+/// The WasmPlugin API.
+pub fn wasm_plugin_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("extensions.higress.io", "v1alpha1", "WasmPlugin"),
+        "wasmplugins",
+    )
+}
+
+/// A channel ready to be routed: its spec and the upstream keys read from its Secret.
+#[derive(Debug, Clone)]
+pub struct Routable<'a> {
+    pub channel: &'a Channel,
+    pub keys: Vec<String>,
+}
+
+/// Everything the operator wants in Higress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// Our registries of McpBridge `default` (the others in it are left alone).
+    pub registries: Vec<Value>,
+    /// Route Ingresses in the Higress namespace.
+    pub ingresses: Vec<Ingress>,
+    /// WasmPlugins in the Higress namespace.
+    pub plugins: Vec<DynamicObject>,
+}
+
+/// An upstream endpoint parsed from a base URL or a provider default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Endpoint {
+    host: String,
+    port: u16,
+    https: bool,
+    path: String,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Option<Self> {
+        let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else {
+            (false, url.strip_prefix("http://")?)
+        };
+        let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().ok()?),
+            None => (authority, if https { 443 } else { 80 }),
+        };
+        (!host.is_empty()).then(|| Self {
+            host: host.to_owned(),
+            port,
+            https,
+            path: format!("/{path}").trim_end_matches('/').to_owned(),
+        })
+    }
+
+    fn is_ip(&self) -> bool {
+        self.host.parse::<std::net::IpAddr>().is_ok()
+    }
+}
+
+/// The public endpoint of a provider, when it has one fixed host.
+fn default_endpoint(provider: Provider) -> Option<&'static str> {
+    Some(match provider {
+        Provider::Openai => "https://api.openai.com/v1",
+        Provider::Claude => "https://api.anthropic.com",
+        Provider::Gemini => "https://generativelanguage.googleapis.com",
+        Provider::Deepseek => "https://api.deepseek.com",
+        Provider::Moonshot => "https://api.moonshot.cn",
+        Provider::Qwen => "https://dashscope.aliyuncs.com",
+        Provider::Zhipuai => "https://open.bigmodel.cn",
+        Provider::Groq => "https://api.groq.com",
+        Provider::Grok => "https://api.x.ai",
+        Provider::Mistral => "https://api.mistral.ai",
+        Provider::Openrouter => "https://openrouter.ai",
+        Provider::Minimax => "https://api.minimax.chat",
+        Provider::Baichuan => "https://api.baichuan-ai.com",
+        Provider::Yi => "https://api.lingyiwanwu.com",
+        Provider::Stepfun => "https://api.stepfun.com",
+        Provider::Fireworks => "https://api.fireworks.ai",
+        _ => return None,
+    })
+}
+
+fn endpoint(channel: &Channel) -> Option<Endpoint> {
+    channel
+        .spec
+        .base_url
+        .as_deref()
+        .or_else(|| default_endpoint(channel.spec.provider))
+        .and_then(Endpoint::parse)
+}
+
+/// The Higress service name of a channel's registry, e.g. `aigw-openai-main.dns`.
+fn service(channel: &Channel, ep: &Endpoint) -> String {
+    let kind = if ep.is_ip() { "static" } else { "dns" };
+    format!("{PREFIX}{}.{kind}", channel.name_any())
+}
+
+fn registry(channel: &Channel, ep: &Endpoint) -> Value {
+    if ep.is_ip() {
+        json!({"name": format!("{PREFIX}{}", channel.name_any()), "type": "static",
+               "domain": format!("{}:{}", ep.host, ep.port), "port": 80,
+               "protocol": if ep.https { "https" } else { "http" }})
+    } else {
+        json!({"name": format!("{PREFIX}{}", channel.name_any()), "type": "dns", "domain": ep.host,
+               "port": ep.port, "protocol": if ep.https { "https" } else { "http" }})
+    }
+}
+
+fn provider_entry(r: &Routable<'_>) -> Value {
+    let spec = &r.channel.spec;
+    let mut p = json!({"id": r.channel.name_any(), "type": spec.provider.as_str(), "protocol": "openai",
+                       "apiTokens": r.keys});
+    if !spec.model_mapping.is_empty() {
+        p["modelMapping"] = json!(spec.model_mapping);
+    }
+    if let Some(url) = &spec.base_url {
+        match spec.provider {
+            Provider::Openai | Provider::Generic => p["openaiCustomUrl"] = json!(url),
+            Provider::Azure => p["azureServiceUrl"] = json!(url),
+            _ => {}
+        }
+    }
+    if spec.provider == Provider::Claude {
+        p["claudeVersion"] = json!("2023-06-01");
+    }
+    if spec.max_retry > 0 {
+        p["retryOnFailure"] = json!({"enabled": true, "maxRetries": spec.max_retry});
+    }
+    p
+}
+
+/// Metadata of every object written here.
+fn metadata(name: &str, namespace: &str) -> Value {
+    json!({"name": name, "namespace": namespace,
+           "labels": {labels::MANAGED_BY: MANAGED_BY, labels::COMPONENT: COMPONENT}})
+}
+
+/// Escapes a model name for Higress's regex header match.
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let special = "[]{}()^$|*+?.\\".contains(c);
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect()
+}
+
+/// (service, port, weight) of one upstream of a route.
+type Upstream = (String, u16, i32);
+/// (priority, service, port, weight, `max_retry`) of one channel serving a model.
+type Serving = (i32, String, u16, i32, i32);
+
+/// One route: the models of a group and the weighted upstream services of its top tier.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Route {
+    upstreams: Vec<(String, u16, i32)>, // (service, port, weight)
+    tries: i32,
+    models: Vec<String>,
+}
+
+fn routes(channels: &[Routable<'_>]) -> Vec<Route> {
+    // model → every enabled channel serving it.
+    let mut by_model: BTreeMap<&str, Vec<Serving>> = BTreeMap::new();
+    for r in channels {
+        let Some(ep) = endpoint(r.channel) else {
+            continue;
+        };
+        let spec = &r.channel.spec;
+        for m in &spec.models {
+            by_model.entry(m).or_default().push((
+                spec.priority,
+                service(r.channel, &ep),
+                ep.port_for_service(),
+                spec.weight,
+                spec.max_retry,
+            ));
+        }
+    }
+    // group models by identical top-tier upstreams.
+    let mut groups: BTreeMap<(Vec<Upstream>, i32), Vec<String>> = BTreeMap::new();
+    for (model, mut serving) in by_model {
+        let top = serving.iter().map(|s| s.0).max().unwrap_or_default();
+        serving.retain(|s| s.0 == top);
+        serving.sort();
+        let tries = serving.iter().map(|s| s.4).max().unwrap_or_default() + 1;
+        let upstreams = normalise(serving.into_iter().map(|s| (s.1, s.2, s.3)).collect());
+        groups
+            .entry((upstreams, tries))
+            .or_default()
+            .push(model.to_owned());
+    }
+    groups
+        .into_iter()
+        .map(|((upstreams, tries), models)| Route {
+            upstreams,
+            tries,
+            models,
+        })
+        .collect()
+}
+
+impl Endpoint {
+    /// The port the Higress service of the registry listens on (static registries use 80).
+    fn port_for_service(&self) -> u16 {
+        if self.is_ip() { 80 } else { self.port }
+    }
+}
+
+/// Scales weights to percentages summing to exactly 100 (Higress requires it); the remainder goes
+/// to the first upstreams in order.
+fn normalise(upstreams: Vec<(String, u16, i32)>) -> Vec<(String, u16, i32)> {
+    let total: i32 = upstreams.iter().map(|u| u.2.max(1)).sum();
+    if total == 0 {
+        return upstreams;
+    }
+    let mut out: Vec<(String, u16, i32)> = upstreams
+        .into_iter()
+        .map(|(s, p, w)| (s, p, w.max(1) * 100 / total))
+        .collect();
+    let mut rest = 100 - out.iter().map(|u| u.2).sum::<i32>();
+    for u in &mut out {
+        if rest == 0 {
+            break;
+        }
+        u.2 += 1;
+        rest -= 1;
+    }
+    out
+}
+
+fn route_ingress(route: &Route, config: &Config) -> Result<Ingress> {
+    let mut hasher = Sha256::new();
+    for m in &route.models {
+        hasher.update(m.as_bytes());
+        hasher.update([0]);
+    }
+    let name = format!("{PREFIX}route-{}", &hex::encode(hasher.finalize())[..10]);
+    let destination = if route.upstreams.len() == 1 {
+        format!("{}:{}", route.upstreams[0].0, route.upstreams[0].1)
+    } else {
+        route
+            .upstreams
+            .iter()
+            .map(|(s, p, w)| format!("{w}% {s}:{p}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut annotations = BTreeMap::from([
+        ("higress.io/destination".to_owned(), destination),
+        (
+            "higress.io/enable-proxy-next-upstream".to_owned(),
+            "true".to_owned(),
+        ),
+        (
+            "higress.io/proxy-next-upstream-tries".to_owned(),
+            route.tries.to_string(),
+        ),
+        (
+            "higress.io/proxy-next-upstream".to_owned(),
+            "error,timeout,http_502,http_503".to_owned(),
+        ),
+    ]);
+    if let [model] = route.models.as_slice() {
+        annotations.insert(
+            format!("higress.io/exact-match-header-{MODEL_HEADER}"),
+            model.clone(),
+        );
+    } else {
+        let alternatives: Vec<String> = route.models.iter().map(|m| regex_escape(m)).collect();
+        annotations.insert(
+            format!("higress.io/regex-match-header-{MODEL_HEADER}"),
+            format!("^({})$", alternatives.join("|")),
+        );
+    }
+    let mut meta = metadata(&name, &config.higress_namespace);
+    meta["annotations"] = json!(annotations);
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta,
+        "spec": {"ingressClassName": "higress", "rules": [{"http": {"paths": [{
+            "path": "/v1", "pathType": "Prefix",
+            "backend": {"resource": {"apiGroup": "networking.higress.io", "kind": "McpBridge", "name": "default"}}
+        }]}}]}
+    }))?)
+}
+
+fn api_ingress(config: &Config) -> Result<Ingress> {
+    let name = format!("{PREFIX}api");
+    let mut meta = metadata(&name, &config.higress_namespace);
+    meta["annotations"] = json!({"higress.io/destination": config.apiserver_destination});
+    let path = |p: &str| {
+        json!({"path": p, "pathType": "Prefix",
+        "backend": {"resource": {"apiGroup": "networking.higress.io", "kind": "McpBridge", "name": "default"}}})
+    };
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta,
+        "spec": {"ingressClassName": "higress", "rules": [{"http": {"paths": [path("/api"), path("/oauth")]}}]}
+    }))?)
+}
+
+fn plugin(name: &str, config: &Config, spec: &Value) -> Result<DynamicObject> {
+    let ar = wasm_plugin_resource();
+    Ok(serde_json::from_value(json!({
+        "apiVersion": ar.api_version, "kind": ar.kind,
+        "metadata": metadata(name, &config.higress_namespace), "spec": spec,
+    }))?)
+}
+
+/// The whole desired Higress configuration. `channels` must be the enabled channels whose keys
+/// could be read, in any order.
+pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
+    let mut channels: Vec<&Routable<'_>> = channels.iter().collect();
+    channels.sort_by_key(|r| r.channel.name_any());
+    let with_endpoint: Vec<(&Routable<'_>, Endpoint)> = channels
+        .iter()
+        .filter_map(|r| endpoint(r.channel).map(|ep| (*r, ep)))
+        .collect();
+
+    let registries = with_endpoint
+        .iter()
+        .map(|(r, ep)| registry(r.channel, ep))
+        .collect();
+
+    let routable: Vec<Routable<'_>> = with_endpoint.iter().map(|(r, _)| (*r).clone()).collect();
+    let mut ingresses = vec![api_ingress(config)?];
+    for route in routes(&routable) {
+        ingresses.push(route_ingress(&route, config)?);
+    }
+    let route_names: Vec<String> = ingresses[1..].iter().map(ResourceExt::name_any).collect();
+
+    let providers: Vec<Value> = with_endpoint
+        .iter()
+        .map(|(r, _)| provider_entry(r))
+        .collect();
+    let provider_rules: Vec<Value> = with_endpoint
+        .iter()
+        .map(|(r, ep)| {
+            json!({"service": [service(r.channel, ep)], "configDisable": false,
+                              "config": {"activeProviderId": r.channel.name_any()}})
+        })
+        .collect();
+    let route_rule =
+        |config: Value| json!([{"ingress": route_names, "configDisable": false, "config": config}]);
+    let usage = PluginConfig {
+        version: aigw_plugin_core::CONFIG_VERSION,
+        ingest_cluster: config.ingest_cluster.clone(),
+        ingest_path: "/v1/usage".to_owned(),
+        timeout_ms: 2_000,
+    };
+    let ext_auth = json!({
+        "http_service": {
+            "endpoint_mode": "forward_auth",
+            "endpoint": {"service_name": config.authz_service, "service_port": config.authz_port,
+                         "path": config.authz_path, "request_method": "POST"},
+            "timeout": 1000,
+            "authorization_request": {"allowed_headers": [{"exact": "authorization"}, {"exact": MODEL_HEADER}]},
+            "authorization_response": {"allowed_upstream_headers": [{"prefix": "x-aigw-"}]}
+        },
+        "failure_mode_allow": false,
+        "status_on_error": 503
+    });
+    let has_routes = !route_names.is_empty();
+    let plugins = vec![
+        plugin(
+            &format!("{PREFIX}ai-proxy"),
+            config,
+            &json!({
+                "url": config.ai_proxy_image, "phase": "UNSPECIFIED_PHASE", "priority": 100,
+                "failStrategy": "FAIL_CLOSE", "defaultConfigDisable": false,
+                "defaultConfig": {"providers": providers}, "matchRules": provider_rules,
+            }),
+        )?,
+        plugin(
+            &format!("{PREFIX}ext-auth"),
+            config,
+            &json!({
+                "url": config.ext_auth_image, "phase": "AUTHN", "priority": 360, "failStrategy": "FAIL_CLOSE",
+                "defaultConfigDisable": true,
+                "matchRules": if has_routes { route_rule(ext_auth) } else { json!([]) },
+            }),
+        )?,
+        plugin(
+            &format!("{PREFIX}usage-reporter"),
+            config,
+            &json!({
+                "url": config.usage_reporter_image, "phase": "STATS", "priority": 100, "failStrategy": "FAIL_OPEN",
+                "defaultConfigDisable": true,
+                "matchRules": if has_routes { route_rule(serde_json::to_value(&usage)?) } else { json!([]) },
+            }),
+        )?,
+    ];
+    Ok(Desired {
+        registries,
+        ingresses,
+        plugins,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn config() -> Config {
+        Config {
+            higress_namespace: "higress-system".into(),
+            instance: None,
+            apiserver_destination: "aigw-apiserver.aigw-system.svc.cluster.local:8080".into(),
+            authz_service: "aigw-apiserver.aigw-system.svc.cluster.local".into(),
+            authz_port: 8081,
+            authz_path: "/authz".into(),
+            ingest_cluster: "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local".into(),
+            usage_reporter_image: "oci://registry.example/aigw-plugin:0.1.0".into(),
+            ai_proxy_image: "oci://registry.example/ai-proxy:2.0.1".into(),
+            ext_auth_image: "oci://registry.example/ext-auth:2.0.0".into(),
+        }
+    }
+
+    fn channel(name: &str, spec: Value) -> Channel {
+        serde_json::from_value(
+            json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Channel",
+            "metadata": {"name": name}, "spec": spec}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        let e = Endpoint::parse("https://llm.acme.example/v1").unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.https, e.path.as_str()),
+            ("llm.acme.example", 443, true, "/v1")
+        );
+        let e = Endpoint::parse("http://10.0.0.5:8000").unwrap();
+        assert!(e.is_ip() && e.port == 8000 && !e.https);
+        assert!(Endpoint::parse("ftp://x").is_none());
+    }
+
+    #[test]
+    fn weights_sum_to_100() {
+        let n = normalise(vec![
+            ("a".into(), 443, 1),
+            ("b".into(), 443, 1),
+            ("c".into(), 443, 1),
+        ]);
+        assert_eq!(n.iter().map(|u| u.2).collect::<Vec<_>>(), vec![34, 33, 33]);
+        let n = normalise(vec![("a".into(), 443, 70), ("b".into(), 443, 30)]);
+        assert_eq!(n.iter().map(|u| u.2).collect::<Vec<_>>(), vec![70, 30]);
+    }
+
+    #[test]
+    fn models_sharing_channels_share_one_route_and_tiers_pick_the_top() {
+        let creds = json!({"name": "s", "namespace": "aigw-system", "key": "k"});
+        let a = channel(
+            "openai-main",
+            json!({"provider": "openai", "credentials": creds,
+            "models": ["gpt-4o", "gpt-4o-mini"], "priority": 10, "weight": 70, "maxRetry": 1}),
+        );
+        let b = channel(
+            "openai-backup",
+            json!({"provider": "openai", "baseUrl": "https://proxy.example/v1",
+            "credentials": creds, "models": ["gpt-4o", "gpt-4o-mini"], "priority": 10, "weight": 30}),
+        );
+        let c = channel(
+            "claude",
+            json!({"provider": "claude", "credentials": creds,
+            "models": ["claude-sonnet-4"], "priority": 0, "weight": 100}),
+        );
+        let low = channel(
+            "openai-cheap",
+            json!({"provider": "openai", "credentials": creds,
+            "models": ["gpt-4o"], "priority": 1}),
+        );
+        let routable: Vec<Routable<'_>> = [&a, &b, &c, &low]
+            .into_iter()
+            .map(|channel| Routable {
+                channel,
+                keys: vec!["sk-1".into()],
+            })
+            .collect();
+        let d = build(&routable, &config()).unwrap();
+
+        assert_eq!(d.registries.len(), 4);
+        assert_eq!(
+            d.registries[1],
+            json!({"name": "aigw-openai-backup", "type": "dns",
+            "domain": "proxy.example", "port": 443, "protocol": "https"})
+        );
+        // api + two model groups: {gpt-4o, gpt-4o-mini} (top tier 10) and {claude-sonnet-4}.
+        assert_eq!(d.ingresses.len(), 3);
+        let gpt = d
+            .ingresses
+            .iter()
+            .find(|i| {
+                i.annotations()
+                    .contains_key("higress.io/regex-match-header-x-higress-llm-model")
+            })
+            .unwrap();
+        let ann = gpt.annotations();
+        assert_eq!(
+            ann["higress.io/regex-match-header-x-higress-llm-model"],
+            "^(gpt-4o|gpt-4o-mini)$"
+        );
+        assert_eq!(
+            ann["higress.io/destination"],
+            "30% aigw-openai-backup.dns:443\n70% aigw-openai-main.dns:443"
+        );
+        assert_eq!(
+            ann["higress.io/proxy-next-upstream-tries"], "3",
+            "largest maxRetry of the tier (default 2) + 1"
+        );
+        let claude = d
+            .ingresses
+            .iter()
+            .find(|i| {
+                i.annotations()
+                    .get("higress.io/exact-match-header-x-higress-llm-model")
+                    .map(String::as_str)
+                    == Some("claude-sonnet-4")
+            })
+            .unwrap();
+        assert_eq!(
+            claude.annotations()["higress.io/destination"],
+            "aigw-claude.dns:443"
+        );
+
+        let ai_proxy = serde_json::to_value(&d.plugins[0]).unwrap();
+        assert_eq!(
+            ai_proxy["spec"]["defaultConfig"]["providers"][1]["openaiCustomUrl"],
+            "https://proxy.example/v1"
+        );
+        assert_eq!(
+            ai_proxy["spec"]["matchRules"][0],
+            json!({"service": ["aigw-claude.dns"],
+            "configDisable": false, "config": {"activeProviderId": "claude"}})
+        );
+        let usage = serde_json::to_value(&d.plugins[2]).unwrap();
+        let rule = &usage["spec"]["matchRules"][0];
+        assert_eq!(rule["ingress"].as_array().unwrap().len(), 2);
+        // The operator writes exactly what the plugin accepts: one contract, two ends.
+        PluginConfig::parse(&serde_json::to_vec(&rule["config"]).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn route_names_are_stable_and_do_not_grow_with_tenants() {
+        let creds = json!({"name": "s", "namespace": "aigw-system", "key": "k"});
+        let a = channel(
+            "a",
+            json!({"provider": "openai", "credentials": creds, "models": ["m1", "m2"]}),
+        );
+        let r = [Routable {
+            channel: &a,
+            keys: vec![],
+        }];
+        let one = build(&r, &config()).unwrap();
+        let two = build(&r, &config()).unwrap();
+        assert_eq!(one, two);
+        assert_eq!(
+            one.ingresses.len(),
+            2,
+            "api + one route, whatever the number of tenants"
+        );
+    }
+}

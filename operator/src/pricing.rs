@@ -1,0 +1,204 @@
+//! Pricing controller: mirrors a tenant's price list into the MySQL `pricing` table. The list in
+//! the platform tenant's namespace is the platform default (`tenant_id = 0`, as in the seed).
+//! One Pricing per tenant namespace is expected; rows are keyed by (tenant, model).
+
+use std::{str::FromStr, sync::Arc, time::Duration};
+
+use aigw_crds::{CommonStatus, FINALIZER, Pricing, PricingStatus, TenantType};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{controller::Action, finalizer},
+};
+use rust_decimal::Decimal;
+use serde_json::json;
+
+use crate::{
+    apply::FIELD_MANAGER,
+    conditions::{Cond, merge},
+    context::Ctx,
+    error::{Error, Result},
+    token::tenant_of,
+};
+
+/// One validated price row. Pure data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub model: String,
+    pub input: Decimal,
+    pub output: Decimal,
+    pub cached_input: Option<Decimal>,
+}
+
+/// Parses the price list into exact decimals. Pure.
+pub fn validate(pricing: &Pricing) -> Result<Vec<Row>> {
+    let parse = |field: &'static str, v: &str| {
+        Decimal::from_str(v).map_err(|e| Error::Invalid {
+            field,
+            reason: format!("{v:?}: {e}"),
+        })
+    };
+    pricing
+        .spec
+        .models
+        .iter()
+        .map(|m| {
+            Ok(Row {
+                model: m.model.clone(),
+                input: parse("input", &m.input)?,
+                output: parse("output", &m.output)?,
+                cached_input: m
+                    .cached_input
+                    .as_deref()
+                    .map(|c| parse("cachedInput", c))
+                    .transpose()?,
+            })
+        })
+        .collect()
+}
+
+pub async fn reconcile(pricing: Arc<Pricing>, ctx: Arc<Ctx>) -> Result<Action> {
+    let ns = pricing
+        .namespace()
+        .ok_or(Error::Missing("metadata.namespace"))?;
+    let api: Api<Pricing> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, pricing, |event| async {
+        match event {
+            finalizer::Event::Apply(p) => apply_pricing(&p, &ctx).await,
+            finalizer::Event::Cleanup(p) => cleanup(&p, &ctx).await,
+        }
+    })
+    .await
+    .map_err(crate::finalizer_error)
+}
+
+/// The MySQL tenant id prices of this namespace belong to: 0 for the platform tenant.
+async fn pricing_tenant(ctx: &Ctx, ns: &str) -> Result<Option<i64>> {
+    let Some(tenant) = tenant_of(ctx, ns).await? else {
+        return Ok(None);
+    };
+    if tenant.spec.tenant_type == TenantType::Platform {
+        return Ok(Some(0));
+    }
+    Ok(tenant.status.and_then(|s| s.tenant_id))
+}
+
+async fn apply_pricing(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
+    let ns = pricing
+        .namespace()
+        .ok_or(Error::Missing("metadata.namespace"))?;
+    let (cond, requeue) = match (pricing_tenant(ctx, &ns).await?, validate(pricing)) {
+        (None, _) => (
+            Cond::new(
+                "Ready",
+                false,
+                "TenantNotReady",
+                format!("namespace {ns} belongs to no ready Tenant"),
+            ),
+            Duration::from_secs(10),
+        ),
+        (Some(_), Err(e)) => (
+            Cond::new("Ready", false, "Invalid", e.to_string()),
+            Duration::from_mins(10),
+        ),
+        (Some(tenant_id), Ok(rows)) => {
+            mirror(ctx, tenant_id, &pricing.spec.currency, &rows).await?;
+            (
+                Cond::new(
+                    "Ready",
+                    true,
+                    "Reconciled",
+                    format!("{} model price(s) in effect", rows.len()),
+                ),
+                Duration::from_mins(10),
+            )
+        }
+    };
+    let old = pricing.status.clone().unwrap_or_default();
+    let status = PricingStatus {
+        common: CommonStatus {
+            observed_generation: pricing.metadata.generation,
+            conditions: merge(&old.common.conditions, &[cond], pricing.metadata.generation),
+        },
+    };
+    if crate::differs_ignoring_time(&old.common, &status.common) {
+        Api::<Pricing>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(
+                &pricing.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(json!({"apiVersion": Pricing::api_version(&()), "kind": Pricing::kind(&()), "status": status})),
+            )
+            .await?;
+        ctx.count_write();
+    }
+    Ok(Action::requeue(requeue))
+}
+
+async fn mirror(ctx: &Ctx, tenant_id: i64, currency: &str, rows: &[Row]) -> Result<()> {
+    let mut tx = ctx.db.begin().await?;
+    let existing: Vec<String> = sqlx::query_scalar("SELECT model FROM pricing WHERE tenant_id = ?")
+        .bind(tenant_id)
+        .fetch_all(&mut *tx)
+        .await?;
+    for gone in existing
+        .iter()
+        .filter(|m| !rows.iter().any(|r| &r.model == *m))
+    {
+        sqlx::query("DELETE FROM pricing WHERE tenant_id = ? AND model = ?")
+            .bind(tenant_id)
+            .bind(gone)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for r in rows {
+        sqlx::query(
+            "INSERT INTO pricing (tenant_id, model, input_price, output_price, cached_input_price, currency) \
+             VALUES (?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE input_price = VALUES(input_price), \
+             output_price = VALUES(output_price), cached_input_price = VALUES(cached_input_price), \
+             currency = VALUES(currency)",
+        )
+        .bind(tenant_id)
+        .bind(&r.model)
+        .bind(r.input)
+        .bind(r.output)
+        .bind(r.cached_input)
+        .bind(currency)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn cleanup(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
+    let ns = pricing
+        .namespace()
+        .ok_or(Error::Missing("metadata.namespace"))?;
+    if let Some(tenant_id) = pricing_tenant(ctx, &ns).await? {
+        for m in &pricing.spec.models {
+            sqlx::query("DELETE FROM pricing WHERE tenant_id = ? AND model = ?")
+                .bind(tenant_id)
+                .bind(&m.model)
+                .execute(&ctx.db)
+                .await?;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_parse_exactly() {
+        let p: Pricing = serde_json::from_value(json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Pricing",
+            "metadata": {"name": "default", "namespace": "aigw-acme"},
+            "spec": {"currency": "USD", "models": [{"model": "gpt-4o", "input": "2.50", "output": "10.000001"}]}}))
+        .unwrap();
+        let rows = validate(&p).unwrap();
+        assert_eq!(rows[0].output, Decimal::new(10_000_001, 6));
+        assert_eq!(rows[0].input.to_string(), "2.50");
+        assert_eq!(rows[0].cached_input, None);
+    }
+}

@@ -1,0 +1,258 @@
+//! Applies [`higress::build`](crate::higress::build) to the cluster: one loop for the whole Higress
+//! configuration, woken by any change of Channels, Secrets or our Higress objects (so a manual edit
+//! is reverted), debounced, and idempotent (an unchanged world writes nothing).
+//!
+//! McpBridge `default` is shared with the Higress console: it is read, only registries named
+//! `aigw-*` are changed, and it is replaced with its `resourceVersion`; a conflict re-reads and
+//! retries, so a concurrent writer's change is never lost.
+
+use std::{sync::Arc, time::Duration};
+
+use aigw_crds::{Channel, MANAGED_BY, labels};
+use futures::{StreamExt, stream};
+use k8s_openapi::api::{core::v1::Secret, networking::v1::Ingress};
+use kube::{
+    Api, ResourceExt,
+    api::{DynamicObject, PartialObjectMeta, PostParams},
+    runtime::{WatchStreamExt, reflector::Store, watcher},
+};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::{
+    apply::{apply, prune},
+    context::Ctx,
+    error::{Error, Result},
+    higress::{self, COMPONENT, PREFIX, Routable},
+};
+
+/// Reads a channel's upstream keys from its Secret: the value split on commas and newlines.
+/// `Ok(None)` when the Secret or key does not exist (a condition, not an error).
+pub async fn read_keys(ctx: &Ctx, channel: &Channel) -> Result<Option<Vec<String>>> {
+    let r = &channel.spec.credentials;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
+    let Some(secret) = api.get_opt(&r.name).await? else {
+        return Ok(None);
+    };
+    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(&r.key)) else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(&bytes.0);
+    let keys: Vec<String> = text
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok((!keys.is_empty()).then_some(keys))
+}
+
+/// One pass: build everything from the channels in `store` and apply the difference.
+pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
+    let channels: Vec<Arc<Channel>> = store
+        .state()
+        .into_iter()
+        .filter(|c| !c.spec.disabled && c.metadata.deletion_timestamp.is_none())
+        .collect();
+    let mut routable = Vec::new();
+    for c in &channels {
+        if let Some(keys) = read_keys(ctx, c).await? {
+            routable.push(Routable { channel: c, keys });
+        }
+    }
+    let desired = higress::build(&routable, &ctx.config)?;
+    let ns = ctx.config.higress_namespace.as_str();
+    let selector = format!(
+        "{}={MANAGED_BY},{}={COMPONENT}",
+        labels::MANAGED_BY,
+        labels::COMPONENT
+    );
+
+    let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), ns);
+    for ing in &desired.ingresses {
+        apply(ctx, &ingresses, &ing.name_any(), ing).await?;
+    }
+    let keep: Vec<String> = desired
+        .ingresses
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    prune(ctx, &ingresses, &selector, &keep).await?;
+
+    let plugins: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &higress::wasm_plugin_resource());
+    for p in &desired.plugins {
+        apply(ctx, &plugins, &p.name_any(), p).await?;
+    }
+
+    sync_registries(ctx, &desired.registries).await
+}
+
+/// Puts our registries into McpBridge `default`, leaving every other registry as it is.
+async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
+    const ATTEMPTS: u32 = 8;
+    let ns = ctx.config.higress_namespace.as_str();
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &higress::mcp_bridge_resource());
+    for _ in 0..ATTEMPTS {
+        let Some(mut bridge) = api.get_opt("default").await? else {
+            if ours.is_empty() {
+                return Ok(());
+            }
+            let ar = higress::mcp_bridge_resource();
+            let new: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": ar.api_version, "kind": ar.kind,
+                "metadata": {"name": "default", "namespace": ns},
+                "spec": {"registries": ours},
+            }))?;
+            match api.create(&PostParams::default(), &new).await {
+                Ok(_) => {
+                    ctx.count_write();
+                    return Ok(());
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let current: Vec<Value> = bridge.data["spec"]["registries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let is_ours = |r: &Value| r["name"].as_str().is_some_and(|n| n.starts_with(PREFIX));
+        let mut wanted: Vec<Value> = current.iter().filter(|r| !is_ours(r)).cloned().collect();
+        wanted.extend(ours.iter().cloned());
+        let mine_now: Vec<&Value> = current.iter().filter(|r| is_ours(r)).collect();
+        let same = mine_now.len() == ours.len()
+            && ours
+                .iter()
+                .all(|o| mine_now.iter().any(|m| crate::apply::contains(m, o)));
+        if same {
+            return Ok(());
+        }
+        bridge.data["spec"]["registries"] = Value::Array(wanted);
+        // `replace` sends our resourceVersion: a concurrent write makes it fail with 409.
+        match api
+            .replace("default", &PostParams::default(), &bridge)
+            .await
+        {
+            Ok(_) => {
+                ctx.count_write();
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tracing::debug!("McpBridge changed under us; re-reading");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::Conflict {
+        object: format!("{ns}/McpBridge/default"),
+        attempts: ATTEMPTS,
+    })
+}
+
+/// Runs the sync loop until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    store: Store<Channel>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let wake = Arc::new(Notify::new());
+    let ns = ctx.config.higress_namespace.clone();
+    let ours = format!("{}={MANAGED_BY}", labels::MANAGED_BY);
+    let client = ctx.client.clone();
+    let mut channels_cfg = watcher::Config::default();
+    if let Some(sel) = ctx.config.selector() {
+        channels_cfg = channels_cfg.labels(&sel);
+    }
+    let triggers = stream::select_all(vec![
+        watcher(Api::<Channel>::all(client.clone()), channels_cfg)
+            .touched_objects()
+            .map(|_| ())
+            .boxed(),
+        watcher(
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .touched_objects()
+        .map(|_| ())
+        .boxed(),
+        watcher(
+            Api::<Ingress>::namespaced(client.clone(), &ns),
+            watcher::Config::default().labels(&ours),
+        )
+        .touched_objects()
+        .map(|_| ())
+        .boxed(),
+        watcher(
+            Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                &ns,
+                &higress::wasm_plugin_resource(),
+            ),
+            watcher::Config::default().labels(&ours),
+        )
+        .touched_objects()
+        .map(|_| ())
+        .boxed(),
+        watcher(
+            Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                &ns,
+                &higress::mcp_bridge_resource(),
+            ),
+            watcher::Config::default().fields("metadata.name=default"),
+        )
+        .touched_objects()
+        .map(|_| ())
+        .boxed(),
+    ]);
+    let notify = wake.clone();
+    let feeder = tokio::spawn(async move {
+        let mut triggers = triggers;
+        while triggers.next().await.is_some() {
+            notify.notify_one();
+        }
+    });
+    let worker = async {
+        store.wait_until_ready().await.ok();
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            // Debounce: a burst of watch events becomes one pass.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let started = std::time::Instant::now();
+            let labels = crate::context::ControllerLabels {
+                controller: "higress",
+            };
+            ctx.metrics.reconciles.get_or_create(&labels).inc();
+            match sync_once(&ctx, &store).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(500);
+                    ctx.metrics
+                        .duration
+                        .get_or_create(&labels)
+                        .observe(started.elapsed().as_secs_f64());
+                    // Also resync periodically, in case a watch event was missed.
+                    let _ = tokio::time::timeout(Duration::from_mins(5), wake.notified()).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, category = e.category(), "higress sync failed; retrying");
+                    ctx.metrics
+                        .errors
+                        .get_or_create(&crate::context::ErrorLabels {
+                            controller: "higress",
+                            category: e.category(),
+                        })
+                        .inc();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = worker => {}
+        () = shutdown => {}
+    }
+    feeder.abort();
+}

@@ -1,0 +1,321 @@
+//! Tenant controller: namespace `aigw-<name>`, the MySQL mirror (tenant row, domain claims), status,
+//! and `tenant.events`.
+//!
+//! Domain ownership is decided by MySQL: `tenant_domains.domain` is the primary key, so the first
+//! tenant to claim a domain keeps it and a later claimant gets a `DomainConflict` condition —
+//! atomic across operator replicas, and nothing of the earlier tenant changes. A conflicted tenant is
+//! re-checked every 30 s, so it gets the domain once the owner lets go.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use aigw_crds::{
+    FINALIZER, MANAGED_BY, Tenant, TenantStatus, TenantType, labels, tenant_namespace,
+};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{controller::Action, finalizer},
+};
+use rdkafka::producer::FutureRecord;
+use serde_json::json;
+
+use crate::{
+    apply::{FIELD_MANAGER, apply},
+    conditions::{Cond, merge},
+    context::Ctx,
+    error::{Error, Result},
+};
+
+/// What `build` decides for one tenant; pure data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub namespace: Namespace,
+}
+
+/// The children of a tenant. Pure: no client.
+pub fn build(tenant: &Tenant) -> Result<Desired> {
+    let name = tenant.name_any();
+    let owner = tenant
+        .controller_owner_ref(&())
+        .ok_or(Error::Missing("metadata.uid"))?;
+    let namespace: Namespace = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": tenant_namespace(&name),
+            "labels": {labels::MANAGED_BY: MANAGED_BY, labels::TENANT: name},
+            "ownerReferences": [owner],
+        }
+    }))?;
+    Ok(Desired { namespace })
+}
+
+pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Ctx>) -> Result<Action> {
+    let api: Api<Tenant> = Api::all(ctx.client.clone());
+    finalizer(&api, FINALIZER, tenant, |event| async {
+        match event {
+            finalizer::Event::Apply(t) => apply_tenant(&t, &ctx).await,
+            finalizer::Event::Cleanup(t) => cleanup(&t, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
+        finalizer::Error::UnnamedObject => Error::Missing("metadata.name"),
+        finalizer::Error::InvalidFinalizer => Error::Invalid {
+            field: "finalizer",
+            reason: FINALIZER.into(),
+        },
+    })
+}
+
+async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
+    let name = tenant.name_any();
+    let desired = build(tenant)?;
+    let ns_api: Api<Namespace> = Api::all(ctx.client.clone());
+    apply(ctx, &ns_api, &tenant_namespace(&name), &desired.namespace).await?;
+
+    let tenant_id = mirror_tenant(tenant, ctx).await?;
+    let conflicts = claim_domains(ctx, tenant_id, &tenant.spec.domains).await?;
+
+    let mut wanted = Vec::new();
+    if conflicts.is_empty() {
+        wanted.push(Cond::new(
+            "Ready",
+            true,
+            "Reconciled",
+            "namespace, MySQL row and domains are in place",
+        ));
+    } else {
+        let list: Vec<String> = conflicts
+            .iter()
+            .map(|(d, owner)| format!("{d} (served by tenant {owner})"))
+            .collect();
+        let message = format!("domains claimed by another tenant: {}", list.join(", "));
+        wanted.push(Cond::new("Ready", false, "DomainConflict", message.clone()));
+        wanted.push(Cond::new("DomainConflict", true, "DomainConflict", message));
+    }
+    let old = tenant.status.clone().unwrap_or_default();
+    let status = TenantStatus {
+        common: aigw_crds::CommonStatus {
+            observed_generation: tenant.metadata.generation,
+            conditions: merge(&old.common.conditions, &wanted, tenant.metadata.generation),
+        },
+        tenant_id: Some(tenant_id),
+        namespace: Some(tenant_namespace(&name)),
+    };
+    if status_differs(&old, &status) {
+        let api: Api<Tenant> = Api::all(ctx.client.clone());
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": Tenant::api_version(&()),
+                "kind": Tenant::kind(&()),
+                "status": status,
+            })),
+        )
+        .await?;
+        ctx.count_write();
+        if old.common.observed_generation != tenant.metadata.generation {
+            publish(
+                ctx,
+                &name,
+                "upserted",
+                tenant_id,
+                tenant.metadata.generation,
+            )
+            .await?;
+        }
+    }
+    Ok(if conflicts.is_empty() {
+        Action::requeue(Duration::from_mins(10))
+    } else {
+        Action::requeue(Duration::from_secs(30))
+    })
+}
+
+/// Status equality ignoring transition times (which `merge` keeps stable anyway).
+fn status_differs(old: &TenantStatus, new: &TenantStatus) -> bool {
+    let strip = |s: &TenantStatus| {
+        let mut s = s.clone();
+        for c in &mut s.common.conditions {
+            c.last_transition_time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            );
+        }
+        s
+    };
+    strip(old) != strip(new)
+}
+
+/// Upserts the `tenants` row; returns its id.
+async fn mirror_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<i64> {
+    let spec = &tenant.spec;
+    let parent_id: Option<i64> = match &spec.parent {
+        Some(parent) => {
+            sqlx::query_scalar("SELECT id FROM tenants WHERE slug = ?")
+                .bind(parent)
+                .fetch_optional(&ctx.db)
+                .await?
+        }
+        None => None,
+    };
+    let kind = match spec.tenant_type {
+        TenantType::Platform => "platform",
+        TenantType::Reseller => "reseller",
+    };
+    let config = serde_json::to_string(&spec.config)?;
+    let branding = spec.branding.clone().unwrap_or(aigw_crds::Branding {
+        logo_url: None,
+        theme_color: None,
+    });
+    sqlx::query(
+        "INSERT INTO tenants (slug, name, type, parent_id, logo_url, theme_color, config, status) \
+         VALUES (?, ?, ?, ?, ?, COALESCE(?, '#6c8cff'), ?, ?) \
+         ON DUPLICATE KEY UPDATE name = VALUES(name), type = VALUES(type), parent_id = VALUES(parent_id), \
+         logo_url = VALUES(logo_url), theme_color = VALUES(theme_color), config = VALUES(config), \
+         status = VALUES(status)",
+    )
+    .bind(tenant.name_any())
+    .bind(&spec.display_name)
+    .bind(kind)
+    .bind(parent_id)
+    .bind(&branding.logo_url)
+    .bind(&branding.theme_color)
+    .bind(config)
+    .bind(i8::from(!spec.suspended))
+    .execute(&ctx.db)
+    .await?;
+    let id = sqlx::query_scalar("SELECT id FROM tenants WHERE slug = ?")
+        .bind(tenant.name_any())
+        .fetch_one(&ctx.db)
+        .await?;
+    Ok(id)
+}
+
+/// Claims `domains` for the tenant and releases the ones it no longer lists; returns the domains
+/// another tenant holds, with that tenant's slug.
+async fn claim_domains(
+    ctx: &Ctx,
+    tenant_id: i64,
+    domains: &[String],
+) -> Result<Vec<(String, String)>> {
+    let mut tx = ctx.db.begin().await?;
+    let held: Vec<String> =
+        sqlx::query_scalar("SELECT domain FROM tenant_domains WHERE tenant_id = ?")
+            .bind(tenant_id)
+            .fetch_all(&mut *tx)
+            .await?;
+    for gone in held.iter().filter(|d| !domains.contains(d)) {
+        sqlx::query("DELETE FROM tenant_domains WHERE tenant_id = ? AND domain = ?")
+            .bind(tenant_id)
+            .bind(gone)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for domain in domains.iter().filter(|d| !held.contains(d)) {
+        sqlx::query("INSERT IGNORE INTO tenant_domains (domain, tenant_id) VALUES (?, ?)")
+            .bind(domain)
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let owners: Vec<(String, String)> = sqlx::query_as(
+        "SELECT d.domain, t.slug FROM tenant_domains d JOIN tenants t ON t.id = d.tenant_id \
+         WHERE d.tenant_id <> ?",
+    )
+    .bind(tenant_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let owners: BTreeMap<String, String> = owners.into_iter().collect();
+    Ok(domains
+        .iter()
+        .filter_map(|d| owners.get(d).map(|o| (d.clone(), o.clone())))
+        .collect())
+}
+
+async fn cleanup(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
+    // The namespace goes with the Tenant through its ownerReference; only MySQL is ours to clean.
+    let name = tenant.name_any();
+    let id: Option<i64> = sqlx::query_scalar("SELECT id FROM tenants WHERE slug = ?")
+        .bind(&name)
+        .fetch_optional(&ctx.db)
+        .await?;
+    if let Some(id) = id {
+        let mut tx = ctx.db.begin().await?;
+        for table in ["tenant_domains", "pricing", "tokens"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = ?"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM tenants WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        publish(ctx, &name, "deleted", id, tenant.metadata.generation).await?;
+    }
+    Ok(Action::await_change())
+}
+
+/// Sends a `tenant.events` record keyed by the tenant name.
+async fn publish(
+    ctx: &Ctx,
+    tenant: &str,
+    event: &str,
+    id: i64,
+    generation: Option<i64>,
+) -> Result<()> {
+    let Some(producer) = &ctx.events else {
+        return Ok(());
+    };
+    let payload =
+        json!({"event": event, "tenant": tenant, "tenantId": id, "generation": generation})
+            .to_string();
+    producer
+        .send(
+            FutureRecord::to(TENANT_EVENTS)
+                .key(tenant)
+                .payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| Error::Kafka(e.to_string()))?;
+    Ok(())
+}
+
+/// Topic of tenant lifecycle events.
+pub const TENANT_EVENTS: &str = "tenant.events";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_owns_a_labelled_namespace() {
+        let mut t: Tenant = serde_json::from_value(json!({
+            "apiVersion": "aigateway.io/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": "acme", "uid": "u-1"},
+            "spec": {"type": "reseller", "displayName": "Acme"}
+        }))
+        .unwrap();
+        let d = build(&t).unwrap();
+        let ns = serde_json::to_value(&d.namespace).unwrap();
+        assert_eq!(
+            ns,
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+                "name": "aigw-acme",
+                "labels": {"app.kubernetes.io/managed-by": "aigateway", "aigateway.io/tenant": "acme"},
+                "ownerReferences": [{"apiVersion": "aigateway.io/v1alpha1", "kind": "Tenant", "name": "acme",
+                                     "uid": "u-1", "controller": true}]
+            }})
+        );
+        t.metadata.uid = None;
+        assert!(build(&t).is_err(), "no uid, no ownerReference");
+    }
+}

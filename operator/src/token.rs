@@ -1,0 +1,342 @@
+//! Token controller: makes sure a token has a key (generating one into an owned Secret when the
+//! spec has no `keyHash`), computes its phase, mirrors it into MySQL (hash only) and reports status.
+//! Tokens never appear in any Higress object: authz reads them from the Token CRs.
+
+use std::{sync::Arc, time::Duration};
+
+use aigw_crds::{
+    CommonStatus, FINALIZER, MANAGED_BY, Tenant, Token, TokenPhase, TokenStatus, labels,
+};
+use k8s_openapi::{ByteString, api::core::v1::Secret, jiff::Timestamp};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{controller::Action, finalizer},
+};
+use serde_json::json;
+
+use crate::{
+    apply::FIELD_MANAGER,
+    conditions::{Cond, merge},
+    context::Ctx,
+    error::{Error, Result},
+    keys,
+};
+
+/// Key of the generated API key inside the token's Secret.
+pub const SECRET_KEY: &str = "apiKey";
+
+/// The Secret holding a generated key: `<token>-key`.
+pub fn secret_name(token: &str) -> String {
+    format!("{token}-key")
+}
+
+/// The phase of a token at `now`. Pure.
+pub fn phase(token: &Token, tenant_suspended: bool, now: Timestamp) -> Result<TokenPhase> {
+    if token.spec.disabled || tenant_suspended {
+        return Ok(TokenPhase::Disabled);
+    }
+    if let Some(exp) = &token.spec.expires_at {
+        let at: Timestamp = exp.parse().map_err(|e| Error::Invalid {
+            field: "spec.expiresAt",
+            reason: format!("{exp:?} is not RFC 3339: {e}"),
+        })?;
+        if at <= now {
+            return Ok(TokenPhase::Expired);
+        }
+    }
+    let used = token
+        .status
+        .as_ref()
+        .and_then(|s| s.used_quota)
+        .unwrap_or(0);
+    if token.spec.quota >= 0 && used >= token.spec.quota {
+        return Ok(TokenPhase::Exhausted);
+    }
+    Ok(TokenPhase::Active)
+}
+
+pub async fn reconcile(token: Arc<Token>, ctx: Arc<Ctx>) -> Result<Action> {
+    let ns = token
+        .namespace()
+        .ok_or(Error::Missing("metadata.namespace"))?;
+    let api: Api<Token> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, token, |event| async {
+        match event {
+            finalizer::Event::Apply(t) => apply_token(&t, &ctx).await,
+            finalizer::Event::Cleanup(t) => cleanup(&t, &ctx).await,
+        }
+    })
+    .await
+    .map_err(crate::finalizer_error)
+}
+
+/// The tenant that owns a namespace `aigw-<tenant>`, if it exists.
+pub async fn tenant_of(ctx: &Ctx, namespace: &str) -> Result<Option<Tenant>> {
+    let Some(name) = namespace.strip_prefix(aigw_crds::TENANT_NAMESPACE_PREFIX) else {
+        return Ok(None);
+    };
+    Ok(Api::<Tenant>::all(ctx.client.clone()).get_opt(name).await?)
+}
+
+async fn apply_token(token: &Token, ctx: &Ctx) -> Result<Action> {
+    let ns = token
+        .namespace()
+        .ok_or(Error::Missing("metadata.namespace"))?;
+    let name = token.name_any();
+    let old = token.status.clone().unwrap_or_default();
+    let tenant = tenant_of(ctx, &ns).await?;
+    let tenant_id = tenant
+        .as_ref()
+        .and_then(|t| t.status.as_ref())
+        .and_then(|s| s.tenant_id);
+    let Some(tenant_id) = tenant_id else {
+        let cond = Cond::new(
+            "Ready",
+            false,
+            "TenantNotReady",
+            format!("namespace {ns} belongs to no ready Tenant"),
+        );
+        write_status(
+            ctx,
+            token,
+            &old,
+            TokenStatus {
+                common: common(token, &old, &[cond]),
+                ..old.clone()
+            },
+        )
+        .await?;
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    };
+    let suspended = tenant.as_ref().is_some_and(|t| t.spec.suspended);
+
+    let (hash, prefix, secret) = if let Some(hash) = &token.spec.key_hash {
+        (
+            hash.clone(),
+            token.spec.key_prefix.clone().unwrap_or_default(),
+            None,
+        )
+    } else {
+        let key = ensure_key_secret(ctx, token, &ns).await?;
+        (
+            keys::hash_api_key(&key),
+            keys::key_prefix(&key),
+            Some(secret_name(&name)),
+        )
+    };
+    let phase = phase(token, suspended, Timestamp::now())?;
+    let mirrored = mirror(ctx, token, tenant_id, &hash, &prefix, phase).await;
+    let cond = match &mirrored {
+        Ok(()) => Cond::new("Ready", true, "Reconciled", format!("phase {phase:?}")),
+        Err(Error::MySql(sqlx::Error::Database(e))) if e.is_unique_violation() => Cond::new(
+            "Ready",
+            false,
+            "DuplicateKey",
+            "another token already uses this key hash; create a new key",
+        ),
+        Err(_) => return mirrored.map(|()| Action::await_change()),
+    };
+    let status = TokenStatus {
+        common: common(token, &old, &[cond]),
+        phase: Some(phase),
+        key_hash: Some(hash),
+        key_prefix: Some(prefix),
+        secret_name: secret,
+        used_quota: old.used_quota,
+    };
+    write_status(ctx, token, &old, status).await?;
+    // Wake up at expiry to flip the phase.
+    let next = token
+        .spec
+        .expires_at
+        .as_deref()
+        .and_then(|e| e.parse::<Timestamp>().ok())
+        .and_then(|at| Timestamp::now().until(at).ok())
+        .and_then(|span| span.total(k8s_openapi::jiff::Unit::Second).ok())
+        .filter(|s| *s > 0.0)
+        .map_or(Duration::from_hours(1), |s| {
+            Duration::from_secs_f64(s.min(3600.0) + 1.0)
+        });
+    Ok(Action::requeue(next))
+}
+
+fn common(token: &Token, old: &TokenStatus, conds: &[Cond]) -> CommonStatus {
+    CommonStatus {
+        observed_generation: token.metadata.generation,
+        conditions: merge(&old.common.conditions, conds, token.metadata.generation),
+    }
+}
+
+async fn write_status(ctx: &Ctx, token: &Token, old: &TokenStatus, new: TokenStatus) -> Result<()> {
+    let unchanged = !crate::differs_ignoring_time(&old.common, &new.common)
+        && old.phase == new.phase
+        && old.key_hash == new.key_hash
+        && old.key_prefix == new.key_prefix
+        && old.secret_name == new.secret_name;
+    if unchanged {
+        return Ok(());
+    }
+    let ns = token
+        .namespace()
+        .ok_or(Error::Missing("metadata.namespace"))?;
+    Api::<Token>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &token.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({"apiVersion": Token::api_version(&()), "kind": Token::kind(&()), "status": new})),
+        )
+        .await?;
+    ctx.count_write();
+    Ok(())
+}
+
+/// Returns the token's generated key, creating its Secret (owned by the Token) the first time.
+async fn ensure_key_secret(ctx: &Ctx, token: &Token, ns: &str) -> Result<String> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = secret_name(&token.name_any());
+    if let Some(secret) = api.get_opt(&name).await?
+        && let Some(key) = secret.data.as_ref().and_then(|d| d.get(SECRET_KEY))
+    {
+        return String::from_utf8(key.0.clone()).map_err(|_| Error::Invalid {
+            field: "Secret apiKey",
+            reason: format!("{ns}/{name} is not UTF-8"),
+        });
+    }
+    let key = keys::generate_api_key();
+    let owner = token
+        .controller_owner_ref(&())
+        .ok_or(Error::Missing("metadata.uid"))?;
+    let mut secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns, "ownerReferences": [owner],
+                     "labels": {labels::MANAGED_BY: MANAGED_BY}},
+        "type": "Opaque",
+    }))?;
+    secret.data = Some([(SECRET_KEY.to_owned(), ByteString(key.clone().into_bytes()))].into());
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            ctx.count_write();
+            Ok(key)
+        }
+        // Another reconcile created it between our read and write: use theirs.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = api.get(&name).await?;
+            existing
+                .data
+                .and_then(|d| d.get(SECRET_KEY).cloned())
+                .and_then(|b| String::from_utf8(b.0).ok())
+                .ok_or(Error::Missing("apiKey in the token Secret"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn mirror(
+    ctx: &Ctx,
+    token: &Token,
+    tenant_id: i64,
+    hash: &str,
+    prefix: &str,
+    phase: TokenPhase,
+) -> Result<()> {
+    let spec = &token.spec;
+    let ns = token.namespace().unwrap_or_default();
+    let user_id: i64 =
+        sqlx::query_scalar("SELECT id FROM users WHERE tenant_id = ? AND username = ?")
+            .bind(tenant_id)
+            .bind(&spec.owner)
+            .fetch_optional(&ctx.db)
+            .await?
+            .unwrap_or(0);
+    let models = (!spec.models.is_empty())
+        .then(|| serde_json::to_string(&spec.models))
+        .transpose()?;
+    let expires = match &spec.expires_at {
+        Some(e) => Some(
+            e.parse::<Timestamp>()
+                .map_err(|err| Error::Invalid {
+                    field: "spec.expiresAt",
+                    reason: err.to_string(),
+                })?
+                .strftime("%Y-%m-%d %H:%M:%S")
+                .to_string(),
+        ),
+        None => None,
+    };
+    sqlx::query(
+        "INSERT INTO tokens (tenant_id, user_id, namespace, cr_name, name, key_hash, key_prefix, models, quota, rate_limit, expires_at, status) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON DUPLICATE KEY UPDATE tenant_id = VALUES(tenant_id), user_id = VALUES(user_id), name = VALUES(name), \
+         key_hash = VALUES(key_hash), key_prefix = VALUES(key_prefix), models = VALUES(models), quota = VALUES(quota), \
+         rate_limit = VALUES(rate_limit), expires_at = VALUES(expires_at), status = VALUES(status)",
+    )
+    .bind(tenant_id)
+    .bind(user_id)
+    .bind(&ns)
+    .bind(token.name_any())
+    .bind(&spec.display_name)
+    .bind(hash)
+    .bind(prefix)
+    .bind(models)
+    .bind(spec.quota)
+    .bind(spec.rate_limit)
+    .bind(expires)
+    .bind(i8::from(phase == TokenPhase::Active))
+    .execute(&ctx.db)
+    .await?;
+    Ok(())
+}
+
+async fn cleanup(token: &Token, ctx: &Ctx) -> Result<Action> {
+    // The key Secret goes with the Token (ownerReference); the MySQL row is ours.
+    sqlx::query("DELETE FROM tokens WHERE namespace = ? AND cr_name = ?")
+        .bind(token.namespace().unwrap_or_default())
+        .bind(token.name_any())
+        .execute(&ctx.db)
+        .await?;
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(spec: serde_json::Value, used: Option<i64>) -> Token {
+        let mut t: Token = serde_json::from_value(
+            json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
+            "metadata": {"name": "t", "namespace": "aigw-acme"}, "spec": spec}),
+        )
+        .unwrap();
+        t.status = Some(TokenStatus {
+            used_quota: used,
+            ..TokenStatus::default()
+        });
+        t
+    }
+
+    #[test]
+    fn phases() {
+        let now: Timestamp = "2026-06-01T00:00:00Z".parse().unwrap();
+        let active = token(
+            json!({"owner": "a", "expiresAt": "2027-01-01T00:00:00Z", "quota": 10}),
+            Some(3),
+        );
+        assert_eq!(phase(&active, false, now).unwrap(), TokenPhase::Active);
+        assert_eq!(
+            phase(&active, true, now).unwrap(),
+            TokenPhase::Disabled,
+            "tenant suspended"
+        );
+        let expired = token(
+            json!({"owner": "a", "expiresAt": "2026-01-01T00:00:00Z"}),
+            None,
+        );
+        assert_eq!(phase(&expired, false, now).unwrap(), TokenPhase::Expired);
+        let used_up = token(json!({"owner": "a", "quota": 10}), Some(10));
+        assert_eq!(phase(&used_up, false, now).unwrap(), TokenPhase::Exhausted);
+        let unlimited = token(json!({"owner": "a", "quota": -1}), Some(1_000_000));
+        assert_eq!(phase(&unlimited, false, now).unwrap(), TokenPhase::Active);
+        let disabled = token(json!({"owner": "a", "disabled": true}), None);
+        assert_eq!(phase(&disabled, false, now).unwrap(), TokenPhase::Disabled);
+    }
+}

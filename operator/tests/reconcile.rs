@@ -1,0 +1,615 @@
+//! The operator against the real test bed: apply `examples/`, and check the Higress objects (accepted
+//! by the Higress CRDs), namespaces, status and MySQL rows; then steady state, restarts, manual
+//! edits, foreign registries, domain conflicts and deletion.
+//!
+//! Each run is isolated: its own instance label (the operator reconciles only CRs carrying it), its
+//! own Higress namespace, its own MySQL database, and a name suffix on every example object.
+
+// Test code: a failed unwrap is a failed test with its message.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines
+)]
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use aigw_common::shutdown::Shutdown;
+use aigw_crds::{Channel, Pricing, Tenant, Token, crds, labels};
+use aigw_operator::{
+    context::{Config, Ctx, Metrics},
+    higress,
+    keys::{Sealer, hash_api_key},
+};
+use aigw_testkit::{Testbed, unique_name};
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Secret},
+        networking::v1::Ingress,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
+    runtime::wait::{await_condition, conditions},
+};
+use serde_json::{Value, json};
+use sqlx::MySqlPool;
+
+const TIMEOUT: Duration = Duration::from_mins(1);
+
+/// Polls `check` until it returns `Some`, or panics with `what` after [`TIMEOUT`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+struct Harness {
+    client: Client,
+    db: MySqlPool,
+    sfx: String,
+    instance: String,
+    hns: String,
+    key_hex: String,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let tb = Testbed::load().unwrap();
+        let client = tb.kube_client().await.unwrap();
+        let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in crds() {
+            let name = crd.name_any();
+            crd_api
+                .patch(
+                    &name,
+                    &PatchParams::apply("aigw-test").force(),
+                    &Patch::Apply(&crd),
+                )
+                .await
+                .unwrap();
+            tokio::time::timeout(
+                TIMEOUT,
+                await_condition(crd_api.clone(), &name, conditions::is_crd_established()),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        }
+        let (_, db) = tb.scratch_mysql("operator").await.unwrap();
+        aigw_migrations::run_mysql(&db).await.unwrap();
+        let sfx = unique_name("x").trim_start_matches("x-").to_owned();
+        let hns = format!("hi-{sfx}");
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": hns}})).unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+        Self {
+            client,
+            db,
+            instance: format!("test-{sfx}"),
+            sfx,
+            hns,
+            key_hex: "42".repeat(32),
+        }
+    }
+
+    fn ctx(&self) -> Arc<Ctx> {
+        let config = Config {
+            higress_namespace: self.hns.clone(),
+            instance: Some(self.instance.clone()),
+            apiserver_destination: "aigw-apiserver.aigw-system.svc.cluster.local:8080".into(),
+            authz_service: "aigw-apiserver.aigw-system.svc.cluster.local".into(),
+            authz_port: 8081,
+            authz_path: "/authz".into(),
+            ingest_cluster: "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local".into(),
+            usage_reporter_image: "oci://registry.example/aigw-plugin:0.1.0".into(),
+            ai_proxy_image: "oci://registry.example/ai-proxy:2.0.1".into(),
+            ext_auth_image: "oci://registry.example/ext-auth:2.0.0".into(),
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        Arc::new(Ctx::new(
+            self.client.clone(),
+            self.db.clone(),
+            config,
+            metrics,
+            Sealer::from_hex(&self.key_hex).unwrap(),
+            None,
+        ))
+    }
+
+    fn start(&self) -> (Arc<Ctx>, Shutdown, tokio::task::JoinHandle<()>) {
+        let ctx = self.ctx();
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(aigw_operator::run(ctx.clone(), shutdown.clone()));
+        (ctx, shutdown, task)
+    }
+
+    fn rename(&self, name: &str) -> String {
+        match name {
+            "aigw-system" => name.to_owned(),
+            n if n.starts_with("aigw-") => format!("{n}-{}", self.sfx),
+            n => format!("{n}-{}", self.sfx),
+        }
+    }
+
+    /// The example documents of `file`, renamed for this run and labelled with its instance.
+    fn example(&self, file: &str) -> Vec<Value> {
+        let path = format!("{}/../examples/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|doc| {
+                let mut v: Value =
+                    serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap();
+                let name = v["metadata"]["name"].as_str().unwrap().to_owned();
+                v["metadata"]["name"] = json!(self.rename(&name));
+                if let Some(ns) = v["metadata"]["namespace"].as_str().map(str::to_owned) {
+                    v["metadata"]["namespace"] = json!(self.rename(&ns));
+                }
+                if let Some(secret) = v["spec"]["credentials"]["name"].as_str().map(str::to_owned) {
+                    v["spec"]["credentials"]["name"] = json!(self.rename(&secret));
+                }
+                if v["apiVersion"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("aigateway.io/")
+                {
+                    v["metadata"]["labels"] = json!({labels::INSTANCE: self.instance});
+                }
+                v
+            })
+            .collect()
+    }
+
+    async fn apply_docs(&self, docs: &[Value]) {
+        for doc in docs {
+            let kind = doc["kind"].as_str().unwrap();
+            let ar = match kind {
+                "Namespace" => ApiResource::erase::<Namespace>(&()),
+                "Secret" => ApiResource::erase::<Secret>(&()),
+                "Tenant" => ApiResource::erase::<Tenant>(&()),
+                "Channel" => ApiResource::erase::<Channel>(&()),
+                "Pricing" => ApiResource::erase::<Pricing>(&()),
+                "Token" => ApiResource::erase::<Token>(&()),
+                other => panic!("unexpected kind {other} in examples"),
+            };
+            let api: Api<DynamicObject> = match doc["metadata"]["namespace"].as_str() {
+                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
+                None => Api::all_with(self.client.clone(), &ar),
+            };
+            api.patch(
+                doc["metadata"]["name"].as_str().unwrap(),
+                &PatchParams::apply("aigw-test").force(),
+                &Patch::Apply(doc),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("applying {kind}: {e}"));
+        }
+    }
+
+    async fn ready<K>(&self, api: &Api<K>, name: &str) -> K
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
+    {
+        eventually(&format!("{name} Ready"), || async {
+            let obj = api.get_opt(name).await.unwrap()?;
+            let v = serde_json::to_value(&obj).unwrap();
+            let ready = v["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            ready.then_some(obj)
+        })
+        .await
+    }
+
+    fn bridge_api(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.hns,
+            &higress::mcp_bridge_resource(),
+        )
+    }
+
+    async fn registries(&self) -> Vec<String> {
+        match self.bridge_api().get_opt("default").await.unwrap() {
+            Some(b) => b.data["spec"]["registries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["name"].as_str().unwrap().to_owned())
+                .collect(),
+            None => vec![],
+        }
+    }
+}
+
+/// Waits until the operator has made no write for `quiet`, then returns its write count.
+async fn settled(ctx: &Ctx, quiet: Duration) -> u64 {
+    let mut last = ctx.writes();
+    loop {
+        tokio::time::sleep(quiet).await;
+        let now = ctx.writes();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+use serde::Deserialize;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn examples_reconcile_into_higress_namespaces_status_and_mysql() {
+    let h = Harness::new().await;
+    let (ctx, shutdown, task) = h.start();
+
+    // Channels and their Secrets, then the tenants, then what lives in tenant namespaces.
+    h.apply_docs(&h.example("channels.yaml")).await;
+    h.apply_docs(&h.example("platform-tenant.yaml")).await;
+    h.apply_docs(&h.example("reseller-tenant.yaml")).await;
+    let tenants: Api<Tenant> = Api::all(h.client.clone());
+    let acme = h.ready(&tenants, &h.rename("acme")).await;
+    let platform = h.ready(&tenants, &h.rename("platform")).await;
+    let acme_ns = h.rename("aigw-acme");
+    assert_eq!(
+        acme.status.as_ref().unwrap().namespace.as_deref(),
+        Some(acme_ns.as_str())
+    );
+    let ns = Api::<Namespace>::all(h.client.clone())
+        .get(&acme_ns)
+        .await
+        .unwrap();
+    assert_eq!(ns.labels()[labels::TENANT], h.rename("acme"));
+    assert_eq!(ns.owner_references()[0].uid, acme.uid().unwrap());
+
+    h.apply_docs(&h.example("pricing.yaml")).await;
+    h.apply_docs(&h.example("token.yaml")).await;
+    let channels: Api<Channel> = Api::all(h.client.clone());
+    let openai = h.ready(&channels, &h.rename("openai-main")).await;
+    assert_eq!(openai.status.as_ref().unwrap().key_count, Some(2));
+    h.ready(&channels, &h.rename("claude-main")).await;
+    let pricings: Api<Pricing> = Api::namespaced(h.client.clone(), &acme_ns);
+    h.ready(&pricings, &h.rename("default")).await;
+    h.ready(
+        &Api::<Pricing>::namespaced(h.client.clone(), &h.rename("aigw-platform")),
+        &h.rename("default"),
+    )
+    .await;
+    let tokens: Api<Token> = Api::namespaced(h.client.clone(), &acme_ns);
+    let token_name = h.rename("alice-laptop");
+    let token = h.ready(&tokens, &token_name).await;
+
+    // The generated key is in an owned Secret; only its hash is in the status and MySQL.
+    let ts = token.status.clone().unwrap();
+    let secret = Api::<Secret>::namespaced(h.client.clone(), &acme_ns)
+        .get(&format!("{token_name}-key"))
+        .await
+        .unwrap();
+    let key = String::from_utf8(secret.data.unwrap()["apiKey"].0.clone()).unwrap();
+    assert!(key.starts_with("sk-") && key.len() == 51, "{key}");
+    assert_eq!(ts.key_hash.as_deref(), Some(hash_api_key(&key).as_str()));
+    assert_eq!(ts.key_prefix.as_deref(), Some(&key[..7]));
+    assert_eq!(ts.phase, Some(aigw_crds::TokenPhase::Active));
+    assert_eq!(
+        secret.metadata.owner_references.unwrap()[0].uid,
+        token.uid().unwrap()
+    );
+
+    // Higress: our registries, the ai-proxy providers with the Secret's keys, host-independent routes.
+    let regs = eventually("registries", || async {
+        let r = h.registries().await;
+        (r.len() == 2).then_some(r)
+    })
+    .await;
+    assert_eq!(
+        regs,
+        vec![
+            format!("aigw-{}", h.rename("claude-main")),
+            format!("aigw-{}", h.rename("openai-main"))
+        ]
+    );
+    let plugins: Api<DynamicObject> =
+        Api::namespaced_with(h.client.clone(), &h.hns, &higress::wasm_plugin_resource());
+    let ai_proxy = plugins.get("aigw-ai-proxy").await.unwrap();
+    let providers = ai_proxy.data["spec"]["defaultConfig"]["providers"]
+        .as_array()
+        .unwrap();
+    let op = providers
+        .iter()
+        .find(|p| p["id"] == h.rename("openai-main"))
+        .unwrap();
+    assert_eq!(
+        op["apiTokens"],
+        json!(["sk-upstream-openai-1", "sk-upstream-openai-2"])
+    );
+    let ingresses: Api<Ingress> = Api::namespaced(h.client.clone(), &h.hns);
+    let names: Vec<String> = ingresses
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    assert_eq!(
+        names.len(),
+        3,
+        "api + {{gpt-4o, gpt-4o-mini}} + {{claude-sonnet-4}}: {names:?}"
+    );
+    for ing in ingresses.list(&ListParams::default()).await.unwrap() {
+        assert!(
+            ing.spec
+                .unwrap()
+                .rules
+                .unwrap()
+                .iter()
+                .all(|r| r.host.is_none()),
+            "routes are host-independent"
+        );
+    }
+    let usage = plugins.get("aigw-usage-reporter").await.unwrap();
+    let rule = &usage.data["spec"]["matchRules"][0];
+    assert_eq!(rule["ingress"].as_array().unwrap().len(), 2);
+    aigw_plugin_core::PluginConfig::parse(&serde_json::to_vec(&rule["config"]).unwrap()).unwrap();
+    // No token, hash or key prefix anywhere in Higress config.
+    for p in plugins.list(&ListParams::default()).await.unwrap() {
+        let text = serde_json::to_string(&p).unwrap();
+        assert!(!text.contains(&key) && !text.contains(ts.key_hash.as_deref().unwrap()));
+    }
+
+    // MySQL mirror.
+    let acme_id = acme.status.as_ref().unwrap().tenant_id.unwrap();
+    let (slug, kind): (String, String) =
+        sqlx::query_as("SELECT slug, type FROM tenants WHERE id = ?")
+            .bind(acme_id)
+            .fetch_one(&h.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        (slug.as_str(), kind.as_str()),
+        (h.rename("acme").as_str(), "reseller")
+    );
+    let domain_owner: i64 = sqlx::query_scalar(
+        "SELECT tenant_id FROM tenant_domains WHERE domain = 'api.acme.example'",
+    )
+    .fetch_one(&h.db)
+    .await
+    .unwrap();
+    assert_eq!(domain_owner, acme_id);
+    let sealed: Vec<u8> = sqlx::query_scalar("SELECT api_key_enc FROM channels WHERE name = ?")
+        .bind(h.rename("openai-main"))
+        .fetch_one(&h.db)
+        .await
+        .unwrap();
+    let opened = Sealer::from_hex(&h.key_hex)
+        .unwrap()
+        .open(&sealed, h.rename("openai-main").as_bytes())
+        .unwrap();
+    assert_eq!(opened, b"sk-upstream-openai-1\nsk-upstream-openai-2");
+    let price: (rust_decimal::Decimal, String) =
+        sqlx::query_as("SELECT output_price, currency FROM pricing WHERE tenant_id = 0 AND model = 'claude-sonnet-4'")
+            .fetch_one(&h.db).await.unwrap();
+    assert_eq!(price.0.to_string(), "17.500000");
+    assert_eq!(price.1, "USD");
+    let acme_prices: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pricing WHERE tenant_id = ?")
+        .bind(acme_id)
+        .fetch_one(&h.db)
+        .await
+        .unwrap();
+    assert_eq!(acme_prices, 2);
+    let token_hash: String =
+        sqlx::query_scalar("SELECT key_hash FROM tokens WHERE namespace = ? AND cr_name = ?")
+            .bind(&acme_ns)
+            .bind(&token_name)
+            .fetch_one(&h.db)
+            .await
+            .unwrap();
+    assert_eq!(token_hash, hash_api_key(&key));
+    assert!(platform.status.unwrap().tenant_id.is_some());
+
+    // Steady state: nothing more to write.
+    let before = settled(&ctx, Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        ctx.writes(),
+        before,
+        "an unchanged world must cause no writes"
+    );
+
+    // A restarted operator finds everything in place and writes nothing.
+    shutdown.trigger();
+    task.await.unwrap();
+    let (ctx, shutdown, task) = h.start();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        ctx.writes(),
+        0,
+        "restart of an unchanged world must write nothing"
+    );
+
+    // A manual edit of one of our objects is reverted; a foreign registry survives our writes.
+    let route = names
+        .iter()
+        .find(|n| n.starts_with("aigw-route-"))
+        .unwrap()
+        .clone();
+    ingresses
+        .patch(&route, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"higress.io/destination": "evil.example:443"}}})))
+        .await
+        .unwrap();
+    eventually("manual edit reverted", || async {
+        let ing = ingresses.get(&route).await.unwrap();
+        (ing.annotations()["higress.io/destination"] != "evil.example:443").then_some(())
+    })
+    .await;
+    let mut bridge = h.bridge_api().get("default").await.unwrap();
+    bridge.data["spec"]["registries"].as_array_mut().unwrap().push(json!({"name": "console-local", "type": "dns", "domain": "llm.internal.example", "port": 443, "protocol": "https"}));
+    h.bridge_api()
+        .replace("default", &PostParams::default(), &bridge)
+        .await
+        .unwrap();
+    // Disable a channel: our registry goes, the console's stays.
+    channels
+        .patch(
+            &h.rename("claude-main"),
+            &PatchParams::apply("aigw-test"),
+            &Patch::Merge(json!({"spec": {"disabled": true}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "registry of the disabled channel removed, foreign kept",
+        || async {
+            let r = h.registries().await;
+            (r == vec![
+                format!("aigw-{}", h.rename("openai-main")),
+                "console-local".to_owned(),
+            ] || r
+                == vec![
+                    "console-local".to_owned(),
+                    format!("aigw-{}", h.rename("openai-main")),
+                ])
+            .then_some(())
+        },
+    )
+    .await;
+
+    // A second tenant claiming acme's domain gets a DomainConflict; acme keeps the domain.
+    let globex: Tenant = serde_json::from_value(json!({
+        "apiVersion": "aigateway.io/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": h.rename("globex"), "labels": {labels::INSTANCE: h.instance}},
+        "spec": {"type": "reseller", "displayName": "Globex", "domains": ["api.acme.example", "api.globex.example"]}
+    }))
+    .unwrap();
+    tenants
+        .create(&PostParams::default(), &globex)
+        .await
+        .unwrap();
+    let conflict = eventually("DomainConflict", || async {
+        let t = tenants.get(&h.rename("globex")).await.unwrap();
+        let conds = t.status?.common.conditions;
+        conds
+            .into_iter()
+            .find(|c| c.type_ == "DomainConflict" && c.status == "True")
+    })
+    .await;
+    assert!(
+        conflict.message.contains("api.acme.example")
+            && conflict.message.contains(&h.rename("acme")),
+        "{}",
+        conflict.message
+    );
+    let owner: i64 = sqlx::query_scalar(
+        "SELECT tenant_id FROM tenant_domains WHERE domain = 'api.acme.example'",
+    )
+    .fetch_one(&h.db)
+    .await
+    .unwrap();
+    assert_eq!(owner, acme_id, "the earlier tenant keeps its domain");
+    let acme_after = tenants
+        .get(&h.rename("acme"))
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(acme_after.tenant_id, Some(acme_id));
+    assert!(
+        acme_after
+            .common
+            .conditions
+            .iter()
+            .all(|c| c.type_ != "DomainConflict")
+    );
+    assert!(
+        acme_after
+            .common
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    );
+
+    // Deletion: token → row and Secret gone; channel → registry and row gone; tenant → rows gone.
+    tokens
+        .delete(&token_name, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("token row deleted", || async {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tokens")
+            .fetch_one(&h.db)
+            .await
+            .unwrap();
+        (n == 0 && tokens.get_opt(&token_name).await.unwrap().is_none()).then_some(())
+    })
+    .await;
+    eventually("key Secret garbage-collected", || async {
+        Api::<Secret>::namespaced(h.client.clone(), &acme_ns)
+            .get_opt(&format!("{token_name}-key"))
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    channels
+        .delete(&h.rename("openai-main"), &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("channel gone from Higress and MySQL", || async {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM channels WHERE name = ?")
+            .bind(h.rename("openai-main"))
+            .fetch_one(&h.db)
+            .await
+            .unwrap();
+        (n == 0 && h.registries().await == vec!["console-local".to_owned()]).then_some(())
+    })
+    .await;
+    tenants
+        .delete(&h.rename("acme"), &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("tenant rows deleted and the domain released to globex", || async {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tenants WHERE id = ?").bind(acme_id).fetch_one(&h.db).await.unwrap();
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT t.slug FROM tenant_domains d JOIN tenants t ON t.id = d.tenant_id WHERE d.domain = 'api.acme.example'",
+        )
+        .fetch_optional(&h.db).await.unwrap();
+        (n == 0 && owner.as_deref() == Some(h.rename("globex").as_str())).then_some(())
+    })
+    .await;
+
+    // Clean up what this run created cluster-wide.
+    for name in [h.rename("platform"), h.rename("globex")] {
+        tenants.delete(&name, &DeleteParams::default()).await.ok();
+    }
+    channels
+        .delete(&h.rename("claude-main"), &DeleteParams::default())
+        .await
+        .ok();
+    eventually("finalizers released", || async {
+        let left = tenants
+            .list(&ListParams::default().labels(&format!("{}={}", labels::INSTANCE, h.instance)))
+            .await
+            .unwrap();
+        left.items.is_empty().then_some(())
+    })
+    .await;
+    shutdown.trigger();
+    task.await.unwrap();
+}
