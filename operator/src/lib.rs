@@ -13,6 +13,7 @@ pub mod context;
 pub mod error;
 pub mod higress;
 pub mod keys;
+pub mod leader;
 pub mod pricing;
 pub mod sync;
 pub mod tenant;

@@ -7,6 +7,7 @@ use aigw_common::{OpsArgs, init_tracing, ops, probe, shutdown::Shutdown};
 use aigw_operator::{
     context::{Config, Ctx, Metrics},
     keys::Sealer,
+    leader::Elector,
 };
 use clap::Parser;
 use prometheus_client::registry::Registry;
@@ -74,6 +75,12 @@ struct Cli {
         default_value = "oci://higress-registry.cn-hangzhou.cr.aliyuncs.com/plugins/ai-proxy:2.0.1"
     )]
     ai_proxy_image: String,
+    /// Elect a leader through a Lease so only one replica reconciles.
+    #[arg(long, env = "AIGW_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the leader Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "aigw-system")]
+    leader_election_namespace: String,
     /// Image of the Higress ext-auth plugin.
     #[arg(
         long,
@@ -141,9 +148,76 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     tracing::info!(ops = %addr, "aigw-operator started");
 
-    aigw_operator::run(ctx, shutdown.clone()).await;
+    if cli.leader_election {
+        let identity = format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "aigw-operator".into()),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let elector = Elector::new(
+            ctx.client.clone(),
+            &cli.leader_election_namespace,
+            "aigw-operator",
+            &identity,
+            LEASE,
+        );
+        if lead(&elector, &shutdown).await? {
+            tracing::info!(identity = elector.identity(), "became leader");
+            let renewer = tokio::spawn(renew(elector.clone(), shutdown.clone()));
+            aigw_operator::run(ctx, shutdown.clone()).await;
+            renewer.abort();
+            elector.release().await?;
+        }
+    } else {
+        aigw_operator::run(ctx, shutdown.clone()).await;
+    }
     shutdown.trigger();
     ops_task.await??;
     tracing::info!("aigw-operator stopped");
     Ok(())
+}
+
+/// How long a lease lasts without renewal; renewed every third of it.
+const LEASE: Duration = Duration::from_secs(15);
+
+/// Waits until this replica holds the lease; false if shutdown came first.
+async fn lead(elector: &Elector, shutdown: &Shutdown) -> anyhow::Result<bool> {
+    loop {
+        match elector.try_acquire().await {
+            Ok(true) => return Ok(true),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(LEASE / 5) => {}
+            () = shutdown.wait() => return Ok(false),
+        }
+    }
+}
+
+/// Renews the lease; if it cannot for a whole lease period, another replica may have taken over,
+/// so this one stops reconciling (the process exits and its supervisor restarts it as a candidate).
+async fn renew(elector: Elector, shutdown: Shutdown) {
+    let mut last_ok = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(LEASE / 3).await;
+        match elector.try_acquire().await {
+            Ok(true) => last_ok = std::time::Instant::now(),
+            Ok(false) => {
+                tracing::error!("lost the leader lease; stopping");
+                shutdown.trigger();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the leader lease failed");
+                if last_ok.elapsed() >= LEASE {
+                    tracing::error!(
+                        "could not renew the leader lease for a whole lease period; stopping"
+                    );
+                    shutdown.trigger();
+                    return;
+                }
+            }
+        }
+    }
 }

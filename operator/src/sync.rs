@@ -89,7 +89,7 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
 }
 
 /// Puts our registries into McpBridge `default`, leaving every other registry as it is.
-async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
+pub async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
     const ATTEMPTS: u32 = 8;
     let ns = ctx.config.higress_namespace.as_str();
     let api: Api<DynamicObject> =

@@ -107,6 +107,18 @@ async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
         namespace: Some(tenant_namespace(&name)),
     };
     if status_differs(&old, &status) {
+        // Publish before recording the generation as observed: if Kafka fails, the reconcile
+        // fails and the retry publishes again (at least once, keyed by tenant for ordering).
+        if old.common.observed_generation != tenant.metadata.generation {
+            publish(
+                ctx,
+                &name,
+                "upserted",
+                tenant_id,
+                tenant.metadata.generation,
+            )
+            .await?;
+        }
         let api: Api<Tenant> = Api::all(ctx.client.clone());
         api.patch_status(
             &name,
@@ -119,16 +131,6 @@ async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
         )
         .await?;
         ctx.count_write();
-        if old.common.observed_generation != tenant.metadata.generation {
-            publish(
-                ctx,
-                &name,
-                "upserted",
-                tenant_id,
-                tenant.metadata.generation,
-            )
-            .await?;
-        }
     }
     Ok(if conflicts.is_empty() {
         Action::requeue(Duration::from_mins(10))

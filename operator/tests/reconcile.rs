@@ -35,6 +35,11 @@ use kube::{
     api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
     runtime::wait::{await_condition, conditions},
 };
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+    producer::FutureProducer,
+};
 use serde_json::{Value, json};
 use sqlx::MySqlPool;
 
@@ -110,7 +115,7 @@ impl Harness {
         }
     }
 
-    fn ctx(&self) -> Arc<Ctx> {
+    fn ctx_with(&self, events: Option<FutureProducer>) -> Arc<Ctx> {
         let config = Config {
             higress_namespace: self.hns.clone(),
             instance: Some(self.instance.clone()),
@@ -131,12 +136,19 @@ impl Harness {
             config,
             metrics,
             Sealer::from_hex(&self.key_hex).unwrap(),
-            None,
+            events,
         ))
     }
 
     fn start(&self) -> (Arc<Ctx>, Shutdown, tokio::task::JoinHandle<()>) {
-        let ctx = self.ctx();
+        self.start_with(None)
+    }
+
+    fn start_with(
+        &self,
+        events: Option<FutureProducer>,
+    ) -> (Arc<Ctx>, Shutdown, tokio::task::JoinHandle<()>) {
+        let ctx = self.ctx_with(events);
         let shutdown = Shutdown::new();
         let task = tokio::spawn(aigw_operator::run(ctx.clone(), shutdown.clone()));
         (ctx, shutdown, task)
@@ -255,6 +267,112 @@ async fn settled(ctx: &Ctx, quiet: Duration) -> u64 {
 }
 
 use serde::Deserialize;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_lifecycle_is_published_to_tenant_events() {
+    let h = Harness::new().await;
+    let brokers = Testbed::load().unwrap().kafka_brokers().unwrap().to_owned();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    // Start reading every partition at its current end, so only this test's events follow.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", unique_name("events"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let topic = aigw_operator::tenant::TENANT_EVENTS;
+    let meta = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in meta.topics()[0].partitions() {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .unwrap();
+        tpl.add_partition_offset(topic, p.id(), Offset::Offset(high))
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+
+    let (ctx, shutdown, task) = h.start_with(Some(producer));
+    let tenants: Api<Tenant> = Api::all(h.client.clone());
+    let name = h.rename("evt");
+    let t: Tenant = serde_json::from_value(
+        json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Tenant",
+        "metadata": {"name": name, "labels": {labels::INSTANCE: h.instance}},
+        "spec": {"type": "reseller", "displayName": "Events Inc"}}),
+    )
+    .unwrap();
+    tenants.create(&PostParams::default(), &t).await.unwrap();
+    h.ready(&tenants, &name).await;
+    tenants
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"displayName": "Events Ltd"}})),
+        )
+        .await
+        .unwrap();
+    eventually("generation 2 observed", || async {
+        let t = tenants.get(&name).await.unwrap();
+        (t.status?.common.observed_generation == Some(2)).then_some(())
+    })
+    .await;
+    tenants
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("tenant gone", || async {
+        tenants
+            .get_opt(&name)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    let mut seen: Vec<(String, Option<i64>)> = Vec::new();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while seen.len() < 3 && std::time::Instant::now() < deadline {
+        let Some(msg) = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(200)))
+        else {
+            continue;
+        };
+        let msg = msg.unwrap();
+        if msg.key() != Some(name.as_bytes()) {
+            continue;
+        }
+        let v: Value = serde_json::from_slice(msg.payload().unwrap()).unwrap();
+        seen.push((
+            v["event"].as_str().unwrap().to_owned(),
+            v["generation"].as_i64(),
+        ));
+    }
+    let kafka_errors = ctx
+        .metrics
+        .errors
+        .get_or_create(&aigw_operator::context::ErrorLabels {
+            controller: "tenant",
+            category: "kafka",
+        })
+        .get();
+    assert_eq!(kafka_errors, 0, "publishing failed");
+    assert_eq!(
+        seen,
+        vec![
+            ("upserted".to_owned(), Some(1)),
+            ("upserted".to_owned(), Some(2)),
+            ("deleted".to_owned(), Some(3)) /* deletion bumps the generation */
+        ],
+        "tenant.events keyed by {name}"
+    );
+    shutdown.trigger();
+    task.await.unwrap();
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn examples_reconcile_into_higress_namespaces_status_and_mysql() {
