@@ -39,6 +39,8 @@ pub struct Config {
     pub ai_proxy_image: String,
     /// OCI URL of the Higress ext-auth plugin image.
     pub ext_auth_image: String,
+    /// OCI URL of the Higress model-router plugin image.
+    pub model_router_image: String,
 }
 
 impl Config {

@@ -406,6 +406,16 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
     });
     let has_routes = !route_names.is_empty();
     let plugins = vec![
+        // Copies the body's `model` into the header the route Ingresses match on. Global: it only
+        // acts on LLM API paths (its `enableOnPathSuffix` default).
+        plugin(
+            &format!("{PREFIX}model-router"),
+            config,
+            &json!({
+                "url": config.model_router_image, "phase": "AUTHN", "priority": 900, "failStrategy": "FAIL_CLOSE",
+                "defaultConfigDisable": false, "defaultConfig": {"modelToHeader": MODEL_HEADER},
+            }),
+        )?,
         plugin(
             &format!("{PREFIX}ai-proxy"),
             config,
@@ -457,6 +467,7 @@ mod tests {
             usage_reporter_image: "oci://registry.example/aigw-plugin:0.1.0".into(),
             ai_proxy_image: "oci://registry.example/ai-proxy:2.0.1".into(),
             ext_auth_image: "oci://registry.example/ext-auth:2.0.0".into(),
+            model_router_image: "oci://registry.example/model-router:2.0.1".into(),
         }
     }
 
@@ -568,7 +579,7 @@ mod tests {
             "aigw-claude.dns:443"
         );
 
-        let ai_proxy = serde_json::to_value(&d.plugins[0]).unwrap();
+        let ai_proxy = serde_json::to_value(&d.plugins[1]).unwrap();
         assert_eq!(
             ai_proxy["spec"]["defaultConfig"]["providers"][1]["openaiCustomUrl"],
             "https://proxy.example/v1"
@@ -578,11 +589,43 @@ mod tests {
             json!({"service": ["aigw-claude.dns"],
             "configDisable": false, "config": {"activeProviderId": "claude"}})
         );
-        let usage = serde_json::to_value(&d.plugins[2]).unwrap();
+        let usage = serde_json::to_value(&d.plugins[3]).unwrap();
         let rule = &usage["spec"]["matchRules"][0];
         assert_eq!(rule["ingress"].as_array().unwrap().len(), 2);
         // The operator writes exactly what the plugin accepts: one contract, two ends.
         PluginConfig::parse(&serde_json::to_vec(&rule["config"]).unwrap()).unwrap();
+    }
+
+    /// The complete Higress output for the channels in `examples/channels.yaml`, reviewed by eye
+    /// and pinned: any change to what we write shows up in review as a snapshot diff.
+    #[test]
+    fn snapshot_of_the_example_channels() {
+        let creds = json!({"name": "openai-keys", "namespace": "aigw-system", "key": "apiKeys"});
+        let openai = channel(
+            "openai-main",
+            json!({"provider": "openai", "credentials": creds,
+            "models": ["gpt-4o", "gpt-4o-mini"], "priority": 10, "weight": 100}),
+        );
+        let claude = channel(
+            "claude-main",
+            json!({"provider": "claude",
+            "credentials": {"name": "claude-keys", "namespace": "aigw-system", "key": "apiKeys"},
+            "models": ["claude-sonnet-4"], "modelMapping": {"claude-sonnet-4": "claude-sonnet-4-20250514"}}),
+        );
+        let r = [
+            Routable {
+                channel: &openai,
+                keys: vec!["sk-upstream-openai-1".into(), "sk-upstream-openai-2".into()],
+            },
+            Routable {
+                channel: &claude,
+                keys: vec!["sk-ant-upstream-1".into()],
+            },
+        ];
+        let d = build(&r, &config()).unwrap();
+        insta::assert_yaml_snapshot!("registries", d.registries);
+        insta::assert_yaml_snapshot!("ingresses", d.ingresses);
+        insta::assert_yaml_snapshot!("plugins", d.plugins);
     }
 
     #[test]

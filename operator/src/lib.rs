@@ -76,14 +76,27 @@ fn watch_config(ctx: &Ctx) -> watcher::Config {
     }
 }
 
-/// Counts, times and logs one reconcile.
-async fn instrumented<F>(controller: &'static str, ctx: Arc<Ctx>, fut: F) -> Result<Action, Error>
+/// Counts, times and traces one reconcile (one span per reconcile, named after the object).
+async fn instrumented<K, F>(
+    controller: &'static str,
+    obj: &K,
+    ctx: Arc<Ctx>,
+    fut: F,
+) -> Result<Action, Error>
 where
+    K: Resource,
     F: Future<Output = Result<Action, Error>>,
 {
     let labels = ControllerLabels { controller };
     let started = std::time::Instant::now();
-    let result = fut.await;
+    let span = tracing::info_span!(
+        "reconcile",
+        controller,
+        namespace = obj.meta().namespace.as_deref().unwrap_or(""),
+        name = obj.meta().name.as_deref().unwrap_or(""),
+        generation = obj.meta().generation.unwrap_or_default(),
+    );
+    let result = tracing::Instrument::instrument(fut, span).await;
     ctx.metrics.reconciles.get_or_create(&labels).inc();
     ctx.metrics
         .duration
@@ -134,43 +147,55 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
     };
     let cfg = watch_config(&ctx);
 
-    let tenants = Controller::new(Api::<Tenant>::all(client.clone()), cfg.clone())
-        .graceful_shutdown_on(stop())
-        .run(
-            |t, c| instrumented("tenant", c.clone(), tenant::reconcile(t, c)),
-            error_policy,
-            ctx.clone(),
-        );
+    let tenants =
+        Controller::new(Api::<Tenant>::all(client.clone()), cfg.clone())
+            .graceful_shutdown_on(stop())
+            .run(
+                |t, c| {
+                    let obj = t.clone();
+                    async move {
+                        instrumented("tenant", &*obj, c.clone(), tenant::reconcile(t, c)).await
+                    }
+                },
+                error_policy,
+                ctx.clone(),
+            );
 
     let channel_ctl = Controller::new(Api::<Channel>::all(client.clone()), cfg.clone());
     let channel_store = channel_ctl.store();
     let store_for_map = channel_store.clone();
-    let channels = channel_ctl
-        .watches(
-            Api::<Secret>::all(client.clone()),
-            watcher::Config::default(),
-            move |secret| {
-                let (ns, name) = (
-                    secret.metadata.namespace.clone(),
-                    secret.metadata.name.clone(),
-                );
-                store_for_map
-                    .state()
-                    .into_iter()
-                    .filter(|c| {
-                        Some(&c.spec.credentials.namespace) == ns.as_ref()
-                            && Some(&c.spec.credentials.name) == name.as_ref()
-                    })
-                    .map(|c| ObjectRef::from_obj(&*c))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(stop())
-        .run(
-            |c, x| instrumented("channel", x.clone(), channel::reconcile(c, x)),
-            error_policy,
-            ctx.clone(),
-        );
+    let channels =
+        channel_ctl
+            .watches(
+                Api::<Secret>::all(client.clone()),
+                watcher::Config::default(),
+                move |secret| {
+                    let (ns, name) = (
+                        secret.metadata.namespace.clone(),
+                        secret.metadata.name.clone(),
+                    );
+                    store_for_map
+                        .state()
+                        .into_iter()
+                        .filter(|c| {
+                            Some(&c.spec.credentials.namespace) == ns.as_ref()
+                                && Some(&c.spec.credentials.name) == name.as_ref()
+                        })
+                        .map(|c| ObjectRef::from_obj(&*c))
+                        .collect::<Vec<_>>()
+                },
+            )
+            .graceful_shutdown_on(stop())
+            .run(
+                |c, x| {
+                    let obj = c.clone();
+                    async move {
+                        instrumented("channel", &*obj, x.clone(), channel::reconcile(c, x)).await
+                    }
+                },
+                error_policy,
+                ctx.clone(),
+            );
 
     let tokens = Controller::new(Api::<Token>::all(client.clone()), cfg.clone())
         .owns(
@@ -179,18 +204,27 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
         )
         .graceful_shutdown_on(stop())
         .run(
-            |t, c| instrumented("token", c.clone(), token::reconcile(t, c)),
+            |t, c| {
+                let obj = t.clone();
+                async move { instrumented("token", &*obj, c.clone(), token::reconcile(t, c)).await }
+            },
             error_policy,
             ctx.clone(),
         );
 
-    let pricings = Controller::new(Api::<Pricing>::all(client.clone()), cfg)
-        .graceful_shutdown_on(stop())
-        .run(
-            |p, c| instrumented("pricing", c.clone(), pricing::reconcile(p, c)),
-            error_policy,
-            ctx.clone(),
-        );
+    let pricings =
+        Controller::new(Api::<Pricing>::all(client.clone()), cfg)
+            .graceful_shutdown_on(stop())
+            .run(
+                |p, c| {
+                    let obj = p.clone();
+                    async move {
+                        instrumented("pricing", &*obj, c.clone(), pricing::reconcile(p, c)).await
+                    }
+                },
+                error_policy,
+                ctx.clone(),
+            );
 
     tokio::join!(
         drain("tenant", tenants),

@@ -61,11 +61,11 @@ struct Cli {
         default_value = "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local"
     )]
     ingest_cluster: String,
-    /// Image of our usage-reporter plugin.
+    /// Image of our usage-reporter plugin (the Helm chart sets the published one).
     #[arg(
         long,
         env = "AIGW_USAGE_REPORTER_IMAGE",
-        default_value = "oci://ghcr.io/aigateway/aigw-plugin:0.1.0"
+        default_value = "oci://registry.example/aigateway/aigw-plugin:0.1.0"
     )]
     usage_reporter_image: String,
     /// Image of the Higress ai-proxy plugin.
@@ -81,6 +81,13 @@ struct Cli {
     /// Namespace of the leader Lease (the operator's own namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "aigw-system")]
     leader_election_namespace: String,
+    /// Image of the Higress model-router plugin.
+    #[arg(
+        long,
+        env = "AIGW_MODEL_ROUTER_IMAGE",
+        default_value = "oci://higress-registry.cn-hangzhou.cr.aliyuncs.com/plugins/model-router:2.0.1"
+    )]
+    model_router_image: String,
     /// Image of the Higress ext-auth plugin.
     #[arg(
         long,
@@ -129,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         usage_reporter_image: cli.usage_reporter_image,
         ai_proxy_image: cli.ai_proxy_image,
         ext_auth_image: cli.ext_auth_image,
+        model_router_image: cli.model_router_image,
     };
     let ctx = Arc::new(Ctx::new(
         client,

@@ -58,6 +58,7 @@ async fn concurrent_writers_lose_nothing() {
         usage_reporter_image: String::new(),
         ai_proxy_image: String::new(),
         ext_auth_image: String::new(),
+        model_router_image: String::new(),
     };
     let db = sqlx::mysql::MySqlPoolOptions::new()
         .connect_lazy(tb.var("DATABASE_URL").unwrap())

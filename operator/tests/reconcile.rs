@@ -127,6 +127,7 @@ impl Harness {
             usage_reporter_image: "oci://registry.example/aigw-plugin:0.1.0".into(),
             ai_proxy_image: "oci://registry.example/ai-proxy:2.0.1".into(),
             ext_auth_image: "oci://registry.example/ext-auth:2.0.0".into(),
+            model_router_image: "oci://registry.example/model-router:2.0.1".into(),
         };
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::register(&mut registry);
