@@ -58,8 +58,11 @@ generate: ## regenerate committed artefacts: crds/crds.yaml from the CRD types
 	mv crds/crds.yaml.tmp crds/crds.yaml
 
 .PHONY: bench
-bench: ## run the benchmarks (numbers go to docs/benchmarks.md)
-	cargo bench --workspace
+bench: testbed ## operator scale benchmark against the test bed (numbers go to docs/benchmarks.md)
+	cargo build --release -p aigw-operator
+	cargo bench -p aigw-operator --bench scale
+	@echo "restarting the test bed so later tests start from a clean cluster"
+	$(TESTBED) down && $(TESTBED) up
 
 .PHONY: down
 down: ## stop the test bed

@@ -8,6 +8,8 @@
 
 pub mod ops;
 pub mod probe;
+#[cfg(feature = "redis")]
+pub mod quota;
 pub mod shutdown;
 
 use std::net::SocketAddr;

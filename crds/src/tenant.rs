@@ -105,4 +105,8 @@ pub struct TenantStatus {
     /// The namespace holding the tenant's Tokens and Pricing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// The domains this tenant actually serves: `spec.domains` minus those another tenant claimed
+    /// first. The authz gate reads this list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
 }

@@ -398,8 +398,8 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
             "endpoint": {"service_name": config.authz_service, "service_port": config.authz_port,
                          "path": config.authz_path, "request_method": "POST"},
             "timeout": 1000,
-            "authorization_request": {"allowed_headers": [{"exact": "authorization"}, {"exact": MODEL_HEADER}]},
-            "authorization_response": {"allowed_upstream_headers": [{"prefix": "x-aigw-"}]}
+            "authorization_request": {"allowed_headers": [{"exact": "authorization"}, {"exact": "x-api-key"}, {"exact": MODEL_HEADER}]},
+            "authorization_response": {"allowed_upstream_headers": [{"prefix": "x-aigw-"}, {"exact": "x-mse-consumer"}]}
         },
         "failure_mode_allow": false,
         "status_on_error": 503

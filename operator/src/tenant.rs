@@ -105,6 +105,13 @@ async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
         },
         tenant_id: Some(tenant_id),
         namespace: Some(tenant_namespace(&name)),
+        domains: tenant
+            .spec
+            .domains
+            .iter()
+            .filter(|d| !conflicts.iter().any(|(c, _)| c == *d))
+            .cloned()
+            .collect(),
     };
     if status_differs(&old, &status) {
         // Publish before recording the generation as observed: if Kafka fails, the reconcile

@@ -649,6 +649,7 @@ async fn examples_reconcile_into_higress_namespaces_status_and_mysql() {
         .status
         .unwrap();
     assert_eq!(acme_after.tenant_id, Some(acme_id));
+    assert_eq!(acme_after.domains, vec!["api.acme.example".to_owned()]);
     assert!(
         acme_after
             .common

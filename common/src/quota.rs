@@ -1,0 +1,188 @@
+//! Per-token rate limits and quota reservations in Redis — the one definition that the authz gate
+//! (admit) and the billing worker (settle) share.
+//!
+//! Keys of one token (`{h}` is the token's key hash, a Redis Cluster hash tag so all of a token's
+//! keys live on one shard):
+//!
+//! | key | type | meaning |
+//! |---|---|---|
+//! | `aigw:{h}:tat` | string | GCRA theoretical arrival time (ms) of the RPM limit |
+//! | `aigw:{h}:used` | string | quota used, in LLM tokens, settled by billing |
+//! | `aigw:{h}:reserved` | string | sum of open reservations |
+//! | `aigw:{h}:resv` | hash | reservation id → reserved amount |
+//! | `aigw:{h}:resv:exp` | sorted set | reservation id, scored by its expiry (ms) |
+//! | `aigw:{h}:settled:<id>` | string | marks a settled reservation (idempotent settle) |
+//!
+//! [`ADMIT`] decides a request in one atomic call: it reclaims expired reservations, checks the
+//! RPM limit (GCRA, burst = one minute of requests) and the remaining quota, and only if both pass
+//! records the arrival and reserves the estimate. Concurrent requests therefore can never reserve
+//! more than the quota. [`SETTLE`] replaces a reservation by the actual amount, once.
+
+use std::fmt;
+
+/// Keys of one token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenKeys {
+    pub tat: String,
+    pub used: String,
+    pub reserved: String,
+    pub reservations: String,
+    pub expiries: String,
+}
+
+impl TokenKeys {
+    pub fn new(key_hash: &str) -> Self {
+        let p = format!("aigw:{{{key_hash}}}");
+        Self {
+            tat: format!("{p}:tat"),
+            used: format!("{p}:used"),
+            reserved: format!("{p}:reserved"),
+            reservations: format!("{p}:resv"),
+            expiries: format!("{p}:resv:exp"),
+        }
+    }
+
+    /// The marker that makes settling reservation `id` idempotent.
+    pub fn settled(&self, id: &str) -> String {
+        format!("{}:settled:{id}", self.used.trim_end_matches(":used"))
+    }
+
+    /// The keys in the order [`ADMIT`] and [`SETTLE`] expect.
+    pub fn all(&self) -> [&str; 5] {
+        [&self.tat, &self.used, &self.reserved, &self.reservations, &self.expiries]
+    }
+}
+
+/// A reservation made at admission, as passed to billing in `x-aigw-reservation`:
+/// `<id>:<amount>`, or `none` when the token has no quota to reserve against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    None,
+    Held { id: String, amount: i64 },
+}
+
+impl fmt::Display for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Held { id, amount } => write!(f, "{id}:{amount}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Reservation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "none" {
+            return Ok(Self::None);
+        }
+        let (id, amount) = s.split_once(':').ok_or_else(|| format!("reservation {s:?} is not <id>:<amount>"))?;
+        let amount = amount.parse().map_err(|e| format!("reservation amount {amount:?}: {e}"))?;
+        if id.is_empty() || id.contains(':') {
+            return Err(format!("reservation id {id:?} is empty or has ':'"));
+        }
+        Ok(Self::Held { id: id.to_owned(), amount })
+    }
+}
+
+/// KEYS: tat, used, reserved, resv, resv:exp. ARGV: rpm (0 = none), quota (-1 = unlimited),
+/// estimate, reservation ttl (ms), reservation id.
+/// Returns `{0, reserved}` admitted (0 reserved when unlimited), `{1, retry_after_ms}` over the
+/// RPM limit, `{2, remaining}` quota does not cover the estimate.
+pub const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm = tonumber(ARGV[1])
+local quota = tonumber(ARGV[2])
+local est = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local id = ARGV[5]
+
+local new_tat = nil
+if rpm > 0 then
+  local interval = 60000 / rpm
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if tat < now then tat = now end
+  new_tat = tat + interval
+  if new_tat - now > 60000 then
+    return {1, math.ceil(new_tat - now - 60000)}
+  end
+end
+
+if quota >= 0 then
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
+  if #expired > 0 then
+    local freed = 0
+    for _, rid in ipairs(expired) do
+      freed = freed + tonumber(redis.call('HGET', KEYS[4], rid) or '0')
+      redis.call('HDEL', KEYS[4], rid)
+    end
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+    redis.call('DECRBY', KEYS[3], freed)
+  end
+  local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local reserved = tonumber(redis.call('GET', KEYS[3]) or '0')
+  local remaining = quota - used - reserved
+  if est > remaining then
+    return {2, remaining}
+  end
+end
+
+if new_tat then
+  redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+end
+if quota >= 0 then
+  redis.call('HSET', KEYS[4], id, est)
+  redis.call('ZADD', KEYS[5], now + ttl, id)
+  redis.call('INCRBY', KEYS[3], est)
+  return {0, est}
+end
+return {0, 0}
+";
+
+/// KEYS: tat, used, reserved, resv, resv:exp, settled marker. ARGV: reservation id (or `none`),
+/// actual amount, marker ttl (s).
+/// Returns `{1, released}` settled (released = the reservation's amount, 0 if it had expired or
+/// there was none), `{0, 0}` already settled before (nothing changed).
+pub const SETTLE: &str = r"
+if redis.call('SET', KEYS[6], '1', 'NX', 'EX', tonumber(ARGV[3])) == false then
+  return {0, 0}
+end
+local id = ARGV[1]
+local released = 0
+if id ~= 'none' then
+  local amt = redis.call('HGET', KEYS[4], id)
+  if amt then
+    released = tonumber(amt)
+    redis.call('HDEL', KEYS[4], id)
+    redis.call('ZREM', KEYS[5], id)
+    redis.call('DECRBY', KEYS[3], released)
+  end
+end
+redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]))
+return {1, released}
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservation_header_round_trips() {
+        let r = Reservation::Held { id: "01J".into(), amount: 4096 };
+        assert_eq!(r.to_string(), "01J:4096");
+        assert_eq!("01J:4096".parse::<Reservation>().unwrap(), r);
+        assert_eq!("none".parse::<Reservation>().unwrap(), Reservation::None);
+        assert!("x".parse::<Reservation>().is_err());
+        assert!(":5".parse::<Reservation>().is_err());
+        assert!("a:b".parse::<Reservation>().is_err());
+    }
+
+    #[test]
+    fn keys_share_a_hash_tag() {
+        let k = TokenKeys::new("abc");
+        assert_eq!(k.all(), ["aigw:{abc}:tat", "aigw:{abc}:used", "aigw:{abc}:reserved", "aigw:{abc}:resv", "aigw:{abc}:resv:exp"]);
+        assert_eq!(k.settled("r1"), "aigw:{abc}:settled:r1");
+    }
+}
