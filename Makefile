@@ -26,8 +26,13 @@ testbed: ## install and start the local servers (idempotent)
 migrate: testbed ## apply the MySQL and ClickHouse migrations to the test bed
 	$(WITH_ENV) cargo run --quiet -p aigw-migrations --bin aigw-migrate
 
+.PHONY: crds
+crds: testbed ## install our CRDs into the test bed
+	$(WITH_ENV) "$$KUBECTL" apply --server-side --force-conflicts --field-manager=aigw-dev -f crds/crds.yaml >/dev/null
+	$(WITH_ENV) "$$KUBECTL" wait --for condition=established --timeout=60s -f crds/crds.yaml >/dev/null
+
 .PHONY: test
-test: toolchain testbed migrate ## test bed up → migrations → every test → the plugin's wasm build
+test: toolchain testbed migrate crds ## test bed up → migrations → CRDs → every test → the plugin's wasm build
 	cargo test --workspace --no-fail-fast
 	$(MAKE) wasm
 
@@ -37,9 +42,8 @@ wasm: ## build the usage-reporter plugin for wasm32-wasip1
 	@ls -l target/wasm32-wasip1/release/aigw_plugin.wasm
 
 .PHONY: dev
-dev: toolchain testbed migrate ## the product locally: test bed, our CRDs, operator + apiserver + billing in the foreground
+dev: toolchain testbed migrate crds ## the product locally: test bed, our CRDs, operator + apiserver + billing in the foreground
 	cargo build --workspace --bins
-	$(WITH_ENV) "$$KUBECTL" apply --server-side --field-manager=aigw-dev -f crds/crds.yaml
 	$(WITH_ENV) exec scripts/dev
 
 .PHONY: lint
@@ -58,7 +62,7 @@ generate: ## regenerate committed artefacts: crds/crds.yaml from the CRD types
 	mv crds/crds.yaml.tmp crds/crds.yaml
 
 .PHONY: bench
-bench: testbed ## operator scale benchmark against the test bed (numbers go to docs/benchmarks.md)
+bench: testbed crds ## operator scale benchmark against the test bed (numbers go to docs/benchmarks.md)
 	cargo build --release -p aigw-operator
 	cargo bench -p aigw-operator --bench scale
 	@echo "restarting the test bed so later tests start from a clean cluster"

@@ -49,7 +49,13 @@ impl TokenKeys {
 
     /// The keys in the order [`ADMIT`] and [`SETTLE`] expect.
     pub fn all(&self) -> [&str; 5] {
-        [&self.tat, &self.used, &self.reserved, &self.reservations, &self.expiries]
+        [
+            &self.tat,
+            &self.used,
+            &self.reserved,
+            &self.reservations,
+            &self.expiries,
+        ]
     }
 }
 
@@ -77,12 +83,19 @@ impl std::str::FromStr for Reservation {
         if s == "none" {
             return Ok(Self::None);
         }
-        let (id, amount) = s.split_once(':').ok_or_else(|| format!("reservation {s:?} is not <id>:<amount>"))?;
-        let amount = amount.parse().map_err(|e| format!("reservation amount {amount:?}: {e}"))?;
+        let (id, amount) = s
+            .split_once(':')
+            .ok_or_else(|| format!("reservation {s:?} is not <id>:<amount>"))?;
+        let amount = amount
+            .parse()
+            .map_err(|e| format!("reservation amount {amount:?}: {e}"))?;
         if id.is_empty() || id.contains(':') {
             return Err(format!("reservation id {id:?} is empty or has ':'"));
         }
-        Ok(Self::Held { id: id.to_owned(), amount })
+        Ok(Self::Held {
+            id: id.to_owned(),
+            amount,
+        })
     }
 }
 
@@ -170,7 +183,10 @@ mod tests {
 
     #[test]
     fn reservation_header_round_trips() {
-        let r = Reservation::Held { id: "01J".into(), amount: 4096 };
+        let r = Reservation::Held {
+            id: "01J".into(),
+            amount: 4096,
+        };
         assert_eq!(r.to_string(), "01J:4096");
         assert_eq!("01J:4096".parse::<Reservation>().unwrap(), r);
         assert_eq!("none".parse::<Reservation>().unwrap(), Reservation::None);
@@ -182,7 +198,16 @@ mod tests {
     #[test]
     fn keys_share_a_hash_tag() {
         let k = TokenKeys::new("abc");
-        assert_eq!(k.all(), ["aigw:{abc}:tat", "aigw:{abc}:used", "aigw:{abc}:reserved", "aigw:{abc}:resv", "aigw:{abc}:resv:exp"]);
+        assert_eq!(
+            k.all(),
+            [
+                "aigw:{abc}:tat",
+                "aigw:{abc}:used",
+                "aigw:{abc}:reserved",
+                "aigw:{abc}:resv",
+                "aigw:{abc}:resv:exp"
+            ]
+        );
         assert_eq!(k.settled("r1"), "aigw:{abc}:settled:r1");
     }
 }

@@ -114,6 +114,9 @@ pub struct TokenStatus {
     /// The Secret holding a generated key (key `apiKey`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+    /// Numeric id of the token (the MySQL `tokens.id`), used in usage records and gateway headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<i64>,
     /// Quota used so far, synced from billing at a bounded rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_quota: Option<i64>,

@@ -5,7 +5,8 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use kube::Client;
+use aigw_crds::Tenant;
+use kube::{Client, runtime::reflector::Store};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -116,6 +117,9 @@ pub struct Ctx {
     /// Producer for `tenant.events`; none disables the events (tests of other parts).
     pub events: Option<FutureProducer>,
     writes: Arc<AtomicU64>,
+    /// The Tenant controller's store, once `run` has started it (token and pricing look up their
+    /// tenant here instead of asking the apiserver).
+    tenants: Arc<std::sync::OnceLock<Store<Tenant>>>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -145,6 +149,7 @@ impl Ctx {
             sealer,
             events,
             writes: Arc::default(),
+            tenants: Arc::default(),
         }
     }
 
@@ -152,6 +157,17 @@ impl Ctx {
     pub fn count_write(&self) {
         self.writes.fetch_add(1, Ordering::Relaxed);
         self.metrics.writes.inc();
+    }
+
+    /// Registers the Tenant store (first call wins).
+    pub fn set_tenants(&self, store: Store<Tenant>) {
+        let _ = self.tenants.set(store);
+    }
+
+    /// The Tenant named `name`, from the store when it is ready.
+    pub fn cached_tenant(&self, name: &str) -> Option<Option<Arc<Tenant>>> {
+        let store = self.tenants.get()?;
+        Some(store.get(&kube::runtime::reflector::ObjectRef::new(name)))
     }
 
     /// Writes made so far by this process (tests assert that a steady state writes nothing).

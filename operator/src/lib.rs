@@ -26,8 +26,15 @@ use aigw_crds::{Channel, CommonStatus, Pricing, Tenant, Token};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
-    Api, Resource,
-    runtime::{Controller, controller::Action, finalizer, reflector::ObjectRef, watcher},
+    Api, Resource, ResourceExt,
+    api::PartialObjectMeta,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        finalizer,
+        reflector::{self, ObjectRef, store::Writer},
+        watcher,
+    },
 };
 
 use crate::{
@@ -138,6 +145,84 @@ where
         .await;
 }
 
+/// A watch of `K` whose objects are kept in `writer`'s store without `managedFields` (most of
+/// an object's size, and never read here), as the trigger stream of a controller.
+fn lean_stream<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    writer: Writer<K>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api, cfg)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects()
+}
+
+/// A metadata-only watch (no Secret data is ever held in memory).
+fn metadata_stream<K>(
+    api: Api<PartialObjectMeta<K>>,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
+}
+
+/// The channels whose credentials name this Secret.
+fn channels_using(
+    store: &reflector::Store<Channel>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<Channel>> {
+    let (ns, name) = (
+        secret.metadata.namespace.as_ref(),
+        secret.metadata.name.as_ref(),
+    );
+    store
+        .state()
+        .into_iter()
+        .filter(|c| {
+            Some(&c.spec.credentials.namespace) == ns && Some(&c.spec.credentials.name) == name
+        })
+        .map(|c| ObjectRef::from_obj(&*c))
+        .collect()
+}
+
+/// Wraps a reconcile function with metrics and a tracing span.
+fn reconciler<K, F, Fut>(
+    controller: &'static str,
+    reconcile: F,
+) -> impl FnMut(Arc<K>, Arc<Ctx>) -> futures::future::BoxFuture<'static, Result<Action, Error>>
+where
+    K: Resource + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Ctx>) -> Fut + Copy + Send + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    move |obj, ctx| {
+        let o = obj.clone();
+        Box::pin(
+            async move { instrumented(controller, &*o, ctx.clone(), reconcile(obj, ctx)).await },
+        )
+    }
+}
+
 /// Runs every controller and the Higress sync until `shutdown` resolves.
 pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
     let client = ctx.client.clone();
@@ -147,90 +232,124 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
     };
     let cfg = watch_config(&ctx);
 
-    let tenants =
-        Controller::new(Api::<Tenant>::all(client.clone()), cfg.clone())
-            .graceful_shutdown_on(stop())
-            .run(
-                |t, c| {
-                    let obj = t.clone();
-                    async move {
-                        instrumented("tenant", &*obj, c.clone(), tenant::reconcile(t, c)).await
-                    }
-                },
-                error_policy,
-                ctx.clone(),
-            );
-
-    let channel_ctl = Controller::new(Api::<Channel>::all(client.clone()), cfg.clone());
-    let channel_store = channel_ctl.store();
-    let store_for_map = channel_store.clone();
-    let channels =
-        channel_ctl
-            .watches(
-                Api::<Secret>::all(client.clone()),
-                watcher::Config::default(),
-                move |secret| {
-                    let (ns, name) = (
-                        secret.metadata.namespace.clone(),
-                        secret.metadata.name.clone(),
-                    );
-                    store_for_map
-                        .state()
-                        .into_iter()
-                        .filter(|c| {
-                            Some(&c.spec.credentials.namespace) == ns.as_ref()
-                                && Some(&c.spec.credentials.name) == name.as_ref()
-                        })
-                        .map(|c| ObjectRef::from_obj(&*c))
-                        .collect::<Vec<_>>()
-                },
-            )
-            .graceful_shutdown_on(stop())
-            .run(
-                |c, x| {
-                    let obj = c.clone();
-                    async move {
-                        instrumented("channel", &*obj, x.clone(), channel::reconcile(c, x)).await
-                    }
-                },
-                error_policy,
-                ctx.clone(),
-            );
-
-    let tokens = Controller::new(Api::<Token>::all(client.clone()), cfg.clone())
-        .owns(
-            Api::<Secret>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .graceful_shutdown_on(stop())
-        .run(
-            |t, c| {
-                let obj = t.clone();
-                async move { instrumented("token", &*obj, c.clone(), token::reconcile(t, c)).await }
-            },
-            error_policy,
-            ctx.clone(),
-        );
-
-    let pricings =
-        Controller::new(Api::<Pricing>::all(client.clone()), cfg)
-            .graceful_shutdown_on(stop())
-            .run(
-                |p, c| {
-                    let obj = p.clone();
-                    async move {
-                        instrumented("pricing", &*obj, c.clone(), pricing::reconcile(p, c)).await
-                    }
-                },
-                error_policy,
-                ctx.clone(),
-            );
-
-    tokio::join!(
-        drain("tenant", tenants),
-        drain("channel", channels),
-        drain("token", tokens),
-        drain("pricing", pricings),
-        sync::run(ctx.clone(), channel_store, stop()),
+    let (tenant_store, tenant_writer) = reflector::store();
+    ctx.set_tenants(tenant_store.clone());
+    let tenants = Controller::for_stream(
+        lean_stream(
+            Api::<Tenant>::all(client.clone()),
+            cfg.clone(),
+            tenant_writer,
+        ),
+        tenant_store,
+    )
+    .graceful_shutdown_on(stop())
+    .run(
+        reconciler("tenant", tenant::reconcile),
+        error_policy,
+        ctx.clone(),
     );
+
+    let (channel_store, channel_writer) = reflector::store();
+    let store_for_map = channel_store.clone();
+    let channels = Controller::for_stream(
+        lean_stream(
+            Api::<Channel>::all(client.clone()),
+            cfg.clone(),
+            channel_writer,
+        ),
+        channel_store.clone(),
+    )
+    .watches_stream(
+        metadata_stream(Api::<PartialObjectMeta<Secret>>::all(client.clone())),
+        move |secret| channels_using(&store_for_map, &secret),
+    )
+    .graceful_shutdown_on(stop())
+    .run(
+        reconciler("channel", channel::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
+
+    let (token_store, token_writer) = reflector::store();
+    let tokens = Controller::for_stream(
+        lean_stream(Api::<Token>::all(client.clone()), cfg.clone(), token_writer),
+        token_store,
+    )
+    .owns_stream(metadata_stream(Api::<PartialObjectMeta<Secret>>::all(
+        client.clone(),
+    )))
+    .graceful_shutdown_on(stop())
+    .run(
+        reconciler("token", token::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
+
+    let (pricing_store, pricing_writer) = reflector::store();
+    let pricings = Controller::for_stream(
+        lean_stream(Api::<Pricing>::all(client.clone()), cfg, pricing_writer),
+        pricing_store,
+    )
+    .graceful_shutdown_on(stop())
+    .run(
+        reconciler("pricing", pricing::reconcile),
+        error_policy,
+        ctx.clone(),
+    );
+
+    let all = async {
+        tokio::join!(
+            drain("tenant", tenants),
+            drain("channel", channels),
+            drain("token", tokens),
+            drain("pricing", pricings),
+            sync::run(ctx.clone(), channel_store, stop()),
+        );
+    };
+    // Controllers finish their in-flight reconciles on shutdown; a watch stuck retrying (an API
+    // that went away) must not keep the process alive, so give them a bounded grace period.
+    tokio::select! {
+        () = all => {}
+        () = async { shutdown.wait().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("controllers did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
+        }
+    }
+}
+
+/// How long controllers get to finish after shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Waits until every AIGateway CRD is established (logging once what is missing), or shutdown.
+/// Returns false on shutdown.
+pub async fn wait_for_crds(client: &kube::Client, shutdown: &Shutdown) -> bool {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut logged = false;
+    loop {
+        let mut missing = Vec::new();
+        for crd in aigw_crds::crds() {
+            let name = crd.metadata.name.unwrap_or_default();
+            let established = match api.get_opt(&name).await {
+                Ok(Some(live)) => live.status.and_then(|s| s.conditions).is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                }),
+                _ => false,
+            };
+            if !established {
+                missing.push(name);
+            }
+        }
+        if missing.is_empty() {
+            return true;
+        }
+        if !logged {
+            tracing::warn!(missing = ?missing, "waiting for CRDs to be installed (kubectl apply --server-side -f crds/crds.yaml)");
+            logged = true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = shutdown.wait() => return false,
+        }
+    }
 }

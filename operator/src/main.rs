@@ -156,28 +156,30 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     tracing::info!(ops = %addr, "aigw-operator started");
 
-    if cli.leader_election {
-        let identity = format!(
-            "{}-{}",
-            std::env::var("HOSTNAME").unwrap_or_else(|_| "aigw-operator".into()),
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let elector = Elector::new(
-            ctx.client.clone(),
-            &cli.leader_election_namespace,
-            "aigw-operator",
-            &identity,
-            LEASE,
-        );
-        if lead(&elector, &shutdown).await? {
-            tracing::info!(identity = elector.identity(), "became leader");
-            let renewer = tokio::spawn(renew(elector.clone(), shutdown.clone()));
+    if aigw_operator::wait_for_crds(&ctx.client, &shutdown).await {
+        if cli.leader_election {
+            let identity = format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "aigw-operator".into()),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            );
+            let elector = Elector::new(
+                ctx.client.clone(),
+                &cli.leader_election_namespace,
+                "aigw-operator",
+                &identity,
+                LEASE,
+            );
+            if lead(&elector, &shutdown).await? {
+                tracing::info!(identity = elector.identity(), "became leader");
+                let renewer = tokio::spawn(renew(elector.clone(), shutdown.clone()));
+                aigw_operator::run(ctx, shutdown.clone()).await;
+                renewer.abort();
+                elector.release().await?;
+            }
+        } else {
             aigw_operator::run(ctx, shutdown.clone()).await;
-            renewer.abort();
-            elector.release().await?;
         }
-    } else {
-        aigw_operator::run(ctx, shutdown.clone()).await;
     }
     shutdown.trigger();
     ops_task.await??;

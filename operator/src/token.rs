@@ -76,6 +76,11 @@ pub async fn tenant_of(ctx: &Ctx, namespace: &str) -> Result<Option<Tenant>> {
     let Some(name) = namespace.strip_prefix(aigw_crds::TENANT_NAMESPACE_PREFIX) else {
         return Ok(None);
     };
+    // The Tenant controller's store, when running; a GET otherwise (and if the store does not
+    // have it yet, which a GET settles).
+    if let Some(Some(t)) = ctx.cached_tenant(name) {
+        return Ok(Some((*t).clone()));
+    }
     Ok(Api::<Tenant>::all(ctx.client.clone()).get_opt(name).await?)
 }
 
@@ -128,14 +133,14 @@ async fn apply_token(token: &Token, ctx: &Ctx) -> Result<Action> {
     let phase = phase(token, suspended, Timestamp::now())?;
     let mirrored = mirror(ctx, token, tenant_id, &hash, &prefix, phase).await;
     let cond = match &mirrored {
-        Ok(()) => Cond::new("Ready", true, "Reconciled", format!("phase {phase:?}")),
+        Ok(_) => Cond::new("Ready", true, "Reconciled", format!("phase {phase:?}")),
         Err(Error::MySql(sqlx::Error::Database(e))) if e.is_unique_violation() => Cond::new(
             "Ready",
             false,
             "DuplicateKey",
             "another token already uses this key hash; create a new key",
         ),
-        Err(_) => return mirrored.map(|()| Action::await_change()),
+        Err(_) => return mirrored.map(|_| Action::await_change()),
     };
     let status = TokenStatus {
         common: common(token, &old, &[cond]),
@@ -143,6 +148,7 @@ async fn apply_token(token: &Token, ctx: &Ctx) -> Result<Action> {
         key_hash: Some(hash),
         key_prefix: Some(prefix),
         secret_name: secret,
+        token_id: mirrored.ok().or(old.token_id),
         used_quota: old.used_quota,
     };
     write_status(ctx, token, &old, status).await?;
@@ -173,7 +179,8 @@ async fn write_status(ctx: &Ctx, token: &Token, old: &TokenStatus, new: TokenSta
         && old.phase == new.phase
         && old.key_hash == new.key_hash
         && old.key_prefix == new.key_prefix
-        && old.secret_name == new.secret_name;
+        && old.secret_name == new.secret_name
+        && old.token_id == new.token_id;
     if unchanged {
         return Ok(());
     }
@@ -231,6 +238,7 @@ async fn ensure_key_secret(ctx: &Ctx, token: &Token, ns: &str) -> Result<String>
     }
 }
 
+/// Upserts the `tokens` row; returns its id.
 async fn mirror(
     ctx: &Ctx,
     token: &Token,
@@ -238,7 +246,7 @@ async fn mirror(
     hash: &str,
     prefix: &str,
     phase: TokenPhase,
-) -> Result<()> {
+) -> Result<i64> {
     let spec = &token.spec;
     let ns = token.namespace().unwrap_or_default();
     let user_id: i64 =
@@ -284,7 +292,13 @@ async fn mirror(
     .bind(i8::from(phase == TokenPhase::Active))
     .execute(&ctx.db)
     .await?;
-    Ok(())
+    Ok(
+        sqlx::query_scalar("SELECT id FROM tokens WHERE namespace = ? AND cr_name = ?")
+            .bind(&ns)
+            .bind(token.name_any())
+            .fetch_one(&ctx.db)
+            .await?,
+    )
 }
 
 async fn cleanup(token: &Token, ctx: &Ctx) -> Result<Action> {

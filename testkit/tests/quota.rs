@@ -15,7 +15,15 @@ async fn conn() -> (redis::Client, MultiplexedConnection) {
     (client, c)
 }
 
-async fn admit(c: &mut MultiplexedConnection, k: &TokenKeys, rpm: i64, quota: i64, est: i64, ttl_ms: i64, id: &str) -> (i64, i64) {
+async fn admit(
+    c: &mut MultiplexedConnection,
+    k: &TokenKeys,
+    rpm: i64,
+    quota: i64,
+    est: i64,
+    ttl_ms: i64,
+    id: &str,
+) -> (i64, i64) {
     let script = Script::new(ADMIT);
     let mut inv = script.prepare_invoke();
     for key in k.all() {
@@ -38,7 +46,12 @@ async fn settle(c: &mut MultiplexedConnection, k: &TokenKeys, id: &str, actual: 
 }
 
 async fn get(c: &mut MultiplexedConnection, key: &str) -> i64 {
-    redis::cmd("GET").arg(key).query_async::<Option<i64>>(c).await.unwrap().unwrap_or(0)
+    redis::cmd("GET")
+        .arg(key)
+        .query_async::<Option<i64>>(c)
+        .await
+        .unwrap()
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +65,9 @@ async fn a_thousand_concurrent_requests_never_overspend() {
         let (client, k) = (client.clone(), k.clone());
         tasks.push(tokio::spawn(async move {
             let mut c = client.get_multiplexed_async_connection().await.unwrap();
-            admit(&mut c, &k, 0, quota, est, 60_000, &format!("r{i}")).await.0
+            admit(&mut c, &k, 0, quota, est, 60_000, &format!("r{i}"))
+                .await
+                .0
         }));
     }
     let mut admitted = 0;
@@ -60,7 +75,11 @@ async fn a_thousand_concurrent_requests_never_overspend() {
         admitted += usize::from(t.await.unwrap() == 0);
     }
     assert_eq!(admitted, 100);
-    assert_eq!(get(&mut c, &k.reserved).await, quota, "reserved total equals, never exceeds, the quota");
+    assert_eq!(
+        get(&mut c, &k.reserved).await,
+        quota,
+        "reserved total equals, never exceeds, the quota"
+    );
 }
 
 #[tokio::test]
@@ -68,11 +87,20 @@ async fn rpm_limit_refuses_with_retry_after() {
     let (_, mut c) = conn().await;
     let k = TokenKeys::new(&unique_name("tok"));
     for i in 0..5 {
-        assert_eq!(admit(&mut c, &k, 5, -1, 0, 60_000, &format!("r{i}")).await.0, 0, "request {i}");
+        assert_eq!(
+            admit(&mut c, &k, 5, -1, 0, 60_000, &format!("r{i}"))
+                .await
+                .0,
+            0,
+            "request {i}"
+        );
     }
     let (code, retry) = admit(&mut c, &k, 5, -1, 0, 60_000, "r5").await;
     assert_eq!(code, 1);
-    assert!((1..=12_000).contains(&retry), "retry after {retry} ms (one slot is 12 s at 5 RPM)");
+    assert!(
+        (1..=12_000).contains(&retry),
+        "retry after {retry} ms (one slot is 12 s at 5 RPM)"
+    );
 }
 
 #[tokio::test]
@@ -80,10 +108,18 @@ async fn a_refused_request_reserves_nothing_and_expired_reservations_return() {
     let (_, mut c) = conn().await;
     let k = TokenKeys::new(&unique_name("tok"));
     assert_eq!(admit(&mut c, &k, 0, 100, 80, 300, "a").await, (0, 80));
-    assert_eq!(admit(&mut c, &k, 0, 100, 80, 300, "b").await, (2, 20), "20 left, 80 wanted");
+    assert_eq!(
+        admit(&mut c, &k, 0, 100, 80, 300, "b").await,
+        (2, 20),
+        "20 left, 80 wanted"
+    );
     assert_eq!(get(&mut c, &k.reserved).await, 80);
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    assert_eq!(admit(&mut c, &k, 0, 100, 80, 300, "c").await, (0, 80), "a expired and was reclaimed");
+    assert_eq!(
+        admit(&mut c, &k, 0, 100, 80, 300, "c").await,
+        (0, 80),
+        "a expired and was reclaimed"
+    );
     assert_eq!(get(&mut c, &k.reserved).await, 80);
 }
 
@@ -91,10 +127,20 @@ async fn a_refused_request_reserves_nothing_and_expired_reservations_return() {
 async fn settling_replaces_the_reservation_once() {
     let (_, mut c) = conn().await;
     let k = TokenKeys::new(&unique_name("tok"));
-    assert_eq!(admit(&mut c, &k, 0, 10_000, 4000, 60_000, "r1").await, (0, 4000));
+    assert_eq!(
+        admit(&mut c, &k, 0, 10_000, 4000, 60_000, "r1").await,
+        (0, 4000)
+    );
     assert_eq!(settle(&mut c, &k, "r1", 1234).await, (1, 4000));
-    assert_eq!((get(&mut c, &k.used).await, get(&mut c, &k.reserved).await), (1234, 0));
-    assert_eq!(settle(&mut c, &k, "r1", 1234).await, (0, 0), "a redelivered event is not charged twice");
+    assert_eq!(
+        (get(&mut c, &k.used).await, get(&mut c, &k.reserved).await),
+        (1234, 0)
+    );
+    assert_eq!(
+        settle(&mut c, &k, "r1", 1234).await,
+        (0, 0),
+        "a redelivered event is not charged twice"
+    );
     assert_eq!(get(&mut c, &k.used).await, 1234);
     // Usage without a reservation (unlimited tokens, or one that expired) still counts.
     assert_eq!(settle(&mut c, &k, "none-evt-7", 10).await.0, 1);

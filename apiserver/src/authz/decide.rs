@@ -1,0 +1,203 @@
+//! The pure part of an authz decision: key → token → tenant → host, status, expiry, model.
+//! Rate limits and quota are decided in Redis afterwards (`service`).
+
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::index::{Index, TenantRecord, TokenRecord};
+
+/// Why a request is refused, with the status and OpenAI-style error body it gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// No key, unknown key, or a key whose tenant does not serve this host (no hint which).
+    InvalidKey,
+    TenantSuspended,
+    Disabled,
+    Expired,
+    Exhausted,
+    ModelNotAllowed(String),
+    RateLimited { retry_after_ms: i64 },
+    InsufficientQuota,
+    /// Redis could not be reached and the gate fails closed.
+    Unavailable,
+}
+
+impl Denial {
+    /// Status, `type`, `code`, message.
+    fn parts(&self) -> (StatusCode, &'static str, &'static str, String) {
+        match self {
+            Self::InvalidKey => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+                "Incorrect API key provided.".into(),
+            ),
+            Self::TenantSuspended => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "account_suspended",
+                "This account is suspended.".into(),
+            ),
+            Self::Disabled => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "api_key_disabled",
+                "This API key is disabled.".into(),
+            ),
+            Self::Expired => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "api_key_expired",
+                "This API key has expired.".into(),
+            ),
+            Self::Exhausted | Self::InsufficientQuota => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "insufficient_quota",
+                "You exceeded your current quota.".into(),
+            ),
+            Self::ModelNotAllowed(m) => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "model_not_allowed",
+                format!("This API key may not use the model `{m}`."),
+            ),
+            Self::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "requests",
+                "rate_limit_exceeded",
+                "Rate limit reached for requests per minute.".into(),
+            ),
+            Self::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "authz_unavailable",
+                "The gateway cannot authorise requests right now; retry shortly.".into(),
+            ),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// `{"error": {"message", "type", "code", "param": null}}`, as OpenAI answers.
+    pub fn body(&self) -> Value {
+        let (_, kind, code, message) = self.parts();
+        json!({"error": {"message": message, "type": kind, "code": code, "param": null}})
+    }
+
+    /// A short label for metrics.
+    pub fn outcome(&self) -> &'static str {
+        self.parts().2
+    }
+}
+
+/// The API key of a request: `Authorization: Bearer <key>` or `x-api-key: <key>`.
+pub fn api_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        let key = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?;
+        return Some(key.trim()).filter(|k| !k.is_empty());
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+/// The request host Higress forwards (`X-Forwarded-Host`, else `Host`), lowercase, no port.
+pub fn host(headers: &HeaderMap) -> Option<String> {
+    let raw = headers
+        .get("x-forwarded-host")
+        .or_else(|| headers.get("host"))
+        .and_then(|v| v.to_str().ok())?;
+    let first = raw.split(',').next()?.trim();
+    let no_port = match first.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => first,
+    };
+    Some(no_port.to_ascii_lowercase())
+}
+
+/// SHA-256 of a key, lowercase hex.
+pub fn hash(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// An admitted request before the Redis checks.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub hash: String,
+    pub token: std::sync::Arc<TokenRecord>,
+    pub tenant: std::sync::Arc<TenantRecord>,
+}
+
+/// The checks that need no I/O.
+pub fn check(index: &Index, headers: &HeaderMap, model: Option<&str>, now_ms: i64) -> Result<Admitted, Denial> {
+    let key = api_key(headers).ok_or(Denial::InvalidKey)?;
+    let hash = hash(key);
+    let token = index.token(&hash).ok_or(Denial::InvalidKey)?;
+    let tenant = index.tenant(&token.tenant).ok_or(Denial::InvalidKey)?;
+    // A key presented on another tenant's domain looks exactly like an unknown key.
+    let host = host(headers).ok_or(Denial::InvalidKey)?;
+    if !tenant.serves(&host) {
+        return Err(Denial::InvalidKey);
+    }
+    if tenant.suspended {
+        return Err(Denial::TenantSuspended);
+    }
+    if token.disabled {
+        return Err(Denial::Disabled);
+    }
+    if token.expires_at_ms.is_some_and(|at| at <= now_ms) {
+        return Err(Denial::Expired);
+    }
+    if token.exhausted {
+        return Err(Denial::Exhausted);
+    }
+    if let Some(m) = model
+        && !token.models.is_empty()
+        && !token.models.iter().any(|allowed| allowed == m)
+    {
+        return Err(Denial::ModelNotAllowed(m.to_owned()));
+    }
+    Ok(Admitted { hash, token, tenant })
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn keys_and_hosts_are_read_as_higress_sends_them() {
+        assert_eq!(api_key(&headers(&[("authorization", "Bearer sk-1")])), Some("sk-1"));
+        assert_eq!(api_key(&headers(&[("x-api-key", "sk-2")])), Some("sk-2"));
+        assert_eq!(api_key(&headers(&[("authorization", "Basic abc")])), None);
+        assert_eq!(api_key(&headers(&[])), None);
+        assert_eq!(host(&headers(&[("x-forwarded-host", "API.Acme.example:443")])).as_deref(), Some("api.acme.example"));
+        assert_eq!(host(&headers(&[("host", "a.example")])).as_deref(), Some("a.example"));
+    }
+
+    #[test]
+    fn error_bodies_follow_openai() {
+        let d = Denial::InsufficientQuota;
+        assert_eq!(d.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(d.body()["error"]["code"], "insufficient_quota");
+        assert_eq!(d.body()["error"]["type"], "insufficient_quota");
+        assert_eq!(Denial::InvalidKey.body()["error"]["code"], "invalid_api_key");
+        assert_eq!(Denial::InvalidKey.status(), StatusCode::UNAUTHORIZED);
+    }
+}

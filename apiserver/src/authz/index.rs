@@ -1,0 +1,298 @@
+//! The in-memory token and tenant index, fed by watches.
+//!
+//! Only what a decision needs is kept (a [`TokenRecord`] is a few hundred bytes), so a million
+//! tokens fit in well under a gigabyte. Watch events apply within milliseconds, so revocation,
+//! expiry changes and new tokens take effect well within a second. A re-list (watch restart)
+//! rebuilds the maps and drops what disappeared meanwhile.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use aigw_crds::{TENANT_NAMESPACE_PREFIX, Tenant, Token, TokenPhase};
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::watcher::{self, Event},
+};
+
+/// What authz needs of a Token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Tenant name (the Tenant CR).
+    pub tenant: String,
+    /// `namespace/name` of the Token CR, for logs.
+    pub cr: String,
+    /// MySQL id from the status, once the operator has mirrored it.
+    pub token_id: Option<i64>,
+    pub owner: String,
+    /// Allowed models; empty allows all.
+    pub models: Vec<String>,
+    /// Total quota in tokens; -1 unlimited.
+    pub quota: i64,
+    /// Requests per minute; 0 unlimited.
+    pub rate_limit: i32,
+    /// Expiry as Unix milliseconds.
+    pub expires_at_ms: Option<i64>,
+    pub disabled: bool,
+    pub exhausted: bool,
+}
+
+/// What authz needs of a Tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRecord {
+    pub id: Option<i64>,
+    /// The domains the tenant serves (its status, i.e. without conflicting claims).
+    pub domains: Vec<String>,
+    pub suspended: bool,
+}
+
+impl TenantRecord {
+    /// Whether the tenant serves `host` (lowercase, no port). `*.example.com` matches any name
+    /// below `example.com`, as Higress does.
+    pub fn serves(&self, host: &str) -> bool {
+        self.domains.iter().any(|d| match d.strip_prefix('*') {
+            Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+            None => d == host,
+        })
+    }
+}
+
+/// Converts a Token CR into its record and key hash; `None` when it has no hash yet.
+pub fn token_record(token: &Token) -> Option<(String, TokenRecord)> {
+    let status = token.status.as_ref();
+    let hash = status
+        .and_then(|s| s.key_hash.clone())
+        .or_else(|| token.spec.key_hash.clone())?;
+    let ns = token.namespace()?;
+    let tenant = ns.strip_prefix(TENANT_NAMESPACE_PREFIX)?.to_owned();
+    let expires_at_ms = token
+        .spec
+        .expires_at
+        .as_deref()
+        .map(|e| e.parse::<Timestamp>().map_or(0, |t| t.as_millisecond()));
+    Some((
+        hash,
+        TokenRecord {
+            tenant,
+            cr: format!("{ns}/{}", token.name_any()),
+            token_id: status.and_then(|s| s.token_id),
+            owner: token.spec.owner.clone(),
+            models: token.spec.models.clone(),
+            quota: token.spec.quota,
+            rate_limit: token.spec.rate_limit,
+            expires_at_ms,
+            disabled: token.spec.disabled,
+            exhausted: status.and_then(|s| s.phase) == Some(TokenPhase::Exhausted),
+        },
+    ))
+}
+
+/// Converts a Tenant CR into its record.
+pub fn tenant_record(tenant: &Tenant) -> TenantRecord {
+    let status = tenant.status.as_ref();
+    TenantRecord {
+        id: status.and_then(|s| s.tenant_id),
+        domains: status.map(|s| s.domains.clone()).unwrap_or_default(),
+        suspended: tenant.spec.suspended,
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tokens {
+    by_hash: HashMap<String, Arc<TokenRecord>>,
+    /// `namespace/name` → hash, to drop the old hash when a token changes or goes.
+    hash_of: HashMap<String, String>,
+}
+
+/// The index. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Index {
+    tokens: Arc<RwLock<Tokens>>,
+    tenants: Arc<RwLock<HashMap<String, Arc<TenantRecord>>>>,
+    tokens_synced: Arc<AtomicBool>,
+    tenants_synced: Arc<AtomicBool>,
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    // A panic while holding the lock cannot leave the maps half-written (each update is one
+    // insert/remove), so poisoning is ignored.
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Index {
+    /// The token with this key hash.
+    pub fn token(&self, hash: &str) -> Option<Arc<TokenRecord>> {
+        read(&self.tokens).by_hash.get(hash).cloned()
+    }
+
+    /// The tenant with this name.
+    pub fn tenant(&self, name: &str) -> Option<Arc<TenantRecord>> {
+        read(&self.tenants).get(name).cloned()
+    }
+
+    /// Number of tokens indexed.
+    pub fn len(&self) -> usize {
+        read(&self.tokens).by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether both watches have completed their initial list.
+    pub fn synced(&self) -> bool {
+        self.tokens_synced.load(Ordering::Acquire) && self.tenants_synced.load(Ordering::Acquire)
+    }
+
+    /// Inserts or replaces a token.
+    pub fn upsert_token(&self, token: &Token) {
+        let key = format!("{}/{}", token.namespace().unwrap_or_default(), token.name_any());
+        let mut t = write(&self.tokens);
+        if let Some(old) = t.hash_of.remove(&key) {
+            t.by_hash.remove(&old);
+        }
+        if let Some((hash, record)) = token_record(token) {
+            t.hash_of.insert(key, hash.clone());
+            t.by_hash.insert(hash, Arc::new(record));
+        }
+    }
+
+    /// Removes a token.
+    pub fn remove_token(&self, token: &Token) {
+        let key = format!("{}/{}", token.namespace().unwrap_or_default(), token.name_any());
+        let mut t = write(&self.tokens);
+        if let Some(old) = t.hash_of.remove(&key) {
+            t.by_hash.remove(&old);
+        }
+    }
+
+    fn replace_tokens(&self, all: Vec<Token>) {
+        let mut fresh = Tokens::default();
+        for token in &all {
+            if let Some((hash, record)) = token_record(token) {
+                fresh
+                    .hash_of
+                    .insert(format!("{}/{}", token.namespace().unwrap_or_default(), token.name_any()), hash.clone());
+                fresh.by_hash.insert(hash, Arc::new(record));
+            }
+        }
+        *write(&self.tokens) = fresh;
+    }
+
+    pub fn upsert_tenant(&self, tenant: &Tenant) {
+        write(&self.tenants).insert(tenant.name_any(), Arc::new(tenant_record(tenant)));
+    }
+
+    pub fn remove_tenant(&self, tenant: &Tenant) {
+        write(&self.tenants).remove(&tenant.name_any());
+    }
+
+    fn replace_tenants(&self, all: &[Tenant]) {
+        let fresh = all.iter().map(|t| (t.name_any(), Arc::new(tenant_record(t)))).collect();
+        *write(&self.tenants) = fresh;
+    }
+
+    /// Feeds the index from watches until the streams end (they retry with backoff forever).
+    /// `selector` restricts both watches (as the operator's `--instance` does).
+    pub async fn run(self, client: Client, selector: Option<String>) {
+        let cfg = match &selector {
+            Some(s) => watcher::Config::default().labels(s),
+            None => watcher::Config::default(),
+        };
+        let tokens = {
+            let index = self.clone();
+            let stream = watcher::watcher(Api::<Token>::all(client.clone()), cfg.clone());
+            async move {
+                let mut staging: Vec<Token> = Vec::new();
+                let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(stream));
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(Event::Init) => staging.clear(),
+                        Ok(Event::InitApply(t)) => staging.push(t),
+                        Ok(Event::InitDone) => {
+                            index.replace_tokens(std::mem::take(&mut staging));
+                            index.tokens_synced.store(true, Ordering::Release);
+                        }
+                        Ok(Event::Apply(t)) => index.upsert_token(&t),
+                        Ok(Event::Delete(t)) => index.remove_token(&t),
+                        Err(e) => tracing::warn!(error = %e, "token watch failed; retrying"),
+                    }
+                }
+            }
+        };
+        let tenants = {
+            let index = self.clone();
+            let stream = watcher::watcher(Api::<Tenant>::all(client), cfg);
+            async move {
+                let mut staging: Vec<Tenant> = Vec::new();
+                let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(stream));
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(Event::Init) => staging.clear(),
+                        Ok(Event::InitApply(t)) => staging.push(t),
+                        Ok(Event::InitDone) => {
+                            index.replace_tenants(&std::mem::take(&mut staging));
+                            index.tenants_synced.store(true, Ordering::Release);
+                        }
+                        Ok(Event::Apply(t)) => index.upsert_tenant(&t),
+                        Ok(Event::Delete(t)) => index.remove_tenant(&t),
+                        Err(e) => tracing::warn!(error = %e, "tenant watch failed; retrying"),
+                    }
+                }
+            }
+        };
+        tokio::join!(tokens, tenants);
+    }
+}
+
+/// Distinct tenants referenced by indexed tokens (for metrics and debugging).
+pub fn tenant_names(index: &Index) -> HashSet<String> {
+    read(&index.tokens).by_hash.values().map(|t| t.tenant.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn token(name: &str, hash: Option<&str>) -> Token {
+        serde_json::from_value(json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
+            "metadata": {"name": name, "namespace": "aigw-acme"},
+            "spec": {"owner": "alice", "keyHash": hash, "expiresAt": "2027-01-01T00:00:00Z"}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn wildcard_and_exact_domains() {
+        let t = TenantRecord { id: Some(1), domains: vec!["api.acme.example".into(), "*.acme.dev".into()], suspended: false };
+        assert!(t.serves("api.acme.example"));
+        assert!(t.serves("eu.acme.dev") && t.serves("a.b.acme.dev"));
+        assert!(!t.serves("acme.dev") && !t.serves("api.acme.example.evil") && !t.serves("xacme.dev"));
+    }
+
+    #[test]
+    fn a_changed_hash_replaces_the_old_entry_and_delete_removes_it() {
+        let index = Index::default();
+        index.upsert_token(&token("t1", Some("aa")));
+        assert_eq!(index.token("aa").unwrap().tenant, "acme");
+        assert_eq!(index.token("aa").unwrap().expires_at_ms, Some(1_798_761_600_000));
+        index.upsert_token(&token("t1", Some("bb")));
+        assert!(index.token("aa").is_none());
+        assert!(index.token("bb").is_some());
+        index.remove_token(&token("t1", None));
+        assert!(index.is_empty());
+        index.upsert_token(&token("t2", None));
+        assert!(index.is_empty(), "no hash yet: nothing to index");
+    }
+}

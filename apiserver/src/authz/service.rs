@@ -1,0 +1,197 @@
+//! The authz HTTP endpoint for Higress `ext-auth` in `forward_auth` mode: any method, any path.
+//! 200 with the `x-aigw-*` headers admits the request; anything else is returned to the client.
+
+use std::{sync::Arc, time::Instant};
+
+use aigw_common::quota::{ADMIT, Reservation, TokenKeys};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use k8s_openapi::jiff::Timestamp;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use redis::aio::ConnectionManager;
+
+use super::{
+    decide::{self, Denial},
+    index::Index,
+};
+
+/// The model header Higress model-router fills.
+pub const MODEL_HEADER: &str = "x-higress-llm-model";
+
+/// Authz settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Tokens reserved per request before its usage is known.
+    pub reserve_estimate: i64,
+    /// How long an unsettled reservation holds quota, in milliseconds.
+    pub reservation_ttl_ms: i64,
+    /// Admit requests when Redis is unreachable (default: refuse with 503).
+    pub fail_open: bool,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
+/// Authz metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub decisions: Family<Outcome, Counter>,
+    pub latency: Histogram,
+    pub index_tokens: Gauge,
+    pub redis_errors: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            decisions: Family::default(),
+            latency: Histogram::new([0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05]),
+            index_tokens: Gauge::default(),
+            redis_errors: Counter::default(),
+        };
+        registry.register("authz_decisions", "Authz decisions by outcome", m.decisions.clone());
+        registry.register("authz_latency_seconds", "Authz decision latency", m.latency.clone());
+        registry.register("authz_index_tokens", "Tokens in the authz index", m.index_tokens.clone());
+        registry.register("authz_redis_errors", "Redis failures during authz", m.redis_errors.clone());
+        m
+    }
+}
+
+/// Shared state of the endpoint.
+#[derive(Clone)]
+pub struct Authz {
+    pub index: Index,
+    pub redis: ConnectionManager,
+    pub settings: Arc<Settings>,
+    pub metrics: Metrics,
+    admit: Arc<redis::Script>,
+}
+
+impl std::fmt::Debug for Authz {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authz").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl Authz {
+    pub fn new(index: Index, redis: ConnectionManager, settings: Settings, metrics: Metrics) -> Self {
+        Self {
+            index,
+            redis,
+            settings: Arc::new(settings),
+            metrics,
+            admit: Arc::new(redis::Script::new(ADMIT)),
+        }
+    }
+}
+
+/// The authz router: every path and method is a decision.
+pub fn router(state: Authz) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+async fn handle(State(authz): State<Authz>, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let model = headers.get(MODEL_HEADER).and_then(|v| v.to_str().ok()).filter(|m| !m.is_empty());
+    let span = tracing::debug_span!("authz", model);
+    let _enter = span.enter();
+    let result = decide(&authz, &headers, model).await;
+    authz.metrics.latency.observe(started.elapsed().as_secs_f64());
+    authz.metrics.index_tokens.set(i64::try_from(authz.index.len()).unwrap_or(i64::MAX));
+    match result {
+        Ok(allow) => {
+            authz.metrics.decisions.get_or_create(&Outcome { outcome: "allowed" }).inc();
+            allow.into_response()
+        }
+        Err(denial) => {
+            authz.metrics.decisions.get_or_create(&Outcome { outcome: denial.outcome() }).inc();
+            let mut resp = (denial.status(), Json(denial.body())).into_response();
+            if let Denial::RateLimited { retry_after_ms } = denial {
+                let secs = (retry_after_ms + 999) / 1000;
+                if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                    resp.headers_mut().insert("retry-after", v);
+                }
+            }
+            resp
+        }
+    }
+}
+
+/// An admitted request: the headers Higress passes upstream.
+#[derive(Debug)]
+pub struct Allow {
+    pub tenant: String,
+    pub user: String,
+    pub token: String,
+    pub reservation: Reservation,
+}
+
+impl IntoResponse for Allow {
+    fn into_response(self) -> Response {
+        let mut h = HeaderMap::new();
+        let pairs = [
+            ("x-aigw-tenant", self.tenant),
+            ("x-aigw-user", self.user),
+            ("x-aigw-token", self.token.clone()),
+            ("x-aigw-reservation", self.reservation.to_string()),
+            ("x-mse-consumer", self.token),
+        ];
+        for (k, v) in pairs {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(HeaderName::from_static(k), v);
+            }
+        }
+        (StatusCode::OK, h).into_response()
+    }
+}
+
+async fn decide(authz: &Authz, headers: &HeaderMap, model: Option<&str>) -> Result<Allow, Denial> {
+    let now = Timestamp::now().as_millisecond();
+    let admitted = decide::check(&authz.index, headers, model, now)?;
+    let token = &admitted.token;
+    let quota = token.quota;
+    let estimate = if quota >= 0 { authz.settings.reserve_estimate } else { 0 };
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let keys = TokenKeys::new(&admitted.hash);
+    let mut invocation = authz.admit.prepare_invoke();
+    for k in keys.all() {
+        invocation.key(k);
+    }
+    invocation
+        .arg(token.rate_limit)
+        .arg(quota)
+        .arg(estimate)
+        .arg(authz.settings.reservation_ttl_ms)
+        .arg(&id);
+    let mut conn = authz.redis.clone();
+    let reservation = match invocation.invoke_async::<(i64, i64)>(&mut conn).await {
+        Ok((0, reserved)) if quota >= 0 => Reservation::Held { id, amount: reserved },
+        Ok((0, _)) => Reservation::None,
+        Ok((1, retry_after_ms)) => return Err(Denial::RateLimited { retry_after_ms }),
+        Ok(_) => return Err(Denial::InsufficientQuota),
+        Err(e) => {
+            authz.metrics.redis_errors.inc();
+            tracing::warn!(error = %e, "redis unreachable during authz");
+            if !authz.settings.fail_open {
+                return Err(Denial::Unavailable);
+            }
+            Reservation::None
+        }
+    };
+    Ok(Allow {
+        tenant: admitted.tenant.id.map(|i| i.to_string()).unwrap_or_else(|| token.tenant.clone()),
+        user: token.owner.clone(),
+        token: token.token_id.map(|i| i.to_string()).unwrap_or_else(|| token.cr.clone()),
+        reservation,
+    })
+}
