@@ -15,9 +15,10 @@ use aigw_testkit::{
 fn serves_json_errors_becomes_ready_and_stops_on_sigterm() {
     let tb = Testbed::load().unwrap();
     let api = free_addr().unwrap().to_string();
+    let authz = free_addr().unwrap().to_string();
     let svc = Service::start(
         Path::new(env!("CARGO_BIN_EXE_aigw-apiserver")),
-        &["--listen-addr", &api],
+        &["--listen-addr", &api, "--authz-addr", &authz],
         &tb.vars(),
     )
     .unwrap();

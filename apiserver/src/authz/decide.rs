@@ -17,7 +17,9 @@ pub enum Denial {
     Expired,
     Exhausted,
     ModelNotAllowed(String),
-    RateLimited { retry_after_ms: i64 },
+    RateLimited {
+        retry_after_ms: i64,
+    },
     InsufficientQuota,
     /// Redis could not be reached and the gate fails closed.
     Unavailable,
@@ -98,7 +100,9 @@ impl Denial {
 pub fn api_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         let v = v.trim();
-        let key = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?;
+        let key = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))?;
         return Some(key.trim()).filter(|k| !k.is_empty());
     }
     headers
@@ -136,7 +140,12 @@ pub struct Admitted {
 }
 
 /// The checks that need no I/O.
-pub fn check(index: &Index, headers: &HeaderMap, model: Option<&str>, now_ms: i64) -> Result<Admitted, Denial> {
+pub fn check(
+    index: &Index,
+    headers: &HeaderMap,
+    model: Option<&str>,
+    now_ms: i64,
+) -> Result<Admitted, Denial> {
     let key = api_key(headers).ok_or(Denial::InvalidKey)?;
     let hash = hash(key);
     let token = index.token(&hash).ok_or(Denial::InvalidKey)?;
@@ -164,7 +173,11 @@ pub fn check(index: &Index, headers: &HeaderMap, model: Option<&str>, now_ms: i6
     {
         return Err(Denial::ModelNotAllowed(m.to_owned()));
     }
-    Ok(Admitted { hash, token, tenant })
+    Ok(Admitted {
+        hash,
+        token,
+        tenant,
+    })
 }
 
 #[cfg(test)]
@@ -183,12 +196,21 @@ mod tests {
 
     #[test]
     fn keys_and_hosts_are_read_as_higress_sends_them() {
-        assert_eq!(api_key(&headers(&[("authorization", "Bearer sk-1")])), Some("sk-1"));
+        assert_eq!(
+            api_key(&headers(&[("authorization", "Bearer sk-1")])),
+            Some("sk-1")
+        );
         assert_eq!(api_key(&headers(&[("x-api-key", "sk-2")])), Some("sk-2"));
         assert_eq!(api_key(&headers(&[("authorization", "Basic abc")])), None);
         assert_eq!(api_key(&headers(&[])), None);
-        assert_eq!(host(&headers(&[("x-forwarded-host", "API.Acme.example:443")])).as_deref(), Some("api.acme.example"));
-        assert_eq!(host(&headers(&[("host", "a.example")])).as_deref(), Some("a.example"));
+        assert_eq!(
+            host(&headers(&[("x-forwarded-host", "API.Acme.example:443")])).as_deref(),
+            Some("api.acme.example")
+        );
+        assert_eq!(
+            host(&headers(&[("host", "a.example")])).as_deref(),
+            Some("a.example")
+        );
     }
 
     #[test]
@@ -197,7 +219,10 @@ mod tests {
         assert_eq!(d.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(d.body()["error"]["code"], "insufficient_quota");
         assert_eq!(d.body()["error"]["type"], "insufficient_quota");
-        assert_eq!(Denial::InvalidKey.body()["error"]["code"], "invalid_api_key");
+        assert_eq!(
+            Denial::InvalidKey.body()["error"]["code"],
+            "invalid_api_key"
+        );
         assert_eq!(Denial::InvalidKey.status(), StatusCode::UNAUTHORIZED);
     }
 }

@@ -75,7 +75,7 @@ pub fn token_record(token: &Token) -> Option<(String, TokenRecord)> {
         .spec
         .expires_at
         .as_deref()
-        .map(|e| e.parse::<Timestamp>().map_or(0, |t| t.as_millisecond()));
+        .map(|e| e.parse::<Timestamp>().map_or(0, Timestamp::as_millisecond));
     Some((
         hash,
         TokenRecord {
@@ -156,7 +156,11 @@ impl Index {
 
     /// Inserts or replaces a token.
     pub fn upsert_token(&self, token: &Token) {
-        let key = format!("{}/{}", token.namespace().unwrap_or_default(), token.name_any());
+        let key = format!(
+            "{}/{}",
+            token.namespace().unwrap_or_default(),
+            token.name_any()
+        );
         let mut t = write(&self.tokens);
         if let Some(old) = t.hash_of.remove(&key) {
             t.by_hash.remove(&old);
@@ -169,7 +173,11 @@ impl Index {
 
     /// Removes a token.
     pub fn remove_token(&self, token: &Token) {
-        let key = format!("{}/{}", token.namespace().unwrap_or_default(), token.name_any());
+        let key = format!(
+            "{}/{}",
+            token.namespace().unwrap_or_default(),
+            token.name_any()
+        );
         let mut t = write(&self.tokens);
         if let Some(old) = t.hash_of.remove(&key) {
             t.by_hash.remove(&old);
@@ -180,9 +188,14 @@ impl Index {
         let mut fresh = Tokens::default();
         for token in &all {
             if let Some((hash, record)) = token_record(token) {
-                fresh
-                    .hash_of
-                    .insert(format!("{}/{}", token.namespace().unwrap_or_default(), token.name_any()), hash.clone());
+                fresh.hash_of.insert(
+                    format!(
+                        "{}/{}",
+                        token.namespace().unwrap_or_default(),
+                        token.name_any()
+                    ),
+                    hash.clone(),
+                );
                 fresh.by_hash.insert(hash, Arc::new(record));
             }
         }
@@ -198,7 +211,10 @@ impl Index {
     }
 
     fn replace_tenants(&self, all: &[Tenant]) {
-        let fresh = all.iter().map(|t| (t.name_any(), Arc::new(tenant_record(t)))).collect();
+        let fresh = all
+            .iter()
+            .map(|t| (t.name_any(), Arc::new(tenant_record(t))))
+            .collect();
         *write(&self.tenants) = fresh;
     }
 
@@ -214,7 +230,8 @@ impl Index {
             let stream = watcher::watcher(Api::<Token>::all(client.clone()), cfg.clone());
             async move {
                 let mut staging: Vec<Token> = Vec::new();
-                let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(stream));
+                let mut stream =
+                    std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(stream));
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(Event::Init) => staging.clear(),
@@ -235,7 +252,8 @@ impl Index {
             let stream = watcher::watcher(Api::<Tenant>::all(client), cfg);
             async move {
                 let mut staging: Vec<Tenant> = Vec::new();
-                let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(stream));
+                let mut stream =
+                    std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(stream));
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(Event::Init) => staging.clear(),
@@ -257,7 +275,11 @@ impl Index {
 
 /// Distinct tenants referenced by indexed tokens (for metrics and debugging).
 pub fn tenant_names(index: &Index) -> HashSet<String> {
-    read(&index.tokens).by_hash.values().map(|t| t.tenant.clone()).collect()
+    read(&index.tokens)
+        .by_hash
+        .values()
+        .map(|t| t.tenant.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -267,18 +289,26 @@ mod tests {
     use super::*;
 
     fn token(name: &str, hash: Option<&str>) -> Token {
-        serde_json::from_value(json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
+        serde_json::from_value(
+            json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
             "metadata": {"name": name, "namespace": "aigw-acme"},
-            "spec": {"owner": "alice", "keyHash": hash, "expiresAt": "2027-01-01T00:00:00Z"}}))
+            "spec": {"owner": "alice", "keyHash": hash, "expiresAt": "2027-01-01T00:00:00Z"}}),
+        )
         .unwrap()
     }
 
     #[test]
     fn wildcard_and_exact_domains() {
-        let t = TenantRecord { id: Some(1), domains: vec!["api.acme.example".into(), "*.acme.dev".into()], suspended: false };
+        let t = TenantRecord {
+            id: Some(1),
+            domains: vec!["api.acme.example".into(), "*.acme.dev".into()],
+            suspended: false,
+        };
         assert!(t.serves("api.acme.example"));
         assert!(t.serves("eu.acme.dev") && t.serves("a.b.acme.dev"));
-        assert!(!t.serves("acme.dev") && !t.serves("api.acme.example.evil") && !t.serves("xacme.dev"));
+        assert!(
+            !t.serves("acme.dev") && !t.serves("api.acme.example.evil") && !t.serves("xacme.dev")
+        );
     }
 
     #[test]
@@ -286,7 +316,10 @@ mod tests {
         let index = Index::default();
         index.upsert_token(&token("t1", Some("aa")));
         assert_eq!(index.token("aa").unwrap().tenant, "acme");
-        assert_eq!(index.token("aa").unwrap().expires_at_ms, Some(1_798_761_600_000));
+        assert_eq!(
+            index.token("aa").unwrap().expires_at_ms,
+            Some(1_798_761_600_000)
+        );
         index.upsert_token(&token("t1", Some("bb")));
         assert!(index.token("aa").is_none());
         assert!(index.token("bb").is_some());

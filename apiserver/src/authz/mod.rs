@@ -1,4 +1,4 @@
-//! The authorisation gate Higress `ext-auth` (forward_auth mode) calls on every LLM request.
+//! The authorisation gate Higress `ext-auth` (`forward_auth` mode) calls on every LLM request.
 //!
 //! - [`index`]: SHA-256(key) → token record and tenant → served domains, in memory, fed by watches
 //!   on Token and Tenant CRs. No database or apiserver round trip per request.

@@ -55,14 +55,32 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             decisions: Family::default(),
-            latency: Histogram::new([0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05]),
+            latency: Histogram::new([
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05,
+            ]),
             index_tokens: Gauge::default(),
             redis_errors: Counter::default(),
         };
-        registry.register("authz_decisions", "Authz decisions by outcome", m.decisions.clone());
-        registry.register("authz_latency_seconds", "Authz decision latency", m.latency.clone());
-        registry.register("authz_index_tokens", "Tokens in the authz index", m.index_tokens.clone());
-        registry.register("authz_redis_errors", "Redis failures during authz", m.redis_errors.clone());
+        registry.register(
+            "authz_decisions",
+            "Authz decisions by outcome",
+            m.decisions.clone(),
+        );
+        registry.register(
+            "authz_latency_seconds",
+            "Authz decision latency",
+            m.latency.clone(),
+        );
+        registry.register(
+            "authz_index_tokens",
+            "Tokens in the authz index",
+            m.index_tokens.clone(),
+        );
+        registry.register(
+            "authz_redis_errors",
+            "Redis failures during authz",
+            m.redis_errors.clone(),
+        );
         m
     }
 }
@@ -79,12 +97,19 @@ pub struct Authz {
 
 impl std::fmt::Debug for Authz {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authz").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("Authz")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
 impl Authz {
-    pub fn new(index: Index, redis: ConnectionManager, settings: Settings, metrics: Metrics) -> Self {
+    pub fn new(
+        index: Index,
+        redis: ConnectionManager,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             index,
             redis,
@@ -102,19 +127,38 @@ pub fn router(state: Authz) -> Router {
 
 async fn handle(State(authz): State<Authz>, headers: HeaderMap) -> Response {
     let started = Instant::now();
-    let model = headers.get(MODEL_HEADER).and_then(|v| v.to_str().ok()).filter(|m| !m.is_empty());
+    let model = headers
+        .get(MODEL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|m| !m.is_empty());
     let span = tracing::debug_span!("authz", model);
     let _enter = span.enter();
     let result = decide(&authz, &headers, model).await;
-    authz.metrics.latency.observe(started.elapsed().as_secs_f64());
-    authz.metrics.index_tokens.set(i64::try_from(authz.index.len()).unwrap_or(i64::MAX));
+    authz
+        .metrics
+        .latency
+        .observe(started.elapsed().as_secs_f64());
+    authz
+        .metrics
+        .index_tokens
+        .set(i64::try_from(authz.index.len()).unwrap_or(i64::MAX));
     match result {
         Ok(allow) => {
-            authz.metrics.decisions.get_or_create(&Outcome { outcome: "allowed" }).inc();
+            authz
+                .metrics
+                .decisions
+                .get_or_create(&Outcome { outcome: "allowed" })
+                .inc();
             allow.into_response()
         }
         Err(denial) => {
-            authz.metrics.decisions.get_or_create(&Outcome { outcome: denial.outcome() }).inc();
+            authz
+                .metrics
+                .decisions
+                .get_or_create(&Outcome {
+                    outcome: denial.outcome(),
+                })
+                .inc();
             let mut resp = (denial.status(), Json(denial.body())).into_response();
             if let Denial::RateLimited { retry_after_ms } = denial {
                 let secs = (retry_after_ms + 999) / 1000;
@@ -160,7 +204,11 @@ async fn decide(authz: &Authz, headers: &HeaderMap, model: Option<&str>) -> Resu
     let admitted = decide::check(&authz.index, headers, model, now)?;
     let token = &admitted.token;
     let quota = token.quota;
-    let estimate = if quota >= 0 { authz.settings.reserve_estimate } else { 0 };
+    let estimate = if quota >= 0 {
+        authz.settings.reserve_estimate
+    } else {
+        0
+    };
     let id = uuid::Uuid::new_v4().simple().to_string();
     let keys = TokenKeys::new(&admitted.hash);
     let mut invocation = authz.admit.prepare_invoke();
@@ -175,7 +223,10 @@ async fn decide(authz: &Authz, headers: &HeaderMap, model: Option<&str>) -> Resu
         .arg(&id);
     let mut conn = authz.redis.clone();
     let reservation = match invocation.invoke_async::<(i64, i64)>(&mut conn).await {
-        Ok((0, reserved)) if quota >= 0 => Reservation::Held { id, amount: reserved },
+        Ok((0, reserved)) if quota >= 0 => Reservation::Held {
+            id,
+            amount: reserved,
+        },
         Ok((0, _)) => Reservation::None,
         Ok((1, retry_after_ms)) => return Err(Denial::RateLimited { retry_after_ms }),
         Ok(_) => return Err(Denial::InsufficientQuota),
@@ -189,9 +240,14 @@ async fn decide(authz: &Authz, headers: &HeaderMap, model: Option<&str>) -> Resu
         }
     };
     Ok(Allow {
-        tenant: admitted.tenant.id.map(|i| i.to_string()).unwrap_or_else(|| token.tenant.clone()),
+        tenant: admitted
+            .tenant
+            .id
+            .map_or_else(|| token.tenant.clone(), |i| i.to_string()),
         user: token.owner.clone(),
-        token: token.token_id.map(|i| i.to_string()).unwrap_or_else(|| token.cr.clone()),
+        token: token
+            .token_id
+            .map_or_else(|| token.cr.clone(), |i| i.to_string()),
         reservation,
     })
 }

@@ -1,0 +1,445 @@
+//! The authz gate through its real HTTP listener, with Token and Tenant CRs in the test bed's
+//! kube-apiserver and quota/rate state in its Redis. No operator runs here: the tests write the
+//! CR statuses the operator would (tenant id and served domains, token id and phase).
+
+// Test code: a failed unwrap is a failed test with its message.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines
+)]
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use aigw_apiserver::authz::{
+    index::Index,
+    service::{self, Authz, Settings},
+};
+use aigw_common::{ops, quota::TokenKeys, shutdown::Shutdown};
+use aigw_crds::{Tenant, Token, crds, labels};
+use aigw_testkit::{
+    Testbed,
+    process::{HttpResponse, http_request},
+    unique_name,
+};
+use k8s_openapi::{
+    api::core::v1::Namespace,
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::wait::{await_condition, conditions},
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+struct Gate {
+    client: Client,
+    addr: SocketAddr,
+    instance: String,
+    redis: redis::Client,
+    _shutdown: Shutdown,
+}
+
+fn hash(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+impl Gate {
+    async fn start(fail_open: bool, redis_url: Option<&str>) -> Self {
+        let tb = Testbed::load().unwrap();
+        let client = tb.kube_client().await.unwrap();
+        let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in crds() {
+            let name = crd.name_any();
+            crd_api
+                .patch(
+                    &name,
+                    &PatchParams::apply("aigw-test").force(),
+                    &Patch::Apply(&crd),
+                )
+                .await
+                .unwrap();
+            await_condition(crd_api.clone(), &name, conditions::is_crd_established())
+                .await
+                .unwrap();
+        }
+        let instance = unique_name("authz");
+        let index = Index::default();
+        tokio::spawn(index.clone().run(
+            client.clone(),
+            Some(format!("{}={instance}", labels::INSTANCE)),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !index.synced() {
+            assert!(Instant::now() < deadline, "index did not sync");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let redis = tb.redis().unwrap();
+        let target =
+            redis::Client::open(redis_url.unwrap_or(tb.var("REDIS_URL").unwrap())).unwrap();
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(Some(Duration::from_millis(200)))
+            .set_response_timeout(Some(Duration::from_millis(500)));
+        let manager = redis::aio::ConnectionManager::new_lazy_with_config(target, config).unwrap();
+        let settings = Settings {
+            reserve_estimate: 4096,
+            reservation_ttl_ms: 60_000,
+            fail_open,
+        };
+        let metrics =
+            service::Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let shutdown = Shutdown::new();
+        let (addr, _) = ops::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            service::router(Authz::new(index, manager, settings, metrics)),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        Self {
+            client,
+            addr,
+            instance,
+            redis,
+            _shutdown: shutdown,
+        }
+    }
+
+    /// A tenant serving `domains`, with the status the operator would write.
+    async fn tenant(&self, name: &str, id: i64, domains: &[&str], suspended: bool) {
+        let api: Api<Tenant> = Api::all(self.client.clone());
+        let t: Tenant = serde_json::from_value(json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": name, "labels": {labels::INSTANCE: self.instance}},
+            "spec": {"type": "reseller", "displayName": name, "domains": domains, "suspended": suspended}}))
+        .unwrap();
+        api.create(&PostParams::default(), &t).await.unwrap();
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"tenantId": id, "domains": domains}})),
+        )
+        .await
+        .unwrap();
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": format!("aigw-{name}")}})).unwrap();
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+    }
+
+    /// A token with key `key`; `status` is merged into its status (tokenId 7 by default).
+    async fn token(&self, tenant: &str, name: &str, key: &str, spec: Value, status: Value) {
+        let api: Api<Token> = Api::namespaced(self.client.clone(), &format!("aigw-{tenant}"));
+        let mut s = json!({"owner": "alice", "keyHash": hash(key), "keyPrefix": &key[..7]});
+        for (k, v) in spec.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        let t: Token = serde_json::from_value(
+            json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
+            "metadata": {"name": name, "labels": {labels::INSTANCE: self.instance}}, "spec": s}),
+        )
+        .unwrap();
+        api.create(&PostParams::default(), &t).await.unwrap();
+        let mut st = json!({"tokenId": 7, "phase": "Active", "keyHash": hash(key)});
+        for (k, v) in status.as_object().unwrap() {
+            st[k] = v.clone();
+        }
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": st})),
+        )
+        .await
+        .unwrap();
+    }
+
+    fn call(&self, host: &str, key: Option<&str>, model: Option<&str>) -> HttpResponse {
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let mut h: Vec<(&str, &str)> = vec![
+            ("x-forwarded-host", host),
+            ("x-forwarded-uri", "/v1/chat/completions"),
+            ("x-forwarded-method", "POST"),
+        ];
+        if let Some(a) = &auth {
+            h.push(("authorization", a));
+        }
+        if let Some(m) = model {
+            h.push(("x-higress-llm-model", m));
+        }
+        http_request(self.addr, "POST", "/authz", &h).unwrap()
+    }
+
+    /// Waits until `check` holds for the response (the index follows watches).
+    async fn until(
+        &self,
+        host: &str,
+        key: &str,
+        check: impl Fn(&HttpResponse) -> bool,
+    ) -> HttpResponse {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self.call(host, Some(key), None);
+            if check(&r) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "last answer: {} {}",
+                r.status,
+                r.body
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn code(r: &HttpResponse) -> String {
+    let v: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+    v["error"]["code"].as_str().unwrap_or("").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_path() {
+    let g = Gate::start(false, None).await;
+    let sfx = unique_name("t");
+    let (acme, globex, frozen) = (
+        format!("acme-{sfx}"),
+        format!("globex-{sfx}"),
+        format!("frozen-{sfx}"),
+    );
+    let acme_host = format!("api.{acme}.example");
+    g.tenant(&acme, 41, &[&acme_host, &format!("*.{acme}.dev")], false)
+        .await;
+    g.tenant(&globex, 42, &[&format!("api.{globex}.example")], false)
+        .await;
+    g.tenant(&frozen, 43, &[&format!("api.{frozen}.example")], true)
+        .await;
+    let key = |n: &str| format!("sk-{n}-{sfx}");
+    g.token(
+        &acme,
+        "ok",
+        &key("ok"),
+        json!({"models": ["gpt-4o"], "quota": 1_000_000, "rateLimit": 1000}),
+        json!({}),
+    )
+    .await;
+    g.token(
+        &acme,
+        "off",
+        &key("off"),
+        json!({"disabled": true}),
+        json!({}),
+    )
+    .await;
+    g.token(
+        &acme,
+        "old",
+        &key("old"),
+        json!({"expiresAt": "2020-01-01T00:00:00Z"}),
+        json!({}),
+    )
+    .await;
+    g.token(
+        &acme,
+        "spent",
+        &key("spent"),
+        json!({"quota": 10}),
+        json!({"phase": "Exhausted"}),
+    )
+    .await;
+    g.token(
+        &acme,
+        "slow",
+        &key("slow"),
+        json!({"rateLimit": 2}),
+        json!({}),
+    )
+    .await;
+    g.token(
+        &acme,
+        "small",
+        &key("small"),
+        json!({"quota": 10_000}),
+        json!({}),
+    )
+    .await;
+    g.token(&frozen, "f", &key("f"), json!({}), json!({})).await;
+
+    // Allowed: the headers Higress passes upstream.
+    let ok = g.until(&acme_host, &key("ok"), |r| r.status == 200).await;
+    assert_eq!(ok.header("x-aigw-tenant"), Some("41"));
+    assert_eq!(ok.header("x-aigw-user"), Some("alice"));
+    assert_eq!(ok.header("x-aigw-token"), Some("7"));
+    assert_eq!(ok.header("x-mse-consumer"), Some("7"));
+    let reservation = ok.header("x-aigw-reservation").unwrap();
+    assert!(reservation.ends_with(":4096"), "{reservation}");
+    // Wildcard domain, x-api-key, an allowed model.
+    let r = http_request(
+        g.addr,
+        "POST",
+        "/authz",
+        &[
+            ("x-forwarded-host", &format!("eu.{acme}.dev")),
+            ("x-api-key", &key("ok")),
+            ("x-higress-llm-model", "gpt-4o"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Refusals, each with an OpenAI-style body.
+    let unknown = g.call(&acme_host, Some("sk-nobody"), None);
+    assert_eq!(
+        (unknown.status, code(&unknown).as_str()),
+        (401, "invalid_api_key")
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&unknown.body).unwrap()["error"]["type"],
+        "invalid_request_error"
+    );
+    let none = g.call(&acme_host, None, None);
+    assert_eq!(
+        (none.status, code(&none).as_str()),
+        (401, "invalid_api_key")
+    );
+    let elsewhere = g.call(&format!("api.{globex}.example"), Some(&key("ok")), None);
+    assert_eq!(
+        (elsewhere.status, elsewhere.body.clone()),
+        (401, unknown.body.clone()),
+        "no hint the key exists elsewhere"
+    );
+    let r = g.until(&acme_host, &key("off"), |r| r.status != 401).await;
+    assert_eq!((r.status, code(&r).as_str()), (403, "api_key_disabled"));
+    let r = g.until(&acme_host, &key("old"), |r| r.status != 401).await;
+    assert_eq!((r.status, code(&r).as_str()), (403, "api_key_expired"));
+    let r = g
+        .until(&acme_host, &key("spent"), |r| r.status != 401)
+        .await;
+    assert_eq!((r.status, code(&r).as_str()), (429, "insufficient_quota"));
+    let r = g.call(&acme_host, Some(&key("ok")), Some("claude-sonnet-4"));
+    assert_eq!((r.status, code(&r).as_str()), (403, "model_not_allowed"));
+    let r = g
+        .until(&format!("api.{frozen}.example"), &key("f"), |r| {
+            r.status != 401
+        })
+        .await;
+    assert_eq!((r.status, code(&r).as_str()), (403, "account_suspended"));
+
+    // RPM: 2 per minute, the third is refused with Retry-After.
+    g.until(&acme_host, &key("slow"), |r| r.status == 200).await;
+    assert_eq!(g.call(&acme_host, Some(&key("slow")), None).status, 200);
+    let r = g.call(&acme_host, Some(&key("slow")), None);
+    assert_eq!((r.status, code(&r).as_str()), (429, "rate_limit_exceeded"));
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "{retry}");
+
+    // Quota: 10,000 tokens cover two 4,096 estimates, not three.
+    g.until(&acme_host, &key("small"), |r| r.status == 200)
+        .await;
+    assert_eq!(g.call(&acme_host, Some(&key("small")), None).status, 200);
+    let r = g.call(&acme_host, Some(&key("small")), None);
+    assert_eq!((r.status, code(&r).as_str()), (429, "insufficient_quota"));
+
+    // Revocation takes effect within a second; deletion makes the key unknown.
+    let tokens: Api<Token> = Api::namespaced(g.client.clone(), &format!("aigw-{acme}"));
+    let revoked = Instant::now();
+    tokens
+        .patch(
+            "ok",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"disabled": true}})),
+        )
+        .await
+        .unwrap();
+    g.until(&acme_host, &key("ok"), |r| r.status == 403).await;
+    assert!(
+        revoked.elapsed() < Duration::from_secs(1),
+        "revocation took {:?}",
+        revoked.elapsed()
+    );
+    tokens.delete("ok", &DeleteParams::default()).await.unwrap();
+    let r = g.until(&acme_host, &key("ok"), |r| r.status == 401).await;
+    assert_eq!(code(&r), "invalid_api_key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_requests_reserve_at_most_the_quota() {
+    let g = Gate::start(false, None).await;
+    let sfx = unique_name("c");
+    let tenant = format!("busy-{sfx}");
+    let host = format!("api.{tenant}.example");
+    g.tenant(&tenant, 50, &[&host], false).await;
+    let key = format!("sk-busy-{sfx}");
+    // Quota for exactly 100 estimates of 4,096 tokens.
+    g.token(
+        &tenant,
+        "busy",
+        &key,
+        json!({"quota": 409_600, "rateLimit": 0}),
+        json!({}),
+    )
+    .await;
+    g.until(&host, &key, |r| r.status != 401).await; // indexed (this first call reserves one)
+
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let (addr, host, key) = (g.addr, host.clone(), key.clone());
+        tasks.push(tokio::task::spawn_blocking(move || {
+            let auth = format!("Bearer {key}");
+            http_request(
+                addr,
+                "POST",
+                "/authz",
+                &[("x-forwarded-host", &host), ("authorization", &auth)],
+            )
+            .unwrap()
+            .status
+        }));
+    }
+    let mut admitted = 1; // the indexing call above
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => admitted += 1,
+            429 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(admitted, 100, "{refused} refused");
+    let mut c = g.redis.get_multiplexed_async_connection().await.unwrap();
+    let reserved: i64 = redis::cmd("GET")
+        .arg(TokenKeys::new(&hash(&key)).reserved)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(reserved, 409_600, "reserved total never exceeds the quota");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_closed_or_open_as_configured() {
+    let sfx = unique_name("r");
+    for fail_open in [false, true] {
+        let g = Gate::start(fail_open, Some("redis://127.0.0.1:1/")).await;
+        let tenant = format!("nored-{fail_open}-{sfx}");
+        let host = format!("api.{tenant}.example");
+        g.tenant(&tenant, 60, &[&host], false).await;
+        let key = format!("sk-nored-{fail_open}-{sfx}");
+        g.token(&tenant, "k", &key, json!({"quota": 100_000}), json!({}))
+            .await;
+        let r = g.until(&host, &key, |r| r.status != 401).await;
+        if fail_open {
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(r.header("x-aigw-reservation"), Some("none"));
+        } else {
+            assert_eq!((r.status, code(&r).as_str()), (503, "authz_unavailable"));
+        }
+    }
+}
