@@ -62,7 +62,8 @@ generate: ## regenerate committed artefacts: crds/crds.yaml from the CRD types
 	mv crds/crds.yaml.tmp crds/crds.yaml
 
 .PHONY: bench
-bench: testbed crds ## operator scale benchmark against the test bed (numbers go to docs/benchmarks.md)
+bench: testbed crds ## benchmarks against the test bed: authz load, operator scale (numbers: docs/benchmarks.md)
+	cargo bench -p aigw-apiserver --bench authz
 	cargo build --release -p aigw-operator
 	cargo bench -p aigw-operator --bench scale
 	@echo "restarting the test bed so later tests start from a clean cluster"
