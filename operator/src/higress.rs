@@ -8,8 +8,10 @@
 //!
 //! Priority tiers and fallback: an Ingress routes a model group to the channels of its highest
 //! priority tier, weighted (`higress.io/destination`), with Envoy's next-upstream retries across
-//! that tier (`proxy-next-upstream`, tries = the tier's largest `maxRetry` + 1). Lower tiers are not
-//! routed yet; see docs/architecture.md §4.
+//! that tier (`proxy-next-upstream`, tries = the tier's largest `maxRetry` + 1). When lower tiers
+//! exist, a 5xx or 429 from the top tier is redirected internally (an `EnvoyFilter` with Envoy's
+//! `custom_response` redirect policy) to a fallback Ingress serving the next tier. Tiers below the
+//! next one are not used.
 
 use std::collections::BTreeMap;
 
@@ -64,6 +66,8 @@ pub struct Desired {
     pub ingresses: Vec<Ingress>,
     /// WasmPlugins in the Higress namespace.
     pub plugins: Vec<DynamicObject>,
+    /// `EnvoyFilter`s of routes with a fallback tier.
+    pub envoy_filters: Vec<DynamicObject>,
 }
 
 /// An upstream endpoint parsed from a base URL or a provider default.
@@ -196,10 +200,12 @@ type Upstream = (String, u16, i32);
 /// (priority, service, port, weight, `max_retry`) of one channel serving a model.
 type Serving = (i32, String, u16, i32, i32);
 
-/// One route: the models of a group and the weighted upstream services of its top tier.
+/// One route: the models of a group, the weighted upstream services of its top priority tier,
+/// and those of the next tier, which serve when the top tier answers 5xx or 429.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Route {
-    upstreams: Vec<(String, u16, i32)>, // (service, port, weight)
+    upstreams: Vec<Upstream>,
+    fallback: Vec<Upstream>,
     tries: i32,
     models: Vec<String>,
 }
@@ -222,23 +228,39 @@ fn routes(channels: &[Routable<'_>]) -> Vec<Route> {
             ));
         }
     }
-    // group models by identical top-tier upstreams.
-    let mut groups: BTreeMap<(Vec<Upstream>, i32), Vec<String>> = BTreeMap::new();
+    // group models by identical top and next tiers.
+    let mut groups: BTreeMap<(Vec<Upstream>, Vec<Upstream>, i32), Vec<String>> = BTreeMap::new();
     for (model, mut serving) in by_model {
-        let top = serving.iter().map(|s| s.0).max().unwrap_or_default();
-        serving.retain(|s| s.0 == top);
         serving.sort();
-        let tries = serving.iter().map(|s| s.4).max().unwrap_or_default() + 1;
-        let upstreams = normalise(serving.into_iter().map(|s| (s.1, s.2, s.3)).collect());
+        let top = serving.iter().map(|s| s.0).max().unwrap_or_default();
+        let next = serving.iter().map(|s| s.0).filter(|p| *p < top).max();
+        let tier = |p: i32| -> Vec<Upstream> {
+            normalise(
+                serving
+                    .iter()
+                    .filter(|s| s.0 == p)
+                    .map(|s| (s.1.clone(), s.2, s.3))
+                    .collect(),
+            )
+        };
+        let tries = serving
+            .iter()
+            .filter(|s| s.0 == top)
+            .map(|s| s.4)
+            .max()
+            .unwrap_or_default()
+            + 1;
+        let fallback = next.map(tier).unwrap_or_default();
         groups
-            .entry((upstreams, tries))
+            .entry((tier(top), fallback, tries))
             .or_default()
             .push(model.to_owned());
     }
     groups
         .into_iter()
-        .map(|((upstreams, tries), models)| Route {
+        .map(|((upstreams, fallback, tries), models)| Route {
             upstreams,
+            fallback,
             tries,
             models,
         })
@@ -274,23 +296,38 @@ fn normalise(upstreams: Vec<(String, u16, i32)>) -> Vec<(String, u16, i32)> {
     out
 }
 
-fn route_ingress(route: &Route, config: &Config) -> Result<Ingress> {
+/// The Ingress name of a route (its fallback adds `-fallback`): stable for a set of models.
+fn route_name(route: &Route) -> String {
     let mut hasher = Sha256::new();
     for m in &route.models {
         hasher.update(m.as_bytes());
         hasher.update([0]);
     }
-    let name = format!("{PREFIX}route-{}", &hex::encode(hasher.finalize())[..10]);
-    let destination = if route.upstreams.len() == 1 {
-        format!("{}:{}", route.upstreams[0].0, route.upstreams[0].1)
+    format!("{PREFIX}route-{}", &hex::encode(hasher.finalize())[..10])
+}
+
+/// `higress.io/destination`: one line per upstream, weighted when there are several.
+fn destination(upstreams: &[Upstream]) -> String {
+    if let [(s, p, _)] = upstreams {
+        return format!("{s}:{p}");
+    }
+    upstreams
+        .iter()
+        .map(|(s, p, w)| format!("{w}% {s}:{p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The route Ingress, or with `fallback` its fallback twin: same models and path, only for
+/// requests Envoy redirected internally from the primary route (`x-higress-fallback-from`).
+fn route_ingress(route: &Route, config: &Config, fallback: bool) -> Result<Ingress> {
+    let primary = route_name(route);
+    let (name, upstreams) = if fallback {
+        (format!("{primary}-fallback"), &route.fallback)
     } else {
-        route
-            .upstreams
-            .iter()
-            .map(|(s, p, w)| format!("{w}% {s}:{p}"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        (primary.clone(), &route.upstreams)
     };
+    let destination = destination(upstreams);
     let mut annotations = BTreeMap::from([
         ("higress.io/destination".to_owned(), destination),
         (
@@ -318,6 +355,12 @@ fn route_ingress(route: &Route, config: &Config) -> Result<Ingress> {
             format!("^({})$", alternatives.join("|")),
         );
     }
+    if fallback {
+        annotations.insert(
+            format!("higress.io/exact-match-header-{FALLBACK_HEADER}"),
+            primary,
+        );
+    }
     let mut meta = metadata(&name, &config.higress_namespace);
     meta["annotations"] = json!(annotations);
     Ok(serde_json::from_value(json!({
@@ -326,6 +369,59 @@ fn route_ingress(route: &Route, config: &Config) -> Result<Ingress> {
             "path": "/v1", "pathType": "Prefix",
             "backend": {"resource": {"apiGroup": "networking.higress.io", "kind": "McpBridge", "name": "default"}}
         }]}}]}
+    }))?)
+}
+
+/// The header Envoy adds when it redirects a request to the fallback route.
+pub const FALLBACK_HEADER: &str = "x-higress-fallback-from";
+
+/// The `EnvoyFilter` API (Istio, read by Higress).
+pub fn envoy_filter_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("networking.istio.io", "v1alpha3", "EnvoyFilter"),
+        "envoyfilters",
+    )
+}
+
+/// Sends a 5xx or 429 answer of the primary route through Envoy's `custom_response` filter as an
+/// internal redirect (same URI and body) tagged with [`FALLBACK_HEADER`], which only the fallback
+/// Ingress matches — the mechanism the Higress console uses for its route fallback.
+fn fallback_filter(route: &Route, config: &Config) -> Result<DynamicObject> {
+    let primary = route_name(route);
+    let redirect = json!({
+        "name": "fallback",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.http.custom_response.redirect_policy.v3.RedirectPolicy",
+            "max_internal_redirects": 2,
+            "use_original_request_uri": true,
+            "keep_original_response_code": false,
+            "only_redirect_upstream_code": false,
+            "request_headers_to_add": [{"header": {"key": FALLBACK_HEADER, "value": primary}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+        }
+    });
+    let class = |c: &str| {
+        json!({"predicate": {"single_predicate": {
+        "input": {"name": format!("{c}_class"), "typed_config": {"@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseStatusCodeClassMatchInput"}},
+        "value_match": {"exact": c}}}, "on_match": {"action": redirect}})
+    };
+    let code = |c: &str| {
+        json!({"predicate": {"single_predicate": {
+        "input": {"name": format!("status_{c}"), "typed_config": {"@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseStatusCodeMatchInput"}},
+        "value_match": {"exact": c}}}, "on_match": {"action": redirect}})
+    };
+    let ar = envoy_filter_resource();
+    Ok(serde_json::from_value(json!({
+        "apiVersion": ar.api_version, "kind": ar.kind,
+        "metadata": metadata(&primary, &config.higress_namespace),
+        "spec": {"configPatches": [{
+            "applyTo": "HTTP_ROUTE",
+            "match": {"context": "GATEWAY", "routeConfiguration": {"vhost": {"route": {"name": primary}}}},
+            "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": {"envoy.filters.http.custom_response": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.custom_response.v3.CustomResponse",
+                "custom_response_matcher": {"matcher_list": {"matchers": [class("5xx"), code("429")]}},
+                "with_request_body": {"max_request_bytes": 1_024_000}
+            }}}}
+        }]}
     }))?)
 }
 
@@ -368,8 +464,13 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
 
     let routable: Vec<Routable<'_>> = with_endpoint.iter().map(|(r, _)| (*r).clone()).collect();
     let mut ingresses = vec![api_ingress(config)?];
+    let mut envoy_filters = Vec::new();
     for route in routes(&routable) {
-        ingresses.push(route_ingress(&route, config)?);
+        ingresses.push(route_ingress(&route, config, false)?);
+        if !route.fallback.is_empty() {
+            ingresses.push(route_ingress(&route, config, true)?);
+            envoy_filters.push(fallback_filter(&route, config)?);
+        }
     }
     let route_names: Vec<String> = ingresses[1..].iter().map(ResourceExt::name_any).collect();
 
@@ -448,6 +549,7 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
         registries,
         ingresses,
         plugins,
+        envoy_filters,
     })
 }
 
@@ -524,7 +626,7 @@ mod tests {
         let low = channel(
             "openai-cheap",
             json!({"provider": "openai", "credentials": creds,
-            "models": ["gpt-4o"], "priority": 1}),
+            "models": ["gpt-4o", "gpt-4o-mini"], "priority": 1}),
         );
         let routable: Vec<Routable<'_>> = [&a, &b, &c, &low]
             .into_iter()
@@ -541,14 +643,42 @@ mod tests {
             json!({"name": "aigw-openai-backup", "type": "dns",
             "domain": "proxy.example", "port": 443, "protocol": "https"})
         );
-        // api + two model groups: {gpt-4o, gpt-4o-mini} (top tier 10) and {claude-sonnet-4}.
-        assert_eq!(d.ingresses.len(), 3);
+        // api + {gpt-4o, gpt-4o-mini} (top tier 10, fallback tier 1) + its fallback + {claude-sonnet-4}.
+        assert_eq!(d.ingresses.len(), 4);
+        let fallback = d
+            .ingresses
+            .iter()
+            .find(|i| i.name_any().ends_with("-fallback"))
+            .unwrap();
+        let fa = fallback.annotations();
+        assert_eq!(fa["higress.io/destination"], "aigw-openai-cheap.dns:443");
+        assert_eq!(
+            fa["higress.io/regex-match-header-x-higress-llm-model"],
+            "^(gpt-4o|gpt-4o-mini)$"
+        );
+        let primary = fallback.name_any().trim_end_matches("-fallback").to_owned();
+        assert_eq!(
+            fa["higress.io/exact-match-header-x-higress-fallback-from"],
+            primary
+        );
+        assert_eq!(
+            d.envoy_filters.len(),
+            1,
+            "only the group with a lower tier falls back"
+        );
+        let filter = serde_json::to_value(&d.envoy_filters[0]).unwrap();
+        assert_eq!(filter["metadata"]["name"], primary);
+        assert_eq!(
+            filter["spec"]["configPatches"][0]["match"]["routeConfiguration"]["vhost"]["route"]["name"],
+            primary
+        );
         let gpt = d
             .ingresses
             .iter()
             .find(|i| {
                 i.annotations()
                     .contains_key("higress.io/regex-match-header-x-higress-llm-model")
+                    && !i.name_any().ends_with("-fallback")
             })
             .unwrap();
         let ann = gpt.annotations();
@@ -591,7 +721,11 @@ mod tests {
         );
         let usage = serde_json::to_value(&d.plugins[3]).unwrap();
         let rule = &usage["spec"]["matchRules"][0];
-        assert_eq!(rule["ingress"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            rule["ingress"].as_array().unwrap().len(),
+            3,
+            "fallback routes are authorised too"
+        );
         // The operator writes exactly what the plugin accepts: one contract, two ends.
         PluginConfig::parse(&serde_json::to_vec(&rule["config"]).unwrap()).unwrap();
     }

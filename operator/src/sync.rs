@@ -85,6 +85,18 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
         apply(ctx, &plugins, &p.name_any(), p).await?;
     }
 
+    let filters: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &higress::envoy_filter_resource());
+    for f in &desired.envoy_filters {
+        apply(ctx, &filters, &f.name_any(), f).await?;
+    }
+    let keep: Vec<String> = desired
+        .envoy_filters
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    prune(ctx, &filters, &selector, &keep).await?;
+
     sync_registries(ctx, &desired.registries).await
 }
 
@@ -189,6 +201,17 @@ pub async fn run(
                 client.clone(),
                 &ns,
                 &higress::wasm_plugin_resource(),
+            ),
+            watcher::Config::default().labels(&ours),
+        )
+        .touched_objects()
+        .map(|_| ())
+        .boxed(),
+        watcher(
+            Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                &ns,
+                &higress::envoy_filter_resource(),
             ),
             watcher::Config::default().labels(&ours),
         )

@@ -578,6 +578,59 @@ async fn examples_reconcile_into_higress_namespaces_status_and_mysql() {
         (ing.annotations()["higress.io/destination"] != "evil.example:443").then_some(())
     })
     .await;
+    // A lower-priority channel for the gpt models: a fallback Ingress and an EnvoyFilter appear
+    // (accepted by the Istio/Higress CRDs), and go again with the channel.
+    let cheap: Channel = serde_json::from_value(json!({
+        "apiVersion": "aigateway.io/v1alpha1", "kind": "Channel",
+        "metadata": {"name": h.rename("cheap"), "labels": {labels::INSTANCE: h.instance}},
+        "spec": {"provider": "openai", "baseUrl": "https://cheap.example/v1", "priority": 0,
+                 "credentials": {"name": h.rename("openai-keys"), "namespace": "aigw-system", "key": "apiKeys"},
+                 "models": ["gpt-4o", "gpt-4o-mini"]}
+    }))
+    .unwrap();
+    channels
+        .create(&PostParams::default(), &cheap)
+        .await
+        .unwrap();
+    let filters: Api<DynamicObject> =
+        Api::namespaced_with(h.client.clone(), &h.hns, &higress::envoy_filter_resource());
+    let fallback = eventually("fallback Ingress and EnvoyFilter", || async {
+        let fb = ingresses
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|i| i.name_any().ends_with("-fallback"))?;
+        let primary = fb.name_any().trim_end_matches("-fallback").to_owned();
+        filters.get_opt(&primary).await.unwrap()?;
+        Some(fb)
+    })
+    .await;
+    let expected = format!("aigw-{}.dns:443", h.rename("cheap"));
+    assert_eq!(fallback.annotations()["higress.io/destination"], expected);
+    channels
+        .delete(&h.rename("cheap"), &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("fallback gone with the channel", || async {
+        let left = filters
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty();
+        let fb = ingresses
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|i| i.name_any().ends_with("-fallback"));
+        (left && !fb).then_some(())
+    })
+    .await;
+
     let mut bridge = h.bridge_api().get("default").await.unwrap();
     bridge.data["spec"]["registries"].as_array_mut().unwrap().push(json!({"name": "console-local", "type": "dns", "domain": "llm.internal.example", "port": 443, "protocol": "https"}));
     h.bridge_api()
