@@ -606,6 +606,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines)] // one scenario, asserted field by field
     fn models_sharing_channels_share_one_route_and_tiers_pick_the_top() {
         let creds = json!({"name": "s", "namespace": "aigw-system", "key": "k"});
         let a = channel(

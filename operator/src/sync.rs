@@ -163,6 +163,50 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
     })
 }
 
+/// One stream of "something we depend on changed": Channels, Secrets (metadata only), our
+/// Ingresses, WasmPlugins and `EnvoyFilter`s (so manual edits are reverted), and McpBridge `default`.
+fn triggers(ctx: &Ctx) -> futures::stream::BoxStream<'static, ()> {
+    fn tick<K, S>(s: S) -> futures::stream::BoxStream<'static, ()>
+    where
+        S: futures::Stream<Item = Result<kube::runtime::watcher::Event<K>, watcher::Error>>
+            + Send
+            + 'static,
+        K: Send + 'static,
+    {
+        s.touched_objects().map(|_| ()).boxed()
+    }
+    let ns = ctx.config.higress_namespace.as_str();
+    let ours = watcher::Config::default().labels(&format!("{}={MANAGED_BY}", labels::MANAGED_BY));
+    let client = ctx.client.clone();
+    let mut channels_cfg = watcher::Config::default();
+    if let Some(sel) = ctx.config.selector() {
+        channels_cfg = channels_cfg.labels(&sel);
+    }
+    let dynamic =
+        |ar: &kube::api::ApiResource| Api::<DynamicObject>::namespaced_with(client.clone(), ns, ar);
+    stream::select_all(vec![
+        tick(watcher(Api::<Channel>::all(client.clone()), channels_cfg)),
+        tick(watcher(
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            watcher::Config::default(),
+        )),
+        tick(watcher(
+            Api::<Ingress>::namespaced(client.clone(), ns),
+            ours.clone(),
+        )),
+        tick(watcher(
+            dynamic(&higress::wasm_plugin_resource()),
+            ours.clone(),
+        )),
+        tick(watcher(dynamic(&higress::envoy_filter_resource()), ours)),
+        tick(watcher(
+            dynamic(&higress::mcp_bridge_resource()),
+            watcher::Config::default().fields("metadata.name=default"),
+        )),
+    ])
+    .boxed()
+}
+
 /// Runs the sync loop until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Ctx>,
@@ -170,66 +214,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let wake = Arc::new(Notify::new());
-    let ns = ctx.config.higress_namespace.clone();
-    let ours = format!("{}={MANAGED_BY}", labels::MANAGED_BY);
-    let client = ctx.client.clone();
-    let mut channels_cfg = watcher::Config::default();
-    if let Some(sel) = ctx.config.selector() {
-        channels_cfg = channels_cfg.labels(&sel);
-    }
-    let triggers = stream::select_all(vec![
-        watcher(Api::<Channel>::all(client.clone()), channels_cfg)
-            .touched_objects()
-            .map(|_| ())
-            .boxed(),
-        watcher(
-            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .touched_objects()
-        .map(|_| ())
-        .boxed(),
-        watcher(
-            Api::<Ingress>::namespaced(client.clone(), &ns),
-            watcher::Config::default().labels(&ours),
-        )
-        .touched_objects()
-        .map(|_| ())
-        .boxed(),
-        watcher(
-            Api::<DynamicObject>::namespaced_with(
-                client.clone(),
-                &ns,
-                &higress::wasm_plugin_resource(),
-            ),
-            watcher::Config::default().labels(&ours),
-        )
-        .touched_objects()
-        .map(|_| ())
-        .boxed(),
-        watcher(
-            Api::<DynamicObject>::namespaced_with(
-                client.clone(),
-                &ns,
-                &higress::envoy_filter_resource(),
-            ),
-            watcher::Config::default().labels(&ours),
-        )
-        .touched_objects()
-        .map(|_| ())
-        .boxed(),
-        watcher(
-            Api::<DynamicObject>::namespaced_with(
-                client.clone(),
-                &ns,
-                &higress::mcp_bridge_resource(),
-            ),
-            watcher::Config::default().fields("metadata.name=default"),
-        )
-        .touched_objects()
-        .map(|_| ())
-        .boxed(),
-    ]);
+    let triggers = triggers(&ctx);
     let notify = wake.clone();
     let feeder = tokio::spawn(async move {
         let mut triggers = triggers;
