@@ -329,7 +329,7 @@ fn controller_config() -> kube::runtime::controller::Config {
 }
 
 /// How long controllers get to finish after shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Waits until every AIGateway CRD is established (logging once what is missing), or shutdown.
 /// Returns false on shutdown.

@@ -106,7 +106,7 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
     let ns = ctx.config.higress_namespace.as_str();
     let api: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), ns, &higress::mcp_bridge_resource());
-    for _ in 0..ATTEMPTS {
+    for attempt in 0..ATTEMPTS {
         let Some(mut bridge) = api.get_opt("default").await? else {
             if ours.is_empty() {
                 return Ok(());
@@ -153,6 +153,9 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 tracing::debug!("McpBridge changed under us; re-reading");
+                // Back off a little, with jitter, so two eager writers do not keep colliding.
+                let ms = rand::random_range(5..30) * u64::from(attempt + 1);
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
             Err(e) => return Err(e.into()),
         }

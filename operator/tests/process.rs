@@ -33,7 +33,7 @@ fn starts_becomes_ready_and_stops_on_sigterm() {
     assert_eq!(svc.wait_for_status("/readyz", 200, 30).unwrap(), "ready\n");
     let metrics = svc.wait_for_status("/metrics", 200, 5).unwrap();
     assert!(metrics.ends_with("# EOF\n"), "{metrics}");
-    let status = svc.terminate(10).unwrap();
+    let status = svc.terminate(15).unwrap();
     assert!(status.success(), "{status}");
 }
 
@@ -51,5 +51,5 @@ fn is_not_ready_while_a_dependency_is_down() {
         status == 503 && body == "not ready: mysql\n"
     })
     .unwrap();
-    assert!(svc.terminate(10).unwrap().success());
+    assert!(svc.terminate(15).unwrap().success());
 }
