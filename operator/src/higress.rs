@@ -447,33 +447,13 @@ fn plugin(name: &str, config: &Config, spec: &Value) -> Result<DynamicObject> {
     }))?)
 }
 
-/// The whole desired Higress configuration. `channels` must be the enabled channels whose keys
-/// could be read, in any order.
-pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
-    let mut channels: Vec<&Routable<'_>> = channels.iter().collect();
-    channels.sort_by_key(|r| r.channel.name_any());
-    let with_endpoint: Vec<(&Routable<'_>, Endpoint)> = channels
-        .iter()
-        .filter_map(|r| endpoint(r.channel).map(|ep| (*r, ep)))
-        .collect();
-
-    let registries = with_endpoint
-        .iter()
-        .map(|(r, ep)| registry(r.channel, ep))
-        .collect();
-
-    let routable: Vec<Routable<'_>> = with_endpoint.iter().map(|(r, _)| (*r).clone()).collect();
-    let mut ingresses = vec![api_ingress(config)?];
-    let mut envoy_filters = Vec::new();
-    for route in routes(&routable) {
-        ingresses.push(route_ingress(&route, config, false)?);
-        if !route.fallback.is_empty() {
-            ingresses.push(route_ingress(&route, config, true)?);
-            envoy_filters.push(fallback_filter(&route, config)?);
-        }
-    }
-    let route_names: Vec<String> = ingresses[1..].iter().map(ResourceExt::name_any).collect();
-
+/// The WasmPlugins: header scrub, model router, ai-proxy (one provider per channel), ext-auth and
+/// the usage reporter on the route Ingresses.
+fn plugins(
+    config: &Config,
+    with_endpoint: &[(&Routable<'_>, Endpoint)],
+    route_names: &[String],
+) -> Result<Vec<DynamicObject>> {
     let providers: Vec<Value> = with_endpoint
         .iter()
         .map(|(r, _)| provider_entry(r))
@@ -489,6 +469,7 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
         |config: Value| json!([{"ingress": route_names, "configDisable": false, "config": config}]);
     let usage = PluginConfig {
         version: aigw_plugin_core::CONFIG_VERSION,
+        mode: aigw_plugin_core::Mode::Report,
         ingest_cluster: config.ingest_cluster.clone(),
         ingest_path: "/v1/usage".to_owned(),
         timeout_ms: 2_000,
@@ -506,7 +487,18 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
         "status_on_error": 503
     });
     let has_routes = !route_names.is_empty();
-    let plugins = vec![
+    Ok(vec![
+        // Our plugin in scrub mode, before ext-auth (AUTHN 360): client-sent x-aigw-* and
+        // x-mse-consumer never reach the upstream side; only authz's answers do.
+        plugin(
+            &format!("{PREFIX}header-scrub"),
+            config,
+            &json!({
+                "url": config.usage_reporter_image, "phase": "AUTHN", "priority": 1000, "failStrategy": "FAIL_CLOSE",
+                "defaultConfigDisable": false,
+                "defaultConfig": {"version": aigw_plugin_core::CONFIG_VERSION, "mode": "scrub"},
+            }),
+        )?,
         // Copies the body's `model` into the header the route Ingresses match on. Global: it only
         // acts on LLM API paths (its `enableOnPathSuffix` default).
         plugin(
@@ -544,7 +536,37 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
                 "matchRules": if has_routes { route_rule(serde_json::to_value(&usage)?) } else { json!([]) },
             }),
         )?,
-    ];
+    ])
+}
+
+/// The whole desired Higress configuration. `channels` must be the enabled channels whose keys
+/// could be read, in any order.
+pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
+    let mut channels: Vec<&Routable<'_>> = channels.iter().collect();
+    channels.sort_by_key(|r| r.channel.name_any());
+    let with_endpoint: Vec<(&Routable<'_>, Endpoint)> = channels
+        .iter()
+        .filter_map(|r| endpoint(r.channel).map(|ep| (*r, ep)))
+        .collect();
+
+    let registries = with_endpoint
+        .iter()
+        .map(|(r, ep)| registry(r.channel, ep))
+        .collect();
+
+    let routable: Vec<Routable<'_>> = with_endpoint.iter().map(|(r, _)| (*r).clone()).collect();
+    let mut ingresses = vec![api_ingress(config)?];
+    let mut envoy_filters = Vec::new();
+    for route in routes(&routable) {
+        ingresses.push(route_ingress(&route, config, false)?);
+        if !route.fallback.is_empty() {
+            ingresses.push(route_ingress(&route, config, true)?);
+            envoy_filters.push(fallback_filter(&route, config)?);
+        }
+    }
+    let route_names: Vec<String> = ingresses[1..].iter().map(ResourceExt::name_any).collect();
+
+    let plugins = plugins(config, &with_endpoint, &route_names)?;
     Ok(Desired {
         registries,
         ingresses,
@@ -710,7 +732,7 @@ mod tests {
             "aigw-claude.dns:443"
         );
 
-        let ai_proxy = serde_json::to_value(&d.plugins[1]).unwrap();
+        let ai_proxy = serde_json::to_value(&d.plugins[2]).unwrap();
         assert_eq!(
             ai_proxy["spec"]["defaultConfig"]["providers"][1]["openaiCustomUrl"],
             "https://proxy.example/v1"
@@ -720,7 +742,7 @@ mod tests {
             json!({"service": ["aigw-claude.dns"],
             "configDisable": false, "config": {"activeProviderId": "claude"}})
         );
-        let usage = serde_json::to_value(&d.plugins[3]).unwrap();
+        let usage = serde_json::to_value(&d.plugins[4]).unwrap();
         let rule = &usage["spec"]["matchRules"][0];
         assert_eq!(
             rule["ingress"].as_array().unwrap().len(),

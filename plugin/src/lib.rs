@@ -1,10 +1,11 @@
 //! The proxy-wasm adapter of the usage reporter: a thin shell around `aigw-plugin-core`.
 //!
-//! Today it loads and checks its config (refusing one it does not understand, so a bad rollout fails
-//! at config time instead of silently reporting nothing) and passes traffic through; usage reporting
-//! arrives with the plugin issue.
+//! It loads and checks its config (refusing one it does not understand, so a bad rollout fails at
+//! config time instead of silently reporting nothing). In `scrub` mode (an instance placed before
+//! ext-auth) it removes client-sent gateway headers; in `report` mode it passes traffic through
+//! until usage reporting arrives with the plugin issue.
 
-use aigw_plugin_core::PluginConfig;
+use aigw_plugin_core::{Mode, PluginConfig, is_gateway_header};
 use proxy_wasm::{
     traits::{Context, HttpContext, RootContext},
     types::{ContextType, LogLevel},
@@ -42,7 +43,8 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request))
+        let mode = self.config.as_ref().map_or(Mode::Report, |c| c.mode);
+        Some(Box::new(Request { mode }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -51,8 +53,27 @@ impl RootContext for Root {
 }
 
 #[derive(Debug)]
-struct Request;
+struct Request {
+    mode: Mode,
+}
 
 impl Context for Request {}
 
-impl HttpContext for Request {}
+impl HttpContext for Request {
+    fn on_http_request_headers(
+        &mut self,
+        _num_headers: usize,
+        _end_of_stream: bool,
+    ) -> proxy_wasm::types::Action {
+        if self.mode == Mode::Scrub {
+            // Drop client-sent copies of the headers only the gateway may set; ext-auth, which
+            // runs after this instance, adds the real ones.
+            for (name, _) in self.get_http_request_headers() {
+                if is_gateway_header(&name) {
+                    self.set_http_request_header(&name, None);
+                }
+            }
+        }
+        proxy_wasm::types::Action::Continue
+    }
+}

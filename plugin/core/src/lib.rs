@@ -10,13 +10,29 @@ use serde::{Deserialize, Serialize};
 /// The config version this build understands.
 pub const CONFIG_VERSION: u32 = 1;
 
+/// What an instance of the plugin does. One module, two WasmPlugin instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Mode {
+    /// Report usage to billing (runs after ext-auth, reads the `x-aigw-*` headers it set).
+    #[default]
+    Report,
+    /// Remove client-sent gateway headers (runs before ext-auth, so only authz's copies reach the
+    /// upstream side).
+    Scrub,
+}
+
 /// Configuration of the usage-reporter plugin, as written by the operator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PluginConfig {
     /// Contract version; must equal [`CONFIG_VERSION`].
     pub version: u32,
-    /// Envoy cluster name of the billing ingest service.
+    /// What this instance does.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Envoy cluster name of the billing ingest service (report mode).
+    #[serde(default)]
     pub ingest_cluster: String,
     /// Path on the ingest service that accepts usage events.
     #[serde(default = "default_ingest_path")]
@@ -56,11 +72,18 @@ impl PluginConfig {
                 found: config.version,
             });
         }
-        if config.ingest_cluster.is_empty() {
+        if config.mode == Mode::Report && config.ingest_cluster.is_empty() {
             return Err(ConfigError::Empty("ingestCluster"));
         }
         Ok(config)
     }
+}
+
+/// Whether a request header is one only the gateway may set: `x-aigw-*` (set by authz) and
+/// `x-mse-consumer` (read by Higress rate-limit and statistics plugins). Case-insensitive.
+pub fn is_gateway_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("x-aigw-") || lower == "x-mse-consumer"
 }
 
 #[cfg(test)]
@@ -75,6 +98,34 @@ mod tests {
         assert_eq!(c.timeout_ms, 2_000);
         let round = serde_json::to_vec(&c).unwrap();
         assert_eq!(PluginConfig::parse(&round).unwrap(), c);
+    }
+
+    #[test]
+    fn scrub_mode_needs_no_ingest_and_knows_the_gateway_headers() {
+        let c = PluginConfig::parse(br#"{"version":1,"mode":"scrub"}"#).unwrap();
+        assert_eq!(c.mode, Mode::Scrub);
+        assert!(
+            PluginConfig::parse(br#"{"version":1,"mode":"report"}"#).is_err(),
+            "report needs ingest"
+        );
+        assert!(PluginConfig::parse(br#"{"version":1,"mode":"other"}"#).is_err());
+        for h in [
+            "x-aigw-tenant",
+            "X-AIGW-Token",
+            "x-aigw-reservation",
+            "x-mse-consumer",
+            "X-Mse-Consumer",
+        ] {
+            assert!(is_gateway_header(h), "{h}");
+        }
+        for h in [
+            "authorization",
+            "x-aigwtenant",
+            "x-higress-llm-model",
+            "x-mse-consumers",
+        ] {
+            assert!(!is_gateway_header(h), "{h}");
+        }
     }
 
     #[test]
