@@ -20,20 +20,16 @@ use aigw_apiserver::authz::{
     service::{self, Authz, Settings},
 };
 use aigw_common::{ops, quota::TokenKeys, shutdown::Shutdown};
-use aigw_crds::{Tenant, Token, crds, labels};
+use aigw_crds::{Tenant, Token, labels};
 use aigw_testkit::{
     Testbed,
     process::{HttpResponse, http_request},
     unique_name,
 };
-use k8s_openapi::{
-    api::core::v1::Namespace,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::{
-    Api, Client, ResourceExt,
+    Api, Client,
     api::{DeleteParams, Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -54,21 +50,7 @@ impl Gate {
     async fn start(fail_open: bool, redis_url: Option<&str>) -> Self {
         let tb = Testbed::load().unwrap();
         let client = tb.kube_client().await.unwrap();
-        let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in crds() {
-            let name = crd.name_any();
-            crd_api
-                .patch(
-                    &name,
-                    &PatchParams::apply("aigw-test").force(),
-                    &Patch::Apply(&crd),
-                )
-                .await
-                .unwrap();
-            await_condition(crd_api.clone(), &name, conditions::is_crd_established())
-                .await
-                .unwrap();
-        }
+        aigw_crds::install(&client, "aigw-test").await.unwrap();
         let instance = unique_name("authz");
         let index = Index::default();
         tokio::spawn(index.clone().run(

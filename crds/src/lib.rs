@@ -54,6 +54,45 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![Tenant::crd(), Channel::crd(), Token::crd(), Pricing::crd()]
 }
 
+/// Errors installing the CRDs.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("applying CRD {name}: {source}")]
+    Apply { name: String, source: kube::Error },
+    #[error("CRD {0} was not established within 30 s")]
+    NotEstablished(String),
+}
+
+/// Installs (server-side apply, field manager `manager`) every AIGateway CRD and waits until the
+/// apiserver serves them. Used by tests, benchmarks and tools; clusters get the chart's copy.
+pub async fn install(client: &kube::Client, manager: &str) -> Result<(), InstallError> {
+    use kube::{
+        Api,
+        api::{Patch, PatchParams},
+        runtime::wait::{await_condition, conditions},
+    };
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .map_err(|source| InstallError::Apply {
+            name: name.clone(),
+            source,
+        })?;
+        let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+        match tokio::time::timeout(std::time::Duration::from_secs(30), established).await {
+            Ok(Ok(_)) => {}
+            _ => return Err(InstallError::NotEstablished(name)),
+        }
+    }
+    Ok(())
+}
+
 /// The CRDs as one multi-document YAML stream, as committed in `crds/crds.yaml`.
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::from(

@@ -4,42 +4,18 @@
 // Test code: a failed unwrap is a failed test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Duration;
-
-use aigw_crds::{Channel, Pricing, Tenant, Token, crds};
+use aigw_crds::{Channel, Pricing, Tenant, Token};
 use aigw_testkit::{Testbed, unique_name};
-use k8s_openapi::{
-    api::core::v1::Namespace,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client, Resource,
     api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
 };
 use serde_json::{Value, json};
 
 async fn setup() -> (Client, String) {
     let client = Testbed::load().unwrap().kube_client().await.unwrap();
-    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in crds() {
-        let name = crd.metadata.name.clone().unwrap();
-        crd_api
-            .patch(
-                &name,
-                &PatchParams::apply("aigw-crd-test").force(),
-                &Patch::Apply(&crd),
-            )
-            .await
-            .unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            await_condition(crd_api.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .expect("CRD not established in 30s")
-        .unwrap();
-    }
+    aigw_crds::install(&client, "aigw-crd-test").await.unwrap();
     let ns = unique_name("crd-test");
     let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
     Api::<Namespace>::all(client.clone())

@@ -30,20 +30,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aigw_crds::{Channel, Tenant, Token, crds, labels};
+use aigw_crds::{Channel, Tenant, Token, labels};
 use aigw_testkit::{Testbed, process::http_get, unique_name};
 use futures::{StreamExt, stream};
-use k8s_openapi::{
-    api::{
-        core::v1::{Namespace, Secret},
-        networking::v1::Ingress,
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+use k8s_openapi::api::{
+    core::v1::{Namespace, Secret},
+    networking::v1::Ingress,
 };
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, Patch, PatchParams},
-    runtime::wait::{await_condition, conditions},
 };
 use serde_json::{Value, json};
 
@@ -157,21 +153,7 @@ async fn main() {
 
     let tb = Testbed::load().expect("test bed env file (scripts/testbed up)");
     let client = tb.kube_client().await.unwrap();
-    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in crds() {
-        let name = crd.name_any();
-        crd_api
-            .patch(
-                &name,
-                &PatchParams::apply("aigw-bench").force(),
-                &Patch::Apply(&crd),
-            )
-            .await
-            .unwrap();
-        await_condition(crd_api.clone(), &name, conditions::is_crd_established())
-            .await
-            .unwrap();
-    }
+    aigw_crds::install(&client, "aigw-bench").await.unwrap();
     let (db_name, db) = tb.scratch_mysql("bench").await.unwrap();
     aigw_migrations::run_mysql(&db).await.unwrap();
     let sfx = unique_name("b").trim_start_matches("b-").to_owned();

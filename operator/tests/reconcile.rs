@@ -16,24 +16,20 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use aigw_common::shutdown::Shutdown;
-use aigw_crds::{Channel, Pricing, Tenant, Token, crds, labels};
+use aigw_crds::{Channel, Pricing, Tenant, Token, labels};
 use aigw_operator::{
     context::{Config, Ctx, Metrics},
     higress,
     keys::{Sealer, hash_api_key},
 };
 use aigw_testkit::{Testbed, unique_name};
-use k8s_openapi::{
-    api::{
-        core::v1::{Namespace, Secret},
-        networking::v1::Ingress,
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+use k8s_openapi::api::{
+    core::v1::{Namespace, Secret},
+    networking::v1::Ingress,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
 };
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
@@ -77,25 +73,7 @@ impl Harness {
     async fn new() -> Self {
         let tb = Testbed::load().unwrap();
         let client = tb.kube_client().await.unwrap();
-        let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in crds() {
-            let name = crd.name_any();
-            crd_api
-                .patch(
-                    &name,
-                    &PatchParams::apply("aigw-test").force(),
-                    &Patch::Apply(&crd),
-                )
-                .await
-                .unwrap();
-            tokio::time::timeout(
-                TIMEOUT,
-                await_condition(crd_api.clone(), &name, conditions::is_crd_established()),
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        }
+        aigw_crds::install(&client, "aigw-test").await.unwrap();
         let (_, db) = tb.scratch_mysql("operator").await.unwrap();
         aigw_migrations::run_mysql(&db).await.unwrap();
         let sfx = unique_name("x").trim_start_matches("x-").to_owned();

@@ -6,7 +6,7 @@
 //! rebuilds the maps and drops what disappeared meanwhile.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{
         Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicBool, Ordering},
@@ -225,61 +225,62 @@ impl Index {
             Some(s) => watcher::Config::default().labels(s),
             None => watcher::Config::default(),
         };
-        let tokens = {
-            let index = self.clone();
-            let stream = watcher::watcher(Api::<Token>::all(client.clone()), cfg.clone());
-            async move {
-                let mut staging: Vec<Token> = Vec::new();
-                let mut stream =
-                    std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(stream));
-                while let Some(ev) = stream.next().await {
-                    match ev {
-                        Ok(Event::Init) => staging.clear(),
-                        Ok(Event::InitApply(t)) => staging.push(t),
-                        Ok(Event::InitDone) => {
-                            index.replace_tokens(std::mem::take(&mut staging));
-                            index.tokens_synced.store(true, Ordering::Release);
-                        }
-                        Ok(Event::Apply(t)) => index.upsert_token(&t),
-                        Ok(Event::Delete(t)) => index.remove_token(&t),
-                        Err(e) => tracing::warn!(error = %e, "token watch failed; retrying"),
-                    }
-                }
-            }
-        };
-        let tenants = {
-            let index = self.clone();
-            let stream = watcher::watcher(Api::<Tenant>::all(client), cfg);
-            async move {
-                let mut staging: Vec<Tenant> = Vec::new();
-                let mut stream =
-                    std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(stream));
-                while let Some(ev) = stream.next().await {
-                    match ev {
-                        Ok(Event::Init) => staging.clear(),
-                        Ok(Event::InitApply(t)) => staging.push(t),
-                        Ok(Event::InitDone) => {
-                            index.replace_tenants(&std::mem::take(&mut staging));
-                            index.tenants_synced.store(true, Ordering::Release);
-                        }
-                        Ok(Event::Apply(t)) => index.upsert_tenant(&t),
-                        Ok(Event::Delete(t)) => index.remove_tenant(&t),
-                        Err(e) => tracing::warn!(error = %e, "tenant watch failed; retrying"),
-                    }
-                }
-            }
-        };
+        let (t, n) = (self.clone(), self.clone());
+        let tokens = feed(
+            watcher::watcher(Api::<Token>::all(client.clone()), cfg.clone()),
+            "token",
+            Handlers {
+                replace: |all: Vec<Token>| self.replace_tokens(all),
+                apply: |o: &Token| t.upsert_token(o),
+                delete: |o: &Token| t.remove_token(o),
+            },
+            &self.tokens_synced,
+        );
+        let tenants = feed(
+            watcher::watcher(Api::<Tenant>::all(client), cfg),
+            "tenant",
+            Handlers {
+                replace: |all: Vec<Tenant>| self.replace_tenants(&all),
+                apply: |o: &Tenant| n.upsert_tenant(o),
+                delete: |o: &Tenant| n.remove_tenant(o),
+            },
+            &self.tenants_synced,
+        );
         tokio::join!(tokens, tenants);
     }
 }
 
-/// Distinct tenants referenced by indexed tokens (for metrics and debugging).
-pub fn tenant_names(index: &Index) -> HashSet<String> {
-    read(&index.tokens)
-        .by_hash
-        .values()
-        .map(|t| t.tenant.clone())
-        .collect()
+/// What to do with each kind of watch event.
+struct Handlers<R, A, D> {
+    replace: R,
+    apply: A,
+    delete: D,
+}
+
+/// Applies a watch stream to the index: a (re-)list is collected and swapped in whole at its end
+/// (so objects deleted while the watch was down disappear), then single events apply one by one.
+async fn feed<K, S, R, A, D>(stream: S, kind: &str, h: Handlers<R, A, D>, synced: &AtomicBool)
+where
+    S: futures::Stream<Item = Result<Event<K>, watcher::Error>> + Send,
+    R: Fn(Vec<K>),
+    A: Fn(&K),
+    D: Fn(&K),
+{
+    let mut staging: Vec<K> = Vec::new();
+    let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(stream));
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Init) => staging.clear(),
+            Ok(Event::InitApply(o)) => staging.push(o),
+            Ok(Event::InitDone) => {
+                (h.replace)(std::mem::take(&mut staging));
+                synced.store(true, Ordering::Release);
+            }
+            Ok(Event::Apply(o)) => (h.apply)(&o),
+            Ok(Event::Delete(o)) => (h.delete)(&o),
+            Err(e) => tracing::warn!(error = %e, kind, "watch failed; retrying"),
+        }
+    }
 }
 
 #[cfg(test)]
