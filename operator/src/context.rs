@@ -45,6 +45,24 @@ pub struct Config {
 }
 
 impl Config {
+    /// The operator's default endpoints with placeholder image URLs, for a Higress namespace; tests
+    /// and tools start from here and override what they need.
+    pub fn with_defaults(higress_namespace: &str) -> Self {
+        Self {
+            higress_namespace: higress_namespace.to_owned(),
+            instance: None,
+            apiserver_destination: "aigw-apiserver.aigw-system.svc.cluster.local:8080".into(),
+            authz_service: "aigw-apiserver.aigw-system.svc.cluster.local".into(),
+            authz_port: 8081,
+            authz_path: "/authz".into(),
+            ingest_cluster: "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local".into(),
+            usage_reporter_image: "oci://registry.example/aigw-plugin:0.1.0".into(),
+            ai_proxy_image: "oci://registry.example/ai-proxy:2.0.1".into(),
+            ext_auth_image: "oci://registry.example/ext-auth:2.0.0".into(),
+            model_router_image: "oci://registry.example/model-router:2.0.1".into(),
+        }
+    }
+
     /// A label selector restricting watches to this instance, if any.
     pub fn selector(&self) -> Option<String> {
         self.instance

@@ -47,19 +47,7 @@ async fn concurrent_writers_lose_nothing() {
         .unwrap();
     api.create(&PostParams::default(), &bridge).await.unwrap();
 
-    let config = Config {
-        higress_namespace: ns.clone(),
-        instance: None,
-        apiserver_destination: String::new(),
-        authz_service: String::new(),
-        authz_port: 0,
-        authz_path: String::new(),
-        ingest_cluster: String::new(),
-        usage_reporter_image: String::new(),
-        ai_proxy_image: String::new(),
-        ext_auth_image: String::new(),
-        model_router_image: String::new(),
-    };
+    let config = Config::with_defaults(&ns);
     let db = sqlx::mysql::MySqlPoolOptions::new()
         .connect_lazy(tb.var("DATABASE_URL").unwrap())
         .unwrap();

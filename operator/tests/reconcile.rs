@@ -95,17 +95,8 @@ impl Harness {
 
     fn ctx_with(&self, events: Option<FutureProducer>) -> Arc<Ctx> {
         let config = Config {
-            higress_namespace: self.hns.clone(),
             instance: Some(self.instance.clone()),
-            apiserver_destination: "aigw-apiserver.aigw-system.svc.cluster.local:8080".into(),
-            authz_service: "aigw-apiserver.aigw-system.svc.cluster.local".into(),
-            authz_port: 8081,
-            authz_path: "/authz".into(),
-            ingest_cluster: "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local".into(),
-            usage_reporter_image: "oci://registry.example/aigw-plugin:0.1.0".into(),
-            ai_proxy_image: "oci://registry.example/ai-proxy:2.0.1".into(),
-            ext_auth_image: "oci://registry.example/ext-auth:2.0.0".into(),
-            model_router_image: "oci://registry.example/model-router:2.0.1".into(),
+            ..Config::with_defaults(&self.hns)
         };
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::register(&mut registry);
