@@ -44,7 +44,7 @@ fn object<K: Resource<DynamicType = ()>>(name: &str, spec: &Value) -> DynamicObj
 }
 
 fn tenant_spec() -> Value {
-    json!({"type": "reseller", "displayName": "Acme", "domains": ["api.acme.example", "*.acme.example"],
+    json!({"type": "reseller", "displayName": "Acme", "domains": ["api.validation.example", "*.validation.example"],
            "branding": {"logoUrl": "https://acme.example/logo.png", "themeColor": "#112233"}})
 }
 
