@@ -108,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let metrics = service::Metrics::register(&mut registry);
         let authz = Authz::new(index, manager, settings, metrics);
+        service::spawn_index_gauge(&authz);
         let (addr, task) =
             ops::serve(cli.authz_addr, service::router(authz), shutdown.clone()).await?;
         tracing::info!(authz = %addr, "authz listening");

@@ -5,8 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use aigw_crds::{Channel, Pricing, Tenant, Token};
-use aigw_testkit::{Testbed, unique_name};
-use k8s_openapi::api::core::v1::Namespace;
+use aigw_testkit::{Testbed, scratch_namespace, unique_name};
 use kube::{
     Api, Client, Resource,
     api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
@@ -16,12 +15,7 @@ use serde_json::{Value, json};
 async fn setup() -> (Client, String) {
     let client = Testbed::load().unwrap().kube_client().await.unwrap();
     aigw_crds::install(&client, "aigw-crd-test").await.unwrap();
-    let ns = unique_name("crd-test");
-    let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &obj)
-        .await
-        .unwrap();
+    let ns = scratch_namespace(&client, "crd-test").await.unwrap();
     (client, ns)
 }
 

@@ -146,18 +146,11 @@ async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
     })
 }
 
-/// Status equality ignoring transition times (which `merge` keeps stable anyway).
+/// Whether the status changed, ignoring condition transition times.
 fn status_differs(old: &TenantStatus, new: &TenantStatus) -> bool {
-    let strip = |s: &TenantStatus| {
-        let mut s = s.clone();
-        for c in &mut s.common.conditions {
-            c.last_transition_time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-            );
-        }
-        s
-    };
-    strip(old) != strip(new)
+    crate::differs_ignoring_time(&old.common, &new.common)
+        || (&old.tenant_id, &old.namespace, &old.domains)
+            != (&new.tenant_id, &new.namespace, &new.domains)
 }
 
 /// Upserts the `tenants` row; returns its id.

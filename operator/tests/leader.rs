@@ -7,27 +7,13 @@
 use std::time::Duration;
 
 use aigw_operator::leader::Elector;
-use aigw_testkit::{Testbed, unique_name};
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Namespace};
-use kube::{
-    Api, Client,
-    api::{Patch, PatchParams},
-};
-use serde_json::json;
+use aigw_testkit::{Testbed, scratch_namespace, unique_name};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 
 async fn setup() -> (Client, String, String) {
     let client = Testbed::load().unwrap().kube_client().await.unwrap();
-    let ns = unique_name("lease");
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            &ns,
-            &PatchParams::apply("aigw-test"),
-            &Patch::Apply(
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-            ),
-        )
-        .await
-        .unwrap();
+    let ns = scratch_namespace(&client, "lease").await.unwrap();
     (client, ns, unique_name("op"))
 }
 

@@ -12,11 +12,10 @@ use aigw_operator::{
     keys::Sealer,
     sync::sync_registries,
 };
-use aigw_testkit::{Testbed, unique_name};
-use k8s_openapi::api::core::v1::Namespace;
+use aigw_testkit::{Testbed, scratch_namespace};
 use kube::{
     Api,
-    api::{DynamicObject, Patch, PatchParams, PostParams},
+    api::{DynamicObject, PostParams},
 };
 use serde_json::{Value, json};
 
@@ -28,17 +27,7 @@ fn registry(name: &str) -> Value {
 async fn concurrent_writers_lose_nothing() {
     let tb = Testbed::load().unwrap();
     let client = tb.kube_client().await.unwrap();
-    let ns = unique_name("bridge");
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            &ns,
-            &PatchParams::apply("aigw-test"),
-            &Patch::Apply(
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-            ),
-        )
-        .await
-        .unwrap();
+    let ns = scratch_namespace(&client, "bridge").await.unwrap();
     let ar = higress::mcp_bridge_resource();
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
     let bridge: DynamicObject =

@@ -135,6 +135,22 @@ impl Testbed {
     }
 }
 
+/// Creates a fresh namespace `<purpose>-<8 hex>` and returns its name.
+pub async fn scratch_namespace(client: &kube::Client, purpose: &str) -> Result<String, Error> {
+    let name = unique_name(purpose);
+    let ns = k8s_openapi::api::core::v1::Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            ..kube::api::ObjectMeta::default()
+        },
+        ..Default::default()
+    };
+    kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &ns)
+        .await?;
+    Ok(name)
+}
+
 fn env_file_path() -> PathBuf {
     if let Some(p) = std::env::var_os("AIGW_TESTBED_ENV") {
         return PathBuf::from(p);

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use aigw_testkit::{Testbed, unique_name};
+use aigw_testkit::Testbed;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api,
     api::{ApiResource, DynamicObject, GroupVersionKind, PostParams},
@@ -16,13 +16,9 @@ use kube::{
 use serde_json::json;
 
 async fn namespace(client: &kube::Client) -> String {
-    let name = unique_name("smoke");
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
+    aigw_testkit::scratch_namespace(client, "smoke")
         .await
-        .unwrap();
-    name
+        .unwrap()
 }
 
 #[tokio::test]

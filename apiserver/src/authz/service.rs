@@ -120,6 +120,17 @@ impl Authz {
     }
 }
 
+/// Keeps the index-size gauge current every few seconds, off the request path.
+pub fn spawn_index_gauge(authz: &Authz) -> tokio::task::JoinHandle<()> {
+    let (index, gauge) = (authz.index.clone(), authz.metrics.index_tokens.clone());
+    tokio::spawn(async move {
+        loop {
+            gauge.set(i64::try_from(index.len()).unwrap_or(i64::MAX));
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        }
+    })
+}
+
 /// The authz router: every path and method is a decision.
 pub fn router(state: Authz) -> Router {
     Router::new().fallback(handle).with_state(state)
@@ -138,10 +149,6 @@ async fn handle(State(authz): State<Authz>, headers: HeaderMap) -> Response {
         .metrics
         .latency
         .observe(started.elapsed().as_secs_f64());
-    authz
-        .metrics
-        .index_tokens
-        .set(i64::try_from(authz.index.len()).unwrap_or(i64::MAX));
     match result {
         Ok(allow) => {
             authz
