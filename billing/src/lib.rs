@@ -1,4 +1,8 @@
-//! AIGateway billing: usage ingest and the billing worker (see `main.rs`), and the pure pricing
-//! the worker applies to each usage event.
+//! AIGateway billing: usage ingest (HTTP → Kafka), the billing worker (Kafka → ClickHouse, Redis,
+//! MySQL), the pure pricing the worker applies, settlement and reports.
 
+pub mod directory;
+pub mod ingest;
+pub mod ledger;
 pub mod pricing;
+pub mod worker;

@@ -1,11 +1,9 @@
 //! `aigw-billing`: `ingest` (HTTP usage events from the plugin → Kafka `usage.events`) and `worker`
-//! (Kafka → pricing → ClickHouse + Redis + MySQL).
-//!
-//! Today both subcommands connect to their dependencies and serve their ops endpoints; the pipeline
-//! arrives with the billing issue (see `docs/architecture.md`).
+//! (Kafka → pricing → ClickHouse + Redis + MySQL). See `docs/architecture.md` §6.
 
 use std::{sync::Arc, time::Duration};
 
+use aigw_billing::{ingest, worker};
 use aigw_common::{OpsArgs, init_tracing, ops, probe, shutdown::Shutdown};
 use clap::{Parser, Subcommand};
 use prometheus_client::registry::Registry;
@@ -25,6 +23,12 @@ struct Cli {
     /// Kafka bootstrap servers (`host:port,…`).
     #[arg(long, env = "KAFKA_BROKERS")]
     kafka_brokers: String,
+    /// Topic of usage events.
+    #[arg(long, env = "AIGW_USAGE_TOPIC", default_value = "usage.events")]
+    usage_topic: String,
+    /// Dead-letter topic for events that cannot be parsed or priced.
+    #[arg(long, env = "AIGW_DLQ_TOPIC", default_value = "usage.events.dlq")]
+    dlq_topic: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -34,6 +38,12 @@ enum Role {
         /// Address of the ingest listener.
         #[arg(long, env = "AIGW_LISTEN_ADDR", default_value = "127.0.0.1:8090")]
         listen_addr: std::net::SocketAddr,
+        /// Shared secret the usage reporter sends in `x-aigw-ingest-secret`.
+        #[arg(long, env = "AIGW_INGEST_SECRET", hide_env_values = true)]
+        ingest_secret: String,
+        /// How long Kafka may take to acknowledge an event before the request gets a 503.
+        #[arg(long, env = "AIGW_PRODUCE_TIMEOUT_MS", default_value_t = 5_000)]
+        produce_timeout_ms: u64,
     },
     /// Price usage events and write them to ClickHouse, Redis and MySQL.
     Worker {
@@ -49,6 +59,25 @@ enum Role {
         /// MySQL URL (`mysql://user:pass@host:port/db`).
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
+        /// Kafka consumer group.
+        #[arg(long, env = "AIGW_BILLING_GROUP", default_value = "aigw-billing")]
+        group: String,
+        /// Most events per batch.
+        #[arg(long, env = "AIGW_BATCH_SIZE", default_value_t = 5_000)]
+        batch_size: usize,
+        /// Longest wait (ms) for a batch to fill after its first event.
+        #[arg(long, env = "AIGW_BATCH_WAIT_MS", default_value_t = 200)]
+        batch_wait_ms: u64,
+        /// Lifetime (s) of dedupe keys and settle markers in Redis.
+        #[arg(long, env = "AIGW_DEDUPE_TTL_SECS", default_value_t = 7 * 24 * 3600)]
+        dedupe_ttl_secs: u64,
+        /// Reload period (s) of tenants, tokens, channels and prices from MySQL.
+        #[arg(long, env = "AIGW_REFRESH_SECS", default_value_t = 10)]
+        refresh_secs: u64,
+        /// Kafka static membership id (a `StatefulSet` pod name): a restarted worker gets its
+        /// partitions back at once. Unset: dynamic membership.
+        #[arg(long, env = "AIGW_CONSUMER_INSTANCE")]
+        consumer_instance: Option<String>,
     },
 }
 
@@ -60,14 +89,13 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signal();
     let readiness = ops::Readiness::default();
-    let registry = Registry::with_prefix("aigw_billing");
+    let mut registry = Registry::with_prefix("aigw_billing");
 
-    let producer: FutureProducer = ClientConfig::new()
+    let probe_producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &cli.kafka_brokers)
-        .set("enable.idempotence", "true")
         .create()?;
     probe::spawn(&readiness, "kafka", shutdown.clone(), move || {
-        let producer = producer.clone();
+        let producer = probe_producer.clone();
         async move {
             // librdkafka's metadata call blocks; keep it off the async workers.
             tokio::task::spawn_blocking(move || {
@@ -90,39 +118,39 @@ async fn main() -> anyhow::Result<()> {
 
     let mut tasks = Vec::new();
     match cli.role {
-        Role::Ingest { listen_addr } => {
-            let router = axum::Router::new();
+        Role::Ingest {
+            listen_addr,
+            ingest_secret,
+            produce_timeout_ms,
+        } => {
+            anyhow::ensure!(
+                !ingest_secret.is_empty(),
+                "--ingest-secret (AIGW_INGEST_SECRET) must not be empty"
+            );
+            let timeout = Duration::from_millis(produce_timeout_ms);
+            let settings = ingest::Settings {
+                topic: cli.usage_topic,
+                dlq_topic: cli.dlq_topic,
+                secret: ingest_secret,
+                produce_timeout: timeout,
+            };
+            let metrics = ingest::Metrics::register(&mut registry);
+            let producer = ingest::producer(&cli.kafka_brokers, timeout)?;
+            let router = ingest::router(settings, producer, metrics);
             let (addr, task) = ops::serve(listen_addr, router, shutdown.clone()).await?;
             tracing::info!(ingest = %addr, "ingest listener bound");
             tasks.push(task);
         }
-        Role::Worker {
-            clickhouse_url,
-            clickhouse_database,
-            redis_url,
-            database_url,
-        } => {
-            let ch = clickhouse::Client::default()
-                .with_url(clickhouse_url)
-                .with_database(clickhouse_database)
-                // ClickHouse 18.16 (the test server) lacks what validation needs; see docs/testbed.md.
-                .with_validation(false);
-            probe::spawn(&readiness, "clickhouse", shutdown.clone(), move || {
-                let ch = ch.clone();
-                async move {
-                    ch.query("SELECT version()")
-                        .fetch_one::<String>()
-                        .await
-                        .map(|v| format!("clickhouse {v}"))
-                        .map_err(|e| e.to_string())
-                }
-            });
-            let redis = redis::Client::open(redis_url.as_str())?;
-            probe::redis(&readiness, shutdown.clone(), redis);
-            let pool = sqlx::mysql::MySqlPoolOptions::new()
-                .max_connections(4)
-                .connect_lazy(&database_url)?;
-            probe::mysql(&readiness, shutdown.clone(), pool);
+        role @ Role::Worker { .. } => {
+            let settings = WorkerBase {
+                brokers: cli.kafka_brokers.clone(),
+                topic: cli.usage_topic,
+                dlq_topic: cli.dlq_topic,
+            };
+            let metrics = worker::Metrics::register(&mut registry);
+            tasks.push(start_worker(
+                role, settings, metrics, &readiness, &shutdown,
+            )?);
         }
     }
 
@@ -142,4 +170,102 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("aigw-billing stopped");
     Ok(())
+}
+
+/// What the worker takes from the top-level flags.
+#[derive(Debug)]
+struct WorkerBase {
+    brokers: String,
+    topic: String,
+    dlq_topic: String,
+}
+
+type Task = tokio::task::JoinHandle<std::io::Result<()>>;
+
+/// Probes the worker's dependencies and starts it; it keeps retrying to connect until it can.
+fn start_worker(
+    role: Role,
+    base: WorkerBase,
+    metrics: worker::Metrics,
+    readiness: &ops::Readiness,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Task> {
+    let Role::Worker {
+        clickhouse_url,
+        clickhouse_database,
+        redis_url,
+        database_url,
+        group,
+        batch_size,
+        batch_wait_ms,
+        dedupe_ttl_secs,
+        refresh_secs,
+        consumer_instance,
+    } = role
+    else {
+        anyhow::bail!("not the worker role");
+    };
+    let ch = clickhouse::Client::default()
+        .with_url(clickhouse_url)
+        .with_database(clickhouse_database)
+        // ClickHouse 18.16 (the test server) lacks what validation needs; see docs/testbed.md.
+        .with_validation(false);
+    let probe_ch = ch.clone();
+    probe::spawn(readiness, "clickhouse", shutdown.clone(), move || {
+        let ch = probe_ch.clone();
+        async move {
+            ch.query("SELECT version()")
+                .fetch_one::<String>()
+                .await
+                .map(|v| format!("clickhouse {v}"))
+                .map_err(|e| e.to_string())
+        }
+    });
+    let redis = redis::Client::open(redis_url.as_str())?;
+    probe::redis(readiness, shutdown.clone(), redis.clone());
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(4)
+        .connect_lazy(&database_url)?;
+    probe::mysql(readiness, shutdown.clone(), pool.clone());
+    let settings = worker::Settings {
+        brokers: base.brokers,
+        group,
+        topic: base.topic,
+        dlq_topic: base.dlq_topic,
+        batch_size: batch_size.max(1),
+        batch_wait: Duration::from_millis(batch_wait_ms),
+        dedupe_ttl: Duration::from_secs(dedupe_ttl_secs),
+        refresh: Duration::from_secs(refresh_secs),
+        instance: consumer_instance,
+    };
+    let stop = shutdown.clone();
+    Ok(tokio::spawn(async move {
+        // Dependencies may come up after us: keep trying until connected or stopped.
+        let mut wait = Duration::from_millis(500);
+        let w = loop {
+            match worker::Worker::connect(
+                settings.clone(),
+                ch.clone(),
+                redis.clone(),
+                pool.clone(),
+                metrics.clone(),
+            )
+            .await
+            {
+                Ok(w) => break w,
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "worker cannot start yet");
+                    tokio::select! {
+                        () = stop.wait() => return Ok(()),
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
+        tracing::info!("worker consuming");
+        w.run(stop)
+            .await
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+    }))
 }

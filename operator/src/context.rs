@@ -34,6 +34,8 @@ pub struct Config {
     pub authz_path: String,
     /// Envoy cluster of the billing ingest service, for the usage reporter.
     pub ingest_cluster: String,
+    /// Shared secret the usage reporter sends to ingest.
+    pub ingest_secret: String,
     /// OCI URL of our usage-reporter plugin image.
     pub usage_reporter_image: String,
     /// OCI URL of the Higress ai-proxy plugin image.
@@ -56,6 +58,7 @@ impl Config {
             authz_port: 8081,
             authz_path: "/authz".into(),
             ingest_cluster: "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local".into(),
+            ingest_secret: String::new(),
             usage_reporter_image: "oci://registry.example/aigw-plugin:0.1.0".into(),
             ai_proxy_image: "oci://registry.example/ai-proxy:2.0.1".into(),
             ext_auth_image: "oci://registry.example/ext-auth:2.0.0".into(),

@@ -473,6 +473,7 @@ fn plugins(
         ingest_cluster: config.ingest_cluster.clone(),
         ingest_path: "/v1/usage".to_owned(),
         timeout_ms: 2_000,
+        ingest_secret: config.ingest_secret.clone(),
     };
     let ext_auth = json!({
         "http_service": {

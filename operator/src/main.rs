@@ -61,6 +61,15 @@ struct Cli {
         default_value = "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local"
     )]
     ingest_cluster: String,
+    /// Shared secret the usage reporter sends to billing ingest (same value as ingest's
+    /// `AIGW_INGEST_SECRET`). It is written into the usage-reporter WasmPlugin config.
+    #[arg(
+        long,
+        env = "AIGW_INGEST_SECRET",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    ingest_secret: String,
     /// Image of our usage-reporter plugin (the Helm chart sets the published one).
     #[arg(
         long,
@@ -133,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
         authz_port: cli.authz_port,
         authz_path: cli.authz_path,
         ingest_cluster: cli.ingest_cluster,
+        ingest_secret: cli.ingest_secret,
         usage_reporter_image: cli.usage_reporter_image,
         ai_proxy_image: cli.ai_proxy_image,
         ext_auth_image: cli.ext_auth_image,

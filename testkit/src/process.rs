@@ -105,6 +105,14 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Sends SIGKILL — no chance to flush or commit — and reaps the process (crash tests).
+    pub fn kill(mut self) -> Result<ExitStatus, ProcessError> {
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -7,6 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod event;
+pub use event::{EVENT_VERSION, EventError, Outcome, TokenUsage, UsageEvent};
+
 /// The config version this build understands.
 pub const CONFIG_VERSION: u32 = 1;
 
@@ -40,7 +43,13 @@ pub struct PluginConfig {
     /// Timeout of the call to ingest, in milliseconds.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u32,
+    /// Shared secret sent to ingest in [`INGEST_SECRET_HEADER`] (report mode).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ingest_secret: String,
 }
+
+/// The header that carries the shared secret on calls to ingest.
+pub const INGEST_SECRET_HEADER: &str = "x-aigw-ingest-secret";
 
 fn default_ingest_path() -> String {
     "/v1/usage".to_owned()

@@ -1,0 +1,228 @@
+//! Ingest: the HTTP endpoint the usage reporter posts events to. An event is acknowledged (202)
+//! only after Kafka has it (`acks=all`, idempotent producer); when Kafka cannot take it the answer
+//! is 503 and the sender retries. A malformed event is answered 400 and kept on the dead-letter
+//! topic with the reason, so nothing a plugin sent is lost silently.
+
+use std::{sync::Arc, time::Duration};
+
+use aigw_plugin_core::{INGEST_SECRET_HEADER, UsageEvent};
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use rdkafka::{
+    ClientConfig,
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    util::Timeout,
+};
+use serde_json::json;
+
+/// Largest accepted event body.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Ingest settings.
+#[derive(Clone)]
+pub struct Settings {
+    pub topic: String,
+    pub dlq_topic: String,
+    /// Expected value of the shared-secret header.
+    pub secret: String,
+    /// How long a produce may take before the request gets a 503.
+    pub produce_timeout: Duration,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("topic", &self.topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("secret", &"<redacted>")
+            .field("produce_timeout", &self.produce_timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Result_ {
+    result: &'static str,
+}
+
+/// Ingest counters.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    requests: Family<Result_, Counter>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "ingest_requests",
+            "Usage events received, by result (accepted, invalid, unauthorized, unavailable)",
+            m.requests.clone(),
+        );
+        m
+    }
+
+    fn count(&self, result: &'static str) {
+        self.requests.get_or_create(&Result_ { result }).inc();
+    }
+}
+
+struct Ingest {
+    settings: Settings,
+    producer: FutureProducer,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The idempotent, `acks=all` producer ingest uses.
+pub fn producer(
+    brokers: &str,
+    timeout: Duration,
+) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", timeout.as_millis().to_string())
+        .create()
+}
+
+/// The ingest router: `POST /v1/usage`.
+pub fn router(settings: Settings, producer: FutureProducer, metrics: Metrics) -> Router {
+    let state = Arc::new(Ingest {
+        settings,
+        producer,
+        metrics,
+    });
+    Router::new()
+        .route("/v1/usage", post(accept))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint".to_owned(),
+            )
+        })
+        .with_state(state)
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+/// Compares without an early exit, so the time taken does not reveal a prefix.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn accept(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Bytes) -> Response {
+    let given = headers
+        .get(INGEST_SECRET_HEADER)
+        .map_or(&[][..], |v| v.as_bytes());
+    if !same_secret(given, ingest.settings.secret.as_bytes()) {
+        ingest.metrics.count("unauthorized");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("missing or wrong {INGEST_SECRET_HEADER}"),
+        );
+    }
+    let event = match UsageEvent::parse(&body) {
+        Ok(event) => event,
+        Err(e) => {
+            let reason = e.to_string();
+            // Keep what was sent, with the reason, before saying it was refused.
+            let record = FutureRecord::<(), _>::to(&ingest.settings.dlq_topic)
+                .payload(&body[..])
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "reason",
+                    value: Some(reason.as_str()),
+                }));
+            if let Err((e, _)) = ingest
+                .producer
+                .send(record, Timeout::After(ingest.settings.produce_timeout))
+                .await
+            {
+                ingest.metrics.count("unavailable");
+                tracing::warn!(error = %e, "dead-letter topic unavailable");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "event log unavailable, retry".to_owned(),
+                );
+            }
+            ingest.metrics.count("invalid");
+            return error(StatusCode::BAD_REQUEST, "invalid_event", reason);
+        }
+    };
+    let key = event.dedupe_key();
+    let payload = match serde_json::to_vec(&event) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    };
+    let record = FutureRecord::to(&ingest.settings.topic)
+        .key(&key)
+        .payload(&payload);
+    match ingest
+        .producer
+        .send(record, Timeout::After(ingest.settings.produce_timeout))
+        .await
+    {
+        Ok(_) => {
+            ingest.metrics.count("accepted");
+            (StatusCode::ACCEPTED, Json(json!({"accepted": key}))).into_response()
+        }
+        Err((e, _)) => {
+            ingest.metrics.count("unavailable");
+            tracing::warn!(error = %e, event = %key, "kafka did not take the event");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "event log unavailable, retry".to_owned(),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secret_comparison() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abd", b"abc"));
+        assert!(!same_secret(b"ab", b"abc"));
+        assert!(!same_secret(b"", b"abc"));
+    }
+}

@@ -1,0 +1,764 @@
+//! The billing worker: Kafka `usage.events` → price → ClickHouse `usage_logs` → Redis settle →
+//! MySQL aggregates → dedupe keys → offset commit.
+//!
+//! Every step is idempotent, so a batch replayed after a crash anywhere changes nothing twice:
+//!
+//! | step | what makes a replay harmless |
+//! |---|---|
+//! | dedupe | copies inside a batch dropped; keys already in Redis (recorded at the end of an earlier, fully applied batch) dropped |
+//! | ClickHouse insert | `ReplacingMergeTree` keyed by tenant and event id; exact queries use `FINAL` |
+//! | Redis settle | per-event marker set in the same Lua call as the deduction ([`aigw_common::quota::SETTLE`]) |
+//! | MySQL aggregates | per-partition offset watermark updated in the same transaction ([`crate::ledger`]) |
+//! | dedupe keys | recorded only after all of the above succeeded, never before |
+//! | offset commit | last; a crash before it replays the batch through the rows above |
+//!
+//! A message that cannot be billed (malformed, unknown tenant, no platform price, counts out of
+//! range) goes to the dead-letter topic with the reason before its offset is committed.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use aigw_common::{
+    quota::{Reservation, SETTLE, TokenKeys},
+    shutdown::Shutdown,
+};
+use aigw_plugin_core::{Outcome, UsageEvent};
+use anyhow::Context as _;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{CommitMode, Consumer, StreamConsumer},
+    message::{Header, OwnedHeaders, OwnedMessage},
+    producer::{FutureProducer, FutureRecord},
+};
+use rust_decimal::{Decimal, prelude::ToPrimitive};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    directory::{Directory, TokenRow},
+    ledger,
+    pricing::{self, Priced, Usage},
+};
+
+/// Largest amount a `Decimal(12,6)` column holds, in millionths.
+const MAX_MICROS: i64 = 999_999_999_999;
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub brokers: String,
+    pub group: String,
+    pub topic: String,
+    pub dlq_topic: String,
+    /// Most messages per batch.
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill once its first message arrived.
+    pub batch_wait: Duration,
+    /// How long a dedupe key (and a settle marker) lives in Redis.
+    pub dedupe_ttl: Duration,
+    /// How often the MySQL mirror (tenants, tokens, channels, prices) is reloaded.
+    pub refresh: Duration,
+    /// Kafka static group membership id (e.g. the pod name): a restarted worker takes its
+    /// partitions back at once instead of waiting for the old session to time out.
+    pub instance: Option<String>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+/// Worker metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    consumed: Counter,
+    priced: Counter,
+    deduped: Counter,
+    dead_lettered: Family<Reason, Counter>,
+    unknown_token: Counter,
+    upstream_cost_missing: Counter,
+    batch_errors: Counter,
+    batch_seconds: Histogram,
+    lag: Gauge,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            consumed: Counter::default(),
+            priced: Counter::default(),
+            deduped: Counter::default(),
+            dead_lettered: Family::default(),
+            unknown_token: Counter::default(),
+            upstream_cost_missing: Counter::default(),
+            batch_errors: Counter::default(),
+            batch_seconds: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            lag: Gauge::default(),
+        };
+        registry.register(
+            "worker_consumed",
+            "Messages read from usage.events",
+            m.consumed.clone(),
+        );
+        registry.register(
+            "worker_priced",
+            "Events priced and written",
+            m.priced.clone(),
+        );
+        registry.register(
+            "worker_deduped",
+            "Copies of already-billed events dropped",
+            m.deduped.clone(),
+        );
+        registry.register(
+            "worker_dead_lettered",
+            "Messages sent to the dead-letter topic, by reason",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "worker_unknown_token",
+            "Events billed whose token is not in the mirror (no quota settled)",
+            m.unknown_token.clone(),
+        );
+        registry.register(
+            "worker_upstream_cost_missing",
+            "Events whose channel has no upstream cost for the model (upstream_cost recorded as 0)",
+            m.upstream_cost_missing.clone(),
+        );
+        registry.register(
+            "worker_batch_errors",
+            "Batches that failed a step and were retried",
+            m.batch_errors.clone(),
+        );
+        registry.register(
+            "worker_batch_seconds",
+            "Time to apply one batch",
+            m.batch_seconds.clone(),
+        );
+        registry.register(
+            "worker_consumer_lag",
+            "Messages behind the end of the assigned partitions",
+            m.lag.clone(),
+        );
+        m
+    }
+}
+
+/// One `usage_logs` row. `Decimal(12,6)` travels as an `i64` count of millionths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct UsageLogRow {
+    pub event_id: String,
+    pub trace_id: String,
+    pub tenant_id: u64,
+    pub user_id: u64,
+    pub token_id: u64,
+    pub channel_id: u64,
+    pub model: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub cached_tokens: u32,
+    pub reasoning_tokens: u32,
+    pub total_tokens: u32,
+    pub cost: i64,
+    pub platform_cost: i64,
+    pub upstream_cost: i64,
+    pub latency_ms: u32,
+    pub status: String,
+    pub error_msg: String,
+    pub created_at: u32,
+}
+
+/// A message read from Kafka.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+impl Msg {
+    fn from_owned(m: &OwnedMessage) -> Self {
+        Self {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+        }
+    }
+}
+
+/// An event ready to be written.
+#[derive(Debug, Clone)]
+pub struct Billed {
+    pub partition: i32,
+    pub offset: i64,
+    pub dedupe: String,
+    pub event: UsageEvent,
+    pub token: Option<TokenRow>,
+    pub priced: Priced,
+    pub row: UsageLogRow,
+}
+
+/// Why a message goes to the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+fn dead(reason: &'static str, detail: impl Into<String>) -> DeadLetter {
+    DeadLetter {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+fn micros(d: Decimal) -> Option<i64> {
+    let m = (d.round_dp(pricing::SCALE) * Decimal::from(1_000_000u32)).to_i64()?;
+    (0..=MAX_MICROS).contains(&m).then_some(m)
+}
+
+fn count(name: &'static str, v: Option<u64>) -> Result<u32, DeadLetter> {
+    u32::try_from(v.unwrap_or(0)).map_err(|_| {
+        dead(
+            "out_of_range",
+            format!("{name} {v:?} exceeds the UInt32 column"),
+        )
+    })
+}
+
+fn status(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Complete => "success",
+        Outcome::NoUsage => "no_usage",
+        Outcome::Truncated => "truncated",
+        Outcome::UpstreamError => "error",
+    }
+}
+
+/// The result of pricing one event: its token (if known), the amounts and the ClickHouse row.
+pub type Billing = Result<(Option<TokenRow>, Priced, UsageLogRow), DeadLetter>;
+
+/// Prices one event against the directory. Pure: no I/O.
+pub fn bill(dir: &Directory, event: &UsageEvent, metrics: &Metrics) -> Billing {
+    let tenant_id = dir.tenant(&event.tenant).ok_or_else(|| {
+        dead(
+            "unknown_tenant",
+            format!("tenant {:?} is unknown", event.tenant),
+        )
+    })?;
+    let token = dir.token(&event.token).cloned();
+    if let Some(t) = &token
+        && t.tenant_id != tenant_id
+    {
+        return Err(dead(
+            "tenant_mismatch",
+            format!(
+                "token {} belongs to tenant {}, not {tenant_id}",
+                t.id, t.tenant_id
+            ),
+        ));
+    }
+    if token.is_none() {
+        metrics.unknown_token.inc();
+    }
+    let u = &event.usage;
+    let usage = Usage {
+        prompt_tokens: u.prompt_tokens.unwrap_or(0),
+        completion_tokens: u.completion_tokens.unwrap_or(0),
+        cached_input_tokens: u.cached_input_tokens.unwrap_or(0),
+    };
+    let channel = dir.channel(&event.channel);
+    let upstream = channel.and_then(|c| c.upstream.get(&event.model));
+    if upstream.is_none() {
+        metrics.upstream_cost_missing.inc();
+    }
+    let priced = pricing::price(
+        &event.model,
+        &usage,
+        dir.tenant_price(tenant_id, &event.model),
+        dir.platform_price(&event.model),
+        upstream,
+    )
+    .map_err(|e| dead("unpriced", e.to_string()))?;
+    let money = |name: &'static str, d: Decimal| {
+        micros(d).ok_or_else(|| dead("out_of_range", format!("{name} {d} exceeds Decimal(12,6)")))
+    };
+    let total = u
+        .total_tokens
+        .unwrap_or(usage.prompt_tokens + usage.completion_tokens);
+    let row = UsageLogRow {
+        event_id: event.event_id.clone(),
+        trace_id: event.event_id.clone(),
+        tenant_id,
+        user_id: token.as_ref().map_or(0, |t| t.user_id),
+        token_id: token
+            .as_ref()
+            .map_or_else(|| event.token.parse().unwrap_or(0), |t| t.id),
+        channel_id: channel.map_or(0, |c| c.id),
+        model: event.model.clone(),
+        prompt_tokens: count("promptTokens", u.prompt_tokens)?,
+        completion_tokens: count("completionTokens", u.completion_tokens)?,
+        cached_tokens: count("cachedInputTokens", u.cached_input_tokens)?,
+        reasoning_tokens: count("reasoningTokens", u.reasoning_tokens)?,
+        total_tokens: count("totalTokens", Some(total))?,
+        cost: money("cost", priced.cost)?,
+        platform_cost: money("platform_cost", priced.platform_cost)?,
+        upstream_cost: money("upstream_cost", priced.upstream_cost.unwrap_or_default())?,
+        latency_ms: u32::try_from(event.latency_ms()).unwrap_or(u32::MAX),
+        status: status(event.outcome).to_owned(),
+        error_msg: event.error.clone().unwrap_or_default(),
+        created_at: u32::try_from(event.ended_at_ms / 1000)
+            .map_err(|_| dead("out_of_range", format!("endedAtMs {}", event.ended_at_ms)))?,
+    };
+    Ok((token, priced, row))
+}
+
+/// The Redis key that marks an event as fully applied.
+pub fn seen_key(dedupe: &str) -> String {
+    format!("aigw:seen:{dedupe}")
+}
+
+/// The worker's connections and state.
+pub struct Worker {
+    settings: Settings,
+    consumer: Arc<StreamConsumer>,
+    producer: FutureProducer,
+    ch: clickhouse::Client,
+    redis: redis::aio::ConnectionManager,
+    db: sqlx::MySqlPool,
+    dir: Directory,
+    dir_loaded: Instant,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    pub async fn connect(
+        settings: Settings,
+        ch: clickhouse::Client,
+        redis: redis::Client,
+        db: sqlx::MySqlPool,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &settings.brokers)
+            .set("group.id", &settings.group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", "10000");
+        if let Some(id) = &settings.instance {
+            config.set("group.instance.id", id);
+        }
+        let consumer: StreamConsumer = config.create().context("kafka consumer")?;
+        consumer
+            .subscribe(&[&settings.topic])
+            .context("subscribe")?;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "10000")
+            .create()
+            .context("kafka producer")?;
+        let redis = redis::aio::ConnectionManager::new(redis)
+            .await
+            .context("redis")?;
+        let dir = Directory::load(&db)
+            .await
+            .context("load the MySQL mirror")?;
+        Ok(Self {
+            settings,
+            consumer: Arc::new(consumer),
+            producer,
+            ch,
+            redis,
+            db,
+            dir,
+            dir_loaded: Instant::now(),
+            metrics,
+        })
+    }
+
+    /// Consumes until `shutdown`. A batch that fails a step is retried as a whole (every step is
+    /// idempotent) until it succeeds or the worker stops; on stop, uncommitted work is replayed by
+    /// whoever consumes next.
+    pub async fn run(mut self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let lag_task = spawn_lag(
+            self.consumer.clone(),
+            self.metrics.lag.clone(),
+            shutdown.clone(),
+        );
+        let mut backoff = Duration::from_millis(200);
+        'outer: loop {
+            let batch = tokio::select! {
+                () = shutdown.wait() => break,
+                b = self.collect() => b?,
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            // Dead letters are sent once per batch even when a later step fails and the batch is
+            // retried (after a crash they may repeat; they carry their source offset).
+            let mut dead_lettered = false;
+            loop {
+                let started = Instant::now();
+                match self.apply(&batch, &mut dead_lettered).await {
+                    Ok(()) => {
+                        self.metrics
+                            .batch_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        backoff = Duration::from_millis(200);
+                        break;
+                    }
+                    Err(e) => {
+                        self.metrics.batch_errors.inc();
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            messages = batch.len(),
+                            "batch failed; retrying"
+                        );
+                        tokio::select! {
+                            () = shutdown.wait() => break 'outer,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        lag_task.abort();
+        Ok(())
+    }
+
+    async fn collect(&self) -> anyhow::Result<Vec<Msg>> {
+        let first = match self.consumer.recv().await {
+            Ok(m) => m.detach(),
+            Err(e) => {
+                // Transient (broker down, rebalance): librdkafka reconnects by itself.
+                tracing::warn!(error = %e, "kafka receive error");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Ok(Vec::new());
+            }
+        };
+        let mut batch = vec![Msg::from_owned(&first)];
+        let deadline = tokio::time::Instant::now() + self.settings.batch_wait;
+        while batch.len() < self.settings.batch_size {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(Msg::from_owned(&m.detach())),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka receive error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.metrics.consumed.inc_by(batch.len() as u64);
+        Ok(batch)
+    }
+
+    async fn refresh(&mut self, force: bool) -> anyhow::Result<()> {
+        let age = self.dir_loaded.elapsed();
+        if age >= self.settings.refresh || (force && age >= Duration::from_secs(1)) {
+            self.dir = Directory::load(&self.db)
+                .await
+                .context("reload the MySQL mirror")?;
+            self.dir_loaded = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Applies one batch; see the module docs for the order and why it is safe to repeat.
+    pub async fn apply(&mut self, batch: &[Msg], dead_lettered: &mut bool) -> anyhow::Result<()> {
+        self.refresh(false).await?;
+        // 1. Parse and dedupe inside the batch.
+        let mut parsed: Vec<(&Msg, UsageEvent, String)> = Vec::with_capacity(batch.len());
+        let mut dead_letters: Vec<(&Msg, DeadLetter)> = Vec::new();
+        let mut in_batch = HashSet::new();
+        for m in batch {
+            match UsageEvent::parse(m.payload.as_deref().unwrap_or_default()) {
+                Ok(e) => {
+                    let key = e.dedupe_key();
+                    if in_batch.insert(key.clone()) {
+                        parsed.push((m, e, key));
+                    } else {
+                        self.metrics.deduped.inc();
+                    }
+                }
+                Err(e) => dead_letters.push((m, dead("malformed", e.to_string()))),
+            }
+        }
+        // 2. Dedupe against events already fully applied.
+        if !parsed.is_empty() {
+            let keys: Vec<String> = parsed.iter().map(|(_, _, k)| seen_key(k)).collect();
+            let mut conn = self.redis.clone();
+            let seen: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .context("redis dedupe lookup")?;
+            let before = parsed.len();
+            let mut flags = seen.into_iter();
+            parsed.retain(|_| flags.next().flatten().is_none());
+            self.metrics.deduped.inc_by((before - parsed.len()) as u64);
+        }
+        // 3. Price. An unknown name may be a stale mirror: reload once and try again.
+        let mut attempt = self.price_all(&parsed);
+        if attempt
+            .iter()
+            .any(|r| matches!(r, Err(d) if matches!(d.reason, "unknown_tenant" | "unpriced")))
+        {
+            self.refresh(true).await?;
+            attempt = self.price_all(&parsed);
+        }
+        let mut billed = Vec::with_capacity(parsed.len());
+        for ((m, event, dedupe), result) in parsed.into_iter().zip(attempt) {
+            match result {
+                Ok((token, priced, row)) => billed.push(Billed {
+                    partition: m.partition,
+                    offset: m.offset,
+                    dedupe,
+                    event,
+                    token,
+                    priced,
+                    row,
+                }),
+                Err(d) => dead_letters.push((m, d)),
+            }
+        }
+        // 4. Dead letters are on Kafka before anything is committed.
+        if !*dead_lettered {
+            self.dead_letter(&dead_letters).await?;
+            *dead_lettered = true;
+        }
+        // 5. ClickHouse.
+        if !billed.is_empty() {
+            let mut insert = self
+                .ch
+                .insert::<UsageLogRow>("usage_logs")
+                .await
+                .context("clickhouse insert")?;
+            for b in &billed {
+                insert.write(&b.row).await.context("clickhouse write")?;
+            }
+            insert.end().await.context("clickhouse insert end")?;
+        }
+        // 6. Redis: settle reservations and deduct quota, once per event.
+        self.settle(&billed).await?;
+        // 7. MySQL aggregates, guarded by the offset watermark.
+        ledger::apply(&self.db, &self.settings.topic, batch, &billed)
+            .await
+            .context("mysql aggregates")?;
+        // 8. Only now: the events count as seen.
+        if !billed.is_empty() {
+            let mut pipe = redis::pipe();
+            let ttl = self.settings.dedupe_ttl.as_secs().max(1);
+            for b in &billed {
+                pipe.cmd("SET")
+                    .arg(seen_key(&b.dedupe))
+                    .arg(1)
+                    .arg("EX")
+                    .arg(ttl)
+                    .ignore();
+            }
+            let mut conn = self.redis.clone();
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .context("redis dedupe record")?;
+        }
+        self.metrics.priced.inc_by(billed.len() as u64);
+        // 9. Commit offsets.
+        self.commit(batch)?;
+        Ok(())
+    }
+
+    fn price_all(&self, parsed: &[(&Msg, UsageEvent, String)]) -> Vec<Billing> {
+        parsed
+            .iter()
+            .map(|(_, e, _)| bill(&self.dir, e, &self.metrics))
+            .collect()
+    }
+
+    async fn dead_letter(&self, letters: &[(&Msg, DeadLetter)]) -> anyhow::Result<()> {
+        let mut pending = Vec::with_capacity(letters.len());
+        for (m, d) in letters {
+            let offset = m.offset.to_string();
+            let partition = m.partition.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "reason",
+                    value: Some(d.reason),
+                })
+                .insert(Header {
+                    key: "detail",
+                    value: Some(d.detail.as_str()),
+                })
+                .insert(Header {
+                    key: "source-partition",
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: "source-offset",
+                    value: Some(offset.as_str()),
+                });
+            let mut record = FutureRecord::to(&self.settings.dlq_topic)
+                .payload(m.payload.as_deref().unwrap_or_default())
+                .headers(headers);
+            if let Some(k) = &m.key {
+                record = record.key(k);
+            }
+            // send_result enqueues at once (awaiting `send` one by one would wait per message).
+            pending.push(
+                self.producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e)
+                    .context("dead-letter enqueue")?,
+            );
+            tracing::warn!(reason = d.reason, detail = %d.detail, partition = m.partition, offset = m.offset, "dead-lettered");
+            self.metrics
+                .dead_lettered
+                .get_or_create(&Reason { reason: d.reason })
+                .inc();
+        }
+        for p in pending {
+            p.await
+                .context("dead-letter producer gone")?
+                .map_err(|(e, _)| e)
+                .context("dead-letter produce")?;
+        }
+        Ok(())
+    }
+
+    async fn settle(&self, billed: &[Billed]) -> anyhow::Result<()> {
+        let with_token: Vec<(&Billed, &TokenRow)> = billed
+            .iter()
+            .filter_map(|b| b.token.as_ref().map(|t| (b, t)))
+            .collect();
+        if with_token.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.redis.clone();
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(SETTLE)
+            .query_async(&mut conn)
+            .await
+            .context("redis script load")?;
+        let ttl = self.settings.dedupe_ttl.as_secs().max(1);
+        for chunk in with_token.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for (b, token) in chunk {
+                let keys = TokenKeys::new(&token.key_hash);
+                let reservation = match b.event.reservation.parse::<Reservation>() {
+                    Ok(Reservation::Held { id, .. }) => id,
+                    _ => "none".to_owned(),
+                };
+                let marker = keys.settled(&format!("event:{}", b.event.event_id));
+                pipe.cmd("EVALSHA")
+                    .arg(&sha)
+                    .arg(6)
+                    .arg(&keys.all()[..])
+                    .arg(marker)
+                    .arg(reservation)
+                    .arg(b.event.usage.billable_tokens())
+                    .arg(ttl)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .context("redis settle")?;
+        }
+        Ok(())
+    }
+
+    fn commit(&self, batch: &[Msg]) -> anyhow::Result<()> {
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        for m in batch {
+            let e = next.entry(m.partition).or_insert(0);
+            *e = (*e).max(m.offset + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in next {
+            tpl.add_partition_offset(&self.settings.topic, p, Offset::Offset(o))
+                .context("offset list")?;
+        }
+        // A synchronous commit blocks this thread briefly; keep the runtime's other tasks moving.
+        tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync))
+            .context("kafka commit")?;
+        Ok(())
+    }
+}
+
+/// Samples consumer lag every 10 s (librdkafka's watermark query blocks, so off the workers).
+fn spawn_lag(
+    consumer: Arc<StreamConsumer>,
+    gauge: Gauge,
+    shutdown: Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.wait() => return,
+                () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+            let c = consumer.clone();
+            let lag = tokio::task::spawn_blocking(move || -> Option<i64> {
+                let positions = c.position().ok()?;
+                let mut lag = 0;
+                for e in positions.elements() {
+                    let (_, high) = c
+                        .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+                        .ok()?;
+                    if let Offset::Offset(pos) = e.offset() {
+                        lag += (high - pos).max(0);
+                    }
+                }
+                Some(lag)
+            })
+            .await;
+            if let Ok(Some(l)) = lag {
+                gauge.set(l);
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micros_rounds_once_and_refuses_overflow() {
+        assert_eq!(micros("1.2345675".parse().unwrap()), Some(1_234_568));
+        assert_eq!(micros(Decimal::ZERO), Some(0));
+        assert_eq!(micros("999999.999999".parse().unwrap()), Some(MAX_MICROS));
+        assert_eq!(micros("1000000".parse().unwrap()), None);
+        assert_eq!(micros("-1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn counts_must_fit_their_columns() {
+        assert_eq!(count("x", None), Ok(0));
+        assert_eq!(count("x", Some(7)), Ok(7));
+        assert!(count("x", Some(u64::from(u32::MAX) + 1)).is_err());
+    }
+}
