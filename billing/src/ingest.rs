@@ -164,10 +164,17 @@ async fn accept(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Byt
             // Keep what was sent, with the reason, before saying it was refused.
             let record = FutureRecord::<(), _>::to(&ingest.settings.dlq_topic)
                 .payload(&body[..])
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: "reason",
-                    value: Some(reason.as_str()),
-                }));
+                .headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: "reason",
+                            value: Some("malformed"),
+                        })
+                        .insert(Header {
+                            key: "detail",
+                            value: Some(reason.as_str()),
+                        }),
+                );
             if let Err((e, _)) = ingest
                 .producer
                 .send(record, Timeout::After(ingest.settings.produce_timeout))

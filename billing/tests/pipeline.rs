@@ -1,8 +1,6 @@
 //! The billing pipeline end to end on the real test bed: events on Kafka → the `aigw-billing worker`
-//! process → ClickHouse `usage_logs`, Redis quota, MySQL aggregates, and the dead-letter topic.
-//!
-//! Each test gets its own MySQL database, ClickHouse database, Kafka topics, consumer group and
-//! Redis keys, so tests run in parallel without seeing each other.
+//! process → ClickHouse `usage_logs`, Redis quota, MySQL aggregates, and the dead-letter topic; and
+//! the ingest process in front of it.
 
 // Test code: a failed unwrap is a failed test with its message.
 #![allow(
@@ -12,342 +10,22 @@
     clippy::too_many_lines
 )]
 
+mod common;
+
 use std::{
     collections::{BTreeMap, HashSet},
-    path::Path,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aigw_billing::pricing::{self, Price, Usage};
 use aigw_common::quota::{ADMIT, TokenKeys};
-use aigw_plugin_core::{EVENT_VERSION, Outcome, TokenUsage, UsageEvent};
-use aigw_testkit::{Testbed, process::Service, unique_ident};
-use rand::Rng;
-use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
-    consumer::{BaseConsumer, Consumer},
-    message::Headers,
-    producer::{FutureProducer, FutureRecord},
+use aigw_plugin_core::TokenUsage;
+use common::{
+    Bed, SECRET, clickhouse_sums, dec, event, message, platform_price, post, start_ingest,
+    tenant_price,
 };
+use rand::Rng;
 use rust_decimal::Decimal;
-
-const PARTITIONS: i32 = 3;
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_aigw-billing"))
-}
-
-fn dec(s: &str) -> Decimal {
-    s.parse().unwrap()
-}
-
-/// Platform price of gpt-4o and acme's own price, per million tokens.
-fn platform_price() -> Price {
-    Price {
-        input: dec("2.50"),
-        output: dec("10.00"),
-        cached_input: Some(dec("1.25")),
-    }
-}
-fn tenant_price() -> Price {
-    Price {
-        input: dec("3.00"),
-        output: dec("12.00"),
-        cached_input: Some(dec("1.50")),
-    }
-}
-
-/// One test's slice of the test bed.
-struct Bed {
-    tb: Testbed,
-    db: sqlx::MySqlPool,
-    db_url: String,
-    ch: clickhouse::Client,
-    ch_db: String,
-    topic: String,
-    dlq: String,
-    group: String,
-    /// Key hashes of tokens 11 and 12 (tenant 1) and 21 (tenant 2), unique to this test.
-    hashes: BTreeMap<u64, String>,
-}
-
-impl Bed {
-    async fn new(purpose: &str) -> Self {
-        let tb = Testbed::load().unwrap();
-        let (db_name, db) = tb.scratch_mysql(purpose).await.unwrap();
-        aigw_migrations::run_mysql(&db).await.unwrap();
-        let url = tb.var("DATABASE_URL").unwrap();
-        let db_url = format!("{}/{db_name}", url.rsplit_once('/').unwrap().0);
-
-        let ch_db = unique_ident(purpose);
-        let server = clickhouse::Client::default()
-            .with_url(tb.var("CLICKHOUSE_URL").unwrap())
-            .with_validation(false);
-        server
-            .query(&format!("CREATE DATABASE `{ch_db}`"))
-            .execute()
-            .await
-            .unwrap();
-        let ch = server.with_database(&ch_db);
-        aigw_migrations::run_clickhouse(&ch).await.unwrap();
-
-        let topic = unique_ident(&format!("{purpose}_usage"));
-        let dlq = format!("{topic}_dlq");
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", tb.kafka_brokers().unwrap())
-            .create()
-            .unwrap();
-        for r in admin
-            .create_topics(
-                &[
-                    NewTopic::new(&topic, PARTITIONS, TopicReplication::Fixed(1)),
-                    NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
-                ],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            )
-            .await
-            .unwrap()
-        {
-            r.unwrap();
-        }
-
-        // The mirror the operator would have written: two tenants, three tokens, a channel with
-        // upstream cost, the platform price list (tenant 0) and tenant 1's own price.
-        sqlx::query("INSERT INTO tenants (id, slug, name) VALUES (1, 'acme', 'Acme'), (2, 'globex', 'Globex')")
-            .execute(&db)
-            .await
-            .unwrap();
-        let mut hashes = BTreeMap::new();
-        for (id, tenant) in [(11u64, 1u64), (12, 1), (21, 2)] {
-            let hash = unique_ident(&format!("h{id}"));
-            sqlx::query(
-                "INSERT INTO tokens (id, tenant_id, user_id, namespace, cr_name, key_hash, key_prefix, quota) \
-                 VALUES (?, ?, 100, 'ns', ?, ?, 'sk-x', -1)",
-            )
-            .bind(id)
-            .bind(tenant)
-            .bind(format!("tok-{id}"))
-            .bind(&hash)
-            .execute(&db)
-            .await
-            .unwrap();
-            hashes.insert(id, hash);
-        }
-        sqlx::query(
-            "INSERT INTO channels (id, name, provider, api_key_enc, models, upstream_cost) VALUES \
-             (5, 'openai-main', 'openai', x'00', '[\"gpt-4o\"]', \
-              '[{\"model\":\"gpt-4o\",\"input\":\"1.00\",\"output\":\"4.00\"}]')",
-        )
-        .execute(&db)
-        .await
-        .unwrap();
-        sqlx::query(
-            "INSERT INTO pricing (tenant_id, model, input_price, output_price, cached_input_price) VALUES \
-             (0, 'gpt-4o', 2.50, 10.00, 1.25), (1, 'gpt-4o', 3.00, 12.00, 1.50), \
-             (0, 'gpt-4o-mini', 0.15, 0.60, NULL)",
-        )
-        .execute(&db)
-        .await
-        .unwrap();
-
-        let group = unique_ident(&format!("{purpose}_group"));
-        Self {
-            tb,
-            db,
-            db_url,
-            ch,
-            ch_db,
-            topic,
-            dlq,
-            group,
-            hashes,
-        }
-    }
-
-    fn start_worker(&self, batch_size: usize) -> Service {
-        let mut envs = self.tb.vars();
-        let batch = batch_size.to_string();
-        envs.retain(|(k, _)| !matches!(*k, "DATABASE_URL" | "CLICKHOUSE_DATABASE"));
-        envs.extend([
-            ("DATABASE_URL", self.db_url.as_str()),
-            ("CLICKHOUSE_DATABASE", self.ch_db.as_str()),
-            ("AIGW_USAGE_TOPIC", self.topic.as_str()),
-            ("AIGW_DLQ_TOPIC", self.dlq.as_str()),
-            ("AIGW_BILLING_GROUP", self.group.as_str()),
-            ("AIGW_CONSUMER_INSTANCE", "worker-0"),
-            ("AIGW_BATCH_SIZE", batch.as_str()),
-            ("AIGW_BATCH_WAIT_MS", "50"),
-        ]);
-        Service::start(bin(), &["worker"], &envs).unwrap()
-    }
-
-    fn producer(&self) -> FutureProducer {
-        ClientConfig::new()
-            .set("bootstrap.servers", self.tb.kafka_brokers().unwrap())
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "20")
-            .create()
-            .unwrap()
-    }
-
-    async fn produce(&self, messages: &[(String, Vec<u8>)]) {
-        let producer = self.producer();
-        for chunk in messages.chunks(10_000) {
-            let pending: Vec<_> = chunk
-                .iter()
-                .map(|(key, payload)| {
-                    // send_result enqueues now; `send` would only start when awaited.
-                    producer
-                        .send_result(FutureRecord::to(&self.topic).key(key).payload(payload))
-                        .map_err(|(e, _)| e)
-                        .unwrap()
-                })
-                .collect();
-            for p in pending {
-                p.await.unwrap().map_err(|(e, _)| e).unwrap();
-            }
-        }
-    }
-
-    /// Committed offsets of the worker's group summed over partitions, and the log end.
-    fn progress(&self) -> (i64, i64) {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.tb.kafka_brokers().unwrap())
-            .set("group.id", &self.group)
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        let mut end = 0;
-        for p in 0..PARTITIONS {
-            tpl.add_partition(&self.topic, p);
-            end += c
-                .fetch_watermarks(&self.topic, p, Duration::from_secs(5))
-                .unwrap()
-                .1;
-        }
-        let committed = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
-        let done = committed
-            .elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            })
-            .sum();
-        (done, end)
-    }
-
-    /// Waits until the worker has committed everything on the topic.
-    async fn drained(&self, secs: u64) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let (done, end) = self.progress();
-            if done == end {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker committed {done} of {end} within {secs}s"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    /// The dead-letter topic's messages: (reason header, payload).
-    fn dead_letters(&self, expect: usize) -> Vec<(String, String)> {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.tb.kafka_brokers().unwrap())
-            .set("group.id", unique_ident("dlq_reader"))
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        c.subscribe(&[&self.dlq]).unwrap();
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_mins(1);
-        while out.len() < expect && Instant::now() < deadline {
-            if let Some(Ok(m)) = c.poll(Duration::from_millis(500)) {
-                let reason = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "reason"))
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default();
-                let payload = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
-                out.push((reason, payload));
-            }
-        }
-        out
-    }
-
-    async fn redis_used(&self, token: u64) -> i64 {
-        let mut conn = self
-            .tb
-            .redis()
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let keys = TokenKeys::new(&self.hashes[&token]);
-        let v: Option<i64> = redis::cmd("GET")
-            .arg(&keys.used)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        v.unwrap_or(0)
-    }
-}
-
-/// An event whose id is unique to this run (Redis, where dedupe keys live, is shared by all runs).
-fn event(id: &str, tenant: &str, token: u64, model: &str, usage: TokenUsage) -> UsageEvent {
-    static RUN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| unique_ident("run"));
-    UsageEvent {
-        version: EVENT_VERSION,
-        event_id: format!("{}-{id}", *RUN),
-        tenant: tenant.to_owned(),
-        user: "alice".into(),
-        token: token.to_string(),
-        channel: "openai-main".into(),
-        model: model.to_owned(),
-        response_model: None,
-        reservation: "none".into(),
-        usage,
-        estimated: false,
-        stream: false,
-        status: 200,
-        outcome: Outcome::Complete,
-        error: None,
-        started_at_ms: 1_790_000_000_000,
-        ended_at_ms: 1_790_000_000_850,
-    }
-}
-
-fn message(e: &UsageEvent) -> (String, Vec<u8>) {
-    (e.dedupe_key(), serde_json::to_vec(e).unwrap())
-}
-
-#[derive(Debug, serde::Deserialize, clickhouse::Row)]
-struct Sums {
-    events: u64,
-    cost: String,
-    platform_cost: String,
-    upstream_cost: String,
-    tokens: u64,
-}
-
-async fn clickhouse_sums(ch: &clickhouse::Client, tenant: u64, final_: bool) -> Sums {
-    ch.query(&format!(
-        "SELECT count() AS events, toString(sum(cost)) AS cost, toString(sum(platform_cost)) AS platform_cost, \
-         toString(sum(upstream_cost)) AS upstream_cost, sum(total_tokens) AS tokens \
-         FROM usage_logs {} WHERE tenant_id = ?",
-        if final_ { "FINAL" } else { "" }
-    ))
-    .bind(tenant)
-    .fetch_one::<Sums>()
-    .await
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_delivered_three_times_is_counted_once_and_poison_is_dead_lettered() {
@@ -613,4 +291,69 @@ async fn kill_9_mid_batch_loses_nothing_and_charges_nothing_twice() {
     }
     assert_eq!(ids.len(), EVENTS);
     worker.terminate(15).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ingest_acknowledges_what_kafka_holds_and_the_worker_bills_it() {
+    let bed = Bed::new("billing_ingest").await;
+    let (ingest, addr) = start_ingest(&bed, None);
+    let e = event(
+        "req-i",
+        "1",
+        12,
+        "gpt-4o-mini",
+        TokenUsage {
+            prompt_tokens: Some(2_000_000),
+            completion_tokens: Some(1_000_000),
+            ..TokenUsage::default()
+        },
+    );
+    let body = serde_json::to_vec(&e).unwrap();
+
+    let (status, json) = post(addr, None, &body);
+    assert_eq!(status, 401, "{json}");
+    assert_eq!(json["error"]["code"], "unauthorized");
+    let (status, json) = post(addr, Some("wrong"), &body);
+    assert_eq!(status, 401, "{json}");
+
+    let (status, json) = post(addr, Some(SECRET), br#"{"version":1,"eventId":"x"}"#);
+    assert_eq!(status, 400, "{json}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing field"),
+        "{json}"
+    );
+
+    let (status, json) = post(addr, Some(SECRET), &body);
+    assert_eq!(status, 202, "{json}");
+    assert_eq!(json["accepted"], e.dedupe_key());
+
+    // The refused body is on the dead-letter topic with its reason, not lost.
+    let letters = bed.dead_letters(1);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].0, "malformed");
+    assert!(letters[0].1.contains("\"eventId\":\"x\""), "{letters:?}");
+
+    // Ingest → Kafka → worker → ClickHouse: 2M × 0.15 + 1M × 0.60 per million (platform price).
+    let worker = bed.start_worker(100);
+    bed.drained(90).await;
+    let t1 = clickhouse_sums(&bed.ch, 1, true).await;
+    assert_eq!((t1.events, t1.cost.as_str()), (1, "0.900000"));
+    assert!(worker.terminate(15).unwrap().success());
+    assert!(ingest.terminate(15).unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ingest_answers_503_when_kafka_cannot_take_the_event() {
+    let bed = Bed::new("billing_ingest_down").await;
+    // A port nothing listens on: the producer can never deliver.
+    let dead = aigw_testkit::process::free_addr().unwrap().to_string();
+    let (ingest, addr) = start_ingest(&bed, Some(&dead));
+    let e = event("req-x", "1", 11, "gpt-4o", TokenUsage::default());
+    let (status, json) = post(addr, Some(SECRET), &serde_json::to_vec(&e).unwrap());
+    assert_eq!(status, 503, "{json}");
+    assert_eq!(json["error"]["code"], "unavailable");
+    assert!(ingest.terminate(15).unwrap().success());
 }

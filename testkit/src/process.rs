@@ -152,10 +152,22 @@ pub fn http_request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<HttpResponse, ProcessError> {
+    http_send(addr, method, path, headers, b"")
+}
+
+/// A minimal HTTP/1.1 request with a body.
+pub fn http_send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpResponse, ProcessError> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: 0\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
     );
     for (k, v) in headers {
         req.push_str(k);
@@ -165,6 +177,7 @@ pub fn http_request(
     }
     req.push_str("\r\n");
     stream.write_all(req.as_bytes())?;
+    stream.write_all(body)?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw)?;
     let (head, body) = raw
