@@ -5,4 +5,7 @@ pub mod directory;
 pub mod ingest;
 pub mod ledger;
 pub mod pricing;
+pub mod reports;
+pub mod retention;
+pub mod settlement;
 pub mod worker;

@@ -78,6 +78,10 @@ enum Role {
         /// partitions back at once. Unset: dynamic membership.
         #[arg(long, env = "AIGW_CONSUMER_INSTANCE")]
         consumer_instance: Option<String>,
+        /// Keep `usage_logs` for this many whole months before the current one (0: keep forever).
+        /// TTL on ClickHouse ≥ 19.6, daily partition drops on older servers.
+        #[arg(long, env = "AIGW_RETENTION_MONTHS", default_value_t = 0)]
+        retention_months: u32,
     },
 }
 
@@ -201,6 +205,7 @@ fn start_worker(
         dedupe_ttl_secs,
         refresh_secs,
         consumer_instance,
+        retention_months,
     } = role
     else {
         anyhow::bail!("not the worker role");
@@ -238,6 +243,9 @@ fn start_worker(
         refresh: Duration::from_secs(refresh_secs),
         instance: consumer_instance,
     };
+    if retention_months > 0 {
+        spawn_retention(ch.clone(), retention_months, shutdown.clone());
+    }
     let stop = shutdown.clone();
     Ok(tokio::spawn(async move {
         // Dependencies may come up after us: keep trying until connected or stopped.
@@ -268,4 +276,23 @@ fn start_worker(
             .await
             .map_err(|e| std::io::Error::other(format!("{e:#}")))
     }))
+}
+
+/// Applies the retention at start and then daily.
+fn spawn_retention(ch: clickhouse::Client, months: u32, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        loop {
+            let today = chrono::Utc::now().date_naive();
+            match aigw_billing::retention::apply(&ch, months, today).await {
+                Ok(applied) => tracing::info!(?applied, months, "usage_logs retention applied"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "usage_logs retention failed; retrying tomorrow")
+                }
+            }
+            tokio::select! {
+                () = shutdown.wait() => return,
+                () = tokio::time::sleep(Duration::from_hours(24)) => {}
+            }
+        }
+    });
 }

@@ -92,6 +92,48 @@ pub async fn run_clickhouse(client: &clickhouse::Client) -> Result<usize, Error>
     Ok(ran)
 }
 
+/// What the ClickHouse server supports that our schema would like to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClickHouseCapabilities {
+    /// `SELECT version()`.
+    pub version: String,
+    /// Table TTL (`ALTER TABLE … MODIFY TTL`), available from 19.6.
+    pub ttl: bool,
+}
+
+impl ClickHouseCapabilities {
+    /// Reads the version string (`major.minor.patch…`).
+    pub fn from_version(version: &str) -> Self {
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let major = parts.next().unwrap_or(0);
+        let minor = parts.next().unwrap_or(0);
+        Self {
+            version: version.to_owned(),
+            ttl: (major, minor) >= (19, 6),
+        }
+    }
+
+    /// What is degraded on this server, in words, for logs; empty when nothing is.
+    pub fn degraded(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.ttl {
+            out.push(format!(
+                "ClickHouse {} has no table TTL (needs 19.6): usage_logs retention drops monthly partitions instead",
+                self.version
+            ));
+        }
+        out
+    }
+}
+
+/// Asks the server what it supports.
+pub async fn clickhouse_capabilities(
+    client: &clickhouse::Client,
+) -> Result<ClickHouseCapabilities, clickhouse::error::Error> {
+    let v: String = client.query("SELECT version()").fetch_one().await?;
+    Ok(ClickHouseCapabilities::from_version(&v))
+}
+
 /// Splits a migration file into statements: `;` at a line end separates them, `--` lines are
 /// comments. (Our files keep string literals free of `;` line ends.)
 fn statements(sql: &str) -> Vec<String> {
@@ -134,6 +176,21 @@ mod tests {
             assert_eq!(m.version as usize, i + 1);
             assert!(m.name.starts_with(&format!("{:04}_", m.version)));
         }
+    }
+
+    #[test]
+    fn capabilities_follow_the_version() {
+        let old = ClickHouseCapabilities::from_version("18.16.1");
+        assert!(!old.ttl);
+        assert_eq!(old.degraded().len(), 1);
+        assert!(ClickHouseCapabilities::from_version("19.6.2.11").ttl);
+        assert!(ClickHouseCapabilities::from_version("24.8.1").ttl);
+        assert!(!ClickHouseCapabilities::from_version("19.5").ttl);
+        assert!(
+            ClickHouseCapabilities::from_version("24.8.1")
+                .degraded()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -34,8 +34,12 @@ async fn main() -> anyhow::Result<()> {
         ))
         .execute()
         .await?;
-    let ran =
-        aigw_migrations::run_clickhouse(&server.with_database(&cli.clickhouse_database)).await?;
+    let ch = server.with_database(&cli.clickhouse_database);
+    let ran = aigw_migrations::run_clickhouse(&ch).await?;
     println!("clickhouse: {ran} migration(s) applied");
+    let caps = aigw_migrations::clickhouse_capabilities(&ch).await?;
+    for line in caps.degraded() {
+        println!("clickhouse: degraded: {line}");
+    }
     Ok(())
 }

@@ -1,0 +1,165 @@
+//! Settlement: per reseller and period, revenue (Σ cost), what is owed to the platform
+//! (Σ `platform_cost`) and the margin; finance records a settlement or a withdrawal as an immutable
+//! MySQL row. Recording a period twice returns the first record: the numbers of a settled period
+//! never change, and recomputing a closed period gives the same numbers because `usage_logs FINAL`
+//! holds each event once.
+
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use sqlx::MySqlPool;
+
+use crate::reports::{self, Filter, GroupBy, ReportError};
+
+/// The numbers of one reseller and period (`from` inclusive, `to` exclusive, UTC days).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub tenant_id: u64,
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    pub requests: u64,
+    /// Σ cost: what the reseller's customers were charged.
+    pub revenue: Decimal,
+    /// Σ `platform_cost`: what the reseller owes the platform.
+    pub platform_cost: Decimal,
+    /// revenue − `platform_cost`.
+    pub margin: Decimal,
+}
+
+/// A recorded settlement or withdrawal.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Record {
+    pub id: i64,
+    pub tenant_id: i64,
+    pub kind: String,
+    pub period_start: Option<NaiveDate>,
+    pub period_end: Option<NaiveDate>,
+    pub revenue: Decimal,
+    pub platform_cost: Decimal,
+    pub margin: Decimal,
+    pub amount: Decimal,
+    pub created_by: String,
+    pub note: Option<String>,
+}
+
+/// Why a settlement operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SettlementError {
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error("mysql: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("period is empty: {from} is not before {to}")]
+    Period { from: NaiveDate, to: NaiveDate },
+    #[error("a withdrawal amount must be positive, got {0}")]
+    Amount(Decimal),
+}
+
+/// Computes a reseller's statement for a period (read-only).
+pub async fn statement(
+    ch: &clickhouse::Client,
+    tenant_id: u64,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<Statement, SettlementError> {
+    if from >= to {
+        return Err(SettlementError::Period { from, to });
+    }
+    let filter = Filter {
+        tenant: Some(tenant_id),
+        users: None,
+        from,
+        to,
+    };
+    let lines = reports::totals(ch, &filter, GroupBy::Tenant).await?;
+    let (requests, revenue, platform_cost) = lines
+        .iter()
+        .fold((0, Decimal::ZERO, Decimal::ZERO), |(n, r, p), l| {
+            (n + l.requests, r + l.cost, p + l.platform_cost)
+        });
+    Ok(Statement {
+        tenant_id,
+        from,
+        to,
+        requests,
+        revenue,
+        platform_cost,
+        margin: revenue - platform_cost,
+    })
+}
+
+const SELECT: &str = "SELECT id, tenant_id, kind, period_start, period_end, revenue, platform_cost, \
+                      margin, amount, created_by, note FROM settlements";
+
+/// Records the settlement of a period; if it was recorded before, returns that record unchanged.
+pub async fn settle(
+    db: &MySqlPool,
+    ch: &clickhouse::Client,
+    tenant_id: u64,
+    from: NaiveDate,
+    to: NaiveDate,
+    by: &str,
+) -> Result<Record, SettlementError> {
+    let s = statement(ch, tenant_id, from, to).await?;
+    // INSERT IGNORE: the unique (tenant, kind, period) key keeps the first record.
+    sqlx::query(
+        "INSERT IGNORE INTO settlements (tenant_id, kind, period_start, period_end, revenue, \
+         platform_cost, margin, amount, created_by) VALUES (?, 'settlement', ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(tenant_id)
+    .bind(from)
+    .bind(to)
+    .bind(s.revenue)
+    .bind(s.platform_cost)
+    .bind(s.margin)
+    .bind(s.platform_cost)
+    .bind(by)
+    .execute(db)
+    .await?;
+    Ok(sqlx::query_as::<_, Record>(&format!(
+        "{SELECT} WHERE tenant_id = ? AND kind = 'settlement' AND period_start = ? AND period_end = ?"
+    ))
+    .bind(tenant_id)
+    .bind(from)
+    .bind(to)
+    .fetch_one(db)
+    .await?)
+}
+
+/// Records money paid out to a reseller.
+pub async fn withdraw(
+    db: &MySqlPool,
+    tenant_id: u64,
+    amount: Decimal,
+    by: &str,
+    note: &str,
+) -> Result<Record, SettlementError> {
+    if amount <= Decimal::ZERO {
+        return Err(SettlementError::Amount(amount));
+    }
+    let id = sqlx::query(
+        "INSERT INTO settlements (tenant_id, kind, amount, created_by, note) VALUES (?, 'withdrawal', ?, ?, ?)",
+    )
+    .bind(tenant_id)
+    .bind(amount)
+    .bind(by)
+    .bind(note)
+    .execute(db)
+    .await?
+    .last_insert_id();
+    Ok(
+        sqlx::query_as::<_, Record>(&format!("{SELECT} WHERE id = ?"))
+            .bind(id)
+            .fetch_one(db)
+            .await?,
+    )
+}
+
+/// A tenant's records, oldest first.
+pub async fn records(db: &MySqlPool, tenant_id: u64) -> Result<Vec<Record>, SettlementError> {
+    Ok(
+        sqlx::query_as::<_, Record>(&format!("{SELECT} WHERE tenant_id = ? ORDER BY id"))
+            .bind(tenant_id)
+            .fetch_all(db)
+            .await?,
+    )
+}
