@@ -286,7 +286,7 @@ fn spawn_retention(ch: clickhouse::Client, months: u32, shutdown: Shutdown) {
             match aigw_billing::retention::apply(&ch, months, today).await {
                 Ok(applied) => tracing::info!(?applied, months, "usage_logs retention applied"),
                 Err(e) => {
-                    tracing::warn!(error = %e, "usage_logs retention failed; retrying tomorrow")
+                    tracing::warn!(error = %e, "usage_logs retention failed; retrying tomorrow");
                 }
             }
             tokio::select! {
