@@ -106,6 +106,11 @@ impl Service {
 }
 
 impl Service {
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGKILL — no chance to flush or commit — and reaps the process (crash tests).
     pub fn kill(mut self) -> Result<ExitStatus, ProcessError> {
         self.child.kill()?;

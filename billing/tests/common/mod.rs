@@ -160,6 +160,20 @@ impl Bed {
     }
 
     pub fn start_worker(&self, batch_size: usize) -> Service {
+        self.start_worker_bin(bin(), batch_size)
+    }
+
+    /// The release build of the worker (benchmarks; `cargo build --release` first).
+    pub fn start_release_worker(&self, batch_size: usize) -> Service {
+        let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/aigw-billing");
+        assert!(
+            release.exists(),
+            "build it first: cargo build --release -p aigw-billing"
+        );
+        self.start_worker_bin(&release, batch_size)
+    }
+
+    fn start_worker_bin(&self, bin: &Path, batch_size: usize) -> Service {
         let mut envs = self.tb.vars();
         let batch = batch_size.to_string();
         envs.retain(|(k, _)| !matches!(*k, "DATABASE_URL" | "CLICKHOUSE_DATABASE"));
@@ -173,20 +187,24 @@ impl Bed {
             ("AIGW_BATCH_SIZE", batch.as_str()),
             ("AIGW_BATCH_WAIT_MS", "50"),
         ]);
-        Service::start(bin(), &["worker"], &envs).unwrap()
+        Service::start(bin, &["worker"], &envs).unwrap()
     }
 
     pub fn producer(&self) -> FutureProducer {
         ClientConfig::new()
             .set("bootstrap.servers", self.tb.kafka_brokers().unwrap())
             .set("enable.idempotence", "true")
-            .set("linger.ms", "20")
+            .set("linger.ms", "5")
             .create()
             .unwrap()
     }
 
     pub async fn produce(&self, messages: &[(String, Vec<u8>)]) {
-        let producer = self.producer();
+        self.produce_with(&self.producer(), messages).await;
+    }
+
+    /// Produces with a long-lived producer (creating one costs hundreds of milliseconds).
+    pub async fn produce_with(&self, producer: &FutureProducer, messages: &[(String, Vec<u8>)]) {
         for chunk in messages.chunks(10_000) {
             let pending: Vec<_> = chunk
                 .iter()

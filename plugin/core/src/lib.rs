@@ -8,7 +8,10 @@
 use serde::{Deserialize, Serialize};
 
 pub mod event;
+pub mod scan;
+pub mod usage;
 pub use event::{EVENT_VERSION, EventError, Outcome, TokenUsage, UsageEvent};
+pub use usage::{Extracted, Framing, UsageParser};
 
 /// The config version this build understands.
 pub const CONFIG_VERSION: u32 = 1;

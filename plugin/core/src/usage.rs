@@ -1,0 +1,502 @@
+//! Usage extraction from LLM responses: OpenAI chat completions, Responses and embeddings; Anthropic
+//! Messages; Gemini / Vertex `generateContent` and `streamGenerateContent` — as one JSON body, a
+//! root JSON array (Gemini's non-SSE stream) or an SSE stream, fed in arbitrary chunks.
+//!
+//! The shape is recognised from the documents themselves, not from the route, so a response
+//! converted by ai-proxy and a native one parse alike. Counts follow the normalized convention
+//! (see [`crate::TokenUsage`]): a count the provider did not send stays `None`; nothing is estimated.
+//!
+//! | provider | where usage is | rule |
+//! |---|---|---|
+//! | OpenAI chat / embeddings | `usage` (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details.cached_tokens` / `.cache_write_tokens`, `completion_tokens_details.reasoning_tokens`) | last non-null wins |
+//! | OpenAI Responses | `usage` of an `object: response` body, or `response.usage` of `response.completed` / `.incomplete` / `.failed` events | last wins |
+//! | Anthropic | `message.usage` of `message_start` (or `usage` of a `type: message` body), then each `message_delta.usage` field by field | prompt = input + cache write + cache read |
+//! | Gemini | `usageMetadata` of every chunk (cumulative) | last wins; completion = candidates + thoughts |
+
+use serde_json::Value;
+
+use crate::{Outcome, TokenUsage, scan::Scanner};
+
+/// How the body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `text/event-stream`.
+    Sse,
+    /// A JSON document (or a root array of documents).
+    Json,
+    /// Unknown content type: decided by the first non-blank byte (`{`/`[` → JSON, else SSE).
+    Sniff,
+}
+
+impl Framing {
+    /// From a response `content-type`.
+    pub fn from_content_type(ct: Option<&str>) -> Self {
+        match ct.map(str::to_ascii_lowercase) {
+            Some(c) if c.starts_with("text/event-stream") => Self::Sse,
+            Some(c) if c.contains("json") => Self::Json,
+            _ => Self::Sniff,
+        }
+    }
+}
+
+/// What a response said about usage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extracted {
+    pub usage: TokenUsage,
+    /// Model echoed by the upstream.
+    pub model: Option<String>,
+    pub outcome: Outcome,
+    /// Upstream error message (or type), when there was one.
+    pub error: Option<String>,
+}
+
+fn wanted(p: &[&[u8]]) -> bool {
+    matches!(
+        p,
+        [
+            b"usage"
+                | b"usageMetadata"
+                | b"model"
+                | b"modelVersion"
+                | b"type"
+                | b"object"
+                | b"error"
+        ] | [b"message" | b"response", b"usage" | b"model" | b"error"]
+    )
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Anthropic {
+    input: Option<u64>,
+    cache_creation: Option<u64>,
+    cache_read: Option<u64>,
+    output: Option<u64>,
+    thinking: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SseLine {
+    /// Reading the field name (bytes so far in `field`).
+    Field,
+    /// Streaming a `data` value into the scanner; `bool` = the optional space may still come.
+    Data(bool),
+    /// Reading an `event` value into `event`.
+    Event(bool),
+    /// Skipping to the end of the line (comments, other fields).
+    Skip,
+}
+
+/// The incremental parser: `feed` chunks, then `finish`.
+// The flags are independent facts about the stream seen so far, not a state in disguise.
+#[allow(clippy::struct_excessive_bools)]
+#[derive(Debug)]
+pub struct UsageParser {
+    framing: Framing,
+    scanner: Scanner,
+    usage: TokenUsage,
+    anthropic: Option<Anthropic>,
+    model: Option<String>,
+    error: Option<String>,
+    /// A final marker was seen (`[DONE]`, `response.completed`, `message_stop`, a closed JSON body).
+    complete: bool,
+    /// Responses `response.incomplete`.
+    incomplete: bool,
+    // SSE line state.
+    line: SseLine,
+    field: Vec<u8>,
+    event: Vec<u8>,
+    /// First bytes of the current event's data, to recognise `[DONE]`.
+    data_head: Vec<u8>,
+    data_seen: bool,
+    after_cr: bool,
+    bytes: u64,
+    /// The stream's format ends with a marker.
+    expects_marker: bool,
+    /// At least one JSON document closed.
+    documents_seen: bool,
+}
+
+const DONE: &[u8] = b"[DONE]";
+
+fn get(v: &Value, path: &[&str]) -> Option<u64> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_u64()
+}
+
+impl UsageParser {
+    pub fn new(framing: Framing) -> Self {
+        Self {
+            framing,
+            scanner: Scanner::new(wanted),
+            usage: TokenUsage::default(),
+            anthropic: None,
+            model: None,
+            error: None,
+            complete: false,
+            incomplete: false,
+            line: SseLine::Field,
+            field: Vec::new(),
+            event: Vec::new(),
+            data_head: Vec::new(),
+            data_seen: false,
+            after_cr: false,
+            bytes: 0,
+            expects_marker: false,
+            documents_seen: false,
+        }
+    }
+
+    /// Feeds the next chunk of the response body.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut chunk = chunk;
+        if self.framing == Framing::Sniff {
+            let Some(first) = chunk.iter().position(|b| !b.is_ascii_whitespace()) else {
+                return;
+            };
+            self.framing = if matches!(chunk[first], b'{' | b'[') {
+                Framing::Json
+            } else {
+                Framing::Sse
+            };
+            chunk = &chunk[first..];
+        }
+        self.bytes += chunk.len() as u64;
+        match self.framing {
+            Framing::Json => {
+                self.scanner.feed(chunk);
+                self.drain_documents();
+            }
+            _ => self.feed_sse(chunk),
+        }
+    }
+
+    fn feed_sse(&mut self, chunk: &[u8]) {
+        let mut i = 0;
+        while i < chunk.len() {
+            let b = chunk[i];
+            if self.after_cr {
+                self.after_cr = false;
+                if b == b'\n' {
+                    i += 1;
+                    continue;
+                }
+            }
+            if b == b'\r' || b == b'\n' {
+                self.after_cr = b == b'\r';
+                self.end_line();
+                i += 1;
+                continue;
+            }
+            match self.line {
+                SseLine::Field => {
+                    if b == b':' {
+                        self.line = match self.field.as_slice() {
+                            b"data" => {
+                                if self.data_seen {
+                                    // Multi-line data joins with a newline (JSON whitespace).
+                                    self.scanner.feed(b"\n");
+                                }
+                                self.data_seen = true;
+                                SseLine::Data(true)
+                            }
+                            b"event" => {
+                                self.event.clear();
+                                SseLine::Event(true)
+                            }
+                            _ => SseLine::Skip, // comment (empty field) or id/retry
+                        };
+                    } else if self.field.len() < 8 {
+                        self.field.push(b);
+                    } else {
+                        self.line = SseLine::Skip;
+                    }
+                    i += 1;
+                }
+                SseLine::Data(first) => {
+                    // Stream the rest of the line straight into the scanner.
+                    let end = chunk[i..]
+                        .iter()
+                        .position(|&c| c == b'\r' || c == b'\n')
+                        .map_or(chunk.len(), |p| i + p);
+                    let mut part = &chunk[i..end];
+                    if first && part.first() == Some(&b' ') {
+                        part = &part[1..];
+                    }
+                    if !part.is_empty() || end < chunk.len() {
+                        self.line = SseLine::Data(first && part.is_empty() && end == chunk.len());
+                    }
+                    if self.data_head.len() < DONE.len() + 1 {
+                        let take = (DONE.len() + 1 - self.data_head.len()).min(part.len());
+                        self.data_head.extend_from_slice(&part[..take]);
+                    }
+                    self.scanner.feed(part);
+                    i = end;
+                }
+                SseLine::Event(first) => {
+                    if !(first && b == b' ') && self.event.len() < 64 {
+                        self.event.push(b);
+                    }
+                    self.line = SseLine::Event(false);
+                    i += 1;
+                }
+                SseLine::Skip => i += 1,
+            }
+        }
+    }
+
+    fn end_line(&mut self) {
+        let blank = self.line == SseLine::Field && self.field.is_empty();
+        self.line = SseLine::Field;
+        self.field.clear();
+        if blank {
+            self.dispatch_event();
+        }
+    }
+
+    /// An SSE event ended (blank line or end of body).
+    fn dispatch_event(&mut self) {
+        if self.data_head.trim_ascii_end() == DONE {
+            self.complete = true;
+        }
+        self.drain_documents();
+        if self.event.as_slice() == b"message_stop" {
+            self.complete = true;
+        }
+        if self.event.as_slice() == b"error" && self.error.is_none() {
+            self.error = Some("error event".to_owned());
+        }
+        self.scanner.reset();
+        self.event.clear();
+        self.data_head.clear();
+        self.data_seen = false;
+    }
+
+    fn drain_documents(&mut self) {
+        for doc in self.scanner.take_documents() {
+            self.documents_seen = true;
+            let mut d = Doc::default();
+            for c in doc {
+                let Ok(v) = serde_json::from_slice::<Value>(&c.raw) else {
+                    continue;
+                };
+                let path: Vec<&str> = c.path.iter().map(String::as_str).collect();
+                match path.as_slice() {
+                    ["type"] => d.kind = v.as_str().map(str::to_owned),
+                    ["object"] => d.object = v.as_str().map(str::to_owned),
+                    ["model" | "modelVersion"] => d.model = v.as_str().map(str::to_owned),
+                    ["usage"] => d.usage = Some(v),
+                    ["usageMetadata"] => d.usage_metadata = Some(v),
+                    ["error"] => d.error = Some(v),
+                    ["message" | "response", "usage"] => d.nested_usage = Some(v),
+                    ["message" | "response", "model"] => {
+                        d.nested_model = v.as_str().map(str::to_owned);
+                    }
+                    ["message" | "response", "error"] => d.nested_error = Some(v),
+                    _ => {}
+                }
+            }
+            self.apply(d);
+        }
+    }
+
+    fn apply(&mut self, d: Doc) {
+        let kind = d.kind.as_deref().unwrap_or_default();
+        if d.object.as_deref() == Some("chat.completion.chunk")
+            || kind.starts_with("message_")
+            || kind.starts_with("content_block")
+            || kind.starts_with("response.")
+        {
+            self.expects_marker = true;
+        }
+        if let Some(m) = d.model.clone().or_else(|| d.nested_model.clone())
+            && self.model.is_none()
+            && !m.is_empty()
+        {
+            self.model = Some(m);
+        }
+        if let Some(e) = d.error.as_ref().or(d.nested_error.as_ref())
+            && !e.is_null()
+        {
+            self.error = Some(error_text(e));
+        }
+        if kind == "error" && self.error.is_none() {
+            self.error = Some("error event".to_owned());
+        }
+        match kind {
+            "message_stop" | "response.completed" => self.complete = true,
+            "response.incomplete" => self.incomplete = true,
+            "response.failed" if self.error.is_none() => {
+                self.error = Some("response.failed".to_owned());
+            }
+            _ => {}
+        }
+        // Gemini: cumulative, last wins.
+        if let Some(m) = d.usage_metadata.filter(Value::is_object) {
+            self.usage = gemini(&m);
+            return;
+        }
+        // Anthropic: message_start sets, message_delta overrides field by field.
+        let anthropic_usage = match kind {
+            "message_start" => d.nested_usage.as_ref(),
+            "message_delta" | "message" => d.usage.as_ref(),
+            _ => None,
+        };
+        if let Some(u) = anthropic_usage.filter(|u| u.is_object()) {
+            let a = self.anthropic.get_or_insert_with(Anthropic::default);
+            let set = |slot: &mut Option<u64>, v: Option<u64>| {
+                if v.is_some() {
+                    *slot = v;
+                }
+            };
+            set(&mut a.input, get(u, &["input_tokens"]));
+            set(
+                &mut a.cache_creation,
+                get(u, &["cache_creation_input_tokens"]),
+            );
+            set(&mut a.cache_read, get(u, &["cache_read_input_tokens"]));
+            set(&mut a.output, get(u, &["output_tokens"]));
+            set(
+                &mut a.thinking,
+                get(u, &["output_tokens_details", "thinking_tokens"]),
+            );
+            return;
+        }
+        // OpenAI Responses.
+        let responses_usage = if kind.starts_with("response.") {
+            d.nested_usage.as_ref()
+        } else if d.object.as_deref() == Some("response") {
+            d.usage.as_ref()
+        } else {
+            None
+        };
+        if let Some(u) = responses_usage.filter(|u| u.is_object()) {
+            self.usage = responses(u);
+            return;
+        }
+        // OpenAI chat completions and embeddings (and compatible gateways).
+        if let Some(u) = d.usage.filter(|u| u.get("prompt_tokens").is_some()) {
+            self.usage = openai_chat(&u);
+        }
+    }
+
+    /// Ends the body. `status` is the upstream HTTP status; `ended` says whether the body reached
+    /// its end (false when the stream was cut, e.g. the client or upstream went away).
+    pub fn finish(mut self, status: u16, ended: bool) -> Extracted {
+        if matches!(self.framing, Framing::Sse) {
+            if self.line != SseLine::Field || !self.field.is_empty() {
+                self.end_line();
+            }
+            if self.data_seen || !self.event.is_empty() {
+                self.dispatch_event();
+            }
+        } else {
+            self.drain_documents();
+        }
+        if let Some(a) = self.anthropic {
+            let prompt = a
+                .input
+                .map(|i| i + a.cache_creation.unwrap_or(0) + a.cache_read.unwrap_or(0));
+            self.usage = TokenUsage {
+                prompt_tokens: prompt,
+                completion_tokens: a.output,
+                cached_input_tokens: a.cache_read,
+                cache_creation_input_tokens: a.cache_creation,
+                reasoning_tokens: a.thinking,
+                total_tokens: match (prompt, a.output) {
+                    (None, None) => None,
+                    (p, o) => Some(p.unwrap_or(0) + o.unwrap_or(0)),
+                },
+            };
+        }
+        let cut = !ended
+            || self.incomplete
+            // A stream whose format ends with a marker (`[DONE]`, `message_stop`,
+            // `response.completed`) that never came. Gemini streams have none.
+            || (self.framing == Framing::Sse && self.expects_marker && !self.complete)
+            // A JSON body whose root never closed.
+            || (self.framing == Framing::Json && self.bytes > 0 && !self.documents_seen);
+        let outcome = if status >= 400 || self.error.is_some() {
+            Outcome::UpstreamError
+        } else if cut {
+            Outcome::Truncated
+        } else if self.usage.is_empty() {
+            Outcome::NoUsage
+        } else {
+            Outcome::Complete
+        };
+        if status >= 400 && self.error.is_none() {
+            self.error = Some(format!("HTTP {status}"));
+        }
+        // An error body carries no model worth reporting.
+        let model = if status >= 400 { None } else { self.model };
+        Extracted {
+            usage: self.usage,
+            model,
+            outcome,
+            error: self.error,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Doc {
+    kind: Option<String>,
+    object: Option<String>,
+    model: Option<String>,
+    usage: Option<Value>,
+    usage_metadata: Option<Value>,
+    error: Option<Value>,
+    nested_usage: Option<Value>,
+    nested_model: Option<String>,
+    nested_error: Option<Value>,
+}
+
+fn error_text(e: &Value) -> String {
+    let text = e
+        .get("message")
+        .and_then(Value::as_str)
+        .or_else(|| e.get("type").and_then(Value::as_str))
+        .or_else(|| e.as_str())
+        .map_or_else(|| e.to_string(), str::to_owned);
+    text.chars().take(512).collect()
+}
+
+/// Gemini `usageMetadata`: completion = candidates + thoughts.
+fn gemini(m: &Value) -> TokenUsage {
+    let candidates = get(m, &["candidatesTokenCount"]);
+    let thoughts = get(m, &["thoughtsTokenCount"]);
+    TokenUsage {
+        prompt_tokens: get(m, &["promptTokenCount"]),
+        completion_tokens: match (candidates, thoughts) {
+            (None, None) => None,
+            (c, t) => Some(c.unwrap_or(0) + t.unwrap_or(0)),
+        },
+        cached_input_tokens: get(m, &["cachedContentTokenCount"]),
+        cache_creation_input_tokens: None,
+        reasoning_tokens: thoughts,
+        total_tokens: get(m, &["totalTokenCount"]),
+    }
+}
+
+/// OpenAI Responses `usage`.
+fn responses(u: &Value) -> TokenUsage {
+    TokenUsage {
+        prompt_tokens: get(u, &["input_tokens"]),
+        completion_tokens: get(u, &["output_tokens"]),
+        cached_input_tokens: get(u, &["input_tokens_details", "cached_tokens"]),
+        cache_creation_input_tokens: None,
+        reasoning_tokens: get(u, &["output_tokens_details", "reasoning_tokens"]),
+        total_tokens: get(u, &["total_tokens"]),
+    }
+}
+
+/// OpenAI chat completions / embeddings `usage`.
+fn openai_chat(u: &Value) -> TokenUsage {
+    TokenUsage {
+        prompt_tokens: get(u, &["prompt_tokens"]),
+        completion_tokens: get(u, &["completion_tokens"]),
+        cached_input_tokens: get(u, &["prompt_tokens_details", "cached_tokens"]),
+        cache_creation_input_tokens: get(u, &["prompt_tokens_details", "cache_write_tokens"]),
+        reasoning_tokens: get(u, &["completion_tokens_details", "reasoning_tokens"]),
+        total_tokens: get(u, &["total_tokens"]),
+    }
+}
