@@ -38,8 +38,8 @@ test: toolchain testbed migrate crds ## test bed up → migrations → CRDs → 
 
 .PHONY: wasm
 wasm: ## build the usage-reporter plugin for wasm32-wasip1
-	cargo build -p aigw-plugin --target wasm32-wasip1 --release
-	@ls -l target/wasm32-wasip1/release/aigw_plugin.wasm
+	cargo build -p aigw-plugin --target wasm32-wasip1 --profile wasm
+	@ls -l target/wasm32-wasip1/wasm/aigw_plugin.wasm
 
 .PHONY: dev
 dev: toolchain testbed migrate crds ## the product locally: test bed, our CRDs, operator + apiserver + billing in the foreground

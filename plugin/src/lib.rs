@@ -1,14 +1,24 @@
 //! The proxy-wasm adapter of the usage reporter: a thin shell around `aigw-plugin-core`.
 //!
 //! It loads and checks its config (refusing one it does not understand, so a bad rollout fails at
-//! config time instead of silently reporting nothing). In `scrub` mode (an instance placed before
-//! ext-auth) it removes client-sent gateway headers; in `report` mode it passes traffic through
-//! until usage reporting arrives with the plugin issue.
+//! config time instead of silently reporting nothing). Two modes, one module:
+//!
+//! - `scrub` (an instance placed before ext-auth) removes client-sent gateway headers;
+//! - `report` reads the `x-aigw-*` headers authz set, the requested model and the start time;
+//!   feeds every response body chunk to [`UsageParser`]; and at the end of the response sends one
+//!   [`UsageEvent`] to billing ingest with `dispatch_http_call`. A failed report is logged and
+//!   counted (`aigw_usage_report_failures`), never allowed to disturb the response.
 
-use aigw_plugin_core::{Mode, PluginConfig, is_gateway_header};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aigw_plugin_core::{
+    EVENT_VERSION, Framing, INGEST_SECRET_HEADER, Mode, PluginConfig, UsageEvent, UsageParser,
+    channel_from_cluster, is_gateway_header,
+};
 use proxy_wasm::{
+    hostcalls,
     traits::{Context, HttpContext, RootContext},
-    types::{ContextType, LogLevel},
+    types::{Action, ContextType, LogLevel, MetricType},
 };
 
 proxy_wasm::main! {{
@@ -16,9 +26,19 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
+/// The header that carries the requested model (set by Higress's model-router).
+const MODEL_HEADER: &str = "x-higress-llm-model";
+
 #[derive(Debug, Default)]
 struct Root {
-    config: Option<PluginConfig>,
+    config: Option<std::rc::Rc<PluginConfig>>,
+    /// Metric ids: reports sent, reports that failed.
+    sent: Option<u32>,
+    failed: Option<u32>,
+}
+
+fn log(level: LogLevel, msg: &str) {
+    hostcalls::log(level, msg).ok();
 }
 
 impl Context for Root {}
@@ -26,25 +46,39 @@ impl Context for Root {}
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let Some(bytes) = self.get_plugin_configuration() else {
-            proxy_wasm::hostcalls::log(LogLevel::Error, "aigw-plugin: no plugin configuration")
-                .ok();
+            log(LogLevel::Error, "aigw-plugin: no plugin configuration");
             return false;
         };
         match PluginConfig::parse(&bytes) {
             Ok(config) => {
-                self.config = Some(config);
+                if config.mode == Mode::Report {
+                    self.sent =
+                        hostcalls::define_metric(MetricType::Counter, "aigw_usage_reports").ok();
+                    self.failed =
+                        hostcalls::define_metric(MetricType::Counter, "aigw_usage_report_failures")
+                            .ok();
+                }
+                self.config = Some(std::rc::Rc::new(config));
                 true
             }
             Err(e) => {
-                proxy_wasm::hostcalls::log(LogLevel::Error, &format!("aigw-plugin: {e}")).ok();
+                log(LogLevel::Error, &format!("aigw-plugin: {e}"));
                 false
             }
         }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let mode = self.config.as_ref().map_or(Mode::Report, |c| c.mode);
-        Some(Box::new(Request { mode }))
+        let config = self.config.clone()?;
+        Some(Box::new(Request {
+            config,
+            sent: self.sent,
+            failed: self.failed,
+            report: None,
+            parser: None,
+            status: 0,
+            reported: false,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -52,28 +86,223 @@ impl RootContext for Root {
     }
 }
 
+/// What the request said, kept until the response ends.
 #[derive(Debug)]
-struct Request {
-    mode: Mode,
+struct Pending {
+    event_id: String,
+    tenant: String,
+    user: String,
+    token: String,
+    model: String,
+    reservation: String,
+    started: SystemTime,
+    stream: bool,
 }
 
-impl Context for Request {}
+#[derive(Debug)]
+struct Request {
+    config: std::rc::Rc<PluginConfig>,
+    sent: Option<u32>,
+    failed: Option<u32>,
+    /// Set for admitted requests (authz headers present) in report mode.
+    report: Option<Pending>,
+    parser: Option<UsageParser>,
+    status: u16,
+    reported: bool,
+}
 
-impl HttpContext for Request {
-    fn on_http_request_headers(
-        &mut self,
-        _num_headers: usize,
-        _end_of_stream: bool,
-    ) -> proxy_wasm::types::Action {
-        if self.mode == Mode::Scrub {
-            // Drop client-sent copies of the headers only the gateway may set; ext-auth, which
-            // runs after this instance, adds the real ones.
-            for (name, _) in self.get_http_request_headers() {
-                if is_gateway_header(&name) {
-                    self.set_http_request_header(&name, None);
-                }
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn count(metric: Option<u32>) {
+    if let Some(id) = metric {
+        hostcalls::increment_metric(id, 1).ok();
+    }
+}
+
+impl Request {
+    /// Finishes the parser and sends the event, once.
+    fn report(&mut self, ended: bool) {
+        if self.reported {
+            return;
+        }
+        self.reported = true;
+        let Some(p) = self.report.take() else {
+            return;
+        };
+        let parser = self
+            .parser
+            .take()
+            .unwrap_or_else(|| UsageParser::new(Framing::Sniff));
+        let extracted = parser.finish(self.status, ended);
+        let channel = hostcalls::get_property(vec!["cluster_name"])
+            .ok()
+            .flatten()
+            .map(|b| channel_from_cluster(&String::from_utf8_lossy(&b)))
+            .unwrap_or_default();
+        let ended_at = self.get_current_time();
+        let event = UsageEvent {
+            version: EVENT_VERSION,
+            event_id: p.event_id,
+            tenant: p.tenant,
+            user: p.user,
+            token: p.token,
+            channel,
+            model: if p.model.is_empty() {
+                extracted.model.clone().unwrap_or_default()
+            } else {
+                p.model
+            },
+            response_model: extracted.model,
+            reservation: p.reservation,
+            usage: extracted.usage,
+            estimated: false,
+            stream: p.stream,
+            status: self.status,
+            outcome: extracted.outcome,
+            error: extracted.error,
+            started_at_ms: millis(p.started),
+            ended_at_ms: millis(ended_at).max(millis(p.started)),
+        };
+        let body = match serde_json::to_vec(&event) {
+            Ok(b) => b,
+            Err(e) => {
+                log(
+                    LogLevel::Error,
+                    &format!("aigw-plugin: encode usage event: {e}"),
+                );
+                count(self.failed);
+                return;
+            }
+        };
+        let path = self.config.ingest_path.clone();
+        let secret = self.config.ingest_secret.clone();
+        let cluster = self.config.ingest_cluster.clone();
+        let headers = vec![
+            (":method", "POST"),
+            (":path", path.as_str()),
+            (":authority", "aigw-ingest"),
+            ("content-type", "application/json"),
+            (INGEST_SECRET_HEADER, secret.as_str()),
+        ];
+        let timeout = Duration::from_millis(u64::from(self.config.timeout_ms));
+        match self.dispatch_http_call(&cluster, headers, Some(&body), vec![], timeout) {
+            Ok(_) => count(self.sent),
+            Err(status) => {
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "aigw-plugin: usage event {} not sent to {cluster}: {status:?}",
+                        event.event_id
+                    ),
+                );
+                count(self.failed);
             }
         }
-        proxy_wasm::types::Action::Continue
+    }
+}
+
+impl Context for Request {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        if !(200..300).contains(&status) {
+            log(
+                LogLevel::Warn,
+                &format!("aigw-plugin: ingest answered {status} to a usage event"),
+            );
+            count(self.failed);
+        }
+    }
+}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        match self.config.mode {
+            Mode::Scrub => {
+                // Drop client-sent copies of the headers only the gateway may set; ext-auth, which
+                // runs after this instance, adds the real ones.
+                for (name, _) in self.get_http_request_headers() {
+                    if is_gateway_header(&name) {
+                        self.set_http_request_header(&name, None);
+                    }
+                }
+            }
+            Mode::Report => {
+                // Only requests authz admitted carry a tenant; anything else is not billed here.
+                let Some(tenant) = self.get_http_request_header("x-aigw-tenant") else {
+                    return Action::Continue;
+                };
+                let header = |name: &str| self.get_http_request_header(name).unwrap_or_default();
+                let started = self.get_current_time();
+                let event_id = self
+                    .get_http_request_header("x-request-id")
+                    .unwrap_or_else(|| format!("{}-{}", header("x-aigw-token"), millis(started)));
+                self.report = Some(Pending {
+                    event_id,
+                    tenant,
+                    user: header("x-aigw-user"),
+                    token: header("x-aigw-token"),
+                    model: header(MODEL_HEADER),
+                    reservation: self
+                        .get_http_request_header("x-aigw-reservation")
+                        .unwrap_or_else(|| "none".to_owned()),
+                    started,
+                    stream: false,
+                });
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.report.is_none() {
+            return Action::Continue;
+        }
+        self.status = self
+            .get_http_response_header(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let ct = self.get_http_response_header("content-type");
+        let framing = Framing::from_content_type(ct.as_deref());
+        if let Some(p) = &mut self.report {
+            p.stream = framing == Framing::Sse;
+        }
+        self.parser = Some(UsageParser::new(framing));
+        if end_of_stream {
+            self.report(true);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.report.is_none() {
+            return Action::Continue;
+        }
+        if body_size > 0
+            && let Some(chunk) = self.get_http_response_body(0, body_size)
+            && let Some(parser) = &mut self.parser
+        {
+            parser.feed(&chunk);
+        }
+        if end_of_stream {
+            self.report(true);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        // The response never reached its end (client gone, upstream reset): report what arrived.
+        self.report(false);
     }
 }

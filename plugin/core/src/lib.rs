@@ -91,6 +91,18 @@ impl PluginConfig {
     }
 }
 
+/// The channel name in an Envoy cluster name of one of our McpBridge registries:
+/// `outbound|443||aigw-openai-main.dns` → `openai-main`. Another cluster gives its service name
+/// unchanged (billing then records the channel as unknown rather than guessing).
+pub fn channel_from_cluster(cluster: &str) -> String {
+    let service = cluster.rsplit_once("||").map_or(cluster, |(_, s)| s);
+    let service = service
+        .strip_suffix(".dns")
+        .or_else(|| service.strip_suffix(".static"))
+        .unwrap_or(service);
+    service.strip_prefix("aigw-").unwrap_or(service).to_owned()
+}
+
 /// Whether a request header is one only the gateway may set: `x-aigw-*` (set by authz) and
 /// `x-mse-consumer` (read by Higress rate-limit and statistics plugins). Case-insensitive.
 pub fn is_gateway_header(name: &str) -> bool {
@@ -138,6 +150,23 @@ mod tests {
         ] {
             assert!(!is_gateway_header(h), "{h}");
         }
+    }
+
+    #[test]
+    fn channel_names_come_from_our_registry_clusters() {
+        assert_eq!(
+            channel_from_cluster("outbound|443||aigw-openai-main.dns"),
+            "openai-main"
+        );
+        assert_eq!(
+            channel_from_cluster("outbound|80||aigw-local.static"),
+            "local"
+        );
+        assert_eq!(
+            channel_from_cluster("outbound|8080||other.ns.svc.cluster.local"),
+            "other.ns.svc.cluster.local"
+        );
+        assert_eq!(channel_from_cluster(""), "");
     }
 
     #[test]

@@ -1,0 +1,283 @@
+//! The real `.wasm`, driven through the proxy-wasm ABI by the wasmtime test host (`host/`), which
+//! stands in for Envoy — the Higress data plane cannot run on this machine.
+
+// Test code: a failed unwrap is a failed test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod host;
+
+use aigw_plugin_core::{Outcome, UsageEvent};
+use host::{Host, build_wasm};
+
+/// Every host call of the proxy-wasm 0.2.1 ABI. The plugin may import only these from `env`.
+const ABI_0_2_1: &[&str] = &[
+    "proxy_log",
+    "proxy_get_log_level",
+    "proxy_get_current_time_nanoseconds",
+    "proxy_set_tick_period_milliseconds",
+    "proxy_get_buffer_bytes",
+    "proxy_set_buffer_bytes",
+    "proxy_get_header_map_pairs",
+    "proxy_set_header_map_pairs",
+    "proxy_get_header_map_value",
+    "proxy_remove_header_map_value",
+    "proxy_replace_header_map_value",
+    "proxy_add_header_map_value",
+    "proxy_get_property",
+    "proxy_set_property",
+    "proxy_get_shared_data",
+    "proxy_set_shared_data",
+    "proxy_register_shared_queue",
+    "proxy_resolve_shared_queue",
+    "proxy_dequeue_shared_queue",
+    "proxy_enqueue_shared_queue",
+    "proxy_continue_stream",
+    "proxy_close_stream",
+    "proxy_send_local_response",
+    "proxy_http_call",
+    "proxy_grpc_call",
+    "proxy_grpc_stream",
+    "proxy_grpc_send",
+    "proxy_grpc_cancel",
+    "proxy_grpc_close",
+    "proxy_get_status",
+    "proxy_set_effective_context",
+    "proxy_call_foreign_function",
+    "proxy_done",
+    "proxy_define_metric",
+    "proxy_get_metric",
+    "proxy_record_metric",
+    "proxy_increment_metric",
+];
+
+/// WASI functions a Higress gateway is known to provide. Deliberately small: Higress 2.0.4 lacked
+/// `sched_yield`, and a module importing it made Envoy reject the whole listener
+/// (higress-group/higress#4233), so anything beyond what Rust's std needs must be justified here.
+const WASI_ALLOWED: &[&str] = &[
+    "fd_write",
+    "environ_get",
+    "environ_sizes_get",
+    "proc_exit",
+    "clock_time_get",
+    "random_get",
+    "args_get",
+    "args_sizes_get",
+];
+
+#[test]
+fn the_module_imports_only_what_higress_provides() {
+    let engine = wasmtime::Engine::default();
+    let module = wasmtime::Module::new(&engine, build_wasm()).unwrap();
+    let mut unexpected = Vec::new();
+    for import in module.imports() {
+        let ok = match import.module() {
+            "env" => ABI_0_2_1.contains(&import.name()),
+            "wasi_snapshot_preview1" => WASI_ALLOWED.contains(&import.name()),
+            _ => false,
+        };
+        if !ok {
+            unexpected.push(format!("{}.{}", import.module(), import.name()));
+        }
+    }
+    assert!(
+        unexpected.is_empty(),
+        "imports Higress may not provide: {unexpected:?}"
+    );
+    let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
+    for needed in [
+        "proxy_abi_version_0_2_1",
+        "proxy_on_memory_allocate",
+        "_initialize",
+    ] {
+        assert!(
+            exports.contains(&needed),
+            "missing export {needed}: {exports:?}"
+        );
+    }
+}
+
+#[test]
+fn a_config_of_another_version_is_refused_at_configure_time() {
+    let (mut host, ok) = Host::load(&build_wasm(), br#"{"version":2,"ingestCluster":"x"}"#);
+    assert!(!ok);
+    let logs = &host.state().logs;
+    assert!(
+        logs.iter()
+            .any(|(_, m)| m.contains("version 2 is not supported")),
+        "{logs:?}"
+    );
+}
+
+#[test]
+fn scrub_mode_removes_client_sent_gateway_headers() {
+    let (mut host, ok) = Host::load(&build_wasm(), br#"{"version":1,"mode":"scrub"}"#);
+    assert!(ok);
+    let id = host.new_http();
+    host.request_headers(
+        id,
+        &[
+            (":path", "/v1/chat/completions"),
+            ("authorization", "Bearer sk-x"),
+            ("x-aigw-tenant", "1"),
+            ("x-mse-consumer", "forged"),
+        ],
+        false,
+    );
+    let left: Vec<String> = host
+        .state()
+        .request_headers
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert_eq!(left, vec![":path", "authorization"]);
+    host.finish(id);
+    assert!(host.state().calls.is_empty());
+}
+
+const REPORT: &[u8] = br#"{"version":1,"mode":"report","ingestCluster":"outbound|8090||aigw-ingest.aigw-system.svc.cluster.local","ingestSecret":"s3cret","timeoutMs":1500}"#;
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("core/tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn admitted(host: &mut Host) -> i32 {
+    host.state().properties.insert(
+        "cluster_name".into(),
+        b"outbound|443||aigw-openai-main.dns".to_vec(),
+    );
+    let id = host.new_http();
+    host.request_headers(
+        id,
+        &[
+            (":path", "/v1/chat/completions"),
+            ("x-request-id", "req-42"),
+            ("x-higress-llm-model", "gpt-4o-mini"),
+            ("x-aigw-tenant", "7"),
+            ("x-aigw-user", "alice"),
+            ("x-aigw-token", "42"),
+            ("x-aigw-reservation", "r1:4096"),
+        ],
+        true,
+    );
+    id
+}
+
+#[test]
+fn a_streamed_response_is_reported_once_with_its_usage() {
+    let (mut host, ok) = Host::load(&build_wasm(), REPORT);
+    assert!(ok);
+    let id = admitted(&mut host);
+    host.advance_ms(250);
+    host.response_headers(
+        id,
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+    );
+    let body = fixture("openai-chat-stream.sse");
+    let (a, rest) = body.split_at(100);
+    let (b, c) = rest.split_at(rest.len() / 2);
+    host.response_body(id, a, false);
+    host.response_body(id, b, false);
+    assert!(
+        host.state().calls.is_empty(),
+        "nothing is sent before the end"
+    );
+    host.response_body(id, c, true);
+
+    let calls = host.state().calls.clone();
+    assert_eq!(calls.len(), 1, "exactly one event per request");
+    let call = &calls[0];
+    assert_eq!(
+        call.cluster,
+        "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local"
+    );
+    assert_eq!(call.header(":method"), Some("POST"));
+    assert_eq!(call.header(":path"), Some("/v1/usage"));
+    assert_eq!(call.header("x-aigw-ingest-secret"), Some("s3cret"));
+    assert_eq!(call.timeout_ms, 1500);
+    let event = UsageEvent::parse(&call.body).unwrap();
+    assert_eq!(
+        (
+            event.event_id.as_str(),
+            event.tenant.as_str(),
+            event.user.as_str(),
+            event.token.as_str()
+        ),
+        ("req-42", "7", "alice", "42")
+    );
+    assert_eq!(
+        (event.model.as_str(), event.channel.as_str()),
+        ("gpt-4o-mini", "openai-main")
+    );
+    assert_eq!(event.reservation, "r1:4096");
+    assert_eq!(event.usage.prompt_tokens, Some(31));
+    assert_eq!(event.usage.completion_tokens, Some(7));
+    assert_eq!(event.outcome, Outcome::Complete);
+    assert!(event.stream);
+    assert_eq!(event.latency_ms(), 250);
+    assert_eq!(host.metric("aigw_usage_reports"), Some(1));
+
+    // Ingest's answer arrives while the stream context lives: a 503 is counted as a failure.
+    host.call_response(id, call.token, 503);
+    assert_eq!(host.metric("aigw_usage_report_failures"), Some(1));
+    host.finish(id);
+    assert_eq!(host.state().calls.len(), 1, "on_log does not report twice");
+}
+
+#[test]
+fn a_response_cut_short_is_reported_as_truncated() {
+    let (mut host, _) = Host::load(&build_wasm(), REPORT);
+    let id = admitted(&mut host);
+    host.response_headers(
+        id,
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+    );
+    let body = fixture("anthropic-stream.sse");
+    host.response_body(id, &body[..body.len() / 2], false);
+    // The client went away: Envoy ends the stream without end_of_stream.
+    host.finish(id);
+    let calls = host.state().calls.clone();
+    assert_eq!(calls.len(), 1);
+    let event = UsageEvent::parse(&calls[0].body).unwrap();
+    assert_eq!(event.outcome, Outcome::Truncated);
+    assert_eq!(
+        event.usage.prompt_tokens,
+        Some(135),
+        "what had arrived, not invented"
+    );
+}
+
+#[test]
+fn an_upstream_error_is_reported_with_its_status_and_requests_not_admitted_are_not() {
+    let (mut host, _) = Host::load(&build_wasm(), REPORT);
+    let id = admitted(&mut host);
+    host.response_headers(
+        id,
+        &[(":status", "429"), ("content-type", "application/json")],
+        false,
+    );
+    host.response_body(id, &fixture("openai-error-429.json"), true);
+    host.finish(id);
+
+    // A request without authz headers (e.g. /api on the tenant domain) is not billed here.
+    let other = host.new_http();
+    host.request_headers(other, &[(":path", "/api/v1/tokens")], true);
+    host.response_headers(other, &[(":status", "200")], true);
+    host.finish(other);
+
+    let calls = host.state().calls.clone();
+    assert_eq!(calls.len(), 1);
+    let event = UsageEvent::parse(&calls[0].body).unwrap();
+    assert_eq!((event.status, event.outcome), (429, Outcome::UpstreamError));
+    assert_eq!(
+        event.error.as_deref(),
+        Some("Rate limit reached for requests")
+    );
+    assert!(event.usage.is_empty());
+}
