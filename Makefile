@@ -62,12 +62,19 @@ generate: ## regenerate committed artefacts: crds/crds.yaml from the CRD types
 	mv crds/crds.yaml.tmp crds/crds.yaml
 
 .PHONY: bench
-bench: testbed crds ## benchmarks against the test bed: authz load, operator scale (numbers: docs/benchmarks.md)
+bench: toolchain testbed migrate crds ## benchmarks: usage parser, billing pipeline, authz load, operator scale (numbers: docs/benchmarks.md)
+	cargo bench -p aigw-plugin --bench parser
+	cargo build --release -p aigw-billing
+	cargo bench -p aigw-billing --bench pipeline
 	cargo bench -p aigw-apiserver --bench authz
 	cargo build --release -p aigw-operator
 	cargo bench -p aigw-operator --bench scale
 	@echo "restarting the test bed so later tests start from a clean cluster"
 	$(TESTBED) down && $(TESTBED) up
+
+.PHONY: fuzz
+fuzz: toolchain ## mutation-fuzz the usage parser for AIGW_FUZZ_SECS seconds (default 60)
+	AIGW_FUZZ_SECS=$${AIGW_FUZZ_SECS:-60} cargo test --release -p aigw-plugin-core --test fuzz -- --nocapture
 
 .PHONY: down
 down: ## stop the test bed

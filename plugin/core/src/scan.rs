@@ -194,8 +194,19 @@ impl Scanner {
 
     /// Feeds a chunk.
     pub fn feed(&mut self, chunk: &[u8]) {
-        for &b in chunk {
-            self.byte(b);
+        let mut i = 0;
+        while i < chunk.len() {
+            // Fast path: the inside of a string value nobody captures (most of a response's bytes:
+            // generated text, base64, encrypted reasoning) is skipped up to its next quote or
+            // backslash.
+            if self.string == Str::Value && self.active.is_none() && !self.escape {
+                match chunk[i..].iter().position(|&b| b == b'"' || b == b'\\') {
+                    Some(p) => i += p,
+                    None => return,
+                }
+            }
+            self.byte(chunk[i]);
+            i += 1;
         }
     }
 

@@ -117,6 +117,8 @@ pub struct UsageParser {
 }
 
 const DONE: &[u8] = b"[DONE]";
+/// How much of an event's data is kept to recognise `[DONE]` (with surrounding whitespace).
+const DATA_HEAD: usize = 16;
 
 fn get(v: &Value, path: &[&str]) -> Option<u64> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_u64()
@@ -194,6 +196,9 @@ impl UsageParser {
                                 if self.data_seen {
                                     // Multi-line data joins with a newline (JSON whitespace).
                                     self.scanner.feed(b"\n");
+                                    if self.data_head.len() < DATA_HEAD {
+                                        self.data_head.push(b'\n');
+                                    }
                                 }
                                 self.data_seen = true;
                                 SseLine::Data(true)
@@ -218,14 +223,16 @@ impl UsageParser {
                         .position(|&c| c == b'\r' || c == b'\n')
                         .map_or(chunk.len(), |p| i + p);
                     let mut part = &chunk[i..end];
-                    if first && part.first() == Some(&b' ') {
-                        part = &part[1..];
+                    if !part.is_empty() {
+                        // The one optional space after `data:` is decided by the first byte
+                        // of the value, whichever chunk it arrives in.
+                        if first && part[0] == b' ' {
+                            part = &part[1..];
+                        }
+                        self.line = SseLine::Data(false);
                     }
-                    if !part.is_empty() || end < chunk.len() {
-                        self.line = SseLine::Data(first && part.is_empty() && end == chunk.len());
-                    }
-                    if self.data_head.len() < DONE.len() + 1 {
-                        let take = (DONE.len() + 1 - self.data_head.len()).min(part.len());
+                    if self.data_head.len() < DATA_HEAD {
+                        let take = (DATA_HEAD - self.data_head.len()).min(part.len());
                         self.data_head.extend_from_slice(&part[..take]);
                     }
                     self.scanner.feed(part);
@@ -254,7 +261,7 @@ impl UsageParser {
 
     /// An SSE event ended (blank line or end of body).
     fn dispatch_event(&mut self) {
-        if self.data_head.trim_ascii_end() == DONE {
+        if self.data_head.len() < DATA_HEAD && self.data_head.trim_ascii() == DONE {
             self.complete = true;
         }
         self.drain_documents();

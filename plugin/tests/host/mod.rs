@@ -402,7 +402,14 @@ impl Host {
     /// Loads the module and configures the root context with `config`; returns the host and what
     /// `proxy_on_configure` answered.
     pub fn load(wasm: &[u8], config: &[u8]) -> (Self, bool) {
-        let engine = Engine::default();
+        Self::load_with(wasm, config, false)
+    }
+
+    /// With `fuel`, every executed wasm instruction costs one unit of fuel ([`Host::fuel_used`]).
+    pub fn load_with(wasm: &[u8], config: &[u8], fuel: bool) -> (Self, bool) {
+        let mut engine_config = wasmtime::Config::new();
+        engine_config.consume_fuel(fuel);
+        let engine = Engine::new(&engine_config).unwrap();
         let module = Module::new(&engine, wasm).unwrap();
         let mut linker = Linker::new(&engine);
         link(&mut linker).unwrap();
@@ -415,6 +422,9 @@ impl Host {
                 ..State::default()
             },
         );
+        if fuel {
+            store.set_fuel(u64::MAX).unwrap();
+        }
         let instance = linker.instantiate(&mut store, &module).unwrap();
         let mut host = Self {
             store,
@@ -495,6 +505,11 @@ impl Host {
             "proxy_on_http_call_response",
             (id, i32::try_from(token).unwrap(), 1, 0, 0),
         );
+    }
+
+    /// Fuel consumed so far (with [`Host::load_with`] and `fuel`).
+    pub fn fuel_used(&self) -> u64 {
+        u64::MAX - self.store.get_fuel().unwrap_or(u64::MAX)
     }
 
     pub fn advance_ms(&mut self, ms: u64) {
