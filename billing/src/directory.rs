@@ -19,6 +19,9 @@ pub struct TokenRow {
     pub user_id: u64,
     pub key_hash: String,
     pub quota: i64,
+    /// The Token CR this row mirrors.
+    pub namespace: String,
+    pub cr_name: String,
 }
 
 /// A channel as billing sees it.
@@ -73,11 +76,12 @@ impl Directory {
             dir.tenant_ids.insert(id(tid));
             dir.tenants_by_slug.insert(slug, id(tid));
         }
-        let tokens: Vec<(i64, i64, i64, String, i64)> =
-            sqlx::query_as("SELECT id, tenant_id, user_id, key_hash, quota FROM tokens")
-                .fetch_all(db)
-                .await?;
-        for (tid, tenant, user, key_hash, quota) in tokens {
+        let tokens: Vec<(i64, i64, i64, String, i64, String, String)> = sqlx::query_as(
+            "SELECT id, tenant_id, user_id, key_hash, quota, namespace, cr_name FROM tokens",
+        )
+        .fetch_all(db)
+        .await?;
+        for (tid, tenant, user, key_hash, quota, namespace, cr_name) in tokens {
             dir.tokens.insert(
                 id(tid),
                 TokenRow {
@@ -86,6 +90,8 @@ impl Directory {
                     user_id: id(user),
                     key_hash,
                     quota,
+                    namespace,
+                    cr_name,
                 },
             );
         }

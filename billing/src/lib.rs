@@ -8,4 +8,5 @@ pub mod pricing;
 pub mod reports;
 pub mod retention;
 pub mod settlement;
+pub mod status;
 pub mod worker;

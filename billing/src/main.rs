@@ -82,6 +82,10 @@ enum Role {
         /// TTL on ClickHouse ≥ 19.6, daily partition drops on older servers.
         #[arg(long, env = "AIGW_RETENTION_MONTHS", default_value_t = 0)]
         retention_months: u32,
+        /// Least time (s) between two writes of one Token's `status.usedQuota` (immediately when
+        /// the quota is used up). 0 disables the writes (no Kubernetes access needed).
+        #[arg(long, env = "AIGW_STATUS_SYNC_SECS", default_value_t = 10)]
+        status_sync_secs: u64,
     },
 }
 
@@ -206,6 +210,7 @@ fn start_worker(
         refresh_secs,
         consumer_instance,
         retention_months,
+        status_sync_secs,
     } = role
     else {
         anyhow::bail!("not the worker role");
@@ -248,6 +253,20 @@ fn start_worker(
     }
     let stop = shutdown.clone();
     Ok(tokio::spawn(async move {
+        let status = if status_sync_secs == 0 {
+            None
+        } else {
+            match kube::Client::try_default().await {
+                Ok(client) => Some(aigw_billing::status::spawn(
+                    client,
+                    Duration::from_secs(status_sync_secs),
+                )),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no Kubernetes access: Token status.usedQuota is not written");
+                    None
+                }
+            }
+        };
         // Dependencies may come up after us: keep trying until connected or stopped.
         let mut wait = Duration::from_millis(500);
         let w = loop {
@@ -257,6 +276,7 @@ fn start_worker(
                 redis.clone(),
                 pool.clone(),
                 metrics.clone(),
+                status.clone(),
             )
             .await
             {

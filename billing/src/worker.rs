@@ -70,6 +70,9 @@ pub struct Settings {
     pub instance: Option<String>,
 }
 
+/// Where token usage goes after each batch (the Token CR status writer, [`crate::status`]).
+pub type StatusSink = tokio::sync::mpsc::Sender<crate::status::Used>;
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: &'static str,
@@ -340,6 +343,7 @@ pub struct Worker {
     dir: Directory,
     dir_loaded: Instant,
     metrics: Metrics,
+    status: Option<StatusSink>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -357,6 +361,7 @@ impl Worker {
         redis: redis::Client,
         db: sqlx::MySqlPool,
         metrics: Metrics,
+        status: Option<StatusSink>,
     ) -> anyhow::Result<Self> {
         let mut config = ClientConfig::new();
         config
@@ -396,6 +401,7 @@ impl Worker {
             dir,
             dir_loaded: Instant::now(),
             metrics,
+            status,
         })
     }
 
@@ -588,7 +594,46 @@ impl Worker {
         self.metrics.priced.inc_by(billed.len() as u64);
         // 9. Commit offsets.
         self.commit(batch)?;
+        // 10. Token CR status, off the hot path and rate-limited by the writer.
+        self.report_status(&billed).await;
         Ok(())
+    }
+
+    async fn report_status(&self, billed: &[Billed]) {
+        let Some(sink) = &self.status else {
+            return;
+        };
+        let mut tokens: Vec<&TokenRow> = billed.iter().filter_map(|b| b.token.as_ref()).collect();
+        tokens.sort_by_key(|t| t.id);
+        tokens.dedup_by_key(|t| t.id);
+        if tokens.is_empty() {
+            return;
+        }
+        let keys: Vec<String> = tokens
+            .iter()
+            .map(|t| TokenKeys::new(&t.key_hash).used)
+            .collect();
+        let mut conn = self.redis.clone();
+        let used: Vec<Option<i64>> =
+            match redis::cmd("MGET").arg(&keys).query_async(&mut conn).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::debug!(error = %e, "token usage not read for status; next batch will");
+                    return;
+                }
+            };
+        for (t, used) in tokens.into_iter().zip(used) {
+            let update = crate::status::Used {
+                token_id: t.id,
+                namespace: t.namespace.clone(),
+                name: t.cr_name.clone(),
+                quota: t.quota,
+                used: used.unwrap_or(0),
+            };
+            if sink.try_send(update).is_err() {
+                tracing::debug!("token status writer busy; a later batch carries the total");
+            }
+        }
     }
 
     fn price_all(&self, parsed: &[(&Msg, UsageEvent, String)]) -> Vec<Billing> {

@@ -35,11 +35,14 @@ fn sse_stream(n: usize) -> Vec<u8> {
 }
 
 fn json_body(mb: usize) -> Vec<u8> {
-    let mut out = br#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":["#.to_vec();
+    let mut out =
+        br#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":["#.to_vec();
     while out.len() < mb << 20 {
         out.extend(b"-0.0123456789,0.0987654321,");
     }
-    out.extend(br#"0.5]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#);
+    out.extend(
+        br#"0.5]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+    );
     out
 }
 
@@ -72,8 +75,20 @@ fn main() {
     let (mut h, ok) = host::Host::load_with(&host::build_wasm(), config, true);
     assert!(ok);
     let id = h.new_http();
-    h.request_headers(id, &[("x-aigw-tenant", "1"), ("x-aigw-token", "2"), ("x-request-id", "r")], true);
-    h.response_headers(id, &[(":status", "200"), ("content-type", "text/event-stream")], false);
+    h.request_headers(
+        id,
+        &[
+            ("x-aigw-tenant", "1"),
+            ("x-aigw-token", "2"),
+            ("x-request-id", "r"),
+        ],
+        true,
+    );
+    h.response_headers(
+        id,
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+    );
     let before = h.fuel_used();
     let chunks: Vec<&[u8]> = sse.chunks(16 * 1024).collect();
     for (i, c) in chunks.iter().enumerate() {

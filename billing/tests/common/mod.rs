@@ -160,7 +160,12 @@ impl Bed {
     }
 
     pub fn start_worker(&self, batch_size: usize) -> Service {
-        self.start_worker_bin(bin(), batch_size)
+        self.start_worker_bin(bin(), batch_size, &[])
+    }
+
+    /// With extra environment (e.g. `AIGW_STATUS_SYNC_SECS`).
+    pub fn start_worker_with(&self, batch_size: usize, extra: &[(&str, &str)]) -> Service {
+        self.start_worker_bin(bin(), batch_size, extra)
     }
 
     /// The release build of the worker (benchmarks; `cargo build --release` first).
@@ -170,10 +175,10 @@ impl Bed {
             release.exists(),
             "build it first: cargo build --release -p aigw-billing"
         );
-        self.start_worker_bin(&release, batch_size)
+        self.start_worker_bin(&release, batch_size, &[])
     }
 
-    fn start_worker_bin(&self, bin: &Path, batch_size: usize) -> Service {
+    fn start_worker_bin(&self, bin: &Path, batch_size: usize, extra: &[(&str, &str)]) -> Service {
         let mut envs = self.tb.vars();
         let batch = batch_size.to_string();
         envs.retain(|(k, _)| !matches!(*k, "DATABASE_URL" | "CLICKHOUSE_DATABASE"));
@@ -187,6 +192,7 @@ impl Bed {
             ("AIGW_BATCH_SIZE", batch.as_str()),
             ("AIGW_BATCH_WAIT_MS", "50"),
         ]);
+        envs.extend(extra.iter().copied());
         Service::start(bin, &["worker"], &envs).unwrap()
     }
 
