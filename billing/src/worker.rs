@@ -210,6 +210,7 @@ pub struct Billed {
     pub token: Option<TokenRow>,
     pub priced: Priced,
     pub row: UsageLogRow,
+    pub upstream_known: bool,
 }
 
 /// Why a message goes to the dead-letter topic.
@@ -249,11 +250,21 @@ fn status(outcome: Outcome) -> &'static str {
     }
 }
 
-/// The result of pricing one event: its token (if known), the amounts and the ClickHouse row.
-pub type Billing = Result<(Option<TokenRow>, Priced, UsageLogRow), DeadLetter>;
+/// One event priced: its token (if known), the amounts and the ClickHouse row.
+#[derive(Debug, Clone)]
+pub struct Bill {
+    pub token: Option<TokenRow>,
+    pub priced: Priced,
+    pub row: UsageLogRow,
+    /// The channel had an upstream cost for the model (else `upstream_cost` is recorded as 0).
+    pub upstream_known: bool,
+}
+
+/// The result of pricing one event.
+pub type Billing = Result<Bill, DeadLetter>;
 
 /// Prices one event against the directory. Pure: no I/O.
-pub fn bill(dir: &Directory, event: &UsageEvent, metrics: &Metrics) -> Billing {
+pub fn bill(dir: &Directory, event: &UsageEvent) -> Billing {
     let tenant_id = dir.tenant(&event.tenant).ok_or_else(|| {
         dead(
             "unknown_tenant",
@@ -272,9 +283,6 @@ pub fn bill(dir: &Directory, event: &UsageEvent, metrics: &Metrics) -> Billing {
             ),
         ));
     }
-    if token.is_none() {
-        metrics.unknown_token.inc();
-    }
     let u = &event.usage;
     let usage = Usage {
         prompt_tokens: u.prompt_tokens.unwrap_or(0),
@@ -283,9 +291,6 @@ pub fn bill(dir: &Directory, event: &UsageEvent, metrics: &Metrics) -> Billing {
     };
     let channel = dir.channel(&event.channel);
     let upstream = channel.and_then(|c| c.upstream.get(&event.model));
-    if upstream.is_none() {
-        metrics.upstream_cost_missing.inc();
-    }
     let priced = pricing::price(
         &event.model,
         &usage,
@@ -324,7 +329,12 @@ pub fn bill(dir: &Directory, event: &UsageEvent, metrics: &Metrics) -> Billing {
         created_at: u32::try_from(event.ended_at_ms / 1000)
             .map_err(|_| dead("out_of_range", format!("endedAtMs {}", event.ended_at_ms)))?,
     };
-    Ok((token, priced, row))
+    Ok(Bill {
+        token,
+        priced,
+        row,
+        upstream_known: upstream.is_some(),
+    })
 }
 
 /// The Redis key that marks an event as fully applied.
@@ -496,37 +506,10 @@ impl Worker {
     /// Applies one batch; see the module docs for the order and why it is safe to repeat.
     pub async fn apply(&mut self, batch: &[Msg], dead_lettered: &mut bool) -> anyhow::Result<()> {
         self.refresh(false).await?;
-        // 1. Parse and dedupe inside the batch.
-        let mut parsed: Vec<(&Msg, UsageEvent, String)> = Vec::with_capacity(batch.len());
-        let mut dead_letters: Vec<(&Msg, DeadLetter)> = Vec::new();
-        let mut in_batch = HashSet::new();
-        for m in batch {
-            match UsageEvent::parse(m.payload.as_deref().unwrap_or_default()) {
-                Ok(e) => {
-                    let key = e.dedupe_key();
-                    if in_batch.insert(key.clone()) {
-                        parsed.push((m, e, key));
-                    } else {
-                        self.metrics.deduped.inc();
-                    }
-                }
-                Err(e) => dead_letters.push((m, dead("malformed", e.to_string()))),
-            }
-        }
-        // 2. Dedupe against events already fully applied.
-        if !parsed.is_empty() {
-            let keys: Vec<String> = parsed.iter().map(|(_, _, k)| seen_key(k)).collect();
-            let mut conn = self.redis.clone();
-            let seen: Vec<Option<String>> = redis::cmd("MGET")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await
-                .context("redis dedupe lookup")?;
-            let before = parsed.len();
-            let mut flags = seen.into_iter();
-            parsed.retain(|_| flags.next().flatten().is_none());
-            self.metrics.deduped.inc_by((before - parsed.len()) as u64);
-        }
+        // 1. Parse and dedupe inside the batch. 2. Drop events already fully applied.
+        // (Duplicates are counted once the batch is committed, so a retry does not count twice.)
+        let (mut parsed, mut dead_letters, mut deduped) = parse_batch(batch);
+        deduped += self.drop_seen(&mut parsed).await?;
         // 3. Price. An unknown name may be a stale mirror: reload once and try again.
         let mut attempt = self.price_all(&parsed);
         if attempt
@@ -539,15 +522,18 @@ impl Worker {
         let mut billed = Vec::with_capacity(parsed.len());
         for ((m, event, dedupe), result) in parsed.into_iter().zip(attempt) {
             match result {
-                Ok((token, priced, row)) => billed.push(Billed {
-                    partition: m.partition,
-                    offset: m.offset,
-                    dedupe,
-                    event,
-                    token,
-                    priced,
-                    row,
-                }),
+                Ok(bill) => {
+                    billed.push(Billed {
+                        partition: m.partition,
+                        offset: m.offset,
+                        dedupe,
+                        event,
+                        token: bill.token,
+                        priced: bill.priced,
+                        row: bill.row,
+                        upstream_known: bill.upstream_known,
+                    });
+                }
                 Err(d) => dead_letters.push((m, d)),
             }
         }
@@ -591,9 +577,14 @@ impl Worker {
                 .await
                 .context("redis dedupe record")?;
         }
-        self.metrics.priced.inc_by(billed.len() as u64);
         // 9. Commit offsets.
         self.commit(batch)?;
+        self.metrics.deduped.inc_by(deduped);
+        self.metrics.priced.inc_by(billed.len() as u64);
+        let unknown = billed.iter().filter(|b| b.token.is_none()).count();
+        self.metrics.unknown_token.inc_by(unknown as u64);
+        let no_cost = billed.iter().filter(|b| !b.upstream_known).count();
+        self.metrics.upstream_cost_missing.inc_by(no_cost as u64);
         // 10. Token CR status, off the hot path and rate-limited by the writer.
         self.report_status(&billed).await;
         Ok(())
@@ -636,11 +627,8 @@ impl Worker {
         }
     }
 
-    fn price_all(&self, parsed: &[(&Msg, UsageEvent, String)]) -> Vec<Billing> {
-        parsed
-            .iter()
-            .map(|(_, e, _)| bill(&self.dir, e, &self.metrics))
-            .collect()
+    fn price_all(&self, parsed: &[Parsed<'_>]) -> Vec<Billing> {
+        parsed.iter().map(|(_, e, _)| bill(&self.dir, e)).collect()
     }
 
     async fn dead_letter(&self, letters: &[(&Msg, DeadLetter)]) -> anyhow::Result<()> {
@@ -750,6 +738,51 @@ impl Worker {
         tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync))
             .context("kafka commit")?;
         Ok(())
+    }
+}
+
+/// A parsed event with its message and dedupe key.
+type Parsed<'a> = (&'a Msg, UsageEvent, String);
+
+/// Parses a batch: events (first copy of each dedupe key), dead letters, and copies dropped.
+fn parse_batch(batch: &[Msg]) -> (Vec<Parsed<'_>>, Vec<(&Msg, DeadLetter)>, u64) {
+    let mut parsed = Vec::with_capacity(batch.len());
+    let mut dead_letters = Vec::new();
+    let mut in_batch = HashSet::new();
+    let mut copies = 0u64;
+    for m in batch {
+        match UsageEvent::parse(m.payload.as_deref().unwrap_or_default()) {
+            Ok(e) => {
+                let key = e.dedupe_key();
+                if in_batch.insert(key.clone()) {
+                    parsed.push((m, e, key));
+                } else {
+                    copies += 1;
+                }
+            }
+            Err(e) => dead_letters.push((m, dead("malformed", e.to_string()))),
+        }
+    }
+    (parsed, dead_letters, copies)
+}
+
+impl Worker {
+    /// Drops events whose dedupe key says they were fully applied before; returns how many.
+    async fn drop_seen(&self, parsed: &mut Vec<Parsed<'_>>) -> anyhow::Result<u64> {
+        if parsed.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<String> = parsed.iter().map(|(_, _, k)| seen_key(k)).collect();
+        let mut conn = self.redis.clone();
+        let seen: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .context("redis dedupe lookup")?;
+        let before = parsed.len();
+        let mut flags = seen.into_iter();
+        parsed.retain(|_| flags.next().flatten().is_none());
+        Ok((before - parsed.len()) as u64)
     }
 }
 

@@ -27,12 +27,15 @@ async fn migrations_create_the_seed_tables_and_are_idempotent() {
     assert_eq!(
         tables,
         [
+            "billing_offsets",
             "channels",
             "customer_bindings",
             "pricing",
+            "settlements",
             "tenant_domains",
             "tenants",
             "tokens",
+            "usage_daily",
             "user_roles",
             "users"
         ]
