@@ -33,13 +33,7 @@ async fn an_event_delivered_three_times_is_counted_once_and_poison_is_dead_lette
 
     // Token 11 holds a reservation made at admission; settling must release it.
     let keys = TokenKeys::new(&bed.hashes[&11]);
-    let mut conn = bed
-        .tb
-        .redis()
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = bed.redis_conn().await;
     let (code, reserved): (i64, i64) = redis::Script::new(ADMIT)
         .key(&keys.tat)
         .key(&keys.used)

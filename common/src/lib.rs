@@ -6,6 +6,7 @@
 //!   never queue behind product traffic.
 //! - [`shutdown`]: a future that resolves on SIGTERM or Ctrl-C, for graceful shutdown.
 
+pub mod logfmt;
 pub mod ops;
 pub mod probe;
 #[cfg(feature = "redis")]
@@ -63,9 +64,8 @@ pub fn init_tracing(format: LogFormat, filter: &str) -> Result<(), InitError> {
         LogFormat::Json => registry
             .with(
                 fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true),
+                    .fmt_fields(fmt::format::JsonFields::new())
+                    .event_format(logfmt::SeedJson::for_this_process()),
             )
             .try_init(),
         LogFormat::Text => registry.with(fmt::layer().with_target(true)).try_init(),

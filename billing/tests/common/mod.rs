@@ -298,14 +298,17 @@ impl Bed {
         out
     }
 
-    pub async fn redis_used(&self, token: u64) -> i64 {
-        let mut conn = self
-            .tb
+    pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
+        self.tb
             .redis()
             .unwrap()
             .get_multiplexed_async_connection()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    pub async fn redis_used(&self, token: u64) -> i64 {
+        let mut conn = self.redis_conn().await;
         let keys = TokenKeys::new(&self.hashes[&token]);
         let v: Option<i64> = redis::cmd("GET")
             .arg(&keys.used)
