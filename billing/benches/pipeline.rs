@@ -148,6 +148,27 @@ async fn main() {
         100.0 * rate / bare_rate
     );
 
+    // Where a batch's time goes (the worker's own step histogram).
+    let metrics = aigw_testkit::process::http_get(worker.ops_addr, "/metrics")
+        .unwrap()
+        .1;
+    let mut steps: Vec<(String, f64)> = metrics
+        .lines()
+        .filter(|l| l.starts_with("aigw_billing_worker_step_seconds_sum{"))
+        .filter_map(|l| {
+            let step = l.split('"').nth(1)?.to_owned();
+            let secs: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((step, secs))
+        })
+        .collect();
+    let total: f64 = steps.iter().map(|(_, s)| s).sum();
+    steps.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let shares: Vec<String> = steps
+        .iter()
+        .map(|(k, v)| format!("{k} {:.0}%", 100.0 * v / total))
+        .collect();
+    println!("worker time by step: {}", shares.join(", "));
+
     // Latency: 60 waves of 500 events, one every 250 ms (2,000 events/s), produce → visible.
     let waves = 60usize;
     let mut sent_at = Vec::new();

@@ -78,6 +78,15 @@ struct Reason {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Step {
+    step: &'static str,
+}
+
+fn step_histogram() -> Histogram {
+    Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])
+}
+
 /// Worker metrics.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -89,6 +98,7 @@ pub struct Metrics {
     upstream_cost_missing: Counter,
     batch_errors: Counter,
     batch_seconds: Histogram,
+    step_seconds: Family<Step, Histogram, fn() -> Histogram>,
     lag: Gauge,
 }
 
@@ -105,6 +115,7 @@ impl Metrics {
             batch_seconds: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ]),
+            step_seconds: Family::new_with_constructor(step_histogram),
             lag: Gauge::default(),
         };
         registry.register(
@@ -146,6 +157,11 @@ impl Metrics {
             "worker_batch_seconds",
             "Time to apply one batch",
             m.batch_seconds.clone(),
+        );
+        registry.register(
+            "worker_step_seconds",
+            "Time of each step of a batch (parse, dedupe, price, dead_letter, clickhouse, redis, mysql, seen, commit)",
+            m.step_seconds.clone(),
         );
         registry.register(
             "worker_consumer_lag",
@@ -508,8 +524,11 @@ impl Worker {
         self.refresh(false).await?;
         // 1. Parse and dedupe inside the batch. 2. Drop events already fully applied.
         // (Duplicates are counted once the batch is committed, so a retry does not count twice.)
+        let mut clock = Instant::now();
         let (mut parsed, mut dead_letters, mut deduped) = parse_batch(batch);
+        self.lap(&mut clock, "parse");
         deduped += self.drop_seen(&mut parsed).await?;
+        self.lap(&mut clock, "dedupe");
         // 3. Price. An unknown name may be a stale mirror: reload once and try again.
         let mut attempt = self.price_all(&parsed);
         if attempt
@@ -537,11 +556,13 @@ impl Worker {
                 Err(d) => dead_letters.push((m, d)),
             }
         }
+        self.lap(&mut clock, "price");
         // 4. Dead letters are on Kafka before anything is committed.
         if !*dead_lettered {
             self.dead_letter(&dead_letters).await?;
             *dead_lettered = true;
         }
+        self.lap(&mut clock, "dead_letter");
         // 5. ClickHouse.
         if !billed.is_empty() {
             let mut insert = self
@@ -554,12 +575,15 @@ impl Worker {
             }
             insert.end().await.context("clickhouse insert end")?;
         }
+        self.lap(&mut clock, "clickhouse");
         // 6. Redis: settle reservations and deduct quota, once per event.
         self.settle(&billed).await?;
+        self.lap(&mut clock, "redis");
         // 7. MySQL aggregates, guarded by the offset watermark.
         ledger::apply(&self.db, &self.settings.topic, batch, &billed)
             .await
             .context("mysql aggregates")?;
+        self.lap(&mut clock, "mysql");
         // 8. Only now: the events count as seen.
         if !billed.is_empty() {
             let mut pipe = redis::pipe();
@@ -577,8 +601,10 @@ impl Worker {
                 .await
                 .context("redis dedupe record")?;
         }
+        self.lap(&mut clock, "seen");
         // 9. Commit offsets.
         self.commit(batch)?;
+        self.lap(&mut clock, "commit");
         self.metrics.deduped.inc_by(deduped);
         self.metrics.priced.inc_by(billed.len() as u64);
         let unknown = billed.iter().filter(|b| b.token.is_none()).count();
@@ -625,6 +651,14 @@ impl Worker {
                 tracing::debug!("token status writer busy; a later batch carries the total");
             }
         }
+    }
+
+    fn lap(&self, clock: &mut Instant, step: &'static str) {
+        self.metrics
+            .step_seconds
+            .get_or_create(&Step { step })
+            .observe(clock.elapsed().as_secs_f64());
+        *clock = Instant::now();
     }
 
     fn price_all(&self, parsed: &[Parsed<'_>]) -> Vec<Billing> {
@@ -681,12 +715,19 @@ impl Worker {
         Ok(())
     }
 
+    /// Settles the batch in Redis: one `SETTLE` call per token (all of its events), pipelined.
     async fn settle(&self, billed: &[Billed]) -> anyhow::Result<()> {
-        let with_token: Vec<(&Billed, &TokenRow)> = billed
-            .iter()
-            .filter_map(|b| b.token.as_ref().map(|t| (b, t)))
-            .collect();
-        if with_token.is_empty() {
+        let mut per_token: HashMap<u64, (&TokenRow, Vec<&Billed>)> = HashMap::new();
+        for b in billed {
+            if let Some(t) = &b.token {
+                per_token
+                    .entry(t.id)
+                    .or_insert_with(|| (t, Vec::new()))
+                    .1
+                    .push(b);
+            }
+        }
+        if per_token.is_empty() {
             return Ok(());
         }
         let mut conn = self.redis.clone();
@@ -697,24 +738,25 @@ impl Worker {
             .await
             .context("redis script load")?;
         let ttl = self.settings.dedupe_ttl.as_secs().max(1);
-        for chunk in with_token.chunks(1000) {
+        let calls: Vec<(&TokenRow, Vec<&Billed>)> = per_token.into_values().collect();
+        for chunk in calls.chunks(200) {
             let mut pipe = redis::pipe();
-            for (b, token) in chunk {
+            for (token, events) in chunk {
                 let keys = TokenKeys::new(&token.key_hash);
-                let reservation = match b.event.reservation.parse::<Reservation>() {
-                    Ok(Reservation::Held { id, .. }) => id,
-                    _ => "none".to_owned(),
-                };
-                let marker = keys.settled(&format!("event:{}", b.event.event_id));
-                pipe.cmd("EVALSHA")
-                    .arg(&sha)
-                    .arg(6)
-                    .arg(&keys.all()[..])
-                    .arg(marker)
-                    .arg(reservation)
-                    .arg(b.event.usage.billable_tokens())
-                    .arg(ttl)
-                    .ignore();
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(&sha).arg(5 + events.len()).arg(&keys.all()[..]);
+                for b in events {
+                    cmd.arg(keys.settled(&format!("event:{}", b.event.event_id)));
+                }
+                cmd.arg(ttl);
+                for b in events {
+                    let reservation = match b.event.reservation.parse::<Reservation>() {
+                        Ok(Reservation::Held { id, .. }) => id,
+                        _ => "none".to_owned(),
+                    };
+                    cmd.arg(reservation).arg(b.event.usage.billable_tokens());
+                }
+                pipe.add_command(cmd).ignore();
             }
             pipe.query_async::<()>(&mut conn)
                 .await

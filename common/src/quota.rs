@@ -16,7 +16,8 @@
 //! [`ADMIT`] decides a request in one atomic call: it reclaims expired reservations, checks the
 //! RPM limit (GCRA, burst = one minute of requests) and the remaining quota, and only if both pass
 //! records the arrival and reserves the estimate. Concurrent requests therefore can never reserve
-//! more than the quota. [`SETTLE`] replaces a reservation by the actual amount, once.
+//! more than the quota. [`SETTLE`] replaces reservations by the actual amounts, once per event, for
+//! a whole batch of one token's events in one call.
 
 use std::fmt;
 
@@ -154,27 +155,35 @@ end
 return {0, 0}
 ";
 
-/// KEYS: tat, used, reserved, resv, resv:exp, settled marker. ARGV: reservation id (or `none`),
-/// actual amount, marker ttl (s).
-/// Returns `{1, released}` settled (released = the reservation's amount, 0 if it had expired or
-/// there was none), `{0, 0}` already settled before (nothing changed).
+/// Settles any number of events of one token in one atomic call.
+/// KEYS: tat, used, reserved, resv, resv:exp, then one settle marker per event.
+/// ARGV: marker ttl (s), then per event (in KEYS order) its reservation id (or `none`) and its
+/// actual amount.
+/// Returns `{settled, released}`: how many events were settled now (an event whose marker exists
+/// was settled before and changes nothing) and the sum of the reservations they released (0 for an
+/// expired reservation or none).
 pub const SETTLE: &str = r"
-if redis.call('SET', KEYS[6], '1', 'NX', 'EX', tonumber(ARGV[3])) == false then
-  return {0, 0}
-end
-local id = ARGV[1]
+local ttl = tonumber(ARGV[1])
+local settled = 0
 local released = 0
-if id ~= 'none' then
-  local amt = redis.call('HGET', KEYS[4], id)
-  if amt then
-    released = tonumber(amt)
-    redis.call('HDEL', KEYS[4], id)
-    redis.call('ZREM', KEYS[5], id)
-    redis.call('DECRBY', KEYS[3], released)
+for i = 6, #KEYS do
+  local id = ARGV[2 + (i - 6) * 2]
+  local actual = tonumber(ARGV[3 + (i - 6) * 2])
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
+    settled = settled + 1
+    if id ~= 'none' then
+      local amt = redis.call('HGET', KEYS[4], id)
+      if amt then
+        released = released + tonumber(amt)
+        redis.call('HDEL', KEYS[4], id)
+        redis.call('ZREM', KEYS[5], id)
+        redis.call('DECRBY', KEYS[3], tonumber(amt))
+      end
+    end
+    redis.call('INCRBY', KEYS[2], actual)
   end
 end
-redis.call('INCRBY', KEYS[2], tonumber(ARGV[2]))
-return {1, released}
+return {settled, released}
 ";
 
 #[cfg(test)]

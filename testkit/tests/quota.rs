@@ -40,7 +40,7 @@ async fn settle(c: &mut MultiplexedConnection, k: &TokenKeys, id: &str, actual: 
     for key in k.all() {
         inv.key(key);
     }
-    inv.key(k.settled(id)).arg(id).arg(actual).arg(86_400);
+    inv.key(k.settled(id)).arg(86_400).arg(id).arg(actual);
     let v: Vec<i64> = inv.invoke_async(c).await.unwrap();
     (v[0], v[1])
 }
@@ -145,4 +145,56 @@ async fn settling_replaces_the_reservation_once() {
     // Usage without a reservation (unlimited tokens, or one that expired) still counts.
     assert_eq!(settle(&mut c, &k, "none-evt-7", 10).await.0, 1);
     assert_eq!(get(&mut c, &k.used).await, 1244);
+}
+
+/// Settles `(marker id, reservation, actual)` events of one token in one call.
+async fn settle_many(
+    c: &mut MultiplexedConnection,
+    k: &TokenKeys,
+    events: &[(&str, &str, i64)],
+) -> (i64, i64) {
+    let script = Script::new(SETTLE);
+    let mut inv = script.prepare_invoke();
+    for key in k.all() {
+        inv.key(key);
+    }
+    inv.arg(86_400);
+    for (marker, reservation, actual) in events {
+        inv.key(k.settled(marker)).arg(*reservation).arg(*actual);
+    }
+    let v: Vec<i64> = inv.invoke_async(c).await.unwrap();
+    (v[0], v[1])
+}
+
+#[tokio::test]
+async fn a_batch_of_events_settles_each_event_once() {
+    let (_, mut c) = conn().await;
+    let k = TokenKeys::new(&unique_name("tok"));
+    assert_eq!(
+        admit(&mut c, &k, 0, 10_000, 100, 60_000, "r1").await,
+        (0, 100)
+    );
+    assert_eq!(
+        admit(&mut c, &k, 0, 10_000, 200, 60_000, "r2").await,
+        (0, 200)
+    );
+    assert_eq!(
+        settle_many(
+            &mut c,
+            &k,
+            &[("e1", "r1", 10), ("e2", "r2", 20), ("e3", "none", 30)]
+        )
+        .await,
+        (3, 300)
+    );
+    assert_eq!(
+        (get(&mut c, &k.used).await, get(&mut c, &k.reserved).await),
+        (60, 0)
+    );
+    // A replayed batch with one new event: only the new one counts.
+    assert_eq!(
+        settle_many(&mut c, &k, &[("e2", "r2", 20), ("e4", "none", 5)]).await,
+        (1, 0)
+    );
+    assert_eq!(get(&mut c, &k.used).await, 65);
 }
