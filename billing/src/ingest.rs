@@ -9,7 +9,7 @@ use aigw_plugin_core::{INGEST_SECRET_HEADER, UsageEvent};
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
@@ -145,7 +145,19 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
-async fn accept(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn accept(
+    State(ingest): State<Arc<Ingest>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        // Too large (over MAX_BODY) or unreadable: still a JSON error.
+        Err(e) => {
+            ingest.metrics.count("invalid");
+            return error(e.status(), "invalid_body", e.body_text());
+        }
+    };
     let given = headers
         .get(INGEST_SECRET_HEADER)
         .map_or(&[][..], |v| v.as_bytes());

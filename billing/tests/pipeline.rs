@@ -320,6 +320,10 @@ async fn ingest_acknowledges_what_kafka_holds_and_the_worker_bills_it() {
         "{json}"
     );
 
+    let (status, json) = post(addr, Some(SECRET), &vec![b' '; 70 * 1024]);
+    assert_eq!(status, 413, "{json}");
+    assert_eq!(json["error"]["code"], "invalid_body");
+
     let (status, json) = post(addr, Some(SECRET), &body);
     assert_eq!(status, 202, "{json}");
     assert_eq!(json["accepted"], e.dedupe_key());
