@@ -39,7 +39,8 @@ pub struct Directory {
     tenant_ids: std::collections::HashSet<u64>,
     tokens: HashMap<u64, TokenRow>,
     channels: HashMap<String, ChannelRow>,
-    prices: HashMap<(u64, String), Price>,
+    /// Tenant id → model → price (looked up per event without allocating).
+    prices: HashMap<u64, HashMap<String, Price>>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -136,8 +137,8 @@ impl Directory {
         .fetch_all(db)
         .await?;
         for (tenant, model, input, output, cached_input) in prices {
-            dir.prices.insert(
-                (id(tenant), model),
+            dir.prices.entry(id(tenant)).or_default().insert(
+                model,
                 Price {
                     input,
                     output,
@@ -170,12 +171,12 @@ impl Directory {
         if tenant == PLATFORM_TENANT {
             return None;
         }
-        self.prices.get(&(tenant, model.to_owned()))
+        self.prices.get(&tenant)?.get(model)
     }
 
     /// The platform default price for `model`.
     pub fn platform_price(&self, model: &str) -> Option<&Price> {
-        self.prices.get(&(PLATFORM_TENANT, model.to_owned()))
+        self.prices.get(&PLATFORM_TENANT)?.get(model)
     }
 
     /// Sizes, for logs.
@@ -184,7 +185,7 @@ impl Directory {
             self.tenant_ids.len(),
             self.tokens.len(),
             self.channels.len(),
-            self.prices.len(),
+            self.prices.values().map(HashMap::len).sum(),
         )
     }
 }

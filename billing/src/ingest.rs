@@ -93,7 +93,8 @@ impl std::fmt::Debug for Ingest {
     }
 }
 
-/// The idempotent, `acks=all` producer ingest uses.
+/// The idempotent, `acks=all` producer of everything billing writes to Kafka (ingest's events,
+/// dead letters): a message not acknowledged within `timeout` fails instead of waiting forever.
 pub fn producer(
     brokers: &str,
     timeout: Duration,

@@ -11,7 +11,7 @@ use chrono::{DateTime, NaiveDate};
 use rust_decimal::Decimal;
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
-use crate::worker::{Billed, Msg};
+use crate::worker::{Billed, Msg, next_offsets};
 
 #[derive(Debug, Default)]
 struct Daily {
@@ -35,11 +35,7 @@ pub async fn apply(
     batch: &[Msg],
     billed: &[Billed],
 ) -> Result<(), sqlx::Error> {
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-    for m in batch {
-        let e = next.entry(m.partition).or_insert(0);
-        *e = (*e).max(m.offset + 1);
-    }
+    let next = next_offsets(batch);
     if next.is_empty() {
         return Ok(());
     }

@@ -216,6 +216,17 @@ impl Msg {
     }
 }
 
+/// Per partition, the offset after the last message of `batch`: what to commit, and how far the
+/// MySQL watermark moves.
+pub fn next_offsets(batch: &[Msg]) -> std::collections::BTreeMap<i32, i64> {
+    let mut next = std::collections::BTreeMap::new();
+    for m in batch {
+        let e = next.entry(m.partition).or_insert(0);
+        *e = (*e).max(m.offset + 1);
+    }
+    next
+}
+
 /// An event ready to be written.
 #[derive(Debug, Clone)]
 pub struct Billed {
@@ -404,12 +415,7 @@ impl Worker {
         consumer
             .subscribe(&[&settings.topic])
             .context("subscribe")?;
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &settings.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", "10000")
-            .create()
+        let producer = crate::ingest::producer(&settings.brokers, Duration::from_secs(10))
             .context("kafka producer")?;
         let redis = redis::aio::ConnectionManager::new(redis)
             .await
@@ -766,13 +772,8 @@ impl Worker {
     }
 
     fn commit(&self, batch: &[Msg]) -> anyhow::Result<()> {
-        let mut next: HashMap<i32, i64> = HashMap::new();
-        for m in batch {
-            let e = next.entry(m.partition).or_insert(0);
-            *e = (*e).max(m.offset + 1);
-        }
         let mut tpl = TopicPartitionList::new();
-        for (p, o) in next {
+        for (p, o) in next_offsets(batch) {
             tpl.add_partition_offset(&self.settings.topic, p, Offset::Offset(o))
                 .context("offset list")?;
         }

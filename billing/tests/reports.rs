@@ -74,6 +74,20 @@ async fn reports_settlement_and_retention() {
     // A re-delivered copy (the crash case): reports read FINAL, so it counts once.
     insert(&bed.ch, &[row("e1", 1, 100, "gpt-4o", oct1, 1_000_001)]).await;
 
+    // The worker's row type reads back column for column (the client runs with validation off on
+    // ClickHouse 18.16, so a wrong Rust type would otherwise be accepted silently).
+    let mut written = row("e3", 1, 102, "gpt-4o-mini", oct2, 333);
+    written.reasoning_tokens = 7;
+    written.error_msg = "upstream said: no".into();
+    insert(&bed.ch, &[written.clone()]).await;
+    let back = bed
+        .ch
+        .query("SELECT ?fields FROM usage_logs FINAL WHERE event_id = 'e3'")
+        .fetch_all::<UsageLogRow>()
+        .await
+        .unwrap();
+    assert_eq!(back, vec![written]);
+
     let october = Filter {
         tenant: Some(1),
         users: None,

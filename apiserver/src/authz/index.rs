@@ -110,6 +110,24 @@ struct Tokens {
     hash_of: HashMap<String, String>,
 }
 
+impl Tokens {
+    /// Forgets the token stored under `key` (`namespace/name`), if any.
+    fn unlink(&mut self, key: &str) {
+        if let Some(old) = self.hash_of.remove(key) {
+            self.by_hash.remove(&old);
+        }
+    }
+}
+
+/// The index key of a token: `namespace/name`.
+fn token_key(token: &Token) -> String {
+    format!(
+        "{}/{}",
+        token.namespace().unwrap_or_default(),
+        token.name_any()
+    )
+}
+
 /// The index. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Index {
@@ -154,17 +172,11 @@ impl Index {
         self.tokens_synced.load(Ordering::Acquire) && self.tenants_synced.load(Ordering::Acquire)
     }
 
-    /// Inserts or replaces a token.
+    /// Inserts or replaces a token (in one critical section: a reader never sees it missing).
     pub fn upsert_token(&self, token: &Token) {
-        let key = format!(
-            "{}/{}",
-            token.namespace().unwrap_or_default(),
-            token.name_any()
-        );
+        let key = token_key(token);
         let mut t = write(&self.tokens);
-        if let Some(old) = t.hash_of.remove(&key) {
-            t.by_hash.remove(&old);
-        }
+        t.unlink(&key);
         if let Some((hash, record)) = token_record(token) {
             t.hash_of.insert(key, hash.clone());
             t.by_hash.insert(hash, Arc::new(record));
@@ -173,29 +185,14 @@ impl Index {
 
     /// Removes a token.
     pub fn remove_token(&self, token: &Token) {
-        let key = format!(
-            "{}/{}",
-            token.namespace().unwrap_or_default(),
-            token.name_any()
-        );
-        let mut t = write(&self.tokens);
-        if let Some(old) = t.hash_of.remove(&key) {
-            t.by_hash.remove(&old);
-        }
+        write(&self.tokens).unlink(&token_key(token));
     }
 
     fn replace_tokens(&self, all: Vec<Token>) {
         let mut fresh = Tokens::default();
         for token in &all {
             if let Some((hash, record)) = token_record(token) {
-                fresh.hash_of.insert(
-                    format!(
-                        "{}/{}",
-                        token.namespace().unwrap_or_default(),
-                        token.name_any()
-                    ),
-                    hash.clone(),
-                );
+                fresh.hash_of.insert(token_key(token), hash.clone());
                 fresh.by_hash.insert(hash, Arc::new(record));
             }
         }
