@@ -73,7 +73,7 @@ fn fill(index: &Index, n: usize) {
             "metadata": {"name": format!("t{i}"), "namespace": "aigw-bench"},
             "spec": {"owner": format!("user{}", i % 1000), "keyHash": hash, "quota": -1, "rateLimit": 1_000_000,
                      "models": ["gpt-4o", "gpt-4o-mini"], "expiresAt": "2030-01-01T00:00:00Z"},
-            "status": {"tokenId": i, "phase": "Active"}}))
+            "status": {"tokenId": i, "phase": "Active", "keyHash": hash}}))
         .unwrap();
         index.upsert_token(&t);
     }

@@ -38,9 +38,10 @@ enum Role {
         /// Address of the ingest listener.
         #[arg(long, env = "AIGW_LISTEN_ADDR", default_value = "127.0.0.1:8090")]
         listen_addr: std::net::SocketAddr,
-        /// Shared secret the usage reporter sends in `x-aigw-ingest-secret`.
-        #[arg(long, env = "AIGW_INGEST_SECRET", hide_env_values = true)]
-        ingest_secret: String,
+        /// Shared secret the usage reporter sends in `x-aigw-ingest-secret` (the same Secret the
+        /// operator reads).
+        #[command(flatten)]
+        ingest_secret: aigw_common::secret::IngestSecretArgs,
         /// How long Kafka may take to acknowledge an event before the request gets a 503.
         #[arg(long, env = "AIGW_PRODUCE_TIMEOUT_MS", default_value_t = 5_000)]
         produce_timeout_ms: u64,
@@ -131,10 +132,7 @@ async fn main() -> anyhow::Result<()> {
             ingest_secret,
             produce_timeout_ms,
         } => {
-            anyhow::ensure!(
-                !ingest_secret.is_empty(),
-                "--ingest-secret (AIGW_INGEST_SECRET) must not be empty"
-            );
+            let ingest_secret = ingest_secret.load()?;
             let timeout = Duration::from_millis(produce_timeout_ms);
             let settings = ingest::Settings {
                 topic: cli.usage_topic,

@@ -2,7 +2,8 @@
 //! `interval` per token, and at once when the token has just used up its quota (the operator then
 //! sets phase `Exhausted`, and authz refuses it). Runs beside the worker, fed over a channel, so a
 //! slow apiserver never holds up billing; the numbers it writes come from Redis `used`, which the
-//! worker's settle keeps exact, so a skipped or repeated write loses nothing.
+//! worker's settle keeps exact, so a skipped or repeated write loses nothing. The status value only
+//! ever grows ([`raise`]); billing is its only writer (the operator never applies it).
 
 use std::{
     collections::HashMap,
@@ -66,16 +67,8 @@ pub fn spawn(client: kube::Client, interval: Duration) -> mpsc::Sender<Used> {
             for u in ready {
                 waiting.remove(&u.token_id);
                 let api: Api<Token> = Api::namespaced(client.clone(), &u.namespace);
-                let patch = json!({"status": {"usedQuota": u.used}});
-                match api
-                    .patch_status(
-                        &u.name,
-                        &PatchParams::apply(FIELD_MANAGER),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                {
-                    Ok(_) => {
+                match raise(&api, &u).await {
+                    Ok(()) => {
                         last.insert(u.token_id, (now, u.used));
                     }
                     Err(kube::Error::Api(e)) if e.code == 404 => {
@@ -91,6 +84,25 @@ pub fn spawn(client: kube::Client, interval: Duration) -> mpsc::Sender<Used> {
         }
     });
     tx
+}
+
+/// Raises the Token's `status.usedQuota` to `u.used`; never lowers it. The value the status shows
+/// only grows: a lower number (Redis lost its counters, a replayed older total) is not written, and
+/// the write carries the `resourceVersion` it compared against, so a concurrent writer's higher
+/// value is never overwritten (a conflict is retried with the next update).
+async fn raise(api: &Api<Token>, u: &Used) -> Result<(), kube::Error> {
+    let live = api.get_status(&u.name).await?;
+    let shown = live.status.as_ref().and_then(|s| s.used_quota).unwrap_or(0);
+    if shown >= u.used {
+        return Ok(());
+    }
+    let patch = json!({
+        "metadata": {"resourceVersion": live.metadata.resource_version},
+        "status": {"usedQuota": u.used},
+    });
+    api.patch_status(&u.name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
 }
 
 #[cfg(test)]

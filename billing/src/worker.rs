@@ -97,6 +97,7 @@ pub struct Metrics {
     unknown_token: Counter,
     upstream_cost_missing: Counter,
     batch_errors: Counter,
+    consumer_restarts: Counter,
     batch_seconds: Histogram,
     step_seconds: Family<Step, Histogram, fn() -> Histogram>,
     lag: Gauge,
@@ -112,6 +113,7 @@ impl Metrics {
             unknown_token: Counter::default(),
             upstream_cost_missing: Counter::default(),
             batch_errors: Counter::default(),
+            consumer_restarts: Counter::default(),
             batch_seconds: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ]),
@@ -152,6 +154,11 @@ impl Metrics {
             "worker_batch_errors",
             "Batches that failed a step and were retried",
             m.batch_errors.clone(),
+        );
+        registry.register(
+            "worker_consumer_restarts",
+            "Kafka consumers replaced after a fatal error (e.g. a fenced static member)",
+            m.consumer_restarts.clone(),
         );
         registry.register(
             "worker_batch_seconds",
@@ -369,6 +376,26 @@ pub fn seen_key(dedupe: &str) -> String {
     format!("aigw:seen:{dedupe}")
 }
 
+/// A consumer of the usage topic in the worker's group, with manual commits.
+fn subscribe(settings: &Settings) -> anyhow::Result<StreamConsumer> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", "10000");
+    if let Some(id) = &settings.instance {
+        config.set("group.instance.id", id);
+    }
+    let consumer: StreamConsumer = config.create().context("kafka consumer")?;
+    consumer
+        .subscribe(&[&settings.topic])
+        .context("subscribe")?;
+    Ok(consumer)
+}
+
 /// The worker's connections and state.
 pub struct Worker {
     settings: Settings,
@@ -400,21 +427,7 @@ impl Worker {
         metrics: Metrics,
         status: Option<StatusSink>,
     ) -> anyhow::Result<Self> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &settings.brokers)
-            .set("group.id", &settings.group)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("session.timeout.ms", "10000");
-        if let Some(id) = &settings.instance {
-            config.set("group.instance.id", id);
-        }
-        let consumer: StreamConsumer = config.create().context("kafka consumer")?;
-        consumer
-            .subscribe(&[&settings.topic])
-            .context("subscribe")?;
+        let consumer = subscribe(&settings)?;
         let producer = crate::ingest::producer(&settings.brokers, Duration::from_secs(10))
             .context("kafka producer")?;
         let redis = redis::aio::ConnectionManager::new(redis)
@@ -441,13 +454,28 @@ impl Worker {
     /// idempotent) until it succeeds or the worker stops; on stop, uncommitted work is replayed by
     /// whoever consumes next.
     pub async fn run(mut self, shutdown: Shutdown) -> anyhow::Result<()> {
-        let lag_task = spawn_lag(
+        let mut lag_task = spawn_lag(
             self.consumer.clone(),
             self.metrics.lag.clone(),
             shutdown.clone(),
         );
         let mut backoff = Duration::from_millis(200);
         'outer: loop {
+            if let Some(fatal) = self.fatal_error() {
+                // A fatal consumer error (e.g. `FencedInstanceId` after a broker restart with
+                // static membership) leaves this consumer unable to commit, ever: retrying the
+                // batch would spin forever. A new consumer rejoins the group; what was not
+                // committed is delivered again and applied once (every step is idempotent).
+                tracing::error!(error = %fatal, "fatal kafka consumer error; rejoining with a new consumer");
+                self.metrics.consumer_restarts.inc();
+                lag_task.abort();
+                self.consumer = Arc::new(subscribe(&self.settings)?);
+                lag_task = spawn_lag(
+                    self.consumer.clone(),
+                    self.metrics.lag.clone(),
+                    shutdown.clone(),
+                );
+            }
             let batch = tokio::select! {
                 () = shutdown.wait() => break,
                 b = self.collect() => b?,
@@ -475,6 +503,11 @@ impl Worker {
                             messages = batch.len(),
                             "batch failed; retrying"
                         );
+                        if self.fatal_error().is_some() {
+                            // This consumer can never commit again: drop the batch (it is
+                            // redelivered to the new consumer) and rejoin above.
+                            continue 'outer;
+                        }
                         tokio::select! {
                             () = shutdown.wait() => break 'outer,
                             () = tokio::time::sleep(backoff) => {}
@@ -486,6 +519,14 @@ impl Worker {
         }
         lag_task.abort();
         Ok(())
+    }
+
+    /// The consumer's fatal error, if it has had one (it is then unusable).
+    fn fatal_error(&self) -> Option<String> {
+        self.consumer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code:?}: {reason}"))
     }
 
     async fn collect(&self) -> anyhow::Result<Vec<Msg>> {

@@ -28,7 +28,7 @@ fn ingest_becomes_ready_and_stops_on_sigterm() {
     let tb = Testbed::load().unwrap();
     let listen = free_addr().unwrap().to_string();
     let mut envs = tb.vars();
-    envs.push(("AIGW_INGEST_SECRET", "s3cret"));
+    envs.push(("AIGW_INGEST_SECRET", "process-test-ingest-secret"));
     let svc = Service::start(bin(), &["ingest", "--listen-addr", &listen], &envs).unwrap();
     assert_eq!(svc.wait_for_status("/readyz", 200, 30).unwrap(), "ready\n");
     assert!(svc.terminate(10).unwrap().success());

@@ -11,6 +11,7 @@ pub mod ops;
 pub mod probe;
 #[cfg(feature = "redis")]
 pub mod quota;
+pub mod secret;
 pub mod shutdown;
 
 use std::net::SocketAddr;

@@ -7,10 +7,13 @@ use serde::{Deserialize, Serialize};
 /// A non-negative decimal money amount with at most 6 decimals, as a string (`"2.50"`).
 ///
 /// Strings, not numbers: a JSON number goes through `f64` in most clients and loses exactness.
-pub const DECIMAL_RULE: &str = r"self.matches('^[0-9]{1,12}(\\.[0-9]{1,6})?$')";
+///
+/// At most 6 integer digits: the MySQL `pricing` columns are `DECIMAL(12,6)`, so every price the
+/// apiserver accepts can be stored (and billed) — a larger one used to fail the mirror forever.
+pub const DECIMAL_RULE: &str = r"self.matches('^[0-9]{1,6}(\\.[0-9]{1,6})?$')";
 /// The message of [`DECIMAL_RULE`].
-pub const DECIMAL_MESSAGE: &str =
-    "must be a non-negative decimal string with at most 6 decimals, e.g. \"2.50\"";
+pub const DECIMAL_MESSAGE: &str = "must be a non-negative decimal string of at most 6 integer digits and 6 decimals \
+     (at most 999999.999999 per million tokens), e.g. \"2.50\"";
 
 /// A reference to one key of a Secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]

@@ -31,6 +31,9 @@ pub const VERSION: &str = "v1alpha1";
 pub const HIGRESS_NAMESPACE: &str = "higress-system";
 /// Prefix of the namespace the operator creates for each tenant: `aigw-<tenant>`.
 pub const TENANT_NAMESPACE_PREFIX: &str = "aigw-";
+/// Namespaces of the platform itself that no Tenant may take as `aigw-<name>` (the operator also
+/// refuses its configured Higress and credentials namespaces).
+pub const RESERVED_NAMESPACES: &[&str] = &["aigw-system"];
 /// `app.kubernetes.io/managed-by` value on every object AIGateway writes.
 pub const MANAGED_BY: &str = "aigateway";
 

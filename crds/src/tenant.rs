@@ -35,7 +35,7 @@ pub enum TenantType {
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "ID", type_ = "integer", json_path = ".status.tenantId", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("self.metadata.name.size() <= 57").message("a tenant name has at most 57 characters (its namespace aigw-<name> must fit in 63)")
+    validation = Rule::new("self.metadata.name.size() <= 57 && !(self.metadata.name in ['system'])").message("a tenant name has at most 57 characters (its namespace aigw-<name> must fit in 63) and is not a reserved name (system: aigw-system is the platform's)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TenantSpec {
@@ -54,6 +54,7 @@ pub struct TenantSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "set"), length(max = 32), inner(length(min = 1, max = 253)))]
     #[x_kube(validation = Rule::new(r"self.all(d, d.matches('^(\\*\\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)+$'))").message("each domain must be a lowercase DNS name with at least two labels, optionally starting with *. (e.g. api.reseller.example)"))]
+    #[x_kube(validation = Rule::new(r"self.all(d, !d.matches('\\.[0-9]+$'))").message("an IP address is not a domain: the last label of a domain is not all digits"))]
     pub domains: Vec<String>,
 
     /// The reseller this tenant resells for (a reseller of a reseller); empty when the platform

@@ -64,9 +64,11 @@ pub struct TokenSpec {
     #[schemars(range(min = 0, max = 1_000_000))]
     pub rate_limit: i32,
 
-    /// When the token stops working, RFC 3339 (e.g. `2027-01-01T00:00:00Z`).
+    /// When the token stops working, RFC 3339 (e.g. `2027-01-01T00:00:00Z`), in the years 1970 to
+    /// 2999 (what every part of the system can represent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("format" = "date-time"))]
+    #[schemars(extend("format" = "date-time"), length(max = 64))]
+    #[x_kube(validation = Rule::new("self >= timestamp('1970-01-01T00:00:00Z') && self < timestamp('3000-01-01T00:00:00Z')").message("expiresAt must be a time in the years 1970 to 2999"))]
     pub expires_at: Option<String>,
 
     /// A disabled token is refused at the gateway.

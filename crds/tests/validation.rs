@@ -158,6 +158,28 @@ fn invalid_cases() -> Vec<(&'static str, String, Value, &'static str)> {
         ("Token", unique_name("k"), json!({"expiresAt": "next tuesday"}), "spec.expiresAt in body must be of type date-time"),
         ("Token", unique_name("k"), json!({"keyHash": "abc"}), "keyHash must be the SHA-256 of the key"),
         ("Token", unique_name("k"), json!({"owner": ""}), "spec.owner"),
+        // Isolation: names and domains that would reach the platform or another tenant.
+        ("Tenant", "system".into(), json!({}), "not a reserved name"),
+        ("Tenant", unique_name("t"), json!({"domains": ["10.1.2.3"]}), "an IP address is not a domain"),
+        ("Tenant", unique_name("t"), json!({"domains": ["*.192.168.0.1"]}), "an IP address is not a domain"),
+        ("Tenant", unique_name("t"), json!({"domains": ["*.*.acme.example"]}), "each domain must be a lowercase DNS name"),
+        ("Tenant", unique_name("t"), json!({"domains": (0..33).map(|i| format!("d{i}.example")).collect::<Vec<_>>()}), "must have at most 32 items"),
+        ("Tenant", unique_name("t"), json!({"branding": {"logoUrl": "javascript:alert(1)"}}), "logoUrl must be an http(s) URL"),
+        ("Channel", unique_name("c"), json!({"baseUrl": "https://user@internal.example/"}), "baseUrl must be an http(s) URL"),
+        ("Channel", unique_name("c"), json!({"credentials": {"namespace": ""}}), "spec.credentials.namespace"),
+        ("Channel", unique_name("c"), json!({"maxRetry": 11}), "spec.maxRetry in body should be less than or equal to 10"),
+        // Storable bounds: every accepted price fits MySQL's DECIMAL(12,6).
+        ("Pricing", unique_name("p"), json!({"models": [{"model": "gpt-4o", "input": "1234567", "output": "1"}]}), "at most 6 integer digits"),
+        ("Pricing", unique_name("p"), json!({"models": [{"model": "gpt-4o", "input": "1", "output": "9999999.5"}]}), "at most 6 integer digits"),
+        ("Pricing", unique_name("p"), json!({"currency": "US"}), "currency must be an ISO 4217 code"),
+        ("Channel", unique_name("c"), json!({"upstreamCost": [{"model": "gpt-4o", "input": "1", "output": "1", "cachedInput": "1000000"}]}), "at most 6 integer digits"),
+        ("Token", unique_name("k"), json!({"keyHash": "A".repeat(64)}), "keyHash must be the SHA-256 of the key"),
+        ("Token", unique_name("k"), json!({"keyPrefix": "sk-"}), "spec.keyPrefix"),
+        ("Token", unique_name("k"), json!({"rateLimit": 1_000_001}), "spec.rateLimit in body should be less than or equal to 1000000"),
+        ("Token", unique_name("k"), json!({"models": ["gpt-4o", "gpt-4o"]}), "Duplicate value: \"gpt-4o\""),
+        ("Token", unique_name("k"), json!({"owner": "o".repeat(65)}), "spec.owner"),
+        ("Token", unique_name("k"), json!({"expiresAt": "9999-12-31T23:59:59Z"}), "expiresAt must be a time in the years 1970 to 2999"),
+        ("Token", unique_name("k"), json!({"expiresAt": "0001-01-01T00:00:00Z"}), "expiresAt must be a time in the years 1970 to 2999"),
     ]
 }
 

@@ -33,9 +33,24 @@ pub async fn apply<K>(ctx: &Ctx, api: &Api<K>, name: &str, desired: &K) -> Resul
 where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
+    let live = api.get_opt(name).await?;
+    apply_over(ctx, api, name, desired, live.as_ref()).await
+}
+
+/// [`apply`] when the caller has already read the live object (`None`: it does not exist).
+pub async fn apply_over<K>(
+    ctx: &Ctx,
+    api: &Api<K>,
+    name: &str,
+    desired: &K,
+    live: Option<&K>,
+) -> Result<bool>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
     let want = serde_json::to_value(desired)?;
-    if let Some(live) = api.get_opt(name).await?
-        && contains(&serde_json::to_value(&live)?, &want)
+    if let Some(live) = live
+        && contains(&serde_json::to_value(live)?, &want)
     {
         return Ok(false);
     }

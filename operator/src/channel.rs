@@ -37,6 +37,20 @@ async fn apply_channel(channel: &Channel, ctx: &Ctx) -> Result<Action> {
     let r = &channel.spec.credentials;
     let keys = read_keys(ctx, channel).await?;
     let (conditions, channel_id, key_count) = match &keys {
+        None if r.namespace != ctx.config.credentials_namespace => (
+            vec![Cond::new(
+                "Ready",
+                false,
+                "CredentialsNamespaceNotAllowed",
+                format!(
+                    "credentials must be a Secret in namespace {} (the platform's credentials \
+                     namespace), not {}; the Secret was not read and the channel serves nothing",
+                    ctx.config.credentials_namespace, r.namespace
+                ),
+            )],
+            None,
+            None,
+        ),
         None => (
             vec![Cond::new(
                 "Ready",

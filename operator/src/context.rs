@@ -44,6 +44,10 @@ pub struct Config {
     pub ext_auth_image: String,
     /// OCI URL of the Higress model-router plugin image.
     pub model_router_image: String,
+    /// The one namespace channel credentials may live in (`aigw-system`). A Channel naming a Secret
+    /// elsewhere is refused, so a Channel can never make the operator read a Secret it was not
+    /// meant to (the operator's RBAC grants Secret reads only here).
+    pub credentials_namespace: String,
 }
 
 impl Config {
@@ -63,7 +67,16 @@ impl Config {
             ai_proxy_image: "oci://registry.example/ai-proxy:2.0.1".into(),
             ext_auth_image: "oci://registry.example/ext-auth:2.0.0".into(),
             model_router_image: "oci://registry.example/model-router:2.0.1".into(),
+            credentials_namespace: "aigw-system".into(),
         }
+    }
+
+    /// Whether `namespace` is one the platform itself uses (Higress's, the credentials'); a Tenant
+    /// whose namespace would be one of these is refused.
+    pub fn is_platform_namespace(&self, namespace: &str) -> bool {
+        namespace == self.higress_namespace
+            || namespace == self.credentials_namespace
+            || aigw_crds::RESERVED_NAMESPACES.contains(&namespace)
     }
 
     /// A label selector restricting watches to this instance, if any.
@@ -138,6 +151,8 @@ pub struct Ctx {
     /// Producer for `tenant.events`; none disables the events (tests of other parts).
     pub events: Option<FutureProducer>,
     writes: Arc<AtomicU64>,
+    /// Until when this replica may act (leader election); always valid without an election.
+    pub term: crate::leader::Term,
     /// The Tenant controller's store, once `run` has started it (token and pricing look up their
     /// tenant here instead of asking the apiserver).
     tenants: Arc<std::sync::OnceLock<Store<Tenant>>>,
@@ -170,6 +185,7 @@ impl Ctx {
             sealer,
             events,
             writes: Arc::default(),
+            term: crate::leader::Term::default(),
             tenants: Arc::default(),
         }
     }

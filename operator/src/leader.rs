@@ -1,8 +1,20 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so two operator replicas never reconcile
-//! at once. The holder renews the lease every `renew`; a lease not renewed for `duration` may be
-//! taken over. Writes use the Lease's `resourceVersion`, so two candidates cannot both win.
+//! at once. Writes use the Lease's `resourceVersion`, so two candidates cannot both win.
+//!
+//! Timing ([`Timing`], as client-go's leader election): the holder tries to renew every `retry`,
+//! each try bounded by `retry`; a lease not renewed for `lease` may be taken over by another
+//! candidate. The holder stops acting once it has not renewed for `renew_deadline`, which is well
+//! under `lease`: it has stopped before anyone else may start (the margin covers clock drift and
+//! a write in flight). The holder's [`Term`] says until when it may act; every reconcile and the
+//! Higress sync check it first, so a leader that was paused (SIGSTOP, a long GC, a frozen VM)
+//! does nothing when it wakes until it has renewed, rather than acting on a lease it lost.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aigw_common::shutdown::Shutdown;
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -15,6 +27,115 @@ use kube::{
 };
 
 use crate::error::Result;
+
+/// Leader-election timing.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long a lease lasts without renewal (the Lease's `leaseDurationSeconds`).
+    pub lease: Duration,
+    /// How long the holder may go without renewing before it stops acting; < `lease`.
+    pub renew_deadline: Duration,
+    /// Time between tries, and the bound on each try.
+    pub retry: Duration,
+}
+
+impl Timing {
+    /// client-go's defaults scaled down: 15 s lease, 10 s renew deadline, 2 s retry.
+    pub const DEFAULT: Self = Self {
+        lease: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
+        retry: Duration::from_secs(2),
+    };
+}
+
+/// Until when this replica may act. Cheap to clone; clones share the deadline.
+#[derive(Debug, Clone, Default)]
+pub struct Term {
+    /// `None`: no election (a single replica), always acting.
+    until: Arc<Mutex<Option<Instant>>>,
+    elected: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Term {
+    /// Whether this replica may act now.
+    pub fn valid(&self) -> bool {
+        if !self.elected.load(std::sync::atomic::Ordering::Acquire) {
+            return true;
+        }
+        let until = *self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        until.is_some_and(|u| Instant::now() < u)
+    }
+
+    /// Records a renewal that started at `started`: acting is allowed until `started + deadline`.
+    fn renewed(&self, started: Instant, deadline: Duration) {
+        *self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(started + deadline);
+        self.elected.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Ends the term at once.
+    fn end(&self) {
+        *self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.elected.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Waits until `elector` holds the lease (then `term` is valid); false if `shutdown` came first.
+pub async fn acquire(elector: &Elector, timing: Timing, term: &Term, shutdown: &Shutdown) -> bool {
+    loop {
+        let started = Instant::now();
+        match tokio::time::timeout(timing.retry, elector.try_acquire()).await {
+            Ok(Ok(true)) => {
+                term.renewed(started, timing.renew_deadline);
+                return true;
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "leader election failed; retrying"),
+            Err(_) => tracing::warn!("leader election timed out; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(timing.retry) => {}
+            () = shutdown.wait() => return false,
+        }
+    }
+}
+
+/// Keeps renewing the lease. When a renewal finds another holder, or none has succeeded for
+/// `renew_deadline`, the term ends and `shutdown` is triggered (the process exits and its
+/// supervisor restarts it as a candidate).
+pub async fn hold(elector: Elector, timing: Timing, term: Term, shutdown: Shutdown) {
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(timing.retry) => {}
+            () = shutdown.wait() => return,
+        }
+        let started = Instant::now();
+        match tokio::time::timeout(timing.retry, elector.try_acquire()).await {
+            Ok(Ok(true)) => {
+                last_ok = started;
+                term.renewed(started, timing.renew_deadline);
+            }
+            Ok(Ok(false)) => {
+                term.end();
+                tracing::error!("lost the leader lease; stopping");
+                shutdown.trigger();
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing the leader lease failed"),
+            Err(_) => tracing::warn!("renewing the leader lease timed out"),
+        }
+        if last_ok.elapsed() >= timing.renew_deadline {
+            term.end();
+            tracing::error!(
+                deadline_s = timing.renew_deadline.as_secs_f64(),
+                "could not renew the leader lease within the renew deadline; stopping"
+            );
+            shutdown.trigger();
+            return;
+        }
+    }
+}
 
 /// One candidate for the lease.
 #[derive(Debug, Clone)]

@@ -94,6 +94,10 @@ where
     K: Resource,
     F: Future<Output = Result<Action, Error>>,
 {
+    if !ctx.term.valid() {
+        // Not (or no longer known to be) the leader: act on nothing until the lease is renewed.
+        return Ok(Action::requeue(std::time::Duration::from_secs(2)));
+    }
     let labels = ControllerLabels { controller };
     let started = std::time::Instant::now();
     let span = tracing::info_span!(
@@ -261,7 +265,10 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
         channel_store.clone(),
     )
     .watches_stream(
-        metadata_stream(Api::<PartialObjectMeta<Secret>>::all(client.clone())),
+        metadata_stream(Api::<PartialObjectMeta<Secret>>::namespaced(
+            client.clone(),
+            &ctx.config.credentials_namespace,
+        )),
         move |secret| channels_using(&store_for_map, &secret),
     )
     .with_config(controller_config())

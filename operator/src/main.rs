@@ -7,7 +7,7 @@ use aigw_common::{OpsArgs, init_tracing, ops, probe, shutdown::Shutdown};
 use aigw_operator::{
     context::{Config, Ctx, Metrics},
     keys::Sealer,
-    leader::Elector,
+    leader::{self, Elector, Timing},
 };
 use clap::Parser;
 use prometheus_client::registry::Registry;
@@ -61,15 +61,10 @@ struct Cli {
         default_value = "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local"
     )]
     ingest_cluster: String,
-    /// Shared secret the usage reporter sends to billing ingest (same value as ingest's
-    /// `AIGW_INGEST_SECRET`). It is written into the usage-reporter WasmPlugin config.
-    #[arg(
-        long,
-        env = "AIGW_INGEST_SECRET",
-        hide_env_values = true,
-        default_value = ""
-    )]
-    ingest_secret: String,
+    /// Shared secret the usage reporter sends to billing ingest (the same Secret ingest reads);
+    /// written into the usage-reporter WasmPlugin config. Required: see `aigw_common::secret`.
+    #[command(flatten)]
+    ingest_secret: aigw_common::secret::IngestSecretArgs,
     /// Image of our usage-reporter plugin (the Helm chart sets the published one).
     #[arg(
         long,
@@ -97,6 +92,9 @@ struct Cli {
         default_value = "oci://higress-registry.cn-hangzhou.cr.aliyuncs.com/plugins/model-router:2.0.1"
     )]
     model_router_image: String,
+    /// The only namespace Channel credentials may be read from.
+    #[arg(long, env = "AIGW_CREDENTIALS_NAMESPACE", default_value = "aigw-system")]
+    credentials_namespace: String,
     /// Image of the Higress ext-auth plugin.
     #[arg(
         long,
@@ -110,6 +108,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.ops.log_format, &cli.ops.log)?;
+    // Before anything else: without the secret every usage report would be refused.
+    let ingest_secret = cli.ingest_secret.load()?;
 
     let shutdown = Shutdown::new();
     shutdown.on_signal();
@@ -142,11 +142,12 @@ async fn main() -> anyhow::Result<()> {
         authz_port: cli.authz_port,
         authz_path: cli.authz_path,
         ingest_cluster: cli.ingest_cluster,
-        ingest_secret: cli.ingest_secret,
+        ingest_secret,
         usage_reporter_image: cli.usage_reporter_image,
         ai_proxy_image: cli.ai_proxy_image,
         ext_auth_image: cli.ext_auth_image,
         model_router_image: cli.model_router_image,
+        credentials_namespace: cli.credentials_namespace,
     };
     let ctx = Arc::new(Ctx::new(
         client,
@@ -173,16 +174,23 @@ async fn main() -> anyhow::Result<()> {
                 std::env::var("HOSTNAME").unwrap_or_else(|_| "aigw-operator".into()),
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             );
+            let timing = Timing::DEFAULT;
             let elector = Elector::new(
                 ctx.client.clone(),
                 &cli.leader_election_namespace,
                 "aigw-operator",
                 &identity,
-                LEASE,
+                timing.lease,
             );
-            if lead(&elector, &shutdown).await? {
+            let term = ctx.term.clone();
+            if leader::acquire(&elector, timing, &term, &shutdown).await {
                 tracing::info!(identity = elector.identity(), "became leader");
-                let renewer = tokio::spawn(renew(elector.clone(), shutdown.clone()));
+                let renewer = tokio::spawn(leader::hold(
+                    elector.clone(),
+                    timing,
+                    term,
+                    shutdown.clone(),
+                ));
                 aigw_operator::run(ctx, shutdown.clone()).await;
                 renewer.abort();
                 elector.release().await?;
@@ -195,49 +203,4 @@ async fn main() -> anyhow::Result<()> {
     ops_task.await??;
     tracing::info!("aigw-operator stopped");
     Ok(())
-}
-
-/// How long a lease lasts without renewal; renewed every third of it.
-const LEASE: Duration = Duration::from_secs(15);
-
-/// Waits until this replica holds the lease; false if shutdown came first.
-async fn lead(elector: &Elector, shutdown: &Shutdown) -> anyhow::Result<bool> {
-    loop {
-        match elector.try_acquire().await {
-            Ok(true) => return Ok(true),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(LEASE / 5) => {}
-            () = shutdown.wait() => return Ok(false),
-        }
-    }
-}
-
-/// Renews the lease; if it cannot for a whole lease period, another replica may have taken over,
-/// so this one stops reconciling (the process exits and its supervisor restarts it as a candidate).
-async fn renew(elector: Elector, shutdown: Shutdown) {
-    let mut last_ok = std::time::Instant::now();
-    loop {
-        tokio::time::sleep(LEASE / 3).await;
-        match elector.try_acquire().await {
-            Ok(true) => last_ok = std::time::Instant::now(),
-            Ok(false) => {
-                tracing::error!("lost the leader lease; stopping");
-                shutdown.trigger();
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "renewing the leader lease failed");
-                if last_ok.elapsed() >= LEASE {
-                    tracing::error!(
-                        "could not renew the leader lease for a whole lease period; stopping"
-                    );
-                    shutdown.trigger();
-                    return;
-                }
-            }
-        }
-    }
 }

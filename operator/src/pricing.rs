@@ -1,6 +1,10 @@
 //! Pricing controller: mirrors a tenant's price list into the MySQL `pricing` table. The list in
 //! the platform tenant's namespace is the platform default (`tenant_id = 0`, as in the seed).
-//! One Pricing per tenant namespace is expected; rows are keyed by (tenant, model).
+//!
+//! One price list per tenant: the oldest Pricing of a namespace (creation time, then name) that is
+//! not being deleted is in effect; any other gets `Ready=False`, reason `Conflict`, naming the one
+//! in effect, and neither writes nor deletes a row (two lists used to delete each other's rows).
+//! Rows are keyed by (tenant, model).
 
 use std::{str::FromStr, sync::Arc, time::Duration};
 
@@ -83,11 +87,41 @@ async fn pricing_tenant(ctx: &Ctx, ns: &str) -> Result<Option<i64>> {
     Ok(tenant.status.and_then(|s| s.tenant_id))
 }
 
+/// The name of the Pricing in effect among `all` (one namespace's): the oldest, then by name.
+/// `deleting` says whether Pricings being deleted count. Pure.
+pub fn in_effect(all: &[Pricing], deleting: bool) -> Option<String> {
+    all.iter()
+        .filter(|p| deleting || p.metadata.deletion_timestamp.is_none())
+        .min_by(|a, b| {
+            (&a.metadata.creation_timestamp, a.metadata.name.as_ref())
+                .cmp(&(&b.metadata.creation_timestamp, b.metadata.name.as_ref()))
+        })
+        .and_then(|p| p.metadata.name.clone())
+}
+
 async fn apply_pricing(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
     let ns = pricing
         .namespace()
         .ok_or(Error::Missing("metadata.namespace"))?;
+    let all = Api::<Pricing>::namespaced(ctx.client.clone(), &ns)
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items;
+    let effective = in_effect(&all, false);
     let (cond, requeue) = match (pricing_tenant(ctx, &ns).await?, validate(pricing)) {
+        _ if effective.as_deref() != Some(pricing.name_any().as_str()) => (
+            Cond::new(
+                "Ready",
+                false,
+                "Conflict",
+                format!(
+                    "namespace {ns} already has the Pricing {} in effect; a tenant has one price \
+                     list (merge the models into it, or delete it first)",
+                    effective.unwrap_or_default()
+                ),
+            ),
+            Duration::from_secs(30),
+        ),
         (None, _) => (
             Cond::new(
                 "Ready",
@@ -174,14 +208,18 @@ async fn cleanup(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
     let ns = pricing
         .namespace()
         .ok_or(Error::Missing("metadata.namespace"))?;
-    if let Some(tenant_id) = pricing_tenant(ctx, &ns).await? {
-        for m in &pricing.spec.models {
-            sqlx::query("DELETE FROM pricing WHERE tenant_id = ? AND model = ?")
-                .bind(tenant_id)
-                .bind(&m.model)
-                .execute(&ctx.db)
-                .await?;
-        }
+    let all = Api::<Pricing>::namespaced(ctx.client.clone(), &ns)
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items;
+    // Only the list in effect owns the tenant's rows; a conflicting one never wrote any.
+    if in_effect(&all, true).as_deref() == Some(pricing.name_any().as_str())
+        && let Some(tenant_id) = pricing_tenant(ctx, &ns).await?
+    {
+        sqlx::query("DELETE FROM pricing WHERE tenant_id = ?")
+            .bind(tenant_id)
+            .execute(&ctx.db)
+            .await?;
     }
     Ok(Action::await_change())
 }

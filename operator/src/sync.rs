@@ -30,6 +30,10 @@ use crate::{
 /// `Ok(None)` when the Secret or key does not exist (a condition, not an error).
 pub async fn read_keys(ctx: &Ctx, channel: &Channel) -> Result<Option<Vec<String>>> {
     let r = &channel.spec.credentials;
+    if r.namespace != ctx.config.credentials_namespace {
+        // Never read: a Channel must not turn the operator into a reader of arbitrary Secrets.
+        return Ok(None);
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
     let Some(secret) = api.get_opt(&r.name).await? else {
         return Ok(None);
@@ -231,6 +235,11 @@ pub async fn run(
         loop {
             // Debounce: a burst of watch events becomes one pass.
             tokio::time::sleep(Duration::from_millis(200)).await;
+            if !ctx.term.valid() {
+                // Not known to be the leader right now (see `leader`): wait for a renewal.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
             let started = std::time::Instant::now();
             let labels = crate::context::ControllerLabels {
                 controller: "higress",

@@ -6,7 +6,7 @@
 //! atomic across operator replicas, and nothing of the earlier tenant changes. A conflicted tenant is
 //! re-checked every 30 s, so it gets the domain once the owner lets go.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use aigw_crds::{
     FINALIZER, MANAGED_BY, Tenant, TenantStatus, TenantType, labels, tenant_namespace,
@@ -14,14 +14,14 @@ use aigw_crds::{
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{Patch, PatchParams, PostParams},
     runtime::{controller::Action, finalizer},
 };
 use rdkafka::producer::FutureRecord;
 use serde_json::json;
 
 use crate::{
-    apply::{FIELD_MANAGER, apply},
+    apply::{FIELD_MANAGER, apply_over},
     conditions::{Cond, merge},
     context::Ctx,
     error::{Error, Result},
@@ -71,11 +71,58 @@ pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Ctx>) -> Result<Action> {
     })
 }
 
+/// Why a tenant's namespace may not be used, if it may not: a platform namespace, or one that
+/// exists and is not controlled by this Tenant (created by someone else, or left by an earlier
+/// Tenant of the same name that is still being deleted). Pure.
+pub fn namespace_refusal(
+    tenant: &Tenant,
+    config: &crate::context::Config,
+    live: Option<&Namespace>,
+) -> Option<(&'static str, String)> {
+    let ns = tenant_namespace(&tenant.name_any());
+    if config.is_platform_namespace(&ns) {
+        return Some((
+            "ReservedName",
+            format!("namespace {ns} belongs to the platform; choose another tenant name"),
+        ));
+    }
+    let live = live?;
+    let ours = live.owner_references().iter().any(|o| {
+        o.controller == Some(true) && Some(&o.uid) == tenant.metadata.uid.as_ref()
+    });
+    (!ours).then(|| {
+        (
+            "NamespaceConflict",
+            format!(
+                "namespace {ns} already exists and was not created for this Tenant; AIGateway \
+                 never adopts a namespace (delete it, or choose another tenant name)"
+            ),
+        )
+    })
+}
+
 async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
     let name = tenant.name_any();
     let desired = build(tenant)?;
     let ns_api: Api<Namespace> = Api::all(ctx.client.clone());
-    apply(ctx, &ns_api, &tenant_namespace(&name), &desired.namespace).await?;
+    let ns_name = tenant_namespace(&name);
+    let live = ns_api.get_opt(&ns_name).await?;
+    if let Some((reason, message)) = namespace_refusal(tenant, &ctx.config, live.as_ref()) {
+        refuse(ctx, tenant, reason, message).await?;
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+    if live.is_none() {
+        // Create, never apply: an apply would adopt a namespace someone created since our read.
+        match ns_api.create(&PostParams::default(), &desired.namespace).await {
+            Ok(_) => ctx.count_write(),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        apply_over(ctx, &ns_api, &ns_name, &desired.namespace, live.as_ref()).await?;
+    }
 
     let tenant_id = mirror_tenant(tenant, ctx).await?;
     let conflicts = claim_domains(ctx, tenant_id, &tenant.spec.domains).await?;
@@ -91,9 +138,9 @@ async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
     } else {
         let list: Vec<String> = conflicts
             .iter()
-            .map(|(d, owner)| format!("{d} (served by tenant {owner})"))
+            .map(|(d, why)| format!("{d} ({why})"))
             .collect();
-        let message = format!("domains claimed by another tenant: {}", list.join(", "));
+        let message = format!("domains this tenant may not serve: {}", list.join(", "));
         wanted.push(Cond::new("Ready", false, "DomainConflict", message.clone()));
         wanted.push(Cond::new("DomainConflict", true, "DomainConflict", message));
     }
@@ -144,6 +191,38 @@ async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
     } else {
         Action::requeue(Duration::from_secs(30))
     })
+}
+
+/// Marks the tenant not Ready for `reason` and touches nothing else (no namespace, no MySQL row,
+/// no domain claim).
+async fn refuse(ctx: &Ctx, tenant: &Tenant, reason: &'static str, message: String) -> Result<()> {
+    let old = tenant.status.clone().unwrap_or_default();
+    let status = TenantStatus {
+        common: aigw_crds::CommonStatus {
+            observed_generation: tenant.metadata.generation,
+            conditions: merge(
+                &old.common.conditions,
+                &[Cond::new("Ready", false, reason, message)],
+                tenant.metadata.generation,
+            ),
+        },
+        ..old.clone()
+    };
+    if status_differs(&old, &status) {
+        Api::<Tenant>::all(ctx.client.clone())
+            .patch_status(
+                &tenant.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(json!({
+                    "apiVersion": Tenant::api_version(&()),
+                    "kind": Tenant::kind(&()),
+                    "status": status,
+                })),
+            )
+            .await?;
+        ctx.count_write();
+    }
+    Ok(())
 }
 
 /// Whether the status changed, ignoring condition transition times.
@@ -198,14 +277,64 @@ async fn mirror_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<i64> {
     Ok(id)
 }
 
-/// Claims `domains` for the tenant and releases the ones it no longer lists; returns the domains
-/// another tenant holds, with that tenant's slug.
+/// Why a domain may not be claimed at all, if it may not: it is itself a public suffix, or a
+/// wildcard over one (`co.uk`, `*.co.uk`, `*.github.io` — the Public Suffix List, private section
+/// included), or an IP literal. Pure.
+pub fn domain_refusal(domain: &str) -> Option<&'static str> {
+    let base = domain.strip_prefix("*.").unwrap_or(domain);
+    if base.parse::<std::net::IpAddr>().is_ok()
+        || base
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Some("an IP address is not a domain");
+    }
+    // `psl::domain_str` is the registrable part (`acme.co.uk` of `api.acme.co.uk`); a name with
+    // none is a public suffix, and a wildcard over it would cover every customer of that suffix.
+    if psl::domain_str(base).is_none() {
+        return Some("a public suffix (or a wildcard over one) cannot belong to one tenant");
+    }
+    None
+}
+
+/// Whether two claims can match the same host: equal, or one is a wildcard `*.s` and the other a
+/// name (or wildcard) below `s`. Authz matches `*.s` against every name below `s`, at any depth.
+pub fn overlaps(a: &str, b: &str) -> bool {
+    let covers = |w: &str, d: &str| w.strip_prefix('*').is_some_and(|dot_s| d.ends_with(dot_s) && d != w);
+    a == b || covers(a, b) || covers(b, a)
+}
+
+/// The claims that could overlap `domain`: itself, every wildcard above it, and for a wildcard
+/// `*.s` every name below `s` (as a `LIKE` pattern).
+fn overlap_candidates(domain: &str) -> (Vec<String>, Option<String>) {
+    let base = domain.strip_prefix("*.").unwrap_or(domain);
+    let mut exact = vec![domain.to_owned()];
+    let mut rest = base;
+    while let Some((_, up)) = rest.split_once('.') {
+        exact.push(format!("*.{up}"));
+        rest = up;
+    }
+    if domain != base {
+        exact.push(base.to_owned());
+    }
+    let below = (domain != base).then(|| format!("%.{}", base.replace('%', "").replace('_', "\\_")));
+    (exact, below)
+}
+
+/// Claims `domains` for the tenant and releases the ones it no longer lists; returns the domains it
+/// may not have, each with why (a refused name, or the slug of the tenant holding an overlapping
+/// claim). The first claimant keeps a domain and everything its claim covers; nothing of it changes.
 async fn claim_domains(
     ctx: &Ctx,
     tenant_id: i64,
     domains: &[String],
 ) -> Result<Vec<(String, String)>> {
     let mut tx = ctx.db.begin().await?;
+    // Serialises every claim (see migrations/mysql/0003): overlap checks read, then insert.
+    sqlx::query("SELECT name FROM locks WHERE name = 'tenant_domains' FOR UPDATE")
+        .execute(&mut *tx)
+        .await?;
     let held: Vec<String> =
         sqlx::query_scalar("SELECT domain FROM tenant_domains WHERE tenant_id = ?")
             .bind(tenant_id)
@@ -218,26 +347,57 @@ async fn claim_domains(
             .execute(&mut *tx)
             .await?;
     }
-    for domain in domains.iter().filter(|d| !held.contains(d)) {
-        sqlx::query("INSERT IGNORE INTO tenant_domains (domain, tenant_id) VALUES (?, ?)")
-            .bind(domain)
-            .bind(tenant_id)
-            .execute(&mut *tx)
-            .await?;
+    let mut refused = Vec::new();
+    for domain in domains {
+        if let Some(why) = domain_refusal(domain) {
+            refused.push((domain.clone(), why.to_owned()));
+            continue;
+        }
+        let (exact, below) = overlap_candidates(domain);
+        let list = vec!["?"; exact.len()].join(", ");
+        // A domain this tenant already holds yields only to an older overlapping claim (claims
+        // made before overlaps were checked); a new one yields to any.
+        let sql = format!(
+            "SELECT d.domain, t.slug FROM tenant_domains d JOIN tenants t ON t.id = d.tenant_id \
+             WHERE d.tenant_id <> ? AND (d.domain IN ({list}){}) \
+             AND d.created_at <= COALESCE((SELECT m.created_at FROM tenant_domains m \
+                                           WHERE m.domain = ? AND m.tenant_id = ?), NOW())",
+            if below.is_some() { " OR d.domain LIKE ?" } else { "" }
+        );
+        let mut q = sqlx::query_as::<_, (String, String)>(&sql).bind(tenant_id);
+        for e in &exact {
+            q = q.bind(e);
+        }
+        if let Some(b) = &below {
+            q = q.bind(b);
+        }
+        q = q.bind(domain).bind(tenant_id);
+        let owners: Vec<(String, String)> = q.fetch_all(&mut *tx).await?;
+        if let Some((theirs, owner)) = owners.iter().find(|(d, _)| overlaps(d, domain)) {
+            if held.contains(domain) {
+                // Claimed before overlap checks existed: the older claim wins, this one goes.
+                sqlx::query("DELETE FROM tenant_domains WHERE tenant_id = ? AND domain = ?")
+                    .bind(tenant_id)
+                    .bind(domain)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let why = if theirs == domain {
+                format!("served by tenant {owner}")
+            } else {
+                format!("overlaps {theirs} of tenant {owner}")
+            };
+            refused.push((domain.clone(), why));
+        } else if !held.contains(domain) {
+            sqlx::query("INSERT INTO tenant_domains (domain, tenant_id) VALUES (?, ?)")
+                .bind(domain)
+                .bind(tenant_id)
+                .execute(&mut *tx)
+                .await?;
+        }
     }
-    let owners: Vec<(String, String)> = sqlx::query_as(
-        "SELECT d.domain, t.slug FROM tenant_domains d JOIN tenants t ON t.id = d.tenant_id \
-         WHERE d.tenant_id <> ?",
-    )
-    .bind(tenant_id)
-    .fetch_all(&mut *tx)
-    .await?;
     tx.commit().await?;
-    let owners: BTreeMap<String, String> = owners.into_iter().collect();
-    Ok(domains
-        .iter()
-        .filter_map(|d| owners.get(d).map(|o| (d.clone(), o.clone())))
-        .collect())
+    Ok(refused)
 }
 
 async fn cleanup(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {

@@ -31,8 +31,15 @@ pub fn secret_name(token: &str) -> String {
     format!("{token}-key")
 }
 
-/// The phase of a token at `now`. Pure.
-pub fn phase(token: &Token, tenant_suspended: bool, now: Timestamp) -> Result<TokenPhase> {
+/// The phase of a token at `now`, given what billing has recorded as used (`status.usedQuota` and
+/// the MySQL `tokens.used_quota` billing keeps; the larger counts, so a lagging or reset status can
+/// never bring an exhausted token back). Pure.
+pub fn phase(
+    token: &Token,
+    tenant_suspended: bool,
+    mirrored_used: i64,
+    now: Timestamp,
+) -> Result<TokenPhase> {
     if token.spec.disabled || tenant_suspended {
         return Ok(TokenPhase::Disabled);
     }
@@ -49,7 +56,8 @@ pub fn phase(token: &Token, tenant_suspended: bool, now: Timestamp) -> Result<To
         .status
         .as_ref()
         .and_then(|s| s.used_quota)
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .max(mirrored_used);
     if token.spec.quota >= 0 && used >= token.spec.quota {
         return Ok(TokenPhase::Exhausted);
     }
@@ -130,26 +138,54 @@ async fn apply_token(token: &Token, ctx: &Ctx) -> Result<Action> {
             Some(secret_name(&name)),
         )
     };
-    let phase = phase(token, suspended, Timestamp::now())?;
-    let mirrored = mirror(ctx, token, tenant_id, &hash, &prefix, phase).await;
-    let cond = match &mirrored {
-        Ok(_) => Cond::new("Ready", true, "Reconciled", format!("phase {phase:?}")),
-        Err(Error::MySql(sqlx::Error::Database(e))) if e.is_unique_violation() => Cond::new(
-            "Ready",
-            false,
-            "DuplicateKey",
-            "another token already uses this key hash; create a new key",
+    let row = mirrored_row(ctx, token).await?;
+    let phase = match phase(
+        token,
+        suspended,
+        row.map_or(0, |(_, used)| used),
+        Timestamp::now(),
+    ) {
+        Ok(p) => p,
+        // Bad input is a condition, not an error retried forever.
+        Err(e @ Error::Invalid { .. }) => {
+            let cond = Cond::new("Ready", false, "Invalid", e.to_string());
+            let status = TokenStatus {
+                common: common(token, &old, &[cond]),
+                ..old.clone()
+            };
+            write_status(ctx, token, &old, status).await?;
+            return Ok(Action::requeue(Duration::from_mins(10)));
+        }
+        Err(e) => return Err(e),
+    };
+    let mirrored = mirror(ctx, token, row.map(|(id, _)| id), tenant_id, &hash, &prefix, phase).await;
+    let (cond, key_hash) = match &mirrored {
+        Ok(_) => (
+            Cond::new("Ready", true, "Reconciled", format!("phase {phase:?}")),
+            Some(hash),
+        ),
+        // MySQL's unique key decides who holds a hash: the first token keeps it, untouched. This
+        // one gets no `status.keyHash`, which is what authz indexes, so it is never admitted.
+        Err(Error::MySql(sqlx::Error::Database(e))) if e.is_unique_violation() => (
+            Cond::new(
+                "Ready",
+                false,
+                "DuplicateKey",
+                "another token already uses this key hash; create a new key",
+            ),
+            None,
         ),
         Err(_) => return mirrored.map(|_| Action::await_change()),
     };
+    // `usedQuota` is billing's field: the operator neither writes nor owns it.
     let status = TokenStatus {
         common: common(token, &old, &[cond]),
         phase: Some(phase),
-        key_hash: Some(hash),
+        key_hash,
         key_prefix: Some(prefix),
         secret_name: secret,
         token_id: mirrored.ok().or(old.token_id),
-        used_quota: old.used_quota,
+        used_quota: None,
     };
     write_status(ctx, token, &old, status).await?;
     // Wake up at expiry to flip the phase.
@@ -238,10 +274,27 @@ async fn ensure_key_secret(ctx: &Ctx, token: &Token, ns: &str) -> Result<String>
     }
 }
 
-/// Upserts the `tokens` row; returns its id.
+/// The token's mirror row, if any: its id and the `used_quota` billing keeps there.
+async fn mirrored_row(ctx: &Ctx, token: &Token) -> Result<Option<(i64, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT id, used_quota FROM tokens WHERE namespace = ? AND cr_name = ?",
+    )
+    .bind(token.namespace().unwrap_or_default())
+    .bind(token.name_any())
+    .fetch_optional(&ctx.db)
+    .await?)
+}
+
+/// Writes the token's own `tokens` row (inserting it when `id` is `None`); returns its id.
+///
+/// Never an upsert: `tokens` has two unique keys (`key_hash` and the CR's namespace/name), and an
+/// `INSERT … ON DUPLICATE KEY UPDATE` fires on either, so a Token copying another token's hash
+/// would overwrite that token's row (tenant, quota, models). Here a hash held by another row is a
+/// unique violation the caller reports as `DuplicateKey`, and the holder's row is never touched.
 async fn mirror(
     ctx: &Ctx,
     token: &Token,
+    id: Option<i64>,
     tenant_id: i64,
     hash: &str,
     prefix: &str,
@@ -271,34 +324,47 @@ async fn mirror(
         ),
         None => None,
     };
-    sqlx::query(
-        "INSERT INTO tokens (tenant_id, user_id, namespace, cr_name, name, key_hash, key_prefix, models, quota, rate_limit, expires_at, status) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         ON DUPLICATE KEY UPDATE tenant_id = VALUES(tenant_id), user_id = VALUES(user_id), name = VALUES(name), \
-         key_hash = VALUES(key_hash), key_prefix = VALUES(key_prefix), models = VALUES(models), quota = VALUES(quota), \
-         rate_limit = VALUES(rate_limit), expires_at = VALUES(expires_at), status = VALUES(status)",
-    )
-    .bind(tenant_id)
-    .bind(user_id)
-    .bind(&ns)
-    .bind(token.name_any())
-    .bind(&spec.display_name)
-    .bind(hash)
-    .bind(prefix)
-    .bind(models)
-    .bind(spec.quota)
-    .bind(spec.rate_limit)
-    .bind(expires)
-    .bind(i8::from(phase == TokenPhase::Active))
-    .execute(&ctx.db)
-    .await?;
-    Ok(
-        sqlx::query_scalar("SELECT id FROM tokens WHERE namespace = ? AND cr_name = ?")
-            .bind(&ns)
-            .bind(token.name_any())
-            .fetch_one(&ctx.db)
-            .await?,
-    )
+    let query = match id {
+        Some(id) => sqlx::query(
+            "UPDATE tokens SET tenant_id = ?, user_id = ?, name = ?, key_hash = ?, key_prefix = ?, \
+             models = ?, quota = ?, rate_limit = ?, expires_at = ?, status = ? WHERE id = ?",
+        )
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(&spec.display_name)
+        .bind(hash)
+        .bind(prefix)
+        .bind(models)
+        .bind(spec.quota)
+        .bind(spec.rate_limit)
+        .bind(expires)
+        .bind(i8::from(phase == TokenPhase::Active))
+        .bind(id),
+        None => sqlx::query(
+            "INSERT INTO tokens (tenant_id, user_id, namespace, cr_name, name, key_hash, key_prefix, \
+             models, quota, rate_limit, expires_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(&ns)
+        .bind(token.name_any())
+        .bind(&spec.display_name)
+        .bind(hash)
+        .bind(prefix)
+        .bind(models)
+        .bind(spec.quota)
+        .bind(spec.rate_limit)
+        .bind(expires)
+        .bind(i8::from(phase == TokenPhase::Active)),
+    };
+    let done = query.execute(&ctx.db).await?;
+    Ok(match id {
+        Some(id) => id,
+        None => i64::try_from(done.last_insert_id()).map_err(|_| Error::Invalid {
+            field: "tokens.id",
+            reason: "out of range".into(),
+        })?,
+    })
 }
 
 async fn cleanup(token: &Token, ctx: &Ctx) -> Result<Action> {
@@ -335,9 +401,9 @@ mod tests {
             json!({"owner": "a", "expiresAt": "2027-01-01T00:00:00Z", "quota": 10}),
             Some(3),
         );
-        assert_eq!(phase(&active, false, now).unwrap(), TokenPhase::Active);
+        assert_eq!(phase(&active, false, 0, now).unwrap(), TokenPhase::Active);
         assert_eq!(
-            phase(&active, true, now).unwrap(),
+            phase(&active, true, 0, now).unwrap(),
             TokenPhase::Disabled,
             "tenant suspended"
         );
@@ -345,12 +411,17 @@ mod tests {
             json!({"owner": "a", "expiresAt": "2026-01-01T00:00:00Z"}),
             None,
         );
-        assert_eq!(phase(&expired, false, now).unwrap(), TokenPhase::Expired);
+        assert_eq!(phase(&expired, false, 0, now).unwrap(), TokenPhase::Expired);
         let used_up = token(json!({"owner": "a", "quota": 10}), Some(10));
-        assert_eq!(phase(&used_up, false, now).unwrap(), TokenPhase::Exhausted);
+        assert_eq!(phase(&used_up, false, 0, now).unwrap(), TokenPhase::Exhausted);
+        assert_eq!(
+            phase(&active, false, 10, now).unwrap(),
+            TokenPhase::Exhausted,
+            "billing's MySQL total counts even when the status lags"
+        );
         let unlimited = token(json!({"owner": "a", "quota": -1}), Some(1_000_000));
-        assert_eq!(phase(&unlimited, false, now).unwrap(), TokenPhase::Active);
+        assert_eq!(phase(&unlimited, false, 0, now).unwrap(), TokenPhase::Active);
         let disabled = token(json!({"owner": "a", "disabled": true}), None);
-        assert_eq!(phase(&disabled, false, now).unwrap(), TokenPhase::Disabled);
+        assert_eq!(phase(&disabled, false, 0, now).unwrap(), TokenPhase::Disabled);
     }
 }

@@ -17,18 +17,18 @@ fn vars(tb: &Testbed) -> Vec<(&str, String)> {
         .map(|(k, v)| (k, v.to_owned()))
         .collect();
     v.push(("AIGW_INSTANCE", unique_name("process-test")));
+    v.push(("AIGW_INGEST_SECRET", SECRET.to_owned()));
     v
 }
+
+const SECRET: &str = "process-test-ingest-secret";
 
 #[test]
 fn starts_becomes_ready_and_stops_on_sigterm() {
     let tb = Testbed::load().unwrap();
-    let svc = Service::start(
-        Path::new(env!("CARGO_BIN_EXE_aigw-operator")),
-        &[],
-        &tb.vars(),
-    )
-    .unwrap();
+    let vars = vars(&tb);
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let svc = Service::start(Path::new(env!("CARGO_BIN_EXE_aigw-operator")), &[], &vars).unwrap();
     assert_eq!(svc.wait_for_status("/healthz", 200, 30).unwrap(), "ok\n");
     assert_eq!(svc.wait_for_status("/readyz", 200, 30).unwrap(), "ready\n");
     let metrics = svc.wait_for_status("/metrics", 200, 5).unwrap();
@@ -52,4 +52,27 @@ fn is_not_ready_while_a_dependency_is_down() {
     })
     .unwrap();
     assert!(svc.terminate(15).unwrap().success());
+}
+
+#[test]
+fn refuses_to_start_without_a_usable_ingest_secret() {
+    // An operator writing an empty secret into the usage reporter's config would let every usage
+    // report be refused (401) while traffic flows: it must not start at all.
+    let tb = Testbed::load().unwrap();
+    for secret in [None, Some(""), Some("short")] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_aigw-operator"));
+        cmd.env_clear();
+        for (k, v) in tb.vars() {
+            cmd.env(k, v);
+        }
+        cmd.env("AIGW_INSTANCE", unique_name("no-secret"));
+        cmd.env("AIGW_OPS_ADDR", "127.0.0.1:0");
+        if let Some(s) = secret {
+            cmd.env("AIGW_INGEST_SECRET", s);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{secret:?}: started anyway");
+        assert!(stderr.contains("ingest secret"), "{secret:?}: {stderr}");
+    }
 }

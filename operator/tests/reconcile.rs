@@ -13,12 +13,10 @@
     clippy::too_many_lines
 )]
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::time::Duration;
 
-use aigw_common::shutdown::Shutdown;
 use aigw_crds::{Channel, Pricing, Tenant, Token, labels};
 use aigw_operator::{
-    context::{Config, Ctx, Metrics},
     higress,
     keys::{Sealer, hash_api_key},
 };
@@ -28,8 +26,8 @@ use k8s_openapi::api::{
     networking::v1::Ingress,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
-    api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
+    Api, ResourceExt,
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
@@ -37,206 +35,9 @@ use rdkafka::{
     producer::FutureProducer,
 };
 use serde_json::{Value, json};
-use sqlx::MySqlPool;
 
-const TIMEOUT: Duration = Duration::from_mins(1);
-
-/// Polls `check` until it returns `Some`, or panics with `what` after [`TIMEOUT`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-struct Harness {
-    client: Client,
-    db: MySqlPool,
-    sfx: String,
-    instance: String,
-    hns: String,
-    key_hex: String,
-}
-
-impl Harness {
-    async fn new() -> Self {
-        let tb = Testbed::load().unwrap();
-        let client = tb.kube_client().await.unwrap();
-        aigw_crds::install(&client, "aigw-test").await.unwrap();
-        let (_, db) = tb.scratch_mysql("operator").await.unwrap();
-        aigw_migrations::run_mysql(&db).await.unwrap();
-        let sfx = unique_name("x").trim_start_matches("x-").to_owned();
-        let hns = format!("hi-{sfx}");
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": hns}})).unwrap();
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .unwrap();
-        Self {
-            client,
-            db,
-            instance: format!("test-{sfx}"),
-            sfx,
-            hns,
-            key_hex: "42".repeat(32),
-        }
-    }
-
-    fn ctx_with(&self, events: Option<FutureProducer>) -> Arc<Ctx> {
-        let config = Config {
-            instance: Some(self.instance.clone()),
-            ..Config::with_defaults(&self.hns)
-        };
-        let mut registry = prometheus_client::registry::Registry::default();
-        let metrics = Metrics::register(&mut registry);
-        Arc::new(Ctx::new(
-            self.client.clone(),
-            self.db.clone(),
-            config,
-            metrics,
-            Sealer::from_hex(&self.key_hex).unwrap(),
-            events,
-        ))
-    }
-
-    fn start(&self) -> (Arc<Ctx>, Shutdown, tokio::task::JoinHandle<()>) {
-        self.start_with(None)
-    }
-
-    fn start_with(
-        &self,
-        events: Option<FutureProducer>,
-    ) -> (Arc<Ctx>, Shutdown, tokio::task::JoinHandle<()>) {
-        let ctx = self.ctx_with(events);
-        let shutdown = Shutdown::new();
-        let task = tokio::spawn(aigw_operator::run(ctx.clone(), shutdown.clone()));
-        (ctx, shutdown, task)
-    }
-
-    fn rename(&self, name: &str) -> String {
-        match name {
-            "aigw-system" => name.to_owned(),
-            n if n.starts_with("aigw-") => format!("{n}-{}", self.sfx),
-            n => format!("{n}-{}", self.sfx),
-        }
-    }
-
-    /// The example documents of `file`, renamed for this run and labelled with its instance.
-    fn example(&self, file: &str) -> Vec<Value> {
-        let path = format!("{}/../examples/{file}", env!("CARGO_MANIFEST_DIR"));
-        let text = std::fs::read_to_string(&path).unwrap();
-        serde_yaml::Deserializer::from_str(&text)
-            .map(|doc| {
-                let mut v: Value =
-                    serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap();
-                let name = v["metadata"]["name"].as_str().unwrap().to_owned();
-                v["metadata"]["name"] = json!(self.rename(&name));
-                if let Some(ns) = v["metadata"]["namespace"].as_str().map(str::to_owned) {
-                    v["metadata"]["namespace"] = json!(self.rename(&ns));
-                }
-                if let Some(secret) = v["spec"]["credentials"]["name"].as_str().map(str::to_owned) {
-                    v["spec"]["credentials"]["name"] = json!(self.rename(&secret));
-                }
-                if v["apiVersion"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with("aigateway.io/")
-                {
-                    v["metadata"]["labels"] = json!({labels::INSTANCE: self.instance});
-                }
-                v
-            })
-            .collect()
-    }
-
-    async fn apply_docs(&self, docs: &[Value]) {
-        for doc in docs {
-            let kind = doc["kind"].as_str().unwrap();
-            let ar = match kind {
-                "Namespace" => ApiResource::erase::<Namespace>(&()),
-                "Secret" => ApiResource::erase::<Secret>(&()),
-                "Tenant" => ApiResource::erase::<Tenant>(&()),
-                "Channel" => ApiResource::erase::<Channel>(&()),
-                "Pricing" => ApiResource::erase::<Pricing>(&()),
-                "Token" => ApiResource::erase::<Token>(&()),
-                other => panic!("unexpected kind {other} in examples"),
-            };
-            let api: Api<DynamicObject> = match doc["metadata"]["namespace"].as_str() {
-                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
-                None => Api::all_with(self.client.clone(), &ar),
-            };
-            api.patch(
-                doc["metadata"]["name"].as_str().unwrap(),
-                &PatchParams::apply("aigw-test").force(),
-                &Patch::Apply(doc),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("applying {kind}: {e}"));
-        }
-    }
-
-    async fn ready<K>(&self, api: &Api<K>, name: &str) -> K
-    where
-        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
-    {
-        eventually(&format!("{name} Ready"), || async {
-            let obj = api.get_opt(name).await.unwrap()?;
-            let v = serde_json::to_value(&obj).unwrap();
-            let ready = v["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True");
-            ready.then_some(obj)
-        })
-        .await
-    }
-
-    fn bridge_api(&self) -> Api<DynamicObject> {
-        Api::namespaced_with(
-            self.client.clone(),
-            &self.hns,
-            &higress::mcp_bridge_resource(),
-        )
-    }
-
-    async fn registries(&self) -> Vec<String> {
-        match self.bridge_api().get_opt("default").await.unwrap() {
-            Some(b) => b.data["spec"]["registries"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r["name"].as_str().unwrap().to_owned())
-                .collect(),
-            None => vec![],
-        }
-    }
-}
-
-/// Waits until the operator has made no write for `quiet`, then returns its write count.
-async fn settled(ctx: &Ctx, quiet: Duration) -> u64 {
-    let mut last = ctx.writes();
-    loop {
-        tokio::time::sleep(quiet).await;
-        let now = ctx.writes();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-}
-
-use serde::Deserialize;
+mod common;
+use common::{Harness, TIMEOUT, eventually, settled};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_lifecycle_is_published_to_tenant_events() {

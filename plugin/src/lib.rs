@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aigw_plugin_core::{
     EVENT_VERSION, Framing, INGEST_SECRET_HEADER, Mode, PluginConfig, UsageEvent, UsageParser,
-    channel_from_cluster, is_gateway_header,
+    channel_from_cluster, headers, is_gateway_header,
 };
 use proxy_wasm::{
     hostcalls,
@@ -68,9 +68,10 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let config = self.config.clone()?;
         Some(Box::new(Request {
+            context_id,
             config,
             sent: self.sent,
             failed: self.failed,
@@ -101,6 +102,8 @@ struct Pending {
 
 #[derive(Debug)]
 struct Request {
+    /// The host's id of this request's context (unique within this VM).
+    context_id: u32,
     config: std::rc::Rc<PluginConfig>,
     sent: Option<u32>,
     failed: Option<u32>,
@@ -240,22 +243,30 @@ impl HttpContext for Request {
             }
             Mode::Report => {
                 // Only requests authz admitted carry a tenant; anything else is not billed here.
-                let Some(tenant) = self.get_http_request_header("x-aigw-tenant") else {
+                let Some(tenant) = self.get_http_request_header(headers::TENANT) else {
                     return Action::Continue;
                 };
                 let header = |name: &str| self.get_http_request_header(name).unwrap_or_default();
                 let started = self.get_current_time();
-                let event_id = self
-                    .get_http_request_header("x-request-id")
-                    .unwrap_or_else(|| format!("{}-{}", header("x-aigw-token"), millis(started)));
+                // authz issues one id per admitted request; the client can neither choose nor
+                // repeat it (the scrub instance drops client-sent x-aigw-*). Without it (an authz
+                // that predates it) the id is made unique here: token, time and this context.
+                let event_id = self.get_http_request_header(headers::EVENT_ID).unwrap_or_else(|| {
+                    format!(
+                        "{}-{}-{}",
+                        header(headers::TOKEN),
+                        millis(started),
+                        self.context_id
+                    )
+                });
                 self.report = Some(Pending {
                     event_id,
                     tenant,
-                    user: header("x-aigw-user"),
-                    token: header("x-aigw-token"),
+                    user: header(headers::USER),
+                    token: header(headers::TOKEN),
                     model: header(MODEL_HEADER),
                     reservation: self
-                        .get_http_request_header("x-aigw-reservation")
+                        .get_http_request_header(headers::RESERVATION)
                         .unwrap_or_else(|| "none".to_owned()),
                     started,
                     stream: false,

@@ -155,7 +155,8 @@ fn admitted(host: &mut Host) -> i32 {
         id,
         &[
             (":path", "/v1/chat/completions"),
-            ("x-request-id", "req-42"),
+            ("x-request-id", "client-chosen"),
+            ("x-aigw-event-id", "ev-42"),
             ("x-higress-llm-model", "gpt-4o-mini"),
             ("x-aigw-tenant", "7"),
             ("x-aigw-user", "alice"),
@@ -208,7 +209,8 @@ fn a_streamed_response_is_reported_once_with_its_usage() {
             event.user.as_str(),
             event.token.as_str()
         ),
-        ("req-42", "7", "alice", "42")
+        ("ev-42", "7", "alice", "42"),
+        "the id authz issued, never the client's x-request-id"
     );
     assert_eq!(
         (event.model.as_str(), event.channel.as_str()),
@@ -280,4 +282,45 @@ fn an_upstream_error_is_reported_with_its_status_and_requests_not_admitted_are_n
         Some("Rate limit reached for requests")
     );
     assert!(event.usage.is_empty());
+}
+
+#[test]
+fn requests_in_the_same_millisecond_without_an_issued_id_get_distinct_event_ids() {
+    // The old fallback, `<token>-<ms>`, made two requests of one token in one millisecond one
+    // event: the second was dropped as a duplicate and its usage never billed.
+    let (mut host, ok) = Host::load(&build_wasm(), REPORT);
+    assert!(ok);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let id = host.new_http();
+        host.request_headers(
+            id,
+            &[
+                (":path", "/v1/chat/completions"),
+                ("x-higress-llm-model", "gpt-4o-mini"),
+                ("x-aigw-tenant", "7"),
+                ("x-aigw-user", "alice"),
+                ("x-aigw-token", "42"),
+            ],
+            true,
+        );
+        host.response_headers(
+            id,
+            &[(":status", "200"), ("content-type", "application/json")],
+            false,
+        );
+        host.response_body(id, &fixture("openai-chat.json"), true);
+        ids.push(id);
+    }
+    let events: Vec<UsageEvent> = host
+        .state()
+        .calls
+        .iter()
+        .map(|c| UsageEvent::parse(&c.body).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2);
+    assert_ne!(events[0].event_id, events[1].event_id);
+    for id in ids {
+        host.finish(id);
+    }
 }

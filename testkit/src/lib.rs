@@ -73,12 +73,24 @@ impl Testbed {
 
     /// A client for the test bed's kube-apiserver, as cluster admin.
     pub async fn kube_client(&self) -> Result<kube::Client, Error> {
+        Ok(kube::Client::try_from(self.kube_config().await?)?)
+    }
+
+    /// The test bed's client configuration (cluster admin).
+    pub async fn kube_config(&self) -> Result<kube::Config, Error> {
         let kubeconfig = kube::config::Kubeconfig::read_from(self.var("KUBECONFIG")?)?;
-        let config = kube::Config::from_custom_kubeconfig(
+        Ok(kube::Config::from_custom_kubeconfig(
             kubeconfig,
             &kube::config::KubeConfigOptions::default(),
         )
-        .await?;
+        .await?)
+    }
+
+    /// A client acting as `user` (impersonation, as `kubectl --as`): it has only the rights RBAC
+    /// grants that user, so hostile-tenant tests run with a tenant admin's real permissions.
+    pub async fn kube_client_as(&self, user: &str) -> Result<kube::Client, Error> {
+        let mut config = self.kube_config().await?;
+        config.auth_info.impersonate = Some(user.to_owned());
         Ok(kube::Client::try_from(config)?)
     }
 

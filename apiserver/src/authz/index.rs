@@ -28,8 +28,8 @@ pub struct TokenRecord {
     pub tenant: String,
     /// `namespace/name` of the Token CR, for logs.
     pub cr: String,
-    /// MySQL id from the status, once the operator has mirrored it.
-    pub token_id: Option<i64>,
+    /// MySQL id from the status (a token is indexed only once the operator has mirrored it).
+    pub token_id: i64,
     pub owner: String,
     /// Allowed models; empty allows all.
     pub models: Vec<String>,
@@ -46,7 +46,8 @@ pub struct TokenRecord {
 /// What authz needs of a Tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantRecord {
-    pub id: Option<i64>,
+    /// MySQL id from the status (a tenant is indexed only once the operator has mirrored it).
+    pub id: i64,
     /// The domains the tenant serves (its status, i.e. without conflicting claims).
     pub domains: Vec<String>,
     pub suspended: bool,
@@ -63,12 +64,20 @@ impl TenantRecord {
     }
 }
 
-/// Converts a Token CR into its record and key hash; `None` when it has no hash yet.
+/// Converts a Token CR into its record and key hash; `None` when the token may not be admitted:
+///
+/// - the operator has not mirrored it yet (no `status.tokenId`), so its usage could not be settled;
+/// - it has no `status.keyHash`: the operator writes the hash only once MySQL's unique key has
+///   given it to this token, so a Token claiming a hash another token already holds (its
+///   `spec.keyHash` alone proves nothing) never reaches the index;
+/// - it is being deleted (a finalizer may keep it visible for a while).
 pub fn token_record(token: &Token) -> Option<(String, TokenRecord)> {
-    let status = token.status.as_ref();
-    let hash = status
-        .and_then(|s| s.key_hash.clone())
-        .or_else(|| token.spec.key_hash.clone())?;
+    if token.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = token.status.as_ref()?;
+    let hash = status.key_hash.clone()?;
+    let token_id = status.token_id?;
     let ns = token.namespace()?;
     let tenant = ns.strip_prefix(TENANT_NAMESPACE_PREFIX)?.to_owned();
     let expires_at_ms = token
@@ -81,41 +90,68 @@ pub fn token_record(token: &Token) -> Option<(String, TokenRecord)> {
         TokenRecord {
             tenant,
             cr: format!("{ns}/{}", token.name_any()),
-            token_id: status.and_then(|s| s.token_id),
+            token_id,
             owner: token.spec.owner.clone(),
             models: token.spec.models.clone(),
             quota: token.spec.quota,
             rate_limit: token.spec.rate_limit,
             expires_at_ms,
             disabled: token.spec.disabled,
-            exhausted: status.and_then(|s| s.phase) == Some(TokenPhase::Exhausted),
+            exhausted: status.phase == Some(TokenPhase::Exhausted),
         },
     ))
 }
 
-/// Converts a Tenant CR into its record.
-pub fn tenant_record(tenant: &Tenant) -> TenantRecord {
-    let status = tenant.status.as_ref();
-    TenantRecord {
-        id: status.and_then(|s| s.tenant_id),
-        domains: status.map(|s| s.domains.clone()).unwrap_or_default(),
-        suspended: tenant.spec.suspended,
+/// Converts a Tenant CR into its record; `None` while it is not mirrored (no `status.tenantId`,
+/// so its usage could not be billed) or while it is being deleted.
+pub fn tenant_record(tenant: &Tenant) -> Option<TenantRecord> {
+    if tenant.metadata.deletion_timestamp.is_some() {
+        return None;
     }
+    let status = tenant.status.as_ref()?;
+    Some(TenantRecord {
+        id: status.tenant_id?,
+        domains: status.domains.clone(),
+        suspended: tenant.spec.suspended,
+    })
 }
 
 #[derive(Debug, Default)]
 struct Tokens {
-    by_hash: HashMap<String, Arc<TokenRecord>>,
-    /// `namespace/name` → hash, to drop the old hash when a token changes or goes.
+    /// Key hash → the tokens whose status claims it, the first MySQL owner (lowest token id)
+    /// first. MySQL's unique key gives a hash to one token, so there is one claimant except while
+    /// a stale status is being corrected; the lookup then keeps answering for the first owner,
+    /// and a later claimant never displaces it, whatever order the watch events come in.
+    by_hash: HashMap<String, Vec<Arc<TokenRecord>>>,
+    /// `namespace/name` → hash, to drop the old claim when a token changes or goes.
     hash_of: HashMap<String, String>,
 }
 
 impl Tokens {
-    /// Forgets the token stored under `key` (`namespace/name`), if any.
+    /// Forgets the token stored under `key` (`namespace/name`), if any; other claimants of its
+    /// hash stay.
     fn unlink(&mut self, key: &str) {
-        if let Some(old) = self.hash_of.remove(key) {
-            self.by_hash.remove(&old);
+        let Some(old) = self.hash_of.remove(key) else {
+            return;
+        };
+        if let Some(claims) = self.by_hash.get_mut(&old) {
+            claims.retain(|r| r.cr != key);
+            if claims.is_empty() {
+                self.by_hash.remove(&old);
+            }
         }
+    }
+
+    /// Adds a claim of `hash` by the token under `key`.
+    fn link(&mut self, key: String, hash: String, record: TokenRecord) {
+        self.hash_of.insert(key, hash.clone());
+        let claims = self.by_hash.entry(hash).or_default();
+        claims.push(Arc::new(record));
+        claims.sort_by(|a, b| (a.token_id, &a.cr).cmp(&(b.token_id, &b.cr)));
+    }
+
+    fn first(&self, hash: &str) -> Option<Arc<TokenRecord>> {
+        self.by_hash.get(hash).and_then(|c| c.first()).cloned()
     }
 }
 
@@ -150,7 +186,7 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 impl Index {
     /// The token with this key hash.
     pub fn token(&self, hash: &str) -> Option<Arc<TokenRecord>> {
-        read(&self.tokens).by_hash.get(hash).cloned()
+        read(&self.tokens).first(hash)
     }
 
     /// The tenant with this name.
@@ -160,7 +196,7 @@ impl Index {
 
     /// Number of tokens indexed.
     pub fn len(&self) -> usize {
-        read(&self.tokens).by_hash.len()
+        read(&self.tokens).hash_of.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -178,8 +214,7 @@ impl Index {
         let mut t = write(&self.tokens);
         t.unlink(&key);
         if let Some((hash, record)) = token_record(token) {
-            t.hash_of.insert(key, hash.clone());
-            t.by_hash.insert(hash, Arc::new(record));
+            t.link(key, hash, record);
         }
     }
 
@@ -192,15 +227,20 @@ impl Index {
         let mut fresh = Tokens::default();
         for token in &all {
             if let Some((hash, record)) = token_record(token) {
-                fresh.hash_of.insert(token_key(token), hash.clone());
-                fresh.by_hash.insert(hash, Arc::new(record));
+                fresh.link(token_key(token), hash, record);
             }
         }
         *write(&self.tokens) = fresh;
     }
 
+    /// Inserts or replaces a tenant; one that may not serve (being deleted, not mirrored) is
+    /// removed, so its keys stop at once, not when its finalizer lets go.
     pub fn upsert_tenant(&self, tenant: &Tenant) {
-        write(&self.tenants).insert(tenant.name_any(), Arc::new(tenant_record(tenant)));
+        let mut t = write(&self.tenants);
+        match tenant_record(tenant) {
+            Some(r) => t.insert(tenant.name_any(), Arc::new(r)),
+            None => t.remove(&tenant.name_any()),
+        };
     }
 
     pub fn remove_tenant(&self, tenant: &Tenant) {
@@ -210,7 +250,7 @@ impl Index {
     fn replace_tenants(&self, all: &[Tenant]) {
         let fresh = all
             .iter()
-            .map(|t| (t.name_any(), Arc::new(tenant_record(t))))
+            .filter_map(|t| Some((t.name_any(), Arc::new(tenant_record(t)?))))
             .collect();
         *write(&self.tenants) = fresh;
     }
@@ -286,11 +326,13 @@ mod tests {
 
     use super::*;
 
-    fn token(name: &str, hash: Option<&str>) -> Token {
+    /// A token as the operator leaves it: `status.keyHash` and `status.tokenId` once mirrored.
+    fn token(ns: &str, name: &str, hash: Option<&str>, id: Option<i64>) -> Token {
         serde_json::from_value(
             json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
-            "metadata": {"name": name, "namespace": "aigw-acme"},
-            "spec": {"owner": "alice", "keyHash": hash, "expiresAt": "2027-01-01T00:00:00Z"}}),
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"owner": "alice", "keyHash": hash, "expiresAt": "2027-01-01T00:00:00Z"},
+            "status": {"keyHash": hash, "tokenId": id}}),
         )
         .unwrap()
     }
@@ -298,7 +340,7 @@ mod tests {
     #[test]
     fn wildcard_and_exact_domains() {
         let t = TenantRecord {
-            id: Some(1),
+            id: 1,
             domains: vec!["api.acme.example".into(), "*.acme.dev".into()],
             suspended: false,
         };
@@ -312,18 +354,86 @@ mod tests {
     #[test]
     fn a_changed_hash_replaces_the_old_entry_and_delete_removes_it() {
         let index = Index::default();
-        index.upsert_token(&token("t1", Some("aa")));
+        index.upsert_token(&token("aigw-acme", "t1", Some("aa"), Some(1)));
         assert_eq!(index.token("aa").unwrap().tenant, "acme");
         assert_eq!(
             index.token("aa").unwrap().expires_at_ms,
             Some(1_798_761_600_000)
         );
-        index.upsert_token(&token("t1", Some("bb")));
+        index.upsert_token(&token("aigw-acme", "t1", Some("bb"), Some(1)));
         assert!(index.token("aa").is_none());
         assert!(index.token("bb").is_some());
-        index.remove_token(&token("t1", None));
+        index.remove_token(&token("aigw-acme", "t1", None, None));
         assert!(index.is_empty());
-        index.upsert_token(&token("t2", None));
+        index.upsert_token(&token("aigw-acme", "t2", None, Some(2)));
         assert!(index.is_empty(), "no hash yet: nothing to index");
+    }
+
+    #[test]
+    fn unmirrored_spec_only_and_deleting_tokens_are_not_admitted() {
+        let index = Index::default();
+        index.upsert_token(&token("aigw-acme", "new", Some("aa"), None));
+        assert!(index.token("aa").is_none(), "no tokenId: usage could not be settled");
+        let mut spec_only = token("aigw-acme", "spec", Some("bb"), Some(3));
+        spec_only.status.as_mut().unwrap().key_hash = None;
+        index.upsert_token(&spec_only);
+        assert!(index.token("bb").is_none(), "spec.keyHash alone is a claim, not a grant");
+        let mut deleting = token("aigw-acme", "gone", Some("cc"), Some(4));
+        index.upsert_token(&deleting);
+        assert!(index.token("cc").is_some());
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        index.upsert_token(&deleting);
+        assert!(index.token("cc").is_none(), "a deleting token stops at once");
+    }
+
+    #[test]
+    fn a_second_claim_of_a_hash_never_displaces_the_first_owner() {
+        // Whatever order the watch delivers them in, the first MySQL owner answers; removing the
+        // intruder leaves the owner in place.
+        for intruder_first in [false, true] {
+            let index = Index::default();
+            let owner = token("aigw-a", "key", Some("aa"), Some(10));
+            let intruder = token("aigw-b", "copy", Some("aa"), Some(99));
+            if intruder_first {
+                index.upsert_token(&intruder);
+                index.upsert_token(&owner);
+            } else {
+                index.upsert_token(&owner);
+                index.upsert_token(&intruder);
+            }
+            assert_eq!(index.token("aa").unwrap().tenant, "a");
+            index.remove_token(&intruder);
+            assert_eq!(index.token("aa").unwrap().tenant, "a");
+            index.replace_tokens(vec![intruder.clone(), owner.clone()]);
+            assert_eq!(index.token("aa").unwrap().tenant, "a");
+            index.remove_token(&owner);
+            assert_eq!(index.token("aa").unwrap().tenant, "b");
+        }
+    }
+
+    #[test]
+    fn deleting_or_unmirrored_tenants_are_not_served() {
+        let tenant = |deleting: bool, id: Option<i64>| -> Tenant {
+            let mut t: Tenant = serde_json::from_value(json!({
+                "apiVersion": "aigateway.io/v1alpha1", "kind": "Tenant",
+                "metadata": {"name": "acme"}, "spec": {"type": "reseller", "displayName": "A"},
+                "status": {"tenantId": id, "domains": ["api.acme.example"]}}))
+            .unwrap();
+            if deleting {
+                t.metadata.deletion_timestamp = Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+                );
+            }
+            t
+        };
+        let index = Index::default();
+        index.upsert_tenant(&tenant(false, Some(1)));
+        assert!(index.tenant("acme").is_some());
+        index.upsert_tenant(&tenant(true, Some(1)));
+        assert!(index.tenant("acme").is_none(), "being deleted");
+        index.upsert_tenant(&tenant(false, None));
+        assert!(index.tenant("acme").is_none(), "not mirrored");
     }
 }

@@ -4,6 +4,7 @@
 use std::{sync::Arc, time::Instant};
 
 use aigw_common::quota::{ADMIT, Reservation, TokenKeys};
+use aigw_plugin_core::headers;
 use axum::{
     Json, Router,
     extract::State,
@@ -185,17 +186,20 @@ pub struct Allow {
     pub user: String,
     pub token: String,
     pub reservation: Reservation,
+    /// The request's id, issued here: the usage event id (see [`headers::EVENT_ID`]).
+    pub event_id: String,
 }
 
 impl IntoResponse for Allow {
     fn into_response(self) -> Response {
         let mut h = HeaderMap::new();
         let pairs = [
-            ("x-aigw-tenant", self.tenant),
-            ("x-aigw-user", self.user),
-            ("x-aigw-token", self.token.clone()),
-            ("x-aigw-reservation", self.reservation.to_string()),
-            ("x-mse-consumer", self.token),
+            (headers::TENANT, self.tenant),
+            (headers::USER, self.user),
+            (headers::TOKEN, self.token.clone()),
+            (headers::RESERVATION, self.reservation.to_string()),
+            (headers::EVENT_ID, self.event_id),
+            (headers::CONSUMER, self.token),
         ];
         for (k, v) in pairs {
             if let Ok(v) = HeaderValue::from_str(&v) {
@@ -231,7 +235,7 @@ async fn decide(authz: &Authz, headers: &HeaderMap, model: Option<&str>) -> Resu
     let mut conn = authz.redis.clone();
     let reservation = match invocation.invoke_async::<(i64, i64)>(&mut conn).await {
         Ok((0, reserved)) if quota >= 0 => Reservation::Held {
-            id,
+            id: id.clone(),
             amount: reserved,
         },
         Ok((0, _)) => Reservation::None,
@@ -247,14 +251,10 @@ async fn decide(authz: &Authz, headers: &HeaderMap, model: Option<&str>) -> Resu
         }
     };
     Ok(Allow {
-        tenant: admitted
-            .tenant
-            .id
-            .map_or_else(|| token.tenant.clone(), |i| i.to_string()),
+        tenant: admitted.tenant.id.to_string(),
         user: token.owner.clone(),
-        token: token
-            .token_id
-            .map_or_else(|| token.cr.clone(), |i| i.to_string()),
+        token: token.token_id.to_string(),
         reservation,
+        event_id: id,
     })
 }

@@ -103,6 +103,25 @@ pub fn channel_from_cluster(cluster: &str) -> String {
     service.strip_prefix("aigw-").unwrap_or(service).to_owned()
 }
 
+/// The request headers authz sets on an admitted request; ext-auth copies them onto the request
+/// that goes on (`allowed_upstream_headers`), the usage reporter reads them, and the header-scrub
+/// instance removes client-sent copies before ext-auth runs. One definition for both ends.
+pub mod headers {
+    /// MySQL id of the tenant.
+    pub const TENANT: &str = "x-aigw-tenant";
+    /// Owner of the token.
+    pub const USER: &str = "x-aigw-user";
+    /// MySQL id of the token.
+    pub const TOKEN: &str = "x-aigw-token";
+    /// The quota reservation taken for the request (`none`, or `<id>:<tokens>`).
+    pub const RESERVATION: &str = "x-aigw-reservation";
+    /// The id authz gives each admitted request: the usage event's id, so the dedupe key is one
+    /// the client cannot choose or collide (unlike `x-request-id`, which a client may send).
+    pub const EVENT_ID: &str = "x-aigw-event-id";
+    /// The consumer name Higress's rate-limit and statistics plugins read (the token id).
+    pub const CONSUMER: &str = "x-mse-consumer";
+}
+
 /// Whether a request header is one only the gateway may set: `x-aigw-*` (set by authz) and
 /// `x-mse-consumer` (read by Higress rate-limit and statistics plugins). Case-insensitive.
 pub fn is_gateway_header(name: &str) -> bool {
