@@ -36,9 +36,17 @@ struct Cli {
     /// Address of the authz listener Higress ext-auth calls.
     #[arg(long, env = "AIGW_AUTHZ_ADDR", default_value = "127.0.0.1:8081")]
     authz_addr: SocketAddr,
-    /// Tokens reserved from a token's quota per request until its usage is settled.
+    /// Output tokens reserved for a request that sets no output limit (`max_tokens`, …); the
+    /// prompt part of a reservation is estimated from the request body.
     #[arg(long, env = "AIGW_RESERVE_ESTIMATE", default_value_t = 4096)]
     reserve_estimate: i64,
+    /// Redis key under which admitted requests are recorded until billed (billing's
+    /// `AIGW_PENDING_KEY` must be the same).
+    #[arg(long, env = "AIGW_PENDING_KEY", default_value = aigw_common::quota::PENDING)]
+    pending_key: String,
+    /// The most requests one quota-limited token may have in flight at once (0: no cap).
+    #[arg(long, env = "AIGW_MAX_IN_FLIGHT", default_value_t = 64)]
+    max_in_flight: i64,
     /// Seconds an unsettled reservation holds quota.
     #[arg(long, env = "AIGW_RESERVATION_TTL", default_value_t = 600)]
     reservation_ttl_secs: i64,
@@ -103,6 +111,8 @@ async fn main() -> anyhow::Result<()> {
         )?;
         let settings = Settings {
             reserve_estimate: cli.reserve_estimate,
+            max_in_flight: cli.max_in_flight,
+            pending: aigw_common::quota::PendingKeys::under(&cli.pending_key),
             reservation_ttl_ms: cli.reservation_ttl_secs * 1000,
             fail_open: cli.authz_fail_open,
         };

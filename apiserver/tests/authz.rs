@@ -19,11 +19,11 @@ use aigw_apiserver::authz::{
     index::Index,
     service::{self, Authz, Settings},
 };
-use aigw_common::{ops, quota::TokenKeys, shutdown::Shutdown};
+use aigw_common::{ops, quota::{PendingKeys, TokenKeys}, shutdown::Shutdown};
 use aigw_crds::{Tenant, Token, labels};
 use aigw_testkit::{
     Testbed,
-    process::{HttpResponse, http_request},
+    process::{HttpResponse, http_send},
     unique_name,
 };
 use k8s_openapi::api::core::v1::Namespace;
@@ -39,7 +39,21 @@ struct Gate {
     addr: SocketAddr,
     instance: String,
     redis: redis::Client,
+    /// This gate's own pending keys (removed on drop).
+    pending: PendingKeys,
     _shutdown: Shutdown,
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        // Tests clean up after themselves: no pending request of theirs is left to be swept.
+        if let Ok(mut c) = self.redis.get_connection() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL")
+                .arg(&self.pending.set)
+                .arg(&self.pending.events)
+                .query(&mut c);
+        }
+    }
 }
 
 fn hash(key: &str) -> String {
@@ -48,6 +62,10 @@ fn hash(key: &str) -> String {
 
 impl Gate {
     async fn start(fail_open: bool, redis_url: Option<&str>) -> Self {
+        Self::start_capped(fail_open, redis_url, 0).await
+    }
+
+    async fn start_capped(fail_open: bool, redis_url: Option<&str>, max_in_flight: i64) -> Self {
         let tb = Testbed::load().unwrap();
         let client = tb.kube_client().await.unwrap();
         aigw_crds::install(&client, "aigw-test").await.unwrap();
@@ -70,8 +88,11 @@ impl Gate {
             .set_connection_timeout(Some(Duration::from_millis(200)))
             .set_response_timeout(Some(Duration::from_millis(500)));
         let manager = redis::aio::ConnectionManager::new_lazy_with_config(target, config).unwrap();
+        let pending = PendingKeys::under(&format!("test:{instance}:pending"));
         let settings = Settings {
             reserve_estimate: 4096,
+            max_in_flight,
+            pending: pending.clone(),
             reservation_ttl_ms: 60_000,
             fail_open,
         };
@@ -90,6 +111,7 @@ impl Gate {
             addr,
             instance,
             redis,
+            pending,
             _shutdown: shutdown,
         }
     }
@@ -143,20 +165,39 @@ impl Gate {
         .unwrap();
     }
 
+    /// A chat completion for `model` (default gpt-4o) with `max_tokens` 4000, as ext-auth forwards it.
     fn call(&self, host: &str, key: Option<&str>, model: Option<&str>) -> HttpResponse {
+        self.call_with(
+            host,
+            key,
+            None,
+            "/v1/chat/completions",
+            &chat(model.unwrap_or("gpt-4o"), Some(4000)),
+        )
+    }
+
+    fn call_with(
+        &self,
+        host: &str,
+        key: Option<&str>,
+        header_model: Option<&str>,
+        uri: &str,
+        body: &str,
+    ) -> HttpResponse {
         let auth = key.map(|k| format!("Bearer {k}"));
         let mut h: Vec<(&str, &str)> = vec![
             ("x-forwarded-host", host),
-            ("x-forwarded-uri", "/v1/chat/completions"),
+            ("x-forwarded-uri", uri),
             ("x-forwarded-method", "POST"),
+            ("content-type", "application/json"),
         ];
         if let Some(a) = &auth {
             h.push(("authorization", a));
         }
-        if let Some(m) = model {
+        if let Some(m) = header_model {
             h.push(("x-higress-llm-model", m));
         }
-        http_request(self.addr, "POST", "/authz", &h).unwrap()
+        http_send(self.addr, "POST", "/authz", &h, body.as_bytes()).unwrap()
     }
 
     /// Waits until `check` holds for the response (the index follows watches).
@@ -193,15 +234,32 @@ async fn post_status(addr: SocketAddr, host: &str, key: &str) -> u16 {
     .await
     .expect("connect timed out")
     .unwrap();
+    let body = chat("gpt-4o", Some(4000));
     let req = format!(
-        "POST /authz HTTP/1.1\r\nhost: authz\r\nconnection: close\r\ncontent-length: 0\r\n\
-         x-forwarded-host: {host}\r\nauthorization: Bearer {key}\r\n\r\n"
+        "POST /authz HTTP/1.1\r\nhost: authz\r\nconnection: close\r\ncontent-length: {}\r\n\
+         x-forwarded-host: {host}\r\nx-forwarded-uri: /v1/chat/completions\r\n\
+         authorization: Bearer {key}\r\n\r\n{body}",
+        body.len()
     );
     stream.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
     let text = String::from_utf8_lossy(&raw);
     text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A chat completion body.
+fn chat(model: &str, max_tokens: Option<i64>) -> String {
+    let mut v = json!({"model": model, "messages": [{"role": "user", "content": "hello"}]});
+    if let Some(m) = max_tokens {
+        v["max_tokens"] = json!(m);
+    }
+    v.to_string()
+}
+
+/// What authz reserves for `body` with the given output limit.
+fn estimate(body: &str, output: i64) -> i64 {
+    i64::try_from(body.len().div_ceil(3)).unwrap() + output
 }
 
 fn code(r: &HttpResponse) -> String {
@@ -283,20 +341,32 @@ async fn every_decision_path() {
     assert_eq!(ok.header("x-aigw-token"), Some("7"));
     assert_eq!(ok.header("x-mse-consumer"), Some("7"));
     let reservation = ok.header("x-aigw-reservation").unwrap();
-    assert!(reservation.ends_with(":4096"), "{reservation}");
-    // Wildcard domain, x-api-key, an allowed model.
-    let r = http_request(
+    let est = estimate(&chat("gpt-4o", Some(4000)), 4000);
+    assert!(reservation.ends_with(&format!(":{est}")), "{reservation}");
+    let event_id = ok.header("x-aigw-event-id").unwrap().to_owned();
+    assert!(reservation.starts_with(&event_id), "one id per request");
+    // Wildcard domain, x-api-key, an allowed model named in the header as well.
+    let body = chat("gpt-4o", None);
+    let r = http_send(
         g.addr,
         "POST",
         "/authz",
         &[
             ("x-forwarded-host", &format!("eu.{acme}.dev")),
+            ("x-forwarded-uri", "/v1/chat/completions"),
             ("x-api-key", &key("ok")),
             ("x-higress-llm-model", "gpt-4o"),
         ],
+        body.as_bytes(),
     )
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.header("x-aigw-estimate"),
+        Some(format!("{}:4096", body.len().div_ceil(3)).as_str()),
+        "no max_tokens: the default output reserve"
+    );
+    assert_ne!(r.header("x-aigw-event-id"), Some(event_id.as_str()));
 
     // Refusals, each with an OpenAI-style body.
     let unknown = g.call(&acme_host, Some("sk-nobody"), None);
@@ -344,7 +414,8 @@ async fn every_decision_path() {
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=30).contains(&retry), "{retry}");
 
-    // Quota: 10,000 tokens cover two 4,096 estimates, not three.
+    // Quota: 10,000 tokens cover two estimates of ~4,030 tokens, not three.
+    assert!(est * 2 <= 10_000 && est * 3 > 10_000, "{est}");
     g.until(&acme_host, &key("small"), |r| r.status == 200)
         .await;
     assert_eq!(g.call(&acme_host, Some(&key("small")), None).status, 200);
@@ -381,12 +452,13 @@ async fn a_thousand_concurrent_requests_reserve_at_most_the_quota() {
     let host = format!("api.{tenant}.example");
     g.tenant(&tenant, 50, &[&host], false).await;
     let key = format!("sk-busy-{sfx}");
-    // Quota for exactly 100 estimates of 4,096 tokens.
+    // Quota for exactly 100 estimates.
+    let est = estimate(&chat("gpt-4o", Some(4000)), 4000);
     g.token(
         &tenant,
         "busy",
         &key,
-        json!({"quota": 409_600, "rateLimit": 0}),
+        json!({"quota": est * 100, "rateLimit": 0}),
         json!({}),
     )
     .await;
@@ -415,7 +487,7 @@ async fn a_thousand_concurrent_requests_reserve_at_most_the_quota() {
         .query_async(&mut c)
         .await
         .unwrap();
-    assert_eq!(reserved, 409_600, "reserved total never exceeds the quota");
+    assert_eq!(reserved, est * 100, "reserved total never exceeds the quota");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,4 +509,130 @@ async fn redis_down_fails_closed_or_open_as_configured() {
             assert_eq!((r.status, code(&r).as_str()), (503, "authz_unavailable"));
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_asked_for_is_read_from_the_request() {
+    let g = Gate::start_capped(false, None, 2).await;
+    let sfx = unique_name("q");
+    let tenant = format!("shape-{sfx}");
+    let host = format!("api.{tenant}.example");
+    g.tenant(&tenant, 70, &[&host], false).await;
+    let key = |n: &str| format!("sk-{n}-{sfx}");
+    g.token(&tenant, "big", &key("big"), json!({"quota": 10_000, "rateLimit": 0}), json!({}))
+        .await;
+    g.token(&tenant, "tiny", &key("tiny"), json!({"quota": 1_000, "rateLimit": 0, "models": ["gpt-4o"]}), json!({}))
+        .await;
+    g.until(&host, &key("big"), |r| r.status != 401).await;
+    g.until(&host, &key("tiny"), |r| r.status != 401).await;
+    let mut c = g.redis.get_multiplexed_async_connection().await.unwrap();
+    let reserved = |k: String| {
+        let mut c = c.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(TokenKeys::new(&hash(&k)).reserved)
+                .query_async::<Option<i64>>(&mut c)
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+    };
+    // Two concurrent 120k-token requests on a 10,000-token quota: neither is admitted.
+    let large = chat("gpt-4o", Some(120_000));
+    let (a, b) = tokio::join!(
+        async { g.call_with(&host, Some(&key("big")), None, "/v1/chat/completions", &large) },
+        async { g.call_with(&host, Some(&key("big")), None, "/v1/chat/completions", &large) },
+    );
+    for r in [&a, &b] {
+        assert_eq!((r.status, code(r).as_str()), (429, "insufficient_quota"), "{}", r.body);
+    }
+    // A quota below the default output reserve still serves a request that asks for little.
+    let small = chat("gpt-4o", Some(100));
+    let r = g.call_with(&host, Some(&key("tiny")), None, "/v1/chat/completions", &small);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(reserved(key("tiny")).await, estimate(&small, 100));
+    let r = g.call_with(&host, Some(&key("tiny")), None, "/v1/chat/completions", &chat("gpt-4o", None));
+    assert_eq!((r.status, code(&r).as_str()), (429, "insufficient_quota"));
+    // At most two in flight per token (this gate's cap): the third waits for a settle.
+    for _ in 0..1 {
+        let r = g.call_with(&host, Some(&key("tiny")), None, "/v1/chat/completions", &small);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = g.call_with(&host, Some(&key("tiny")), None, "/v1/chat/completions", &small);
+    assert_eq!((r.status, code(&r).as_str()), (429, "too_many_requests_in_flight"));
+
+    // Endpoints that cannot be metered, usage switched off, a model header that lies.
+    let r = g.call_with(&host, Some(&key("big")), None, "/v1/images/generations", &chat("dall-e-3", None));
+    assert_eq!((r.status, code(&r).as_str()), (404, "unsupported_endpoint"));
+    let no_usage = json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": false}, "max_tokens": 10}).to_string();
+    let r = g.call_with(&host, Some(&key("big")), None, "/v1/chat/completions", &no_usage);
+    assert_eq!((r.status, code(&r).as_str()), (400, "stream_usage_required"));
+    let r = g.call_with(&host, Some(&key("tiny")), Some("gpt-4o"), "/v1/chat/completions", &chat("o1-pro", Some(10)));
+    assert_eq!((r.status, code(&r).as_str()), (400, "model_mismatch"), "a header cannot launder a model");
+    let r = g.call_with(&host, Some(&key("tiny")), None, "/v1/chat/completions", &chat("o1-pro", Some(10)));
+    assert_eq!((r.status, code(&r).as_str()), (403, "model_not_allowed"));
+    let r = g.call_with(&host, Some(&key("big")), None, "/v1/chat/completions", "not json");
+    assert_eq!((r.status, code(&r).as_str()), (400, "invalid_request_body"));
+
+    // Every admitted request is pending until billed: the estimate is what the sweep would bill.
+    let r = g.call_with(&host, Some(&key("big")), None, "/v1/embeddings", r#"{"model":"text-embedding-3-small","input":"hi"}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.header("x-aigw-event-id").unwrap();
+    let raw: String = redis::cmd("HGET")
+        .arg(&g.pending.events)
+        .arg(id)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let pending = aigw_plugin_core::UsageEvent::parse(raw.as_bytes()).unwrap();
+    assert_eq!(pending.event_id, id);
+    assert_eq!(pending.tenant, "70");
+    assert_eq!(pending.model, "text-embedding-3-small");
+    let e = pending.estimate.unwrap();
+    assert_eq!((e.prompt_tokens, e.completion_tokens), (Some(16), Some(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_tenants_being_deleted_or_not_mirrored_are_refused() {
+    let g = Gate::start(false, None).await;
+    let sfx = unique_name("d");
+    let (live, going) = (format!("live-{sfx}"), format!("going-{sfx}"));
+    let (live_host, going_host) = (format!("api.{live}.example"), format!("api.{going}.example"));
+    g.tenant(&live, 80, &[&live_host], false).await;
+    g.tenant(&going, 81, &[&going_host], false).await;
+    let key = |n: &str| format!("sk-{n}-{sfx}");
+    g.token(&live, "held", &key("held"), json!({}), json!({})).await;
+    g.token(&live, "fresh", &key("fresh"), json!({}), json!({"tokenId": null})).await;
+    g.token(&going, "t", &key("t"), json!({}), json!({})).await;
+    g.until(&live_host, &key("held"), |r| r.status == 200).await;
+    g.until(&going_host, &key("t"), |r| r.status == 200).await;
+    // Not mirrored yet: its usage could not be settled, so it is not admitted.
+    let r = g.call(&live_host, Some(&key("fresh")), None);
+    assert_eq!((r.status, code(&r).as_str()), (401, "invalid_api_key"));
+    // A finalizer keeps a deleted Token (and Tenant) visible; they must stop at once anyway.
+    let hold = json!({"metadata": {"finalizers": ["test.aigateway.io/hold"]}});
+    let tokens: Api<Token> = Api::namespaced(g.client.clone(), &format!("aigw-{live}"));
+    tokens
+        .patch("held", &PatchParams::default(), &Patch::Merge(&hold))
+        .await
+        .unwrap();
+    tokens.delete("held", &DeleteParams::default()).await.unwrap();
+    g.until(&live_host, &key("held"), |r| r.status == 401).await;
+    let tenants: Api<Tenant> = Api::all(g.client.clone());
+    tenants
+        .patch(&going, &PatchParams::default(), &Patch::Merge(&hold))
+        .await
+        .unwrap();
+    tenants.delete(&going, &DeleteParams::default()).await.unwrap();
+    g.until(&going_host, &key("t"), |r| r.status == 401).await;
+    // Let them go.
+    let release = json!({"metadata": {"finalizers": null}});
+    tokens
+        .patch("held", &PatchParams::default(), &Patch::Merge(&release))
+        .await
+        .unwrap();
+    tenants
+        .patch(&going, &PatchParams::default(), &Patch::Merge(&release))
+        .await
+        .unwrap();
 }

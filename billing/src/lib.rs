@@ -6,6 +6,7 @@ pub mod ingest;
 pub mod ledger;
 pub mod pricing;
 pub mod reports;
+pub mod pending;
 pub mod retention;
 pub mod settlement;
 pub mod status;

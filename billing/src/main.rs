@@ -87,6 +87,13 @@ enum Role {
         /// the quota is used up). 0 disables the writes (no Kubernetes access needed).
         #[arg(long, env = "AIGW_STATUS_SYNC_SECS", default_value_t = 10)]
         status_sync_secs: u64,
+        /// Seconds after its reservation expired that an admitted request never reported is billed
+        /// at its admission estimate (the pending sweep; 0 disables it).
+        #[arg(long, env = "AIGW_PENDING_GRACE_SECS", default_value_t = 60)]
+        pending_grace_secs: u64,
+        /// Redis key under which authz records admitted requests (the same value as authz's).
+        #[arg(long, env = "AIGW_PENDING_KEY", default_value = aigw_common::quota::PENDING)]
+        pending_key: String,
     },
 }
 
@@ -154,8 +161,14 @@ async fn main() -> anyhow::Result<()> {
                 dlq_topic: cli.dlq_topic,
             };
             let metrics = worker::Metrics::register(&mut registry);
+            let pending_metrics = aigw_billing::pending::Metrics::register(&mut registry);
             tasks.push(start_worker(
-                role, settings, metrics, &readiness, &shutdown,
+                role,
+                settings,
+                metrics,
+                pending_metrics,
+                &readiness,
+                &shutdown,
             )?);
         }
     }
@@ -193,6 +206,7 @@ fn start_worker(
     role: Role,
     base: WorkerBase,
     metrics: worker::Metrics,
+    pending_metrics: aigw_billing::pending::Metrics,
     readiness: &ops::Readiness,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Task> {
@@ -209,6 +223,8 @@ fn start_worker(
         consumer_instance,
         retention_months,
         status_sync_secs,
+        pending_grace_secs,
+        pending_key,
     } = role
     else {
         anyhow::bail!("not the worker role");
@@ -245,9 +261,19 @@ fn start_worker(
         dedupe_ttl: Duration::from_secs(dedupe_ttl_secs),
         refresh: Duration::from_secs(refresh_secs),
         instance: consumer_instance,
+        pending: aigw_common::quota::PendingKeys::under(&pending_key),
     };
     if retention_months > 0 {
         spawn_retention(ch.clone(), retention_months, shutdown.clone());
+    }
+    if pending_grace_secs > 0 {
+        spawn_sweep(
+            redis.clone(),
+            &settings,
+            Duration::from_secs(pending_grace_secs),
+            pending_metrics,
+            shutdown.clone(),
+        )?;
     }
     let stop = shutdown.clone();
     Ok(tokio::spawn(async move {
@@ -294,6 +320,40 @@ fn start_worker(
             .await
             .map_err(|e| std::io::Error::other(format!("{e:#}")))
     }))
+}
+
+/// Starts the pending sweep (`aigw_billing::pending`) once Redis answers.
+fn spawn_sweep(
+    redis: redis::Client,
+    settings: &worker::Settings,
+    grace: Duration,
+    metrics: aigw_billing::pending::Metrics,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let producer = aigw_billing::ingest::producer(&settings.brokers, Duration::from_secs(10))?;
+    let sweep = aigw_billing::pending::Settings {
+        keys: settings.pending.clone(),
+        topic: settings.topic.clone(),
+        grace,
+        every: Duration::from_secs(5),
+        batch: 500,
+    };
+    tokio::spawn(async move {
+        let conn = loop {
+            match redis::aio::ConnectionManager::new(redis.clone()).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pending sweep waiting for redis");
+                    tokio::select! {
+                        () = shutdown.wait() => return,
+                        () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+            }
+        };
+        aigw_billing::pending::sweep(conn, producer, sweep, metrics, shutdown).await;
+    });
+    Ok(())
 }
 
 /// Applies the retention at start and then daily.

@@ -25,7 +25,7 @@ use aigw_common::{
     quota::{Reservation, SETTLE, TokenKeys},
     shutdown::Shutdown,
 };
-use aigw_plugin_core::{Outcome, UsageEvent};
+use aigw_plugin_core::{Outcome, TokenUsage, UsageEvent};
 use anyhow::Context as _;
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -68,6 +68,8 @@ pub struct Settings {
     /// Kafka static group membership id (e.g. the pod name): a restarted worker takes its
     /// partitions back at once instead of waiting for the old session to time out.
     pub instance: Option<String>,
+    /// Where authz records admitted requests; billed ones are forgotten there.
+    pub pending: aigw_common::quota::PendingKeys,
 }
 
 /// Where token usage goes after each batch (the Token CR status writer, [`crate::status`]).
@@ -292,6 +294,8 @@ pub struct Bill {
     pub row: UsageLogRow,
     /// The channel had an upstream cost for the model (else `upstream_cost` is recorded as 0).
     pub upstream_known: bool,
+    /// The usage billed in place of the reported one (an estimate; see [`charged_usage`]).
+    pub charged: Option<TokenUsage>,
 }
 
 /// The result of pricing one event.
@@ -317,7 +321,11 @@ pub fn bill(dir: &Directory, event: &UsageEvent) -> Billing {
             ),
         ));
     }
-    let u = &event.usage;
+    // A served response without usage is billed at authz's admission estimate, never at 0
+    // (docs/architecture.md §5b, "Billing policy"); with no estimate either, it is dead-lettered
+    // for a person to price.
+    let charged = charged_usage(event)?;
+    let u = charged.as_ref().unwrap_or(&event.usage);
     let usage = Usage {
         prompt_tokens: u.prompt_tokens.unwrap_or(0),
         completion_tokens: u.completion_tokens.unwrap_or(0),
@@ -358,7 +366,11 @@ pub fn bill(dir: &Directory, event: &UsageEvent) -> Billing {
         platform_cost: money("platform_cost", priced.platform_cost)?,
         upstream_cost: money("upstream_cost", priced.upstream_cost.unwrap_or_default())?,
         latency_ms: u32::try_from(event.latency_ms()).unwrap_or(u32::MAX),
-        status: status(event.outcome).to_owned(),
+        status: match (&charged, event.status) {
+            (Some(_), 0) => "estimated_unreported".to_owned(),
+            (Some(_), _) => "estimated".to_owned(),
+            (None, _) => status(event.outcome).to_owned(),
+        },
         error_msg: event.error.clone().unwrap_or_default(),
         created_at: u32::try_from(event.ended_at_ms / 1000)
             .map_err(|_| dead("out_of_range", format!("endedAtMs {}", event.ended_at_ms)))?,
@@ -368,7 +380,39 @@ pub fn bill(dir: &Directory, event: &UsageEvent) -> Billing {
         priced,
         row,
         upstream_known: upstream.is_some(),
+        charged,
     })
+}
+
+/// The usage to bill instead of the reported one, if any: for a served response (2xx, or status 0
+/// when the report never arrived and the pending sweep sent authz's estimate) whose usage is
+/// missing or cut short, authz's estimate — the reported prompt count where there is one, and the
+/// estimated output limit. Errors when there is nothing to bill from.
+pub fn charged_usage(event: &UsageEvent) -> Result<Option<TokenUsage>, DeadLetter> {
+    let served = event.status == 0 || (200..300).contains(&event.status);
+    let missing = match event.outcome {
+        Outcome::NoUsage | Outcome::Truncated => true,
+        Outcome::Complete => event.usage.is_empty(),
+        Outcome::UpstreamError => false,
+    };
+    if !(served && missing) {
+        return Ok(None);
+    }
+    let Some(estimate) = &event.estimate else {
+        return Err(dead(
+            "unmetered",
+            format!(
+                "a served response ({}, {:?}) without usage and without an admission estimate",
+                event.status, event.outcome
+            ),
+        ));
+    };
+    Ok(Some(TokenUsage {
+        prompt_tokens: event.usage.prompt_tokens.or(estimate.prompt_tokens),
+        completion_tokens: estimate.completion_tokens,
+        cached_input_tokens: event.usage.cached_input_tokens,
+        ..TokenUsage::default()
+    }))
 }
 
 /// The Redis key that marks an event as fully applied.
@@ -589,6 +633,13 @@ impl Worker {
         for ((m, event, dedupe), result) in parsed.into_iter().zip(attempt) {
             match result {
                 Ok(bill) => {
+                    // From here on the event is what was billed: the estimate replaces missing
+                    // usage for the quota settle and the MySQL aggregates alike.
+                    let mut event = event;
+                    if let Some(u) = bill.charged {
+                        event.usage = u;
+                        event.estimated = true;
+                    }
                     billed.push(Billed {
                         partition: m.partition,
                         offset: m.offset,
@@ -623,8 +674,16 @@ impl Worker {
             insert.end().await.context("clickhouse insert end")?;
         }
         self.lap(&mut clock, "clickhouse");
-        // 6. Redis: settle reservations and deduct quota, once per event.
+        // 6. Redis: settle reservations and deduct quota, once per event; the events are no
+        // longer pending (the sweep would otherwise bill their estimate).
         self.settle(&billed).await?;
+        crate::pending::forget(
+            &mut self.redis.clone(),
+            &self.settings.pending,
+            billed.iter().map(|b| b.event.event_id.as_str()),
+        )
+            .await
+            .context("redis pending")?;
         self.lap(&mut clock, "redis");
         // 7. MySQL aggregates, guarded by the offset watermark.
         ledger::apply(&self.db, &self.settings.topic, batch, &billed)

@@ -100,10 +100,49 @@ impl std::str::FromStr for Reservation {
     }
 }
 
-/// KEYS: tat, used, reserved, resv, resv:exp. ARGV: rpm (0 = none), quota (-1 = unlimited),
-/// estimate, reservation ttl (ms), reservation id.
+/// Requests admitted whose usage has not been settled yet, across all tokens: a sorted set of
+/// event ids scored by when their reservation expires ([`PENDING`]) and a hash of event id → the
+/// usage event to bill if no report arrives by then ([`PENDING_EVENTS`]). Written by [`ADMIT`];
+/// cleared by the billing worker when the event is billed; swept by the worker when expired, so a
+/// served request whose report was lost is still charged (at its admission estimate).
+pub const PENDING: &str = "aigw:pending";
+/// See [`PENDING`].
+pub const PENDING_EVENTS: &str = "aigw:pending:events";
+
+/// The two pending keys; [`PendingKeys::default`] is [`PENDING`] and [`PENDING_EVENTS`]. Tests use
+/// their own so that they never see (or sweep) each other's requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingKeys {
+    pub set: String,
+    pub events: String,
+}
+
+impl Default for PendingKeys {
+    fn default() -> Self {
+        Self {
+            set: PENDING.to_owned(),
+            events: PENDING_EVENTS.to_owned(),
+        }
+    }
+}
+
+impl PendingKeys {
+    /// Keys under `prefix` instead of `aigw:pending`.
+    pub fn under(prefix: &str) -> Self {
+        Self {
+            set: prefix.to_owned(),
+            events: format!("{prefix}:events"),
+        }
+    }
+}
+
+/// KEYS: tat, used, reserved, resv, resv:exp, and optionally [`PENDING`], [`PENDING_EVENTS`].
+/// ARGV: rpm (0 = none), quota (-1 = unlimited), estimate, reservation ttl (ms), reservation id,
+/// and optionally the most reservations the token may hold at once (0 = no cap) and the pending
+/// usage event to record under the reservation id (empty = none).
 /// Returns `{0, reserved}` admitted (0 reserved when unlimited), `{1, retry_after_ms}` over the
-/// RPM limit, `{2, remaining}` quota does not cover the estimate.
+/// RPM limit, `{2, remaining}` quota does not cover the estimate, `{3, in_flight}` the token holds
+/// as many reservations as it may.
 pub const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -112,6 +151,8 @@ local quota = tonumber(ARGV[2])
 local est = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 local id = ARGV[5]
+local cap = tonumber(ARGV[6] or '0')
+local pending = ARGV[7] or ''
 
 local new_tat = nil
 if rpm > 0 then
@@ -141,10 +182,20 @@ if quota >= 0 then
   if est > remaining then
     return {2, remaining}
   end
+  if cap > 0 then
+    local in_flight = redis.call('HLEN', KEYS[4])
+    if in_flight >= cap then
+      return {3, in_flight}
+    end
+  end
 end
 
 if new_tat then
   redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+end
+if pending ~= '' and KEYS[7] then
+  redis.call('ZADD', KEYS[6], now + ttl, id)
+  redis.call('HSET', KEYS[7], id, pending)
 end
 if quota >= 0 then
   redis.call('HSET', KEYS[4], id, est)
@@ -153,6 +204,36 @@ if quota >= 0 then
   return {0, est}
 end
 return {0, 0}
+";
+
+/// Takes up to ARGV[2] pending events whose reservation expired before now (KEYS: [`PENDING`],
+/// [`PENDING_EVENTS`]; ARGV[1]: grace in ms beyond the expiry). Returns their ids and events as a
+/// flat list; they stay recorded until [`FORGET_PENDING`] removes them once billed or handed on.
+pub const EXPIRED_PENDING: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(ids) do
+  local ev = redis.call('HGET', KEYS[2], id)
+  if ev then
+    table.insert(out, id)
+    table.insert(out, ev)
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
+";
+
+/// Forgets pending events (KEYS: [`PENDING`], [`PENDING_EVENTS`]; ARGV: event ids): their usage
+/// has been billed, or handed to the usage topic to be.
+pub const FORGET_PENDING: &str = r"
+for i = 1, #ARGV do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+end
+return #ARGV
 ";
 
 /// Settles any number of events of one token in one atomic call.

@@ -32,7 +32,9 @@ pub const PREFIX: &str = "aigw-";
 /// `aigateway.io/component` of the objects written here.
 pub const COMPONENT: &str = "higress-sync";
 /// The header model-router fills from the body's `model`.
-pub const MODEL_HEADER: &str = "x-higress-llm-model";
+pub const MODEL_HEADER: &str = aigw_plugin_core::headers::MODEL;
+/// The largest request body ext-auth forwards to authz (and authz reads): 8 MiB.
+pub const AUTHZ_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// The McpBridge API (Higress serves only `v1`).
 pub fn mcp_bridge_resource() -> ApiResource {
@@ -481,7 +483,10 @@ fn plugins(
             "endpoint": {"service_name": config.authz_service, "service_port": config.authz_port,
                          "path": config.authz_path, "request_method": "POST"},
             "timeout": 1000,
-            "authorization_request": {"allowed_headers": [{"exact": "authorization"}, {"exact": "x-api-key"}, {"exact": MODEL_HEADER}]},
+            // The body too (authz sizes the reservation from it and reads the model there), up to
+            // the bound authz itself reads.
+            "authorization_request": {"allowed_headers": [{"exact": "authorization"}, {"exact": "x-api-key"}, {"exact": MODEL_HEADER}],
+                                      "with_request_body": true, "max_request_body_bytes": AUTHZ_MAX_BODY_BYTES},
             "authorization_response": {"allowed_upstream_headers": [{"prefix": "x-aigw-"}, {"exact": "x-mse-consumer"}]}
         },
         "failure_mode_allow": false,

@@ -26,8 +26,6 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-/// The header that carries the requested model (set by Higress's model-router).
-const MODEL_HEADER: &str = "x-higress-llm-model";
 
 #[derive(Debug, Default)]
 struct Root {
@@ -96,6 +94,8 @@ struct Pending {
     token: String,
     model: String,
     reservation: String,
+    /// authz's estimate (`x-aigw-estimate`), billed if the response carries no usage.
+    estimate: Option<aigw_plugin_core::TokenUsage>,
     started: SystemTime,
     stream: bool,
 }
@@ -162,6 +162,7 @@ impl Request {
             reservation: p.reservation,
             usage: extracted.usage,
             estimated: false,
+            estimate: p.estimate,
             stream: p.stream,
             status: self.status,
             outcome: extracted.outcome,
@@ -264,10 +265,13 @@ impl HttpContext for Request {
                     tenant,
                     user: header(headers::USER),
                     token: header(headers::TOKEN),
-                    model: header(MODEL_HEADER),
+                    model: header(headers::MODEL),
                     reservation: self
                         .get_http_request_header(headers::RESERVATION)
                         .unwrap_or_else(|| "none".to_owned()),
+                    estimate: self
+                        .get_http_request_header(headers::ESTIMATE)
+                        .and_then(|v| aigw_plugin_core::estimate::parse(&v)),
                     started,
                     stream: false,
                 });

@@ -23,6 +23,18 @@ pub enum Denial {
     InsufficientQuota,
     /// Redis could not be reached and the gate fails closed.
     Unavailable,
+    /// A path whose usage cannot be metered (yet): not served.
+    UnsupportedEndpoint(String),
+    /// The body is not JSON.
+    InvalidBody,
+    /// The body names no model.
+    ModelRequired,
+    /// `x-higress-llm-model` differs from the body's model.
+    ModelMismatch,
+    /// A stream with `stream_options.include_usage: false`.
+    UsageSuppressed,
+    /// The token already has as many requests in flight as it may.
+    TooManyInFlight,
 }
 
 impl Denial {
@@ -76,6 +88,47 @@ impl Denial {
                 "server_error",
                 "authz_unavailable",
                 "The gateway cannot authorise requests right now; retry shortly.".into(),
+            ),
+            Self::UnsupportedEndpoint(p) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unsupported_endpoint",
+                format!(
+                    "`{p}` is not available on this gateway (served: /v1/chat/completions, \
+                     /v1/completions, /v1/embeddings, /v1/responses, /v1/messages)."
+                ),
+            ),
+            Self::InvalidBody => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request_body",
+                "The request body must be a JSON object.".into(),
+            ),
+            Self::ModelRequired => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "model_required",
+                "The request body must name a `model`.".into(),
+            ),
+            Self::ModelMismatch => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "model_mismatch",
+                "The x-higress-llm-model header does not match the body's `model`.".into(),
+            ),
+            Self::UsageSuppressed => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "stream_usage_required",
+                "Streams must report usage on this gateway: remove `stream_options.include_usage: false`."
+                    .into(),
+            ),
+            Self::TooManyInFlight => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "requests",
+                "too_many_requests_in_flight",
+                "Too many requests of this API key are in progress; retry when one finishes."
+                    .into(),
             ),
         }
     }
@@ -167,17 +220,23 @@ pub fn check(
     if token.exhausted {
         return Err(Denial::Exhausted);
     }
-    if let Some(m) = model
-        && !token.models.is_empty()
-        && !token.models.iter().any(|allowed| allowed == m)
-    {
-        return Err(Denial::ModelNotAllowed(m.to_owned()));
+    if let Some(m) = model {
+        model_allowed(&token, m)?;
     }
     Ok(Admitted {
         hash,
         token,
         tenant,
     })
+}
+
+/// Whether the token may use `model` (an empty allow-list allows all).
+pub fn model_allowed(token: &TokenRecord, model: &str) -> Result<(), Denial> {
+    if token.models.is_empty() || token.models.iter().any(|allowed| allowed == model) {
+        Ok(())
+    } else {
+        Err(Denial::ModelNotAllowed(model.to_owned()))
+    }
 }
 
 #[cfg(test)]

@@ -3,11 +3,12 @@
 
 use std::{sync::Arc, time::Instant};
 
-use aigw_common::quota::{ADMIT, Reservation, TokenKeys};
-use aigw_plugin_core::headers;
+use aigw_common::quota::{ADMIT, PendingKeys, Reservation, TokenKeys};
+use aigw_plugin_core::{EVENT_VERSION, Outcome as UsageOutcome, TokenUsage, UsageEvent, estimate, headers};
 use axum::{
     Json, Router,
-    extract::State,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
@@ -22,16 +23,22 @@ use redis::aio::ConnectionManager;
 use super::{
     decide::{self, Denial},
     index::Index,
+    request,
 };
 
-/// The model header Higress model-router fills.
-pub const MODEL_HEADER: &str = "x-higress-llm-model";
+/// The largest request body authz reads; ext-auth is configured with the same bound
+/// (`max_request_body_bytes`), so a larger request never reaches an upstream unauthorised.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 /// Authz settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Tokens reserved per request before its usage is known.
+    /// Output tokens reserved for a request that sets no output limit (`max_tokens`, …).
     pub reserve_estimate: i64,
+    /// The most requests one quota-limited token may have in flight (0: no cap).
+    pub max_in_flight: i64,
+    /// Where admitted requests are recorded until billed (`aigw_common::quota::PENDING`).
+    pub pending: PendingKeys,
     /// How long an unsettled reservation holds quota, in milliseconds.
     pub reservation_ttl_ms: i64,
     /// Admit requests when Redis is unreachable (default: refuse with 503).
@@ -134,18 +141,15 @@ pub fn spawn_index_gauge(authz: &Authz) -> tokio::task::JoinHandle<()> {
 
 /// The authz router: every path and method is a decision.
 pub fn router(state: Authz) -> Router {
-    Router::new().fallback(handle).with_state(state)
+    Router::new()
+        .fallback(handle)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
 }
 
-async fn handle(State(authz): State<Authz>, headers: HeaderMap) -> Response {
+async fn handle(State(authz): State<Authz>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
-    let model = headers
-        .get(MODEL_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|m| !m.is_empty());
-    let span = tracing::debug_span!("authz", model);
-    let _enter = span.enter();
-    let result = decide(&authz, &headers, model).await;
+    let result = decide(&authz, &headers, &body).await;
     authz
         .metrics
         .latency
@@ -188,17 +192,24 @@ pub struct Allow {
     pub reservation: Reservation,
     /// The request's id, issued here: the usage event id (see [`headers::EVENT_ID`]).
     pub event_id: String,
+    /// The estimate the reservation was sized from (prompt, completion tokens).
+    pub estimate: (i64, i64),
 }
 
 impl IntoResponse for Allow {
     fn into_response(self) -> Response {
         let mut h = HeaderMap::new();
+        let (prompt, completion) = self.estimate;
         let pairs = [
             (headers::TENANT, self.tenant),
             (headers::USER, self.user),
             (headers::TOKEN, self.token.clone()),
             (headers::RESERVATION, self.reservation.to_string()),
             (headers::EVENT_ID, self.event_id),
+            (
+                headers::ESTIMATE,
+                estimate::format(prompt.unsigned_abs(), completion.unsigned_abs()),
+            ),
             (headers::CONSUMER, self.token),
         ];
         for (k, v) in pairs {
@@ -210,36 +221,82 @@ impl IntoResponse for Allow {
     }
 }
 
-async fn decide(authz: &Authz, headers: &HeaderMap, model: Option<&str>) -> Result<Allow, Denial> {
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow, Denial> {
     let now = Timestamp::now().as_millisecond();
-    let admitted = decide::check(&authz.index, headers, model, now)?;
+    // Who first (an unknown key learns nothing about endpoints), then what is asked for.
+    let admitted = decide::check(&authz.index, headers, None, now)?;
+    let shape = request::shape(
+        header(headers, "x-forwarded-uri"),
+        header(headers, headers::MODEL),
+        body,
+        authz.settings.reserve_estimate,
+    )?;
     let token = &admitted.token;
+    decide::model_allowed(token, &shape.model)?;
     let quota = token.quota;
-    let estimate = if quota >= 0 {
-        authz.settings.reserve_estimate
-    } else {
-        0
-    };
+    let estimate = if quota >= 0 { shape.estimate() } else { 0 };
     let id = uuid::Uuid::new_v4().simple().to_string();
+    let reservation_if_held = if quota >= 0 {
+        Reservation::Held {
+            id: id.clone(),
+            amount: estimate,
+        }
+    } else {
+        Reservation::None
+    };
+    // What billing charges if this request's usage report never arrives (see quota::PENDING).
+    let pending = UsageEvent {
+        version: EVENT_VERSION,
+        event_id: id.clone(),
+        tenant: admitted.tenant.id.to_string(),
+        user: token.owner.clone(),
+        token: token.token_id.to_string(),
+        channel: String::new(),
+        model: shape.model.clone(),
+        response_model: None,
+        reservation: reservation_if_held.to_string(),
+        usage: TokenUsage::default(),
+        estimated: true,
+        estimate: Some(TokenUsage {
+            prompt_tokens: Some(shape.prompt.unsigned_abs()),
+            completion_tokens: Some(shape.completion.unsigned_abs()),
+            ..TokenUsage::default()
+        }),
+        stream: false,
+        status: 0,
+        outcome: UsageOutcome::NoUsage,
+        error: Some("no usage report arrived before the reservation expired".into()),
+        started_at_ms: now,
+        ended_at_ms: now,
+    };
+    let pending = serde_json::to_string(&pending).unwrap_or_default();
     let keys = TokenKeys::new(&admitted.hash);
     let mut invocation = authz.admit.prepare_invoke();
     for k in keys.all() {
         invocation.key(k);
     }
     invocation
+        .key(&authz.settings.pending.set)
+        .key(&authz.settings.pending.events)
         .arg(token.rate_limit)
         .arg(quota)
         .arg(estimate)
         .arg(authz.settings.reservation_ttl_ms)
-        .arg(&id);
+        .arg(&id)
+        .arg(authz.settings.max_in_flight)
+        .arg(&pending);
     let mut conn = authz.redis.clone();
     let reservation = match invocation.invoke_async::<(i64, i64)>(&mut conn).await {
-        Ok((0, reserved)) if quota >= 0 => Reservation::Held {
-            id: id.clone(),
-            amount: reserved,
-        },
-        Ok((0, _)) => Reservation::None,
+        Ok((0, _)) => reservation_if_held,
         Ok((1, retry_after_ms)) => return Err(Denial::RateLimited { retry_after_ms }),
+        Ok((3, _)) => return Err(Denial::TooManyInFlight),
         Ok(_) => return Err(Denial::InsufficientQuota),
         Err(e) => {
             authz.metrics.redis_errors.inc();
@@ -256,5 +313,6 @@ async fn decide(authz: &Authz, headers: &HeaderMap, model: Option<&str>) -> Resu
         token: token.token_id.to_string(),
         reservation,
         event_id: id,
+        estimate: (shape.prompt, shape.completion),
     })
 }

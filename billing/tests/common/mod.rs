@@ -64,6 +64,8 @@ pub struct Bed {
     pub group: String,
     /// Key hashes of tokens 11 and 12 (tenant 1) and 21 (tenant 2), unique to this test.
     pub hashes: BTreeMap<u64, String>,
+    /// This test's pending keys (`aigw_common::quota::PENDING`).
+    pub pending_key: String,
 }
 
 impl Bed {
@@ -154,6 +156,7 @@ impl Bed {
             ch_db,
             topic,
             dlq,
+            pending_key: format!("test:{group}:pending"),
             group,
             hashes,
         }
@@ -191,6 +194,9 @@ impl Bed {
             ("AIGW_CONSUMER_INSTANCE", "worker-0"),
             ("AIGW_BATCH_SIZE", batch.as_str()),
             ("AIGW_BATCH_WAIT_MS", "50"),
+            // This test's own pending keys; the sweep itself is off unless a test turns it on.
+            ("AIGW_PENDING_KEY", self.pending_key.as_str()),
+            ("AIGW_PENDING_GRACE_SECS", "0"),
         ]);
         envs.extend(extra.iter().copied());
         Service::start(bin, &["worker"], &envs).unwrap()
@@ -334,6 +340,7 @@ pub fn event(id: &str, tenant: &str, token: u64, model: &str, usage: TokenUsage)
         reservation: "none".into(),
         usage,
         estimated: false,
+        estimate: None,
         stream: false,
         status: 200,
         outcome: Outcome::Complete,

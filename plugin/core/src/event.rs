@@ -93,6 +93,11 @@ pub struct UsageEvent {
     /// Whether counts were estimated rather than reported by the upstream.
     #[serde(default)]
     pub estimated: bool,
+    /// What authz estimated at admission (`x-aigw-estimate`: prompt and completion tokens): what
+    /// is billed for a served response whose usage never arrived (no usage, cut stream, lost
+    /// report). Absent from events of an authz that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<TokenUsage>,
     /// Whether the response was a stream.
     #[serde(default)]
     pub stream: bool,
@@ -211,6 +216,7 @@ mod tests {
                 ..TokenUsage::default()
             },
             estimated: false,
+            estimate: None,
             stream: true,
             status: 200,
             outcome: Outcome::Complete,

@@ -120,6 +120,30 @@ pub mod headers {
     pub const EVENT_ID: &str = "x-aigw-event-id";
     /// The consumer name Higress's rate-limit and statistics plugins read (the token id).
     pub const CONSUMER: &str = "x-mse-consumer";
+    /// authz's estimate of the request, `<prompt tokens>:<completion tokens>` ([`super::estimate`]).
+    pub const ESTIMATE: &str = "x-aigw-estimate";
+    /// The requested model. Higress's model-router sets it from the body; authz refuses a request
+    /// whose header differs from its body, so a client cannot choose route or price by header.
+    pub const MODEL: &str = "x-higress-llm-model";
+}
+
+/// The [`headers::ESTIMATE`] value: `<prompt>:<completion>`.
+pub mod estimate {
+    use crate::TokenUsage;
+
+    pub fn format(prompt: u64, completion: u64) -> String {
+        format!("{prompt}:{completion}")
+    }
+
+    /// The estimate as token counts; `None` when the value is malformed.
+    pub fn parse(value: &str) -> Option<TokenUsage> {
+        let (p, c) = value.split_once(':')?;
+        Some(TokenUsage {
+            prompt_tokens: Some(p.parse().ok()?),
+            completion_tokens: Some(c.parse().ok()?),
+            ..TokenUsage::default()
+        })
+    }
 }
 
 /// Whether a request header is one only the gateway may set: `x-aigw-*` (set by authz) and

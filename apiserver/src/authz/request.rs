@@ -1,0 +1,222 @@
+//! What authz reads from the request itself (ext-auth sends its path in `x-forwarded-uri` and, with
+//! `with_request_body`, its body): which endpoint it is, the model, and how many tokens it may use.
+//!
+//! Policy (docs/architecture.md §5, "Billing policy"):
+//! - Only endpoints whose usage the reporter can meter are served ([`Endpoint`]); any other path
+//!   is refused with a clear error until it is priced (images, audio, files, batches, …).
+//! - The model is the body's `model`; a `x-higress-llm-model` header that says otherwise is
+//!   refused, so a client cannot pick the route, allow-list or price by header.
+//! - A stream that asks the provider to leave usage out (`stream_options.include_usage: false`)
+//!   is refused: ext-auth cannot rewrite the body, and ai-proxy only adds the option when absent.
+//! - The reservation is sized from the request: the prompt as `ceil(body bytes / 3)` tokens (about
+//!   one token per CJK character, two to four per English word's bytes: an over-estimate for
+//!   most text) plus the output limit the client set (`max_completion_tokens`, `max_tokens`,
+//!   `max_output_tokens`, times `n`), or the configured default when it set none.
+
+use serde_json::Value;
+
+use super::decide::Denial;
+
+/// An endpoint whose usage the reporter meters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions` (OpenAI Chat Completions).
+    Chat,
+    /// `POST /v1/completions` (OpenAI legacy completions).
+    Completions,
+    /// `POST /v1/embeddings`: input tokens only.
+    Embeddings,
+    /// `POST /v1/responses` (OpenAI Responses).
+    Responses,
+    /// `POST /v1/messages` (Anthropic Messages).
+    Messages,
+}
+
+impl Endpoint {
+    /// Every metered endpoint with its path; the operator routes exactly these.
+    pub const ALL: [(&'static str, Self); 5] = [
+        ("/v1/chat/completions", Self::Chat),
+        ("/v1/completions", Self::Completions),
+        ("/v1/embeddings", Self::Embeddings),
+        ("/v1/responses", Self::Responses),
+        ("/v1/messages", Self::Messages),
+    ];
+
+    /// The endpoint of a request URI (`/v1/chat/completions?x=1`), if it is metered.
+    pub fn of(uri: &str) -> Option<Self> {
+        let path = uri.split(['?', '#']).next().unwrap_or_default();
+        let path = path.strip_suffix('/').unwrap_or(path);
+        Self::ALL
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, e)| *e)
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    pub endpoint: Endpoint,
+    /// The body's `model`.
+    pub model: String,
+    /// Estimated prompt tokens.
+    pub prompt: i64,
+    /// Output tokens the request may produce (its limit, or the default).
+    pub completion: i64,
+}
+
+impl Shape {
+    /// What to reserve from the token's quota.
+    pub fn estimate(&self) -> i64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// Reads a request: `uri` from `x-forwarded-uri`, `header_model` from `x-higress-llm-model`,
+/// `body` as ext-auth forwarded it. Pure.
+pub fn shape(
+    uri: Option<&str>,
+    header_model: Option<&str>,
+    body: &[u8],
+    default_output: i64,
+) -> Result<Shape, Denial> {
+    let uri = uri.unwrap_or_default();
+    let endpoint =
+        Endpoint::of(uri).ok_or_else(|| Denial::UnsupportedEndpoint(path_only(uri).to_owned()))?;
+    let json: Value = serde_json::from_slice(body).map_err(|_| Denial::InvalidBody)?;
+    let model = json
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty())
+        .ok_or(Denial::ModelRequired)?
+        .to_owned();
+    if let Some(h) = header_model
+        && h != model
+    {
+        return Err(Denial::ModelMismatch);
+    }
+    let stream = json.get("stream").and_then(Value::as_bool) == Some(true);
+    let include_usage = json
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool);
+    if stream && include_usage == Some(false) && endpoint != Endpoint::Messages {
+        return Err(Denial::UsageSuppressed);
+    }
+    let prompt = i64::try_from(body.len().div_ceil(3)).unwrap_or(i64::MAX);
+    let completion = if endpoint == Endpoint::Embeddings {
+        0
+    } else {
+        let limit = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| json.get(*k).and_then(Value::as_i64))
+            .filter(|n| *n > 0)
+            .unwrap_or(default_output);
+        let n = json
+            .get("n")
+            .and_then(Value::as_i64)
+            .unwrap_or(1)
+            .clamp(1, 128);
+        limit.saturating_mul(n)
+    };
+    Ok(Shape {
+        endpoint,
+        model,
+        prompt,
+        completion,
+    })
+}
+
+fn path_only(uri: &str) -> &str {
+    let p = uri.split(['?', '#']).next().unwrap_or_default();
+    // Keep error messages short whatever a client sends.
+    p.get(..p.len().min(128)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_metered_endpoints_are_served() {
+        assert_eq!(
+            Endpoint::of("/v1/chat/completions?x=1"),
+            Some(Endpoint::Chat)
+        );
+        assert_eq!(Endpoint::of("/v1/messages/"), Some(Endpoint::Messages));
+        for p in [
+            "/v1/images/generations",
+            "/v1/audio/speech",
+            "/v1/files",
+            "/v1/batches",
+            "/v1/chat/completions/x",
+            "",
+        ] {
+            assert_eq!(Endpoint::of(p), None, "{p}");
+        }
+        assert_eq!(
+            shape(Some("/v1/images/generations"), None, b"{}", 10),
+            Err(Denial::UnsupportedEndpoint("/v1/images/generations".into()))
+        );
+        assert_eq!(
+            shape(None, None, b"{}", 10),
+            Err(Denial::UnsupportedEndpoint(String::new()))
+        );
+    }
+
+    #[test]
+    fn the_body_decides_the_model_and_a_different_header_is_refused() {
+        let body = br#"{"model":"gpt-4o","messages":[]}"#;
+        let s = shape(Some("/v1/chat/completions"), None, body, 100).unwrap();
+        assert_eq!(s.model, "gpt-4o");
+        assert!(shape(Some("/v1/chat/completions"), Some("gpt-4o"), body, 100).is_ok());
+        assert_eq!(
+            shape(Some("/v1/chat/completions"), Some("gpt-4o-mini"), body, 100),
+            Err(Denial::ModelMismatch)
+        );
+        assert_eq!(
+            shape(Some("/v1/chat/completions"), Some("gpt-4o"), b"{}", 100),
+            Err(Denial::ModelRequired)
+        );
+        assert_eq!(
+            shape(Some("/v1/chat/completions"), None, b"not json", 100),
+            Err(Denial::InvalidBody)
+        );
+    }
+
+    #[test]
+    fn streams_without_usage_are_refused() {
+        let off = br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#;
+        assert_eq!(
+            shape(Some("/v1/chat/completions"), None, off, 1),
+            Err(Denial::UsageSuppressed)
+        );
+        let on = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
+        assert!(shape(Some("/v1/chat/completions"), None, on, 1).is_ok());
+        let absent = br#"{"model":"m","stream":true}"#;
+        assert!(shape(Some("/v1/chat/completions"), None, absent, 1).is_ok());
+    }
+
+    #[test]
+    fn the_estimate_follows_the_request() {
+        let body = br#"{"model":"m","max_tokens":1000,"n":2,"messages":[{"role":"user","content":"hello"}]}"#;
+        let s = shape(Some("/v1/chat/completions"), None, body, 4096).unwrap();
+        assert_eq!(
+            s.prompt,
+            i64::try_from(body.len().div_ceil(3)).unwrap()
+        );
+        assert_eq!(s.completion, 2000);
+        let s = shape(Some("/v1/chat/completions"), None, br#"{"model":"m"}"#, 4096).unwrap();
+        assert_eq!(s.completion, 4096, "no limit: the default");
+        let s = shape(Some("/v1/embeddings"), None, br#"{"model":"e","input":"x"}"#, 4096).unwrap();
+        assert_eq!(s.completion, 0);
+        let s = shape(
+            Some("/v1/responses"),
+            None,
+            br#"{"model":"m","max_output_tokens":77}"#,
+            4096,
+        )
+        .unwrap();
+        assert_eq!(s.completion, 77);
+    }
+}
