@@ -74,7 +74,17 @@ async fn an_event_delivered_three_times_is_counted_once_and_poison_is_dead_lette
             ..TokenUsage::default()
         },
     );
-    let unpriced = event("req-c", "1", 12, "mystery-model", TokenUsage::default());
+    let unpriced = event(
+        "req-c",
+        "1",
+        12,
+        "mystery-model",
+        TokenUsage {
+            prompt_tokens: Some(5),
+            completion_tokens: Some(1),
+            ..TokenUsage::default()
+        },
+    );
     let stranger = event("req-d", "999", 11, "gpt-4o", TokenUsage::default());
 
     // Delivery 1–3: three copies in one batch, with the others and a poison message.

@@ -33,8 +33,7 @@ pub const PREFIX: &str = "aigw-";
 pub const COMPONENT: &str = "higress-sync";
 /// The header model-router fills from the body's `model`.
 pub const MODEL_HEADER: &str = aigw_plugin_core::headers::MODEL;
-/// The largest request body ext-auth forwards to authz (and authz reads): 8 MiB.
-pub const AUTHZ_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+use aigw_plugin_core::AUTHZ_MAX_BODY_BYTES;
 
 /// The McpBridge API (Higress serves only `v1`).
 pub fn mcp_bridge_resource() -> ApiResource {

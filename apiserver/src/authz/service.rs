@@ -26,10 +26,6 @@ use super::{
     request,
 };
 
-/// The largest request body authz reads; ext-auth is configured with the same bound
-/// (`max_request_body_bytes`), so a larger request never reaches an upstream unauthorised.
-pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
-
 /// Authz settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -143,7 +139,7 @@ pub fn spawn_index_gauge(authz: &Authz) -> tokio::task::JoinHandle<()> {
 pub fn router(state: Authz) -> Router {
     Router::new()
         .fallback(handle)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(aigw_plugin_core::AUTHZ_MAX_BODY_BYTES))
         .with_state(state)
 }
 

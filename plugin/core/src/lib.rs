@@ -127,6 +127,10 @@ pub mod headers {
     pub const MODEL: &str = "x-higress-llm-model";
 }
 
+/// The largest request body ext-auth forwards to authz (`max_request_body_bytes` in the operator's
+/// ext-auth config) and authz reads: 8 MiB. A larger request is refused by ext-auth with 413.
+pub const AUTHZ_MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
 /// The [`headers::ESTIMATE`] value: `<prompt>:<completion>`.
 pub mod estimate {
     use crate::TokenUsage;
