@@ -96,6 +96,18 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(task);
     }
     if cli.role != Role::Api {
+        // Quota counters must not be evictable: refuse to start on such a Redis (if it answers
+        // now; otherwise readiness waits for it and billing's worker checks too).
+        if let Ok(Ok(mut conn)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            redis.get_multiplexed_async_connection(),
+        )
+        .await
+        {
+            aigw_common::quota::check_redis(&mut conn)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
         let index = Index::default();
         let selector = cli
             .instance

@@ -636,3 +636,31 @@ async fn tokens_and_tenants_being_deleted_or_not_mirrored_are_refused() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_quota_counter_is_reseeded_from_billings_published_total() {
+    // Redis lost the token's `used` counter (a flush, a failover without persistence). The quota
+    // must not restart at 0: authz re-seeds it from status.usedQuota, billing's published total.
+    let g = Gate::start(false, None).await;
+    let sfx = unique_name("f");
+    let tenant = format!("flush-{sfx}");
+    let host = format!("api.{tenant}.example");
+    g.tenant(&tenant, 90, &[&host], false).await;
+    let key = format!("sk-flush-{sfx}");
+    g.token(&tenant, "t", &key, json!({"quota": 10_000, "rateLimit": 0}), json!({"usedQuota": 9_900}))
+        .await;
+    // The default request (max_tokens 4000) is more than the 100 tokens left.
+    let r = g.until(&host, &key, |r| r.status != 401).await;
+    assert_eq!((r.status, code(&r).as_str()), (429, "insufficient_quota"), "{}", r.body);
+    let mut c = g.redis.get_multiplexed_async_connection().await.unwrap();
+    let used: i64 = redis::cmd("GET")
+        .arg(TokenKeys::new(&hash(&key)).used)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(used, 9_900, "re-seeded");
+    // Under the published total a small request still passes.
+    let tiny = json!({"model": "gpt-4o", "max_tokens": 1}).to_string();
+    let r = g.call_with(&host, Some(&key), None, "/v1/chat/completions", &tiny);
+    assert_eq!(r.status, 200, "{}", r.body);
+}

@@ -100,6 +100,7 @@ pub struct Metrics {
     upstream_cost_missing: Counter,
     batch_errors: Counter,
     consumer_restarts: Counter,
+    reseeded: Counter,
     batch_seconds: Histogram,
     step_seconds: Family<Step, Histogram, fn() -> Histogram>,
     lag: Gauge,
@@ -116,6 +117,7 @@ impl Metrics {
             upstream_cost_missing: Counter::default(),
             batch_errors: Counter::default(),
             consumer_restarts: Counter::default(),
+            reseeded: Counter::default(),
             batch_seconds: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ]),
@@ -156,6 +158,11 @@ impl Metrics {
             "worker_batch_errors",
             "Batches that failed a step and were retried",
             m.batch_errors.clone(),
+        );
+        registry.register(
+            "worker_quota_reseeded",
+            "Quota counters found missing in Redis and re-seeded from MySQL",
+            m.reseeded.clone(),
         );
         registry.register(
             "worker_consumer_restarts",
@@ -474,9 +481,12 @@ impl Worker {
         let consumer = subscribe(&settings)?;
         let producer = crate::ingest::producer(&settings.brokers, Duration::from_secs(10))
             .context("kafka producer")?;
-        let redis = redis::aio::ConnectionManager::new(redis)
+        let mut redis = redis::aio::ConnectionManager::new(redis)
             .await
             .context("redis")?;
+        aigw_common::quota::check_redis(&mut redis)
+            .await
+            .map_err(anyhow::Error::msg)?;
         let dir = Directory::load(&db)
             .await
             .context("load the MySQL mirror")?;
@@ -676,7 +686,7 @@ impl Worker {
         self.lap(&mut clock, "clickhouse");
         // 6. Redis: settle reservations and deduct quota, once per event; the events are no
         // longer pending (the sweep would otherwise bill their estimate).
-        self.settle(&billed).await?;
+        let missing = self.settle(&billed).await?;
         crate::pending::forget(
             &mut self.redis.clone(),
             &self.settings.pending,
@@ -690,6 +700,7 @@ impl Worker {
             .await
             .context("mysql aggregates")?;
         self.lap(&mut clock, "mysql");
+        self.reseed(&missing).await?;
         // 8. Only now: the events count as seen.
         if !billed.is_empty() {
             let mut pipe = redis::pipe();
@@ -822,7 +833,8 @@ impl Worker {
     }
 
     /// Settles the batch in Redis: one `SETTLE` call per token (all of its events), pipelined.
-    async fn settle(&self, billed: &[Billed]) -> anyhow::Result<()> {
+    /// Settles the batch's events in Redis; returns the tokens whose `used` counter was missing.
+    async fn settle(&self, billed: &[Billed]) -> anyhow::Result<Vec<u64>> {
         let mut per_token: HashMap<u64, (&TokenRow, Vec<&Billed>)> = HashMap::new();
         for b in billed {
             if let Some(t) = &b.token {
@@ -834,7 +846,7 @@ impl Worker {
             }
         }
         if per_token.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut conn = self.redis.clone();
         let sha: String = redis::cmd("SCRIPT")
@@ -845,6 +857,7 @@ impl Worker {
             .context("redis script load")?;
         let ttl = self.settings.dedupe_ttl.as_secs().max(1);
         let calls: Vec<(&TokenRow, Vec<&Billed>)> = per_token.into_values().collect();
+        let mut missing = Vec::new();
         for chunk in calls.chunks(200) {
             let mut pipe = redis::pipe();
             for (token, events) in chunk {
@@ -862,11 +875,48 @@ impl Worker {
                     };
                     cmd.arg(reservation).arg(b.event.usage.billable_tokens());
                 }
-                pipe.add_command(cmd).ignore();
+                pipe.add_command(cmd);
             }
-            pipe.query_async::<()>(&mut conn)
+            let results: Vec<(i64, i64, i64)> = pipe
+                .query_async(&mut conn)
                 .await
                 .context("redis settle")?;
+            for ((token, _), (_, _, existed)) in chunk.iter().zip(results) {
+                if existed == 0 {
+                    missing.push(token.id);
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Re-seeds the `used` counters a settle found missing (Redis lost them) from MySQL's
+    /// `tokens.used_quota`, which the ledger step has just brought up to date: quota is never
+    /// restarted at 0 by a flushed Redis.
+    async fn reseed(&self, missing: &[u64]) -> anyhow::Result<()> {
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.redis.clone();
+        for id in missing {
+            let Some(t) = self.dir.token(&id.to_string()) else {
+                continue;
+            };
+            let total: Option<i64> = sqlx::query_scalar("SELECT used_quota FROM tokens WHERE id = ?")
+                .bind(i64::try_from(*id).unwrap_or(i64::MAX))
+                .fetch_optional(&self.db)
+                .await
+                .context("mysql used_quota")?;
+            if let Some(total) = total {
+                redis::Script::new(aigw_common::quota::RAISE_USED)
+                    .key(TokenKeys::new(&t.key_hash).used)
+                    .arg(total)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .context("redis re-seed")?;
+                self.metrics.reseeded.inc();
+                tracing::warn!(token = id, used = total, "quota counter was missing in Redis; re-seeded from MySQL");
+            }
         }
         Ok(())
     }

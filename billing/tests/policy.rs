@@ -279,3 +279,33 @@ async fn requests_never_reported_are_billed_once_at_their_estimate() {
     assert_eq!(bed.redis_used(11).await, 110 + 2_300 + 550);
     assert!(worker.terminate(15).unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flushed_quota_counter_is_reseeded_from_mysql() {
+    let bed = Bed::new("billing_reseed").await;
+    let batch = |from: usize| -> Vec<(String, Vec<u8>)> {
+        (from..from + 50)
+            .map(|i| message(&event(&format!("f{i}"), "1", 11, "gpt-4o", estimate(100, 20))))
+            .collect()
+    };
+    bed.produce(&batch(0)).await;
+    let worker = bed.start_worker(16);
+    bed.drained(60).await;
+    assert_eq!(bed.redis_used(11).await, 50 * 120);
+    // Redis loses the counter (this token's keys only: the Redis is shared with other tests).
+    let mut conn = bed.redis_conn().await;
+    let _: () = redis::cmd("DEL")
+        .arg(TokenKeys::new(&bed.hashes[&11]).used)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    bed.produce(&batch(50)).await;
+    bed.drained(60).await;
+    let mysql: i64 = sqlx::query_scalar("SELECT used_quota FROM tokens WHERE id = 11")
+        .fetch_one(&bed.db)
+        .await
+        .unwrap();
+    assert_eq!(mysql, 100 * 120);
+    assert_eq!(bed.redis_used(11).await, mysql, "Redis re-seeded from MySQL, not restarted at 0");
+    assert!(worker.terminate(15).unwrap().success());
+}

@@ -138,8 +138,9 @@ impl PendingKeys {
 
 /// KEYS: tat, used, reserved, resv, resv:exp, and optionally [`PENDING`], [`PENDING_EVENTS`].
 /// ARGV: rpm (0 = none), quota (-1 = unlimited), estimate, reservation ttl (ms), reservation id,
-/// and optionally the most reservations the token may hold at once (0 = no cap) and the pending
-/// usage event to record under the reservation id (empty = none).
+/// and optionally the most reservations the token may hold at once (0 = no cap), the pending
+/// usage event to record under the reservation id (empty = none), and the least `used` may be
+/// (billing's last published total: a lower or missing counter is re-seeded to it).
 /// Returns `{0, reserved}` admitted (0 reserved when unlimited), `{1, retry_after_ms}` over the
 /// RPM limit, `{2, remaining}` quota does not cover the estimate, `{3, in_flight}` the token holds
 /// as many reservations as it may.
@@ -153,6 +154,7 @@ local ttl = tonumber(ARGV[4])
 local id = ARGV[5]
 local cap = tonumber(ARGV[6] or '0')
 local pending = ARGV[7] or ''
+local floor = tonumber(ARGV[8] or '0')
 
 local new_tat = nil
 if rpm > 0 then
@@ -177,6 +179,12 @@ if quota >= 0 then
     redis.call('DECRBY', KEYS[3], freed)
   end
   local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if used < floor then
+    -- Redis lost the counter (flush, failover without persistence): re-seed it from what billing
+    -- last published (the Token's status.usedQuota), never below.
+    redis.call('SET', KEYS[2], floor)
+    used = floor
+  end
   local reserved = tonumber(redis.call('GET', KEYS[3]) or '0')
   local remaining = quota - used - reserved
   if est > remaining then
@@ -247,6 +255,7 @@ pub const SETTLE: &str = r"
 local ttl = tonumber(ARGV[1])
 local settled = 0
 local released = 0
+local existed = redis.call('EXISTS', KEYS[2])
 for i = 6, #KEYS do
   local id = ARGV[2 + (i - 6) * 2]
   local actual = tonumber(ARGV[3 + (i - 6) * 2])
@@ -264,8 +273,60 @@ for i = 6, #KEYS do
     redis.call('INCRBY', KEYS[2], actual)
   end
 end
-return {settled, released}
+return {settled, released, existed}
 ";
+
+/// Raises a token's `used` counter to at least ARGV[1] (KEYS[1]: `used`). Billing calls it with the
+/// MySQL total after a settle found the counter missing, so a Redis that lost its keys is re-seeded
+/// from the exact record instead of restarting every quota at 0.
+pub const RAISE_USED: &str = r"
+local floor = tonumber(ARGV[1])
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used < floor then
+  redis.call('SET', KEYS[1], floor)
+  return floor
+end
+return used
+";
+
+/// Why a Redis server's configuration would lose quota counters, if it would: an `allkeys-*`
+/// eviction policy evicts the `used` counters (which have no TTL) under memory pressure. Pure;
+/// `policy` is `CONFIG GET maxmemory-policy`, `maxmemory` is `CONFIG GET maxmemory`.
+pub fn eviction_risk(policy: &str, maxmemory: u64) -> Option<String> {
+    (maxmemory > 0 && policy.starts_with("allkeys")).then(|| {
+        format!(
+            "Redis maxmemory-policy is {policy} with maxmemory {maxmemory}: quota counters could be \
+             evicted. Use noeviction (or a volatile-* policy, which never evicts keys without a TTL)"
+        )
+    })
+}
+
+/// Checks a live Redis with [`eviction_risk`]; `Ok` when it is safe or the server does not allow
+/// `CONFIG GET` (managed services), with a warning for no persistence at all.
+#[cfg(feature = "redis")]
+pub async fn check_redis<C: redis::aio::ConnectionLike + Send>(conn: &mut C) -> Result<(), String> {
+    let get = |name: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        cmd
+    };
+    let Ok(policy) = get("maxmemory-policy").query_async::<Vec<String>>(conn).await else {
+        tracing::warn!("cannot read the Redis configuration (CONFIG GET refused); assuming it never evicts quota counters");
+        return Ok(());
+    };
+    let maxmemory: Vec<String> = get("maxmemory").query_async(conn).await.unwrap_or_default();
+    let policy = policy.get(1).cloned().unwrap_or_default();
+    let maxmemory = maxmemory.get(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+    if let Some(risk) = eviction_risk(&policy, maxmemory) {
+        return Err(risk);
+    }
+    let aof: Vec<String> = get("appendonly").query_async(conn).await.unwrap_or_default();
+    let save: Vec<String> = get("save").query_async(conn).await.unwrap_or_default();
+    if aof.get(1).is_some_and(|v| v == "no") && save.get(1).is_some_and(String::is_empty) {
+        tracing::warn!("Redis has no persistence (appendonly no, no save points): after a restart, quota counters are re-seeded from billing's totals, and reservations in flight are lost");
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {
@@ -283,6 +344,15 @@ mod tests {
         assert!("x".parse::<Reservation>().is_err());
         assert!(":5".parse::<Reservation>().is_err());
         assert!("a:b".parse::<Reservation>().is_err());
+    }
+
+    #[test]
+    fn eviction_policies_that_lose_counters_are_named() {
+        assert!(eviction_risk("allkeys-lru", 1 << 30).is_some());
+        assert!(eviction_risk("allkeys-random", 1).is_some());
+        assert!(eviction_risk("allkeys-lru", 0).is_none(), "no memory limit: never evicts");
+        assert!(eviction_risk("noeviction", 1 << 30).is_none());
+        assert!(eviction_risk("volatile-lru", 1 << 30).is_none());
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct TokenRecord {
     pub expires_at_ms: Option<i64>,
     pub disabled: bool,
     pub exhausted: bool,
+    /// What billing last published as used (`status.usedQuota`): the floor authz re-seeds a lost
+    /// Redis counter to.
+    pub used_floor: i64,
 }
 
 /// What authz needs of a Tenant.
@@ -98,6 +101,7 @@ pub fn token_record(token: &Token) -> Option<(String, TokenRecord)> {
             expires_at_ms,
             disabled: token.spec.disabled,
             exhausted: status.phase == Some(TokenPhase::Exhausted),
+            used_floor: status.used_quota.unwrap_or(0),
         },
     ))
 }

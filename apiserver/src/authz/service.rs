@@ -287,7 +287,8 @@ async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow
         .arg(authz.settings.reservation_ttl_ms)
         .arg(&id)
         .arg(authz.settings.max_in_flight)
-        .arg(&pending);
+        .arg(&pending)
+        .arg(token.used_floor);
     let mut conn = authz.redis.clone();
     let reservation = match invocation.invoke_async::<(i64, i64)>(&mut conn).await {
         Ok((0, _)) => reservation_if_held,
