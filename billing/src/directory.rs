@@ -41,6 +41,8 @@ pub struct Directory {
     channels: HashMap<String, ChannelRow>,
     /// Tenant id → model → price (looked up per event without allocating).
     prices: HashMap<u64, HashMap<String, Price>>,
+    /// Currency of each tenant's price list (0: the platform's).
+    currencies: HashMap<u64, String>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -131,12 +133,13 @@ impl Directory {
                 },
             );
         }
-        let prices: Vec<(i64, String, Decimal, Decimal, Option<Decimal>)> = sqlx::query_as(
-            "SELECT tenant_id, model, input_price, output_price, cached_input_price FROM pricing",
+        let prices: Vec<(i64, String, Decimal, Decimal, Option<Decimal>, String)> = sqlx::query_as(
+            "SELECT tenant_id, model, input_price, output_price, cached_input_price, currency FROM pricing",
         )
         .fetch_all(db)
         .await?;
-        for (tenant, model, input, output, cached_input) in prices {
+        for (tenant, model, input, output, cached_input, currency) in prices {
+            dir.currencies.insert(id(tenant), currency);
             dir.prices.entry(id(tenant)).or_default().insert(
                 model,
                 Price {
@@ -177,6 +180,11 @@ impl Directory {
     /// The platform default price for `model`.
     pub fn platform_price(&self, model: &str) -> Option<&Price> {
         self.prices.get(&PLATFORM_TENANT)?.get(model)
+    }
+
+    /// The currency of a tenant's price list (`PLATFORM_TENANT`: the platform's).
+    pub fn currency(&self, tenant: u64) -> Option<&str> {
+        self.currencies.get(&tenant).map(String::as_str)
     }
 
     /// Sizes, for logs.

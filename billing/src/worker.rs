@@ -210,6 +210,8 @@ pub struct UsageLogRow {
     pub status: String,
     pub error_msg: String,
     pub created_at: u32,
+    /// ISO 4217 code of the prices the row was priced at (migration 0002).
+    pub currency: String,
 }
 
 /// A message read from Kafka.
@@ -338,6 +340,18 @@ pub fn bill(dir: &Directory, event: &UsageEvent) -> Billing {
         completion_tokens: u.completion_tokens.unwrap_or(0),
         cached_input_tokens: u.cached_input_tokens.unwrap_or(0),
     };
+    // One tenant's rows never mix currencies: its own list must be in the platform's currency
+    // (the operator refuses a Pricing that is not; this catches a platform list that changed).
+    let platform_currency = dir.currency(crate::directory::PLATFORM_TENANT).unwrap_or_default();
+    if dir.tenant_price(tenant_id, &event.model).is_some()
+        && let Some(own) = dir.currency(tenant_id)
+        && own != platform_currency
+    {
+        return Err(dead(
+            "currency_mismatch",
+            format!("tenant {tenant_id} prices in {own}, the platform in {platform_currency}"),
+        ));
+    }
     let channel = dir.channel(&event.channel);
     let upstream = channel.and_then(|c| c.upstream.get(&event.model));
     let priced = pricing::price(
@@ -381,6 +395,7 @@ pub fn bill(dir: &Directory, event: &UsageEvent) -> Billing {
         error_msg: event.error.clone().unwrap_or_default(),
         created_at: u32::try_from(event.ended_at_ms / 1000)
             .map_err(|_| dead("out_of_range", format!("endedAtMs {}", event.ended_at_ms)))?,
+        currency: platform_currency.to_owned(),
     };
     Ok(Bill {
         token,

@@ -309,3 +309,33 @@ async fn a_flushed_quota_counter_is_reseeded_from_mysql() {
     assert_eq!(bed.redis_used(11).await, mysql, "Redis re-seeded from MySQL, not restarted at 0");
     assert!(worker.terminate(15).unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_tenants_rows_never_mix_currencies() {
+    let bed = Bed::new("billing_currency").await;
+    // Globex (tenant 2) prices gpt-4o in EUR over a platform list in CNY (the MySQL default the
+    // bed's lists have): its events must not be priced; acme's rows carry their currency.
+    sqlx::query(
+        "INSERT INTO pricing (tenant_id, model, input_price, output_price, currency) VALUES (2, 'gpt-4o', 1, 1, 'EUR')",
+    )
+    .execute(&bed.db)
+    .await
+    .unwrap();
+    let usage = estimate(1_000, 100);
+    let acme = event("c1", "1", 11, "gpt-4o", usage.clone());
+    let globex = event("c2", "2", 21, "gpt-4o", usage);
+    bed.produce(&[message(&acme), message(&globex)]).await;
+    let worker = bed.start_worker(16);
+    bed.drained(60).await;
+    let rows: Vec<(u64, String)> = bed
+        .ch
+        .query("SELECT tenant_id, currency FROM usage_logs FINAL ORDER BY tenant_id")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![(1, "CNY".to_owned())]);
+    let letters = bed.dead_letters(1);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].0, "currency_mismatch");
+    assert!(worker.terminate(15).unwrap().success());
+}

@@ -44,6 +44,7 @@ fn row(event: &str, tenant: u64, user: u64, model: &str, on: NaiveDate, cost: i6
         status: "success".into(),
         error_msg: String::new(),
         created_at: reports::epoch(on) + 3600,
+        currency: "USD".into(),
     }
 }
 

@@ -19,11 +19,18 @@ pub struct ClickHouseMigration {
 }
 
 /// The ClickHouse migrations in order. A test checks this list against `migrations/clickhouse/`.
-pub const CLICKHOUSE: &[ClickHouseMigration] = &[ClickHouseMigration {
-    version: 1,
-    name: "0001_usage_logs.sql",
-    sql: include_str!("../clickhouse/0001_usage_logs.sql"),
-}];
+pub const CLICKHOUSE: &[ClickHouseMigration] = &[
+    ClickHouseMigration {
+        version: 1,
+        name: "0001_usage_logs.sql",
+        sql: include_str!("../clickhouse/0001_usage_logs.sql"),
+    },
+    ClickHouseMigration {
+        version: 2,
+        name: "0002_currency.sql",
+        sql: include_str!("../clickhouse/0002_currency.sql"),
+    },
+];
 
 /// Errors from running migrations.
 #[derive(Debug, thiserror::Error)]

@@ -135,6 +135,24 @@ async fn apply_pricing(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
             Cond::new("Ready", false, "Invalid", e.to_string()),
             Duration::from_mins(10),
         ),
+        (Some(tenant_id), Ok(_))
+            if let Some(platform) = platform_currency(ctx, tenant_id).await?
+                && platform != pricing.spec.currency =>
+        {
+            (
+                Cond::new(
+                    "Ready",
+                    false,
+                    "CurrencyMismatch",
+                    format!(
+                        "prices are in {}, the platform's in {platform}: a tenant's prices must be \
+                         in the platform's currency (nothing was applied)",
+                        pricing.spec.currency
+                    ),
+                ),
+                Duration::from_secs(60),
+            )
+        }
         (Some(tenant_id), Ok(rows)) => {
             mirror(ctx, tenant_id, &pricing.spec.currency, &rows).await?;
             (
@@ -166,6 +184,19 @@ async fn apply_pricing(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
         ctx.count_write();
     }
     Ok(Action::requeue(requeue))
+}
+
+/// The platform list's currency, for a reseller's list (`None` for the platform's own, or when the
+/// platform has no prices yet).
+async fn platform_currency(ctx: &Ctx, tenant_id: i64) -> Result<Option<String>> {
+    if tenant_id == 0 {
+        return Ok(None);
+    }
+    Ok(
+        sqlx::query_scalar("SELECT currency FROM pricing WHERE tenant_id = 0 LIMIT 1")
+            .fetch_optional(&ctx.db)
+            .await?,
+    )
 }
 
 async fn mirror(ctx: &Ctx, tenant_id: i64, currency: &str, rows: &[Row]) -> Result<()> {

@@ -683,3 +683,54 @@ async fn values_at_the_bounds_the_apiserver_accepts_are_stored() {
     shutdown.trigger();
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_price_list_in_another_currency_than_the_platforms_is_refused() {
+    let h = Harness::new().await;
+    let (_ctx, shutdown, task) = h.start();
+    let (platform, reseller) = (format!("plat-{}", h.sfx), format!("cur-{}", h.sfx));
+    let tenants: Api<Tenant> = Api::all(h.client.clone());
+    for (name, kind) in [(&platform, "platform"), (&reseller, "reseller")] {
+        let t: Tenant = serde_json::from_value(json!({
+            "apiVersion": "aigateway.io/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": name, "labels": {labels::INSTANCE: h.instance}},
+            "spec": {"type": kind, "displayName": name}}))
+        .unwrap();
+        tenants.create(&PostParams::default(), &t).await.unwrap();
+        h.ready(&tenants, name).await;
+    }
+    let list = |ns: String, currency: &str| -> Pricing {
+        serde_json::from_value(json!({
+            "apiVersion": "aigateway.io/v1alpha1", "kind": "Pricing",
+            "metadata": {"name": "default", "namespace": ns, "labels": {labels::INSTANCE: h.instance}},
+            "spec": {"currency": currency, "models": [{"model": "gpt-4o", "input": "1", "output": "2"}]}}))
+        .unwrap()
+    };
+    let platform_ns = format!("aigw-{platform}");
+    let reseller_ns = format!("aigw-{reseller}");
+    let p_api: Api<Pricing> = Api::namespaced(h.client.clone(), &platform_ns);
+    p_api.create(&PostParams::default(), &list(platform_ns.clone(), "USD")).await.unwrap();
+    h.ready(&p_api, "default").await;
+    let r_api: Api<Pricing> = Api::namespaced(h.client.clone(), &reseller_ns);
+    r_api.create(&PostParams::default(), &list(reseller_ns.clone(), "CNY")).await.unwrap();
+    let refused = h.reason(&r_api, "default", "Ready", "CurrencyMismatch").await;
+    assert!(condition(&refused, "Ready").unwrap().2.contains("USD"));
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pricing WHERE tenant_id <> 0")
+        .fetch_one(&h.db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "nothing of the CNY list was applied");
+    // In the platform's currency it applies.
+    r_api
+        .patch(
+            "default",
+            &PatchParams::apply("aigw-test").force(),
+            &Patch::Apply(&list(reseller_ns.clone(), "USD")),
+        )
+        .await
+        .unwrap();
+    h.reason(&r_api, "default", "Ready", "Reconciled").await;
+    h.delete_tenants(&[&platform, &reseller]).await;
+    shutdown.trigger();
+    task.await.unwrap();
+}
