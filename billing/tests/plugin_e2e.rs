@@ -34,7 +34,7 @@ async fn a_reported_response_becomes_a_priced_row() {
         id,
         &[
             (":path", "/v1/chat/completions"),
-            ("x-request-id", &request_id),
+            ("x-aigw-event-id", &request_id),
             ("x-higress-llm-model", "gpt-4o"),
             ("x-aigw-tenant", "1"),
             ("x-aigw-user", "alice"),

@@ -7,9 +7,18 @@
 //! - `report` reads the `x-aigw-*` headers authz set, the requested model and the start time;
 //!   feeds every response body chunk to [`UsageParser`]; and at the end of the response sends one
 //!   [`UsageEvent`] to billing ingest with `dispatch_http_call`. A failed report is logged and
-//!   counted (`aigw_usage_report_failures`), never allowed to disturb the response.
+//!   counted (`aigw_usage_report_failures`), never allowed to disturb the response, and retried:
+//!   the root context keeps it in an [`Outbox`] and re-sends it on its timer with exponential
+//!   backoff (200 ms doubling to 10 s, [`MAX_ATTEMPTS`] tries, at most [`OUTBOX_LIMIT`] events), so a
+//!   retry outlives the request's own context. What is still undelivered after that is billed by
+//!   billing's pending sweep at the admission estimate.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, VecDeque},
+    rc::Rc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use aigw_plugin_core::{
     EVENT_VERSION, Framing, INGEST_SECRET_HEADER, Mode, PluginConfig, UsageEvent, UsageParser,
@@ -27,19 +36,107 @@ proxy_wasm::main! {{
 }}
 
 
+/// Tries of one usage event, the first included.
+pub const MAX_ATTEMPTS: u32 = 8;
+/// Most events waiting for a retry; a report beyond it is dropped (counted, logged).
+pub const OUTBOX_LIMIT: usize = 10_000;
+/// The root context's timer period in report mode.
+const TICK: Duration = Duration::from_millis(200);
+
+/// The wait before try `attempt + 1`: 200 ms doubling, at most 10 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(200u64.saturating_mul(1 << attempt.saturating_sub(1).min(6))).min(Duration::from_secs(10))
+}
+
+/// A usage event waiting to be sent again.
+#[derive(Debug, Clone)]
+struct Retry {
+    body: Vec<u8>,
+    event_id: String,
+    /// Tries made so far.
+    attempt: u32,
+    due: SystemTime,
+}
+
+/// Reports to re-send, shared by the root context (which sends them) and the request contexts
+/// (whose first try failed).
+#[derive(Debug, Default)]
+struct Outbox {
+    waiting: VecDeque<Retry>,
+    // A BTreeMap: a HashMap would seed from WASI random_get, which Higress does not provide.
+    in_flight: BTreeMap<u32, Retry>,
+    /// Metric ids: retries sent, reports given up.
+    retries: Option<u32>,
+    dropped: Option<u32>,
+}
+
+impl Outbox {
+    /// Schedules `r`'s next try, or gives it up after [`MAX_ATTEMPTS`] (or when full).
+    fn again(&mut self, mut r: Retry, now: SystemTime) {
+        if r.attempt >= MAX_ATTEMPTS || self.waiting.len() >= OUTBOX_LIMIT {
+            log(
+                LogLevel::Error,
+                &format!(
+                    "aigw-plugin: usage event {} given up after {} tries; billing bills its admission estimate",
+                    r.event_id, r.attempt
+                ),
+            );
+            count(self.dropped);
+            return;
+        }
+        r.due = now + backoff(r.attempt);
+        self.waiting.push_back(r);
+    }
+}
+
 #[derive(Debug, Default)]
 struct Root {
-    config: Option<std::rc::Rc<PluginConfig>>,
+    config: Option<Rc<PluginConfig>>,
     /// Metric ids: reports sent, reports that failed.
     sent: Option<u32>,
     failed: Option<u32>,
+    outbox: Rc<RefCell<Outbox>>,
+}
+
+/// The ingest request for one event body.
+fn ingest_headers(config: &PluginConfig) -> Vec<(&str, &str)> {
+    vec![
+        (":method", "POST"),
+        (":path", config.ingest_path.as_str()),
+        (":authority", "aigw-ingest"),
+        ("content-type", "application/json"),
+        (INGEST_SECRET_HEADER, config.ingest_secret.as_str()),
+    ]
+}
+
+/// The status of the response to an http call (0: none, the call failed).
+fn call_status() -> u16 {
+    hostcalls::get_map_value(proxy_wasm::types::MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(0)
 }
 
 fn log(level: LogLevel, msg: &str) {
     hostcalls::log(level, msg).ok();
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _headers: usize, _body: usize, _trailers: usize) {
+        let status = call_status();
+        let Some(r) = self.outbox.borrow_mut().in_flight.remove(&token_id) else {
+            return;
+        };
+        if (200..300).contains(&status) {
+            count(self.sent);
+        } else {
+            count(self.failed);
+            let now = self.get_current_time();
+            self.outbox.borrow_mut().again(r, now);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -55,6 +152,15 @@ impl RootContext for Root {
                     self.failed =
                         hostcalls::define_metric(MetricType::Counter, "aigw_usage_report_failures")
                             .ok();
+                    let mut outbox = self.outbox.borrow_mut();
+                    outbox.retries =
+                        hostcalls::define_metric(MetricType::Counter, "aigw_usage_report_retries")
+                            .ok();
+                    outbox.dropped =
+                        hostcalls::define_metric(MetricType::Counter, "aigw_usage_reports_dropped")
+                            .ok();
+                    drop(outbox);
+                    self.set_tick_period(TICK);
                 }
                 self.config = Some(std::rc::Rc::new(config));
                 true
@@ -66,11 +172,48 @@ impl RootContext for Root {
         }
     }
 
+    fn on_tick(&mut self) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let now = self.get_current_time();
+        let due: Vec<Retry> = {
+            let mut outbox = self.outbox.borrow_mut();
+            let (ready, later): (Vec<Retry>, Vec<Retry>) =
+                outbox.waiting.drain(..).partition(|r| r.due <= now);
+            outbox.waiting = later.into();
+            ready
+        };
+        let timeout = Duration::from_millis(u64::from(config.timeout_ms));
+        for mut r in due {
+            r.attempt += 1;
+            let mut outbox = self.outbox.borrow_mut();
+            count(outbox.retries);
+            match self.dispatch_http_call(
+                &config.ingest_cluster,
+                ingest_headers(&config),
+                Some(&r.body),
+                vec![],
+                timeout,
+            ) {
+                Ok(token) => {
+                    outbox.in_flight.insert(token, r);
+                }
+                Err(_) => {
+                    count(self.failed);
+                    outbox.again(r, now);
+                }
+            }
+        }
+    }
+
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let config = self.config.clone()?;
         Some(Box::new(Request {
             context_id,
             config,
+            outbox: self.outbox.clone(),
+            first_try: None,
             sent: self.sent,
             failed: self.failed,
             report: None,
@@ -104,7 +247,10 @@ struct Pending {
 struct Request {
     /// The host's id of this request's context (unique within this VM).
     context_id: u32,
-    config: std::rc::Rc<PluginConfig>,
+    config: Rc<PluginConfig>,
+    outbox: Rc<RefCell<Outbox>>,
+    /// The event sent on the first try, kept until ingest has answered it.
+    first_try: Option<Retry>,
     sent: Option<u32>,
     failed: Option<u32>,
     /// Set for admitted requests (authz headers present) in report mode.
@@ -181,28 +327,27 @@ impl Request {
                 return;
             }
         };
-        let path = self.config.ingest_path.clone();
-        let secret = self.config.ingest_secret.clone();
-        let cluster = self.config.ingest_cluster.clone();
-        let headers = vec![
-            (":method", "POST"),
-            (":path", path.as_str()),
-            (":authority", "aigw-ingest"),
-            ("content-type", "application/json"),
-            (INGEST_SECRET_HEADER, secret.as_str()),
-        ];
         let timeout = Duration::from_millis(u64::from(self.config.timeout_ms));
-        match self.dispatch_http_call(&cluster, headers, Some(&body), vec![], timeout) {
-            Ok(_) => count(self.sent),
+        let cluster = self.config.ingest_cluster.clone();
+        let retry = Retry {
+            body,
+            event_id: event.event_id.clone(),
+            attempt: 1,
+            due: ended_at,
+        };
+        let config = self.config.clone();
+        match self.dispatch_http_call(&cluster, ingest_headers(&config), Some(&retry.body), vec![], timeout) {
+            Ok(_) => self.first_try = Some(retry),
             Err(status) => {
                 log(
                     LogLevel::Warn,
                     &format!(
-                        "aigw-plugin: usage event {} not sent to {cluster}: {status:?}",
+                        "aigw-plugin: usage event {} not sent to {cluster}: {status:?}; will retry",
                         event.event_id
                     ),
                 );
                 count(self.failed);
+                self.outbox.borrow_mut().again(retry, ended_at);
             }
         }
     }
@@ -216,16 +361,23 @@ impl Context for Request {
         _body: usize,
         _trailers: usize,
     ) {
-        let status = self
-            .get_http_call_response_header(":status")
-            .and_then(|s| s.parse::<u16>().ok())
-            .unwrap_or(0);
-        if !(200..300).contains(&status) {
+        let status = call_status();
+        let Some(first) = self.first_try.take() else {
+            return;
+        };
+        if (200..300).contains(&status) {
+            count(self.sent);
+        } else {
             log(
                 LogLevel::Warn,
-                &format!("aigw-plugin: ingest answered {status} to a usage event"),
+                &format!(
+                    "aigw-plugin: ingest answered {status} to usage event {}; will retry",
+                    first.event_id
+                ),
             );
             count(self.failed);
+            let now = self.get_current_time();
+            self.outbox.borrow_mut().again(first, now);
         }
     }
 }

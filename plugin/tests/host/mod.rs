@@ -44,6 +44,8 @@ const PLUGIN_CONFIGURATION: i32 = 7;
 /// A captured `proxy_http_call`.
 #[derive(Debug, Clone)]
 pub struct HttpCall {
+    /// The context that dispatched it (its response goes back there).
+    pub context: i32,
     pub cluster: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -76,6 +78,12 @@ pub struct State {
     pub stdout: Vec<u8>,
     /// Set by `proxy_set_effective_context` (the SDK does so before a callback's host calls).
     pub effective_context: i32,
+    /// The context whose callback the host is running.
+    pub current_context: i32,
+    /// Set by `proxy_set_tick_period_milliseconds` (0: no timer).
+    pub tick_period_ms: u32,
+    /// While set, `proxy_http_call` fails as Envoy does for an unknown cluster (BadArgument).
+    pub refuse_calls: bool,
     next_token: u32,
 }
 
@@ -302,9 +310,15 @@ fn link(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let body = read(&mut c, bp, bs);
             let trailers = read(&mut c, tp, ts);
             assert!(trailers.is_empty() || decode_map(&trailers).is_empty());
+            if c.data().refuse_calls {
+                // What Envoy answers for a cluster it does not know (e.g. one not pushed to it).
+                return BAD_ARGUMENT;
+            }
             let token = c.data().next_token + 1;
             c.data_mut().next_token = token;
+            let context = c.data().current_context;
             c.data_mut().calls.push(HttpCall {
+                context,
                 cluster,
                 headers,
                 body,
@@ -337,6 +351,14 @@ fn link(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 }
                 None => NOT_FOUND,
             }
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |mut c: Caller<'_, State>, period: i32| -> i32 {
+            c.data_mut().tick_period_ms = period as u32;
+            OK
         },
     )?;
     linker.func_wrap(
@@ -468,6 +490,8 @@ impl Host {
     }
 
     pub fn request_headers(&mut self, id: i32, headers: &[(&str, &str)], end: bool) -> i32 {
+        // The context whose callback runs (Envoy tracks it for http calls made from it).
+        self.state().current_context = id;
         self.state().request_headers = headers
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -477,6 +501,8 @@ impl Host {
     }
 
     pub fn response_headers(&mut self, id: i32, headers: &[(&str, &str)], end: bool) -> i32 {
+        // The context whose callback runs (Envoy tracks it for http calls made from it).
+        self.state().current_context = id;
         self.state().response_headers = headers
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -486,6 +512,8 @@ impl Host {
     }
 
     pub fn response_body(&mut self, id: i32, chunk: &[u8], end: bool) -> i32 {
+        // The context whose callback runs (Envoy tracks it for http calls made from it).
+        self.state().current_context = id;
         self.state().response_chunk = chunk.to_vec();
         let n = i32::try_from(chunk.len()).unwrap();
         self.call::<(i32, i32, i32), i32>("proxy_on_response_body", (id, n, i32::from(end)))
@@ -493,13 +521,23 @@ impl Host {
 
     /// The end of a stream as Envoy runs it: log, done, delete.
     pub fn finish(&mut self, id: i32) {
+        // The context whose callback runs (Envoy tracks it for http calls made from it).
+        self.state().current_context = id;
         self.call::<i32, ()>("proxy_on_log", id);
         self.call::<i32, i32>("proxy_on_done", id);
         self.call::<i32, ()>("proxy_on_delete", id);
     }
 
+    /// Fires the root context's timer (`proxy_on_tick`).
+    pub fn tick(&mut self) {
+        self.state().current_context = ROOT;
+        self.call::<i32, ()>("proxy_on_tick", ROOT);
+    }
+
     /// Delivers the response to an http call.
     pub fn call_response(&mut self, id: i32, token: u32, status: u16) {
+        // The context whose callback runs (Envoy tracks it for http calls made from it).
+        self.state().current_context = id;
         self.state().call_response_headers = vec![(":status".into(), status.to_string())];
         self.call::<(i32, i32, i32, i32, i32), ()>(
             "proxy_on_http_call_response",
