@@ -165,8 +165,11 @@ async fn main() {
         .unwrap();
     let settings = Settings {
         reserve_estimate: 4096,
-            max_in_flight: 0,
-            pending: aigw_common::quota::PendingKeys::under(&format!("bench:pending:{}", std::process::id())),
+        max_in_flight: 0,
+        pending: aigw_common::quota::PendingKeys::under(&format!(
+            "bench:pending:{}",
+            std::process::id()
+        )),
         reservation_ttl_ms: 60_000,
         fail_open: false,
     };

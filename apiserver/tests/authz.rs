@@ -19,7 +19,11 @@ use aigw_apiserver::authz::{
     index::Index,
     service::{self, Authz, Settings},
 };
-use aigw_common::{ops, quota::{PendingKeys, TokenKeys}, shutdown::Shutdown};
+use aigw_common::{
+    ops,
+    quota::{PendingKeys, TokenKeys},
+    shutdown::Shutdown,
+};
 use aigw_crds::{Tenant, Token, labels};
 use aigw_testkit::{
     Testbed,
@@ -487,7 +491,11 @@ async fn a_thousand_concurrent_requests_reserve_at_most_the_quota() {
         .query_async(&mut c)
         .await
         .unwrap();
-    assert_eq!(reserved, est * 100, "reserved total never exceeds the quota");
+    assert_eq!(
+        reserved,
+        est * 100,
+        "reserved total never exceeds the quota"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,10 +527,22 @@ async fn what_is_asked_for_is_read_from_the_request() {
     let host = format!("api.{tenant}.example");
     g.tenant(&tenant, 70, &[&host], false).await;
     let key = |n: &str| format!("sk-{n}-{sfx}");
-    g.token(&tenant, "big", &key("big"), json!({"quota": 10_000, "rateLimit": 0}), json!({}))
-        .await;
-    g.token(&tenant, "tiny", &key("tiny"), json!({"quota": 1_000, "rateLimit": 0, "models": ["gpt-4o"]}), json!({}))
-        .await;
+    g.token(
+        &tenant,
+        "big",
+        &key("big"),
+        json!({"quota": 10_000, "rateLimit": 0}),
+        json!({}),
+    )
+    .await;
+    g.token(
+        &tenant,
+        "tiny",
+        &key("tiny"),
+        json!({"quota": 1_000, "rateLimit": 0, "models": ["gpt-4o"]}),
+        json!({}),
+    )
+    .await;
     g.until(&host, &key("big"), |r| r.status != 401).await;
     g.until(&host, &key("tiny"), |r| r.status != 401).await;
     let mut c = g.redis.get_multiplexed_async_connection().await.unwrap();
@@ -539,43 +559,134 @@ async fn what_is_asked_for_is_read_from_the_request() {
     };
     // Two concurrent 120k-token requests on a 10,000-token quota: neither is admitted.
     let large = chat("gpt-4o", Some(120_000));
-    let (a, b) = tokio::join!(
-        async { g.call_with(&host, Some(&key("big")), None, "/v1/chat/completions", &large) },
-        async { g.call_with(&host, Some(&key("big")), None, "/v1/chat/completions", &large) },
+    let (first, second) = tokio::join!(
+        async {
+            g.call_with(
+                &host,
+                Some(&key("big")),
+                None,
+                "/v1/chat/completions",
+                &large,
+            )
+        },
+        async {
+            g.call_with(
+                &host,
+                Some(&key("big")),
+                None,
+                "/v1/chat/completions",
+                &large,
+            )
+        },
     );
-    for r in [&a, &b] {
-        assert_eq!((r.status, code(r).as_str()), (429, "insufficient_quota"), "{}", r.body);
+    for r in [&first, &second] {
+        assert_eq!(
+            (r.status, code(r).as_str()),
+            (429, "insufficient_quota"),
+            "{}",
+            r.body
+        );
     }
     // A quota below the default output reserve still serves a request that asks for little.
     let small = chat("gpt-4o", Some(100));
-    let r = g.call_with(&host, Some(&key("tiny")), None, "/v1/chat/completions", &small);
+    let r = g.call_with(
+        &host,
+        Some(&key("tiny")),
+        None,
+        "/v1/chat/completions",
+        &small,
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(reserved(key("tiny")).await, estimate(&small, 100));
-    let r = g.call_with(&host, Some(&key("tiny")), None, "/v1/chat/completions", &chat("gpt-4o", None));
+    let r = g.call_with(
+        &host,
+        Some(&key("tiny")),
+        None,
+        "/v1/chat/completions",
+        &chat("gpt-4o", None),
+    );
     assert_eq!((r.status, code(&r).as_str()), (429, "insufficient_quota"));
     // At most two in flight per token (this gate's cap): the third waits for a settle.
     for _ in 0..1 {
-        let r = g.call_with(&host, Some(&key("tiny")), None, "/v1/chat/completions", &small);
+        let r = g.call_with(
+            &host,
+            Some(&key("tiny")),
+            None,
+            "/v1/chat/completions",
+            &small,
+        );
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    let r = g.call_with(&host, Some(&key("tiny")), None, "/v1/chat/completions", &small);
-    assert_eq!((r.status, code(&r).as_str()), (429, "too_many_requests_in_flight"));
+    let r = g.call_with(
+        &host,
+        Some(&key("tiny")),
+        None,
+        "/v1/chat/completions",
+        &small,
+    );
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (429, "too_many_requests_in_flight")
+    );
 
     // Endpoints that cannot be metered, usage switched off, a model header that lies.
-    let r = g.call_with(&host, Some(&key("big")), None, "/v1/images/generations", &chat("dall-e-3", None));
+    let r = g.call_with(
+        &host,
+        Some(&key("big")),
+        None,
+        "/v1/images/generations",
+        &chat("dall-e-3", None),
+    );
     assert_eq!((r.status, code(&r).as_str()), (404, "unsupported_endpoint"));
     let no_usage = json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": false}, "max_tokens": 10}).to_string();
-    let r = g.call_with(&host, Some(&key("big")), None, "/v1/chat/completions", &no_usage);
-    assert_eq!((r.status, code(&r).as_str()), (400, "stream_usage_required"));
-    let r = g.call_with(&host, Some(&key("tiny")), Some("gpt-4o"), "/v1/chat/completions", &chat("o1-pro", Some(10)));
-    assert_eq!((r.status, code(&r).as_str()), (400, "model_mismatch"), "a header cannot launder a model");
-    let r = g.call_with(&host, Some(&key("tiny")), None, "/v1/chat/completions", &chat("o1-pro", Some(10)));
+    let r = g.call_with(
+        &host,
+        Some(&key("big")),
+        None,
+        "/v1/chat/completions",
+        &no_usage,
+    );
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (400, "stream_usage_required")
+    );
+    let r = g.call_with(
+        &host,
+        Some(&key("tiny")),
+        Some("gpt-4o"),
+        "/v1/chat/completions",
+        &chat("o1-pro", Some(10)),
+    );
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (400, "model_mismatch"),
+        "a header cannot launder a model"
+    );
+    let r = g.call_with(
+        &host,
+        Some(&key("tiny")),
+        None,
+        "/v1/chat/completions",
+        &chat("o1-pro", Some(10)),
+    );
     assert_eq!((r.status, code(&r).as_str()), (403, "model_not_allowed"));
-    let r = g.call_with(&host, Some(&key("big")), None, "/v1/chat/completions", "not json");
+    let r = g.call_with(
+        &host,
+        Some(&key("big")),
+        None,
+        "/v1/chat/completions",
+        "not json",
+    );
     assert_eq!((r.status, code(&r).as_str()), (400, "invalid_request_body"));
 
     // Every admitted request is pending until billed: the estimate is what the sweep would bill.
-    let r = g.call_with(&host, Some(&key("big")), None, "/v1/embeddings", r#"{"model":"text-embedding-3-small","input":"hi"}"#);
+    let r = g.call_with(
+        &host,
+        Some(&key("big")),
+        None,
+        "/v1/embeddings",
+        r#"{"model":"text-embedding-3-small","input":"hi"}"#,
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let id = r.header("x-aigw-event-id").unwrap();
     let raw: String = redis::cmd("HGET")
@@ -597,12 +708,23 @@ async fn tokens_and_tenants_being_deleted_or_not_mirrored_are_refused() {
     let g = Gate::start(false, None).await;
     let sfx = unique_name("d");
     let (live, going) = (format!("live-{sfx}"), format!("going-{sfx}"));
-    let (live_host, going_host) = (format!("api.{live}.example"), format!("api.{going}.example"));
+    let (live_host, going_host) = (
+        format!("api.{live}.example"),
+        format!("api.{going}.example"),
+    );
     g.tenant(&live, 80, &[&live_host], false).await;
     g.tenant(&going, 81, &[&going_host], false).await;
     let key = |n: &str| format!("sk-{n}-{sfx}");
-    g.token(&live, "held", &key("held"), json!({}), json!({})).await;
-    g.token(&live, "fresh", &key("fresh"), json!({}), json!({"tokenId": null})).await;
+    g.token(&live, "held", &key("held"), json!({}), json!({}))
+        .await;
+    g.token(
+        &live,
+        "fresh",
+        &key("fresh"),
+        json!({}),
+        json!({"tokenId": null}),
+    )
+    .await;
     g.token(&going, "t", &key("t"), json!({}), json!({})).await;
     g.until(&live_host, &key("held"), |r| r.status == 200).await;
     g.until(&going_host, &key("t"), |r| r.status == 200).await;
@@ -616,14 +738,20 @@ async fn tokens_and_tenants_being_deleted_or_not_mirrored_are_refused() {
         .patch("held", &PatchParams::default(), &Patch::Merge(&hold))
         .await
         .unwrap();
-    tokens.delete("held", &DeleteParams::default()).await.unwrap();
+    tokens
+        .delete("held", &DeleteParams::default())
+        .await
+        .unwrap();
     g.until(&live_host, &key("held"), |r| r.status == 401).await;
     let tenants: Api<Tenant> = Api::all(g.client.clone());
     tenants
         .patch(&going, &PatchParams::default(), &Patch::Merge(&hold))
         .await
         .unwrap();
-    tenants.delete(&going, &DeleteParams::default()).await.unwrap();
+    tenants
+        .delete(&going, &DeleteParams::default())
+        .await
+        .unwrap();
     g.until(&going_host, &key("t"), |r| r.status == 401).await;
     // Let them go.
     let release = json!({"metadata": {"finalizers": null}});
@@ -647,11 +775,22 @@ async fn a_lost_quota_counter_is_reseeded_from_billings_published_total() {
     let host = format!("api.{tenant}.example");
     g.tenant(&tenant, 90, &[&host], false).await;
     let key = format!("sk-flush-{sfx}");
-    g.token(&tenant, "t", &key, json!({"quota": 10_000, "rateLimit": 0}), json!({"usedQuota": 9_900}))
-        .await;
+    g.token(
+        &tenant,
+        "t",
+        &key,
+        json!({"quota": 10_000, "rateLimit": 0}),
+        json!({"usedQuota": 9_900}),
+    )
+    .await;
     // The default request (max_tokens 4000) is more than the 100 tokens left.
     let r = g.until(&host, &key, |r| r.status != 401).await;
-    assert_eq!((r.status, code(&r).as_str()), (429, "insufficient_quota"), "{}", r.body);
+    assert_eq!(
+        (r.status, code(&r).as_str()),
+        (429, "insufficient_quota"),
+        "{}",
+        r.body
+    );
     let mut c = g.redis.get_multiplexed_async_connection().await.unwrap();
     let used: i64 = redis::cmd("GET")
         .arg(TokenKeys::new(&hash(&key)).used)

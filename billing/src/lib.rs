@@ -4,9 +4,9 @@
 pub mod directory;
 pub mod ingest;
 pub mod ledger;
+pub mod pending;
 pub mod pricing;
 pub mod reports;
-pub mod pending;
 pub mod retention;
 pub mod settlement;
 pub mod status;

@@ -277,20 +277,7 @@ fn start_worker(
     }
     let stop = shutdown.clone();
     Ok(tokio::spawn(async move {
-        let status = if status_sync_secs == 0 {
-            None
-        } else {
-            match kube::Client::try_default().await {
-                Ok(client) => Some(aigw_billing::status::spawn(
-                    client,
-                    Duration::from_secs(status_sync_secs),
-                )),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no Kubernetes access: Token status.usedQuota is not written");
-                    None
-                }
-            }
-        };
+        let status = status_writer(status_sync_secs).await;
         // Dependencies may come up after us: keep trying until connected or stopped.
         let mut wait = Duration::from_millis(500);
         let w = loop {
@@ -320,6 +307,23 @@ fn start_worker(
             .await
             .map_err(|e| std::io::Error::other(format!("{e:#}")))
     }))
+}
+
+/// The Token status writer (`aigw_billing::status`), unless turned off or without Kubernetes.
+async fn status_writer(every_secs: u64) -> Option<worker::StatusSink> {
+    if every_secs == 0 {
+        return None;
+    }
+    match kube::Client::try_default().await {
+        Ok(client) => Some(aigw_billing::status::spawn(
+            client,
+            Duration::from_secs(every_secs),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "no Kubernetes access: Token status.usedQuota is not written");
+            None
+        }
+    }
 }
 
 /// Starts the pending sweep (`aigw_billing::pending`) once Redis answers.

@@ -111,7 +111,9 @@ pub async fn sweep_once(
         let key = event.dedupe_key();
         producer
             .send(
-                FutureRecord::to(&settings.topic).key(&key).payload(&payload),
+                FutureRecord::to(&settings.topic)
+                    .key(&key)
+                    .payload(&payload),
                 Duration::from_secs(10),
             )
             .await
@@ -141,7 +143,10 @@ pub async fn sweep(
         }
         match sweep_once(&mut conn, &producer, &settings, &metrics).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(events = n, "billed requests that were never reported, at their estimate"),
+            Ok(n) => tracing::info!(
+                events = n,
+                "billed requests that were never reported, at their estimate"
+            ),
             Err(e) => tracing::warn!(error = format!("{e:#}"), "pending sweep failed; retrying"),
         }
     }

@@ -100,9 +100,13 @@ async fn raise(api: &Api<Token>, u: &Used) -> Result<(), kube::Error> {
         "metadata": {"resourceVersion": live.metadata.resource_version},
         "status": {"usedQuota": u.used},
     });
-    api.patch_status(&u.name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
-        .await
-        .map(|_| ())
+    api.patch_status(
+        &u.name,
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
 }
 
 #[cfg(test)]

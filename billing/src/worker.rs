@@ -342,7 +342,9 @@ pub fn bill(dir: &Directory, event: &UsageEvent) -> Billing {
     };
     // One tenant's rows never mix currencies: its own list must be in the platform's currency
     // (the operator refuses a Pricing that is not; this catches a platform list that changed).
-    let platform_currency = dir.currency(crate::directory::PLATFORM_TENANT).unwrap_or_default();
+    let platform_currency = dir
+        .currency(crate::directory::PLATFORM_TENANT)
+        .unwrap_or_default();
     if dir.tenant_price(tenant_id, &event.model).is_some()
         && let Some(own) = dir.currency(tenant_id)
         && own != platform_currency
@@ -707,8 +709,8 @@ impl Worker {
             &self.settings.pending,
             billed.iter().map(|b| b.event.event_id.as_str()),
         )
-            .await
-            .context("redis pending")?;
+        .await
+        .context("redis pending")?;
         self.lap(&mut clock, "redis");
         // 7. MySQL aggregates, guarded by the offset watermark.
         ledger::apply(&self.db, &self.settings.topic, batch, &billed)
@@ -892,10 +894,8 @@ impl Worker {
                 }
                 pipe.add_command(cmd);
             }
-            let results: Vec<(i64, i64, i64)> = pipe
-                .query_async(&mut conn)
-                .await
-                .context("redis settle")?;
+            let results: Vec<(i64, i64, i64)> =
+                pipe.query_async(&mut conn).await.context("redis settle")?;
             for ((token, _), (_, _, existed)) in chunk.iter().zip(results) {
                 if existed == 0 {
                     missing.push(token.id);
@@ -917,11 +917,12 @@ impl Worker {
             let Some(t) = self.dir.token(&id.to_string()) else {
                 continue;
             };
-            let total: Option<i64> = sqlx::query_scalar("SELECT used_quota FROM tokens WHERE id = ?")
-                .bind(i64::try_from(*id).unwrap_or(i64::MAX))
-                .fetch_optional(&self.db)
-                .await
-                .context("mysql used_quota")?;
+            let total: Option<i64> =
+                sqlx::query_scalar("SELECT used_quota FROM tokens WHERE id = ?")
+                    .bind(i64::try_from(*id).unwrap_or(i64::MAX))
+                    .fetch_optional(&self.db)
+                    .await
+                    .context("mysql used_quota")?;
             if let Some(total) = total {
                 redis::Script::new(aigw_common::quota::RAISE_USED)
                     .key(TokenKeys::new(&t.key_hash).used)
@@ -930,7 +931,11 @@ impl Worker {
                     .await
                     .context("redis re-seed")?;
                 self.metrics.reseeded.inc();
-                tracing::warn!(token = id, used = total, "quota counter was missing in Redis; re-seeded from MySQL");
+                tracing::warn!(
+                    token = id,
+                    used = total,
+                    "quota counter was missing in Redis; re-seeded from MySQL"
+                );
             }
         }
         Ok(())

@@ -8,7 +8,12 @@
 //! worker's own pricing code. The random mix prints its seed; `AIGW_TEST_SEED=<n>` replays it.
 
 // Test code: a failed unwrap is a failed test with its message.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::too_many_lines)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines
+)]
 
 mod common;
 
@@ -66,7 +71,8 @@ async fn served_responses_without_usage_are_billed_at_their_estimate() {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
-                .as_nanos() as u64
+                .subsec_nanos()
+                .into()
         });
     println!("AIGW_TEST_SEED={seed}");
     let mut rng = Rng(seed);
@@ -158,7 +164,10 @@ async fn served_responses_without_usage_are_billed_at_their_estimate() {
         .fetch_one()
         .await
         .unwrap();
-    assert_eq!(zero_served, 0, "a served response priced at 0 (seed {seed})");
+    assert_eq!(
+        zero_served, 0,
+        "a served response priced at 0 (seed {seed})"
+    );
     assert!(estimated > 0, "seed {seed}");
     let letters = bed.dead_letters(want_unmetered);
     assert_eq!(letters.len(), want_unmetered, "seed {seed}");
@@ -270,8 +279,16 @@ async fn requests_never_reported_are_billed_once_at_their_estimate() {
         .unwrap();
     let want = vec![
         (r1.event_id.clone(), "success".to_owned(), cost(100, 10, 0)),
-        (admitted[1].event_id.clone(), "estimated_unreported".to_owned(), cost(2_000, 300, 0)),
-        (admitted[2].event_id.clone(), "estimated_unreported".to_owned(), cost(500, 50, 0)),
+        (
+            admitted[1].event_id.clone(),
+            "estimated_unreported".to_owned(),
+            cost(2_000, 300, 0),
+        ),
+        (
+            admitted[2].event_id.clone(),
+            "estimated_unreported".to_owned(),
+            cost(500, 50, 0),
+        ),
     ];
     let got: Vec<(String, String, Decimal)> =
         rows.into_iter().map(|(i, s, c)| (i, s, dec(&c))).collect();
@@ -285,7 +302,15 @@ async fn a_flushed_quota_counter_is_reseeded_from_mysql() {
     let bed = Bed::new("billing_reseed").await;
     let batch = |from: usize| -> Vec<(String, Vec<u8>)> {
         (from..from + 50)
-            .map(|i| message(&event(&format!("f{i}"), "1", 11, "gpt-4o", estimate(100, 20))))
+            .map(|i| {
+                message(&event(
+                    &format!("f{i}"),
+                    "1",
+                    11,
+                    "gpt-4o",
+                    estimate(100, 20),
+                ))
+            })
             .collect()
     };
     bed.produce(&batch(0)).await;
@@ -306,7 +331,11 @@ async fn a_flushed_quota_counter_is_reseeded_from_mysql() {
         .await
         .unwrap();
     assert_eq!(mysql, 100 * 120);
-    assert_eq!(bed.redis_used(11).await, mysql, "Redis re-seeded from MySQL, not restarted at 0");
+    assert_eq!(
+        bed.redis_used(11).await,
+        mysql,
+        "Redis re-seeded from MySQL, not restarted at 0"
+    );
     assert!(worker.terminate(15).unwrap().success());
 }
 

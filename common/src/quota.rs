@@ -310,8 +310,13 @@ pub async fn check_redis<C: redis::aio::ConnectionLike + Send>(conn: &mut C) -> 
         cmd.arg("GET").arg(name);
         cmd
     };
-    let Ok(policy) = get("maxmemory-policy").query_async::<Vec<String>>(conn).await else {
-        tracing::warn!("cannot read the Redis configuration (CONFIG GET refused); assuming it never evicts quota counters");
+    let Ok(policy) = get("maxmemory-policy")
+        .query_async::<Vec<String>>(conn)
+        .await
+    else {
+        tracing::warn!(
+            "cannot read the Redis configuration (CONFIG GET refused); assuming it never evicts quota counters"
+        );
         return Ok(());
     };
     let maxmemory: Vec<String> = get("maxmemory").query_async(conn).await.unwrap_or_default();
@@ -320,10 +325,15 @@ pub async fn check_redis<C: redis::aio::ConnectionLike + Send>(conn: &mut C) -> 
     if let Some(risk) = eviction_risk(&policy, maxmemory) {
         return Err(risk);
     }
-    let aof: Vec<String> = get("appendonly").query_async(conn).await.unwrap_or_default();
+    let aof: Vec<String> = get("appendonly")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
     let save: Vec<String> = get("save").query_async(conn).await.unwrap_or_default();
     if aof.get(1).is_some_and(|v| v == "no") && save.get(1).is_some_and(String::is_empty) {
-        tracing::warn!("Redis has no persistence (appendonly no, no save points): after a restart, quota counters are re-seeded from billing's totals, and reservations in flight are lost");
+        tracing::warn!(
+            "Redis has no persistence (appendonly no, no save points): after a restart, quota counters are re-seeded from billing's totals, and reservations in flight are lost"
+        );
     }
     Ok(())
 }
@@ -350,7 +360,10 @@ mod tests {
     fn eviction_policies_that_lose_counters_are_named() {
         assert!(eviction_risk("allkeys-lru", 1 << 30).is_some());
         assert!(eviction_risk("allkeys-random", 1).is_some());
-        assert!(eviction_risk("allkeys-lru", 0).is_none(), "no memory limit: never evicts");
+        assert!(
+            eviction_risk("allkeys-lru", 0).is_none(),
+            "no memory limit: never evicts"
+        );
         assert!(eviction_risk("noeviction", 1 << 30).is_none());
         assert!(eviction_risk("volatile-lru", 1 << 30).is_none());
     }

@@ -62,21 +62,31 @@ impl Term {
         if !self.elected.load(std::sync::atomic::Ordering::Acquire) {
             return true;
         }
-        let until = *self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let until = *self
+            .until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         until.is_some_and(|u| Instant::now() < u)
     }
 
     /// Records a renewal that started at `started`: acting is allowed until `started + deadline`.
     fn renewed(&self, started: Instant, deadline: Duration) {
-        *self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(started + deadline);
-        self.elected.store(true, std::sync::atomic::Ordering::Release);
+        *self
+            .until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(started + deadline);
+        self.elected
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Ends the term at once.
     fn end(&self) {
-        *self.until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-        self.elected.store(true, std::sync::atomic::Ordering::Release);
+        *self
+            .until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.elected
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 }
 

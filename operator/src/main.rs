@@ -93,7 +93,11 @@ struct Cli {
     )]
     model_router_image: String,
     /// The only namespace Channel credentials may be read from.
-    #[arg(long, env = "AIGW_CREDENTIALS_NAMESPACE", default_value = "aigw-system")]
+    #[arg(
+        long,
+        env = "AIGW_CREDENTIALS_NAMESPACE",
+        default_value = "aigw-system"
+    )]
     credentials_namespace: String,
     /// Image of the Higress ext-auth plugin.
     #[arg(

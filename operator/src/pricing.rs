@@ -150,7 +150,7 @@ async fn apply_pricing(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
                         pricing.spec.currency
                     ),
                 ),
-                Duration::from_secs(60),
+                Duration::from_mins(1),
             )
         }
         (Some(tenant_id), Ok(rows)) => {

@@ -87,9 +87,10 @@ pub fn namespace_refusal(
         ));
     }
     let live = live?;
-    let ours = live.owner_references().iter().any(|o| {
-        o.controller == Some(true) && Some(&o.uid) == tenant.metadata.uid.as_ref()
-    });
+    let ours = live
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == tenant.metadata.uid.as_ref());
     (!ours).then(|| {
         (
             "NamespaceConflict",
@@ -113,7 +114,10 @@ async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
     }
     if live.is_none() {
         // Create, never apply: an apply would adopt a namespace someone created since our read.
-        match ns_api.create(&PostParams::default(), &desired.namespace).await {
+        match ns_api
+            .create(&PostParams::default(), &desired.namespace)
+            .await
+        {
             Ok(_) => ctx.count_write(),
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 return Ok(Action::requeue(Duration::from_secs(1)));
@@ -301,7 +305,10 @@ pub fn domain_refusal(domain: &str) -> Option<&'static str> {
 /// Whether two claims can match the same host: equal, or one is a wildcard `*.s` and the other a
 /// name (or wildcard) below `s`. Authz matches `*.s` against every name below `s`, at any depth.
 pub fn overlaps(a: &str, b: &str) -> bool {
-    let covers = |w: &str, d: &str| w.strip_prefix('*').is_some_and(|dot_s| d.ends_with(dot_s) && d != w);
+    let covers = |w: &str, d: &str| {
+        w.strip_prefix('*')
+            .is_some_and(|dot_s| d.ends_with(dot_s) && d != w)
+    };
     a == b || covers(a, b) || covers(b, a)
 }
 
@@ -318,7 +325,8 @@ fn overlap_candidates(domain: &str) -> (Vec<String>, Option<String>) {
     if domain != base {
         exact.push(base.to_owned());
     }
-    let below = (domain != base).then(|| format!("%.{}", base.replace('%', "").replace('_', "\\_")));
+    let below =
+        (domain != base).then(|| format!("%.{}", base.replace('%', "").replace('_', "\\_")));
     (exact, below)
 }
 
@@ -362,7 +370,11 @@ async fn claim_domains(
              WHERE d.tenant_id <> ? AND (d.domain IN ({list}){}) \
              AND d.created_at <= COALESCE((SELECT m.created_at FROM tenant_domains m \
                                            WHERE m.domain = ? AND m.tenant_id = ?), NOW())",
-            if below.is_some() { " OR d.domain LIKE ?" } else { "" }
+            if below.is_some() {
+                " OR d.domain LIKE ?"
+            } else {
+                ""
+            }
         );
         let mut q = sqlx::query_as::<_, (String, String)>(&sql).bind(tenant_id);
         for e in &exact {

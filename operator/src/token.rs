@@ -104,22 +104,8 @@ async fn apply_token(token: &Token, ctx: &Ctx) -> Result<Action> {
         .and_then(|t| t.status.as_ref())
         .and_then(|s| s.tenant_id);
     let Some(tenant_id) = tenant_id else {
-        let cond = Cond::new(
-            "Ready",
-            false,
-            "TenantNotReady",
-            format!("namespace {ns} belongs to no ready Tenant"),
-        );
-        write_status(
-            ctx,
-            token,
-            &old,
-            TokenStatus {
-                common: common(token, &old, &[cond]),
-                ..old.clone()
-            },
-        )
-        .await?;
+        let message = format!("namespace {ns} belongs to no ready Tenant");
+        not_ready(ctx, token, &old, "TenantNotReady", message).await?;
         return Ok(Action::requeue(Duration::from_secs(10)));
     };
     let suspended = tenant.as_ref().is_some_and(|t| t.spec.suspended);
@@ -148,17 +134,21 @@ async fn apply_token(token: &Token, ctx: &Ctx) -> Result<Action> {
         Ok(p) => p,
         // Bad input is a condition, not an error retried forever.
         Err(e @ Error::Invalid { .. }) => {
-            let cond = Cond::new("Ready", false, "Invalid", e.to_string());
-            let status = TokenStatus {
-                common: common(token, &old, &[cond]),
-                ..old.clone()
-            };
-            write_status(ctx, token, &old, status).await?;
+            not_ready(ctx, token, &old, "Invalid", e.to_string()).await?;
             return Ok(Action::requeue(Duration::from_mins(10)));
         }
         Err(e) => return Err(e),
     };
-    let mirrored = mirror(ctx, token, row.map(|(id, _)| id), tenant_id, &hash, &prefix, phase).await;
+    let mirrored = mirror(
+        ctx,
+        token,
+        row.map(|(id, _)| id),
+        tenant_id,
+        &hash,
+        &prefix,
+        phase,
+    )
+    .await;
     let (cond, key_hash) = match &mirrored {
         Ok(_) => (
             Cond::new("Ready", true, "Reconciled", format!("phase {phase:?}")),
@@ -188,8 +178,12 @@ async fn apply_token(token: &Token, ctx: &Ctx) -> Result<Action> {
         used_quota: None,
     };
     write_status(ctx, token, &old, status).await?;
-    // Wake up at expiry to flip the phase.
-    let next = token
+    Ok(Action::requeue(next_wakeup(token)))
+}
+
+/// When to look at a token again: just after it expires (to flip the phase), at most in an hour.
+fn next_wakeup(token: &Token) -> Duration {
+    token
         .spec
         .expires_at
         .as_deref()
@@ -199,8 +193,24 @@ async fn apply_token(token: &Token, ctx: &Ctx) -> Result<Action> {
         .filter(|s| *s > 0.0)
         .map_or(Duration::from_hours(1), |s| {
             Duration::from_secs_f64(s.min(3600.0) + 1.0)
-        });
-    Ok(Action::requeue(next))
+        })
+}
+
+/// Marks the token not Ready for `reason`, changing nothing else of its status.
+async fn not_ready(
+    ctx: &Ctx,
+    token: &Token,
+    old: &TokenStatus,
+    reason: &'static str,
+    message: String,
+) -> Result<()> {
+    let cond = Cond::new("Ready", false, reason, message);
+    let status = TokenStatus {
+        common: common(token, old, &[cond]),
+        used_quota: None,
+        ..old.clone()
+    };
+    write_status(ctx, token, old, status).await
 }
 
 fn common(token: &Token, old: &TokenStatus, conds: &[Cond]) -> CommonStatus {
@@ -276,13 +286,13 @@ async fn ensure_key_secret(ctx: &Ctx, token: &Token, ns: &str) -> Result<String>
 
 /// The token's mirror row, if any: its id and the `used_quota` billing keeps there.
 async fn mirrored_row(ctx: &Ctx, token: &Token) -> Result<Option<(i64, i64)>> {
-    Ok(sqlx::query_as(
-        "SELECT id, used_quota FROM tokens WHERE namespace = ? AND cr_name = ?",
+    Ok(
+        sqlx::query_as("SELECT id, used_quota FROM tokens WHERE namespace = ? AND cr_name = ?")
+            .bind(token.namespace().unwrap_or_default())
+            .bind(token.name_any())
+            .fetch_optional(&ctx.db)
+            .await?,
     )
-    .bind(token.namespace().unwrap_or_default())
-    .bind(token.name_any())
-    .fetch_optional(&ctx.db)
-    .await?)
 }
 
 /// Writes the token's own `tokens` row (inserting it when `id` is `None`); returns its id.
@@ -413,15 +423,24 @@ mod tests {
         );
         assert_eq!(phase(&expired, false, 0, now).unwrap(), TokenPhase::Expired);
         let used_up = token(json!({"owner": "a", "quota": 10}), Some(10));
-        assert_eq!(phase(&used_up, false, 0, now).unwrap(), TokenPhase::Exhausted);
+        assert_eq!(
+            phase(&used_up, false, 0, now).unwrap(),
+            TokenPhase::Exhausted
+        );
         assert_eq!(
             phase(&active, false, 10, now).unwrap(),
             TokenPhase::Exhausted,
             "billing's MySQL total counts even when the status lags"
         );
         let unlimited = token(json!({"owner": "a", "quota": -1}), Some(1_000_000));
-        assert_eq!(phase(&unlimited, false, 0, now).unwrap(), TokenPhase::Active);
+        assert_eq!(
+            phase(&unlimited, false, 0, now).unwrap(),
+            TokenPhase::Active
+        );
         let disabled = token(json!({"owner": "a", "disabled": true}), None);
-        assert_eq!(phase(&disabled, false, 0, now).unwrap(), TokenPhase::Disabled);
+        assert_eq!(
+            phase(&disabled, false, 0, now).unwrap(),
+            TokenPhase::Disabled
+        );
     }
 }

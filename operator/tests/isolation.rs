@@ -12,7 +12,8 @@
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
-    clippy::too_many_lines
+    clippy::too_many_lines,
+    clippy::many_single_char_names
 )]
 
 mod common;
@@ -25,7 +26,7 @@ use common::{Harness, eventually};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::{
     Api, Client,
-    api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams},
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -74,7 +75,11 @@ impl Harness {
     /// Waits for the object's condition `type_` to have `reason`; returns the object.
     async fn reason<K>(&self, api: &Api<K>, name: &str, type_: &str, reason: &str) -> K
     where
-        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
+        K: kube::Resource
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + serde::Serialize,
     {
         eventually(&format!("{name}: {type_} reason {reason}"), || async {
             let obj = api.get_opt(name).await.unwrap()?;
@@ -140,7 +145,10 @@ fn forbidden<T: std::fmt::Debug>(r: Result<T, kube::Error>, what: &str) {
 }
 
 /// The victim's token row, as billing and authz rely on it.
-async fn token_row(db: &sqlx::MySqlPool, id: i64) -> (i64, String, String, i64, Option<String>, String) {
+async fn token_row(
+    db: &sqlx::MySqlPool,
+    id: i64,
+) -> (i64, String, String, i64, Option<String>, String) {
     sqlx::query_as(
         "SELECT tenant_id, namespace, cr_name, quota, CAST(models AS CHAR), key_hash FROM tokens WHERE id = ?",
     )
@@ -182,16 +190,18 @@ async fn a_copied_key_hash_never_takes_over_another_tenants_token() {
     let before = token_row(&h.db, alice_id).await;
     assert_eq!(before.0, a_id);
     let index = aigw_apiserver::authz::index::Index::default();
-    tokio::spawn(
-        index
-            .clone()
-            .run(h.client.clone(), Some(format!("{}={}", labels::INSTANCE, h.instance))),
-    );
+    tokio::spawn(index.clone().run(
+        h.client.clone(),
+        Some(format!("{}={}", labels::INSTANCE, h.instance)),
+    ));
     let owner_is_a = || {
         let r = index.token(&hash)?;
         (r.tenant == a && r.token_id == alice_id).then_some(())
     };
-    eventually("authz indexes the victim's token", || async { owner_is_a() }).await;
+    eventually("authz indexes the victim's token", || async {
+        owner_is_a()
+    })
+    .await;
 
     // B's administrator, with only the tenant-admin role in B's namespace.
     let mallory = h.tenant_admin(&ns_b, &format!("mallory-{}", h.sfx)).await;
@@ -199,16 +209,23 @@ async fn a_copied_key_hash_never_takes_over_another_tenants_token() {
     forbidden(as_b_in_a.get("alice").await, "read A's token");
     forbidden(
         as_b_in_a
-            .create(&PostParams::default(), &h.token_doc(&ns_a, "mine", &json!({"owner": "m"})))
+            .create(
+                &PostParams::default(),
+                &h.token_doc(&ns_a, "mine", &json!({"owner": "m"})),
+            )
             .await,
         "create a token in A's namespace",
     );
     forbidden(
-        Api::<Secret>::namespaced(mallory.clone(), &ns_a).list(&Default::default()).await,
+        Api::<Secret>::namespaced(mallory.clone(), &ns_a)
+            .list(&ListParams::default())
+            .await,
         "list A's secrets",
     );
     forbidden(
-        Api::<Channel>::all(mallory.clone()).list(&Default::default()).await,
+        Api::<Channel>::all(mallory.clone())
+            .list(&ListParams::default())
+            .await,
         "list channels",
     );
     // The attack: a token in B's own namespace (allowed) claiming A's key hash.
@@ -240,9 +257,15 @@ async fn a_copied_key_hash_never_takes_over_another_tenants_token() {
     assert_eq!(st.token_id, None);
     // Give the index and MySQL time to go wrong, then compare.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(token_row(&h.db, alice_id).await, before, "A's MySQL row untouched");
+    assert_eq!(
+        token_row(&h.db, alice_id).await,
+        before,
+        "A's MySQL row untouched"
+    );
     assert!(owner_is_a().is_some(), "authz still answers A's key as A's");
-    let dir = aigw_billing::directory::Directory::load(&h.db).await.unwrap();
+    let dir = aigw_billing::directory::Directory::load(&h.db)
+        .await
+        .unwrap();
     let row = dir.token(&alice_id.to_string()).unwrap();
     assert_eq!(
         (row.tenant_id, row.quota),
@@ -253,14 +276,22 @@ async fn a_copied_key_hash_never_takes_over_another_tenants_token() {
     // Deleting B's copy leaves A's token in place everywhere.
     as_b.delete("copy", &DeleteParams::default()).await.unwrap();
     eventually("B's copy gone", || async {
-        b_tokens.get_opt("copy").await.unwrap().is_none().then_some(())
+        b_tokens
+            .get_opt("copy")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(token_row(&h.db, alice_id).await, before);
     assert!(owner_is_a().is_some(), "deleting the copy did not unlink A");
     let alice = a_tokens.get("alice").await.unwrap();
-    assert_eq!(alice.status.unwrap().key_hash.as_deref(), Some(hash.as_str()));
+    assert_eq!(
+        alice.status.unwrap().key_hash.as_deref(),
+        Some(hash.as_str())
+    );
 
     h.delete_tenants(&[&a, &b]).await;
     shutdown.trigger();
@@ -294,13 +325,22 @@ async fn tenants_never_adopt_platform_or_foreign_namespaces() {
     let tenants: Api<Tenant> = Api::all(h.client.clone());
     let t = h.reason(&tenants, &reserved, "Ready", "ReservedName").await;
     assert!(condition(&t, "Ready").unwrap().2.contains(&creds));
-    let t = h.reason(&tenants, &foreign, "Ready", "NamespaceConflict").await;
+    let t = h
+        .reason(&tenants, &foreign, "Ready", "NamespaceConflict")
+        .await;
     assert!(condition(&t, "Ready").unwrap().2.contains("never adopts"));
-    assert_eq!(t.status.unwrap().tenant_id, None, "no MySQL row for a refused tenant");
+    assert_eq!(
+        t.status.unwrap().tenant_id,
+        None,
+        "no MySQL row for a refused tenant"
+    );
     for ns in [&creds, &pre] {
         let live = ns_api.get(ns).await.unwrap();
         assert!(
-            live.metadata.owner_references.unwrap_or_default().is_empty(),
+            live.metadata
+                .owner_references
+                .unwrap_or_default()
+                .is_empty(),
             "{ns} was adopted"
         );
     }
@@ -309,7 +349,10 @@ async fn tenants_never_adopt_platform_or_foreign_namespaces() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     for ns in [&creds, &pre] {
         let live = ns_api.get(ns).await.unwrap();
-        assert!(live.metadata.deletion_timestamp.is_none(), "{ns} is being deleted");
+        assert!(
+            live.metadata.deletion_timestamp.is_none(),
+            "{ns} is being deleted"
+        );
         assert!(
             Api::<ConfigMap>::namespaced(h.client.clone(), ns)
                 .get_opt("precious")
@@ -360,7 +403,10 @@ async fn channels_read_credentials_only_from_the_credentials_namespace() {
                  "models": ["gpt-4o"]}}))
     .unwrap();
     let channels: Api<Channel> = Api::all(h.client.clone());
-    channels.create(&PostParams::default(), &channel).await.unwrap();
+    channels
+        .create(&PostParams::default(), &channel)
+        .await
+        .unwrap();
     let c = h
         .reason(&channels, &name, "Ready", "CredentialsNamespaceNotAllowed")
         .await;
@@ -378,11 +424,18 @@ async fn channels_read_credentials_only_from_the_credentials_namespace() {
         &h.hns,
         &aigw_operator::higress::wasm_plugin_resource(),
     );
-    for p in plugins.list(&Default::default()).await.unwrap() {
+    for p in plugins.list(&ListParams::default()).await.unwrap() {
         let text = serde_json::to_string(&p.data).unwrap();
-        assert!(!text.contains("sk-tenant-secret-value"), "{} leaks the key", p.metadata.name.unwrap_or_default());
+        assert!(
+            !text.contains("sk-tenant-secret-value"),
+            "{} leaks the key",
+            p.metadata.name.unwrap_or_default()
+        );
     }
-    channels.delete(&name, &DeleteParams::default()).await.unwrap();
+    channels
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
     h.delete_tenants(&[&a]).await;
     shutdown.trigger();
     task.await.unwrap();
@@ -405,17 +458,29 @@ async fn domains_covering_another_tenant_or_a_public_suffix_are_refused() {
     // B claims a wildcard over A's host, public suffixes, and one honest domain.
     let b_own = format!("api.{b}.example");
     let over = format!("*.{a}.example");
-    h.tenant(&b, &[&over, "*.co.uk", "co.uk", "*.github.io", &b_own]).await;
+    h.tenant(&b, &[&over, "*.co.uk", "co.uk", "*.github.io", &b_own])
+        .await;
     let tb = h.reason(&tenants, &b, "Ready", "DomainConflict").await;
     let msg = condition(&tb, "Ready").unwrap().2;
-    assert!(msg.contains(&format!("{over} (overlaps {a_host} of tenant {a})")), "{msg}");
+    assert!(
+        msg.contains(&format!("{over} (overlaps {a_host} of tenant {a})")),
+        "{msg}"
+    );
     assert!(msg.contains("*.co.uk (a public suffix"), "{msg}");
     assert!(msg.contains("co.uk (a public suffix"), "{msg}");
     assert!(msg.contains("*.github.io (a public suffix"), "{msg}");
     assert_eq!(tb.status.unwrap().domains, vec![b_own.clone()]);
     let after = tenants.get(&a).await.unwrap().status.unwrap();
-    assert_eq!((after.domains, after.tenant_id), (before.domains, before.tenant_id));
-    assert!(condition(&tenants.get(&a).await.unwrap(), "Ready").unwrap().0 == "True");
+    assert_eq!(
+        (after.domains, after.tenant_id),
+        (before.domains, before.tenant_id)
+    );
+    assert!(
+        condition(&tenants.get(&a).await.unwrap(), "Ready")
+            .unwrap()
+            .0
+            == "True"
+    );
     // The other order: a wildcard first, then an exact name below it.
     let wild = format!("*.{c}.example");
     h.tenant(&c, &[&wild]).await;
@@ -424,7 +489,10 @@ async fn domains_covering_another_tenant_or_a_public_suffix_are_refused() {
     h.tenant(&d, &[&under]).await;
     let td = h.reason(&tenants, &d, "Ready", "DomainConflict").await;
     assert!(
-        condition(&td, "Ready").unwrap().2.contains(&format!("overlaps {wild} of tenant {c}")),
+        condition(&td, "Ready")
+            .unwrap()
+            .2
+            .contains(&format!("overlaps {wild} of tenant {c}")),
         "{td:?}"
     );
     assert!(td.status.unwrap().domains.is_empty());
@@ -444,7 +512,9 @@ async fn domains_covering_another_tenant_or_a_public_suffix_are_refused() {
         "spec": {"type": "reseller", "displayName": "x", "domains": ["10.1.2.3"]}}))
     .unwrap();
     match tenants.create(&PostParams::default(), &ip).await {
-        Err(kube::Error::Api(e)) => assert!(e.message.contains("IP address"), "{}", e.message),
+        Err(kube::Error::Api(status)) => {
+            assert!(status.message.contains("IP address"), "{}", status.message);
+        }
         other => panic!("an IP domain was accepted: {other:?}"),
     }
     h.delete_tenants(&[&a, &b, &c, &d]).await;
@@ -476,7 +546,10 @@ async fn a_second_price_list_neither_applies_nor_deletes_the_first() {
     let api: Api<Pricing> = Api::namespaced(h.client.clone(), &ns);
     api.create(
         &PostParams::default(),
-        &pricing("first", json!([{"model": "gpt-4o", "input": "1.00", "output": "2.00"}])),
+        &pricing(
+            "first",
+            json!([{"model": "gpt-4o", "input": "1.00", "output": "2.00"}]),
+        ),
     )
     .await
     .unwrap();
@@ -491,7 +564,10 @@ async fn a_second_price_list_neither_applies_nor_deletes_the_first() {
         .unwrap()
     };
     let first_rows = rows().await;
-    assert_eq!(first_rows, vec![("gpt-4o".to_owned(), "1.000000".to_owned())]);
+    assert_eq!(
+        first_rows,
+        vec![("gpt-4o".to_owned(), "1.000000".to_owned())]
+    );
     api.create(
         &PostParams::default(),
         &pricing(
@@ -506,12 +582,18 @@ async fn a_second_price_list_neither_applies_nor_deletes_the_first() {
     assert!(condition(&second, "Ready").unwrap().2.contains("first"));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(rows().await, first_rows, "the second list changed prices");
-    api.delete("second", &DeleteParams::default()).await.unwrap();
+    api.delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
     eventually("second gone", || async {
         api.get_opt("second").await.unwrap().is_none().then_some(())
     })
     .await;
-    assert_eq!(rows().await, first_rows, "deleting the second list deleted prices");
+    assert_eq!(
+        rows().await,
+        first_rows,
+        "deleting the second list deleted prices"
+    );
     api.delete("first", &DeleteParams::default()).await.unwrap();
     eventually("first's rows gone with it", || async {
         rows().await.is_empty().then_some(())
@@ -534,7 +616,11 @@ async fn used_quota_has_one_writer_and_never_decreases() {
     tokens
         .create(
             &PostParams::default(),
-            &h.token_doc(&ns, "bob", &json!({"owner": "bob", "keyHash": sha("sk-bob"), "quota": 1000})),
+            &h.token_doc(
+                &ns,
+                "bob",
+                &json!({"owner": "bob", "keyHash": sha("sk-bob"), "quota": 1000}),
+            ),
         )
         .await
         .unwrap();
@@ -561,7 +647,10 @@ async fn used_quota_has_one_writer_and_never_decreases() {
     // Redis lost its counters: billing now sees a lower total. The status must not go down.
     sink.send(used(400)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(state().await, (Some(1000), Some(aigw_crds::TokenPhase::Exhausted)));
+    assert_eq!(
+        state().await,
+        (Some(1000), Some(aigw_crds::TokenPhase::Exhausted))
+    );
     // An operator reconcile (a spec change) leaves billing's field alone.
     tokens
         .patch(
@@ -577,12 +666,18 @@ async fn used_quota_has_one_writer_and_never_decreases() {
         (t.status?.common.observed_generation == t.metadata.generation).then_some(())
     })
     .await;
-    assert_eq!(state().await, (Some(1000), Some(aigw_crds::TokenPhase::Exhausted)));
+    assert_eq!(
+        state().await,
+        (Some(1000), Some(aigw_crds::TokenPhase::Exhausted))
+    );
     let live = tokens.get("bob").await.unwrap();
     for mf in live.metadata.managed_fields.unwrap_or_default() {
         if mf.manager.as_deref() == Some("aigw-operator") {
             let fields = serde_json::to_string(&mf.fields_v1).unwrap();
-            assert!(!fields.contains("usedQuota"), "the operator owns usedQuota: {fields}");
+            assert!(
+                !fields.contains("usedQuota"),
+                "the operator owns usedQuota: {fields}"
+            );
         }
     }
     // And the operator counts billing's MySQL total even when the status is gone entirely.
@@ -639,16 +734,31 @@ async fn values_at_the_bounds_the_apiserver_accepts_are_stored() {
                  "branding": {"logoUrl": format!("https://{}", "l".repeat(504)), "themeColor": "#FFFFFF"}}}))
     .unwrap();
     let tenants: Api<Tenant> = Api::all(h.client.clone());
-    tenants.create(&PostParams::default(), &tenant).await.unwrap();
-    let tenant_id = h.ready(&tenants, &t).await.status.unwrap().tenant_id.unwrap();
+    tenants
+        .create(&PostParams::default(), &tenant)
+        .await
+        .unwrap();
+    let tenant_id = h
+        .ready(&tenants, &t)
+        .await
+        .status
+        .unwrap()
+        .tenant_id
+        .unwrap();
     let tokens: Api<Token> = Api::namespaced(h.client.clone(), &ns);
     let model = "m".repeat(128);
     for (name, spec) in [
-        ("max", json!({"owner": "o".repeat(64), "displayName": "d".repeat(64), "keyHash": sha("sk-max"),
+        (
+            "max",
+            json!({"owner": "o".repeat(64), "displayName": "d".repeat(64), "keyHash": sha("sk-max"),
                         "keyPrefix": "p".repeat(12), "models": [model], "quota": i64::MAX,
-                        "rateLimit": 1_000_000, "expiresAt": "2999-12-31T23:59:59Z"})),
-        ("min", json!({"owner": "o", "keyHash": sha("sk-min"), "keyPrefix": "pppp", "quota": -1,
-                        "rateLimit": 0, "expiresAt": "1970-01-01T00:00:00Z"})),
+                        "rateLimit": 1_000_000, "expiresAt": "2999-12-31T23:59:59Z"}),
+        ),
+        (
+            "min",
+            json!({"owner": "o", "keyHash": sha("sk-min"), "keyPrefix": "pppp", "quota": -1,
+                        "rateLimit": 0, "expiresAt": "1970-01-01T00:00:00Z"}),
+        ),
     ] {
         tokens
             .create(&PostParams::default(), &h.token_doc(&ns, name, &spec))
@@ -669,15 +779,17 @@ async fn values_at_the_bounds_the_apiserver_accepts_are_stored() {
             {"model": "m".repeat(128), "input": "999999.999999", "output": "0", "cachedInput": "0.000001"}]}}))
     .unwrap();
     let prices: Api<Pricing> = Api::namespaced(h.client.clone(), &ns);
-    prices.create(&PostParams::default(), &pricing).await.unwrap();
+    prices
+        .create(&PostParams::default(), &pricing)
+        .await
+        .unwrap();
     h.ready(&prices, "default").await;
-    let stored: String = sqlx::query_scalar(
-        "SELECT CAST(input_price AS CHAR) FROM pricing WHERE tenant_id = ?",
-    )
-    .bind(tenant_id)
-    .fetch_one(&h.db)
-    .await
-    .unwrap();
+    let stored: String =
+        sqlx::query_scalar("SELECT CAST(input_price AS CHAR) FROM pricing WHERE tenant_id = ?")
+            .bind(tenant_id)
+            .fetch_one(&h.db)
+            .await
+            .unwrap();
     assert_eq!(stored, "999999.999999");
     h.delete_tenants(&[&t]).await;
     shutdown.trigger();
@@ -709,11 +821,19 @@ async fn a_price_list_in_another_currency_than_the_platforms_is_refused() {
     let platform_ns = format!("aigw-{platform}");
     let reseller_ns = format!("aigw-{reseller}");
     let p_api: Api<Pricing> = Api::namespaced(h.client.clone(), &platform_ns);
-    p_api.create(&PostParams::default(), &list(platform_ns.clone(), "USD")).await.unwrap();
+    p_api
+        .create(&PostParams::default(), &list(platform_ns.clone(), "USD"))
+        .await
+        .unwrap();
     h.ready(&p_api, "default").await;
     let r_api: Api<Pricing> = Api::namespaced(h.client.clone(), &reseller_ns);
-    r_api.create(&PostParams::default(), &list(reseller_ns.clone(), "CNY")).await.unwrap();
-    let refused = h.reason(&r_api, "default", "Ready", "CurrencyMismatch").await;
+    r_api
+        .create(&PostParams::default(), &list(reseller_ns.clone(), "CNY"))
+        .await
+        .unwrap();
+    let refused = h
+        .reason(&r_api, "default", "Ready", "CurrencyMismatch")
+        .await;
     assert!(condition(&refused, "Ready").unwrap().2.contains("USD"));
     let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pricing WHERE tenant_id <> 0")
         .fetch_one(&h.db)

@@ -95,7 +95,12 @@ async fn a_partitioned_leader_stops_before_the_standby_takes_over() {
     let a_stop = Shutdown::new();
     assert!(leader::acquire(&a, timing, &a_term, &a_stop).await);
     assert!(a_term.valid());
-    tokio::spawn(leader::hold(a.clone(), timing, a_term.clone(), a_stop.clone()));
+    tokio::spawn(leader::hold(
+        a.clone(),
+        timing,
+        a_term.clone(),
+        a_stop.clone(),
+    ));
     let a_stopped: Arc<Mutex<Option<Instant>>> = Arc::default();
     {
         let (stop, at) = (a_stop.clone(), a_stopped.clone());
@@ -128,7 +133,10 @@ async fn a_partitioned_leader_stops_before_the_standby_takes_over() {
     };
     // The standby must not win while the leader renews.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(!standby.is_finished(), "the standby took a lease that was being renewed");
+    assert!(
+        !standby.is_finished(),
+        "the standby took a lease that was being renewed"
+    );
     assert!(a_term.valid());
 
     let cut_at = Instant::now();
@@ -138,7 +146,10 @@ async fn a_partitioned_leader_stops_before_the_standby_takes_over() {
         .expect("the standby never took over")
         .unwrap();
     assert!(won);
-    let quiet_at = a_quiet.lock().unwrap().expect("the leader's term never ended");
+    let quiet_at = a_quiet
+        .lock()
+        .unwrap()
+        .expect("the leader's term never ended");
     assert!(
         quiet_at < b_at,
         "the old leader's term ended {:?} after the cut, the standby started {:?} after it",
@@ -147,7 +158,10 @@ async fn a_partitioned_leader_stops_before_the_standby_takes_over() {
     );
     // And the old leader shuts itself down (its supervisor restarts it as a candidate).
     tokio::time::sleep(timing.retry * 3).await;
-    let stopped_at = a_stopped.lock().unwrap().expect("the old leader did not stop");
+    let stopped_at = a_stopped
+        .lock()
+        .unwrap()
+        .expect("the old leader did not stop");
     assert!(stopped_at - cut_at <= timing.renew_deadline + timing.retry * 3);
     assert!(b_term.valid());
     b_stop.trigger();

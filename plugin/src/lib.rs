@@ -35,7 +35,6 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-
 /// Tries of one usage event, the first included.
 pub const MAX_ATTEMPTS: u32 = 8;
 /// Most events waiting for a retry; a report beyond it is dropped (counted, logged).
@@ -45,7 +44,8 @@ const TICK: Duration = Duration::from_millis(200);
 
 /// The wait before try `attempt + 1`: 200 ms doubling, at most 10 s.
 fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(200u64.saturating_mul(1 << attempt.saturating_sub(1).min(6))).min(Duration::from_secs(10))
+    Duration::from_millis(200u64.saturating_mul(1 << attempt.saturating_sub(1).min(6)))
+        .min(Duration::from_secs(10))
 }
 
 /// A usage event waiting to be sent again.
@@ -111,11 +111,14 @@ fn ingest_headers(config: &PluginConfig) -> Vec<(&str, &str)> {
 
 /// The status of the response to an http call (0: none, the call failed).
 fn call_status() -> u16 {
-    hostcalls::get_map_value(proxy_wasm::types::MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|s| s.parse::<u16>().ok())
-        .unwrap_or(0)
+    hostcalls::get_map_value(
+        proxy_wasm::types::MapType::HttpCallResponseHeaders,
+        ":status",
+    )
+    .ok()
+    .flatten()
+    .and_then(|s| s.parse::<u16>().ok())
+    .unwrap_or(0)
 }
 
 fn log(level: LogLevel, msg: &str) {
@@ -123,7 +126,13 @@ fn log(level: LogLevel, msg: &str) {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token_id: u32, _headers: usize, _body: usize, _trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
         let status = call_status();
         let Some(r) = self.outbox.borrow_mut().in_flight.remove(&token_id) else {
             return;
@@ -189,20 +198,17 @@ impl RootContext for Root {
             r.attempt += 1;
             let mut outbox = self.outbox.borrow_mut();
             count(outbox.retries);
-            match self.dispatch_http_call(
+            if let Ok(token) = self.dispatch_http_call(
                 &config.ingest_cluster,
                 ingest_headers(&config),
                 Some(&r.body),
                 vec![],
                 timeout,
             ) {
-                Ok(token) => {
-                    outbox.in_flight.insert(token, r);
-                }
-                Err(_) => {
-                    count(self.failed);
-                    outbox.again(r, now);
-                }
+                outbox.in_flight.insert(token, r);
+            } else {
+                count(self.failed);
+                outbox.again(r, now);
             }
         }
     }
@@ -336,7 +342,13 @@ impl Request {
             due: ended_at,
         };
         let config = self.config.clone();
-        match self.dispatch_http_call(&cluster, ingest_headers(&config), Some(&retry.body), vec![], timeout) {
+        match self.dispatch_http_call(
+            &cluster,
+            ingest_headers(&config),
+            Some(&retry.body),
+            vec![],
+            timeout,
+        ) {
             Ok(_) => self.first_try = Some(retry),
             Err(status) => {
                 log(
@@ -404,14 +416,16 @@ impl HttpContext for Request {
                 // authz issues one id per admitted request; the client can neither choose nor
                 // repeat it (the scrub instance drops client-sent x-aigw-*). Without it (an authz
                 // that predates it) the id is made unique here: token, time and this context.
-                let event_id = self.get_http_request_header(headers::EVENT_ID).unwrap_or_else(|| {
-                    format!(
-                        "{}-{}-{}",
-                        header(headers::TOKEN),
-                        millis(started),
-                        self.context_id
-                    )
-                });
+                let event_id = self
+                    .get_http_request_header(headers::EVENT_ID)
+                    .unwrap_or_else(|| {
+                        format!(
+                            "{}-{}-{}",
+                            header(headers::TOKEN),
+                            millis(started),
+                            self.context_id
+                        )
+                    });
                 self.report = Some(Pending {
                     event_id,
                     tenant,

@@ -222,7 +222,10 @@ fn a_streamed_response_is_reported_once_with_its_usage() {
     assert_eq!(event.outcome, Outcome::Complete);
     assert!(event.stream);
     assert_eq!(event.latency_ms(), 250);
-    assert_eq!(call.context, id, "the first try goes from the request's own context");
+    assert_eq!(
+        call.context, id,
+        "the first try goes from the request's own context"
+    );
 
     // Ingest answers 503 (Kafka could not take it): counted, and retried later from the root
     // context, after the request has ended.
@@ -237,7 +240,11 @@ fn a_streamed_response_is_reported_once_with_its_usage() {
     host.advance_ms(200);
     host.tick();
     let retry = host.state().calls[1].clone();
-    assert_eq!((retry.context, retry.body.as_slice()), (host::ROOT, call.body.as_slice()), "the same event");
+    assert_eq!(
+        (retry.context, retry.body.as_slice()),
+        (host::ROOT, call.body.as_slice()),
+        "the same event"
+    );
     assert_eq!(retry.header("x-aigw-ingest-secret"), Some("s3cret"));
     host.call_response(host::ROOT, retry.token, 202);
     assert_eq!(host.metric("aigw_usage_reports"), Some(1));
@@ -254,7 +261,11 @@ fn an_undeliverable_report_is_retried_with_backoff_then_given_up() {
     // The ingest cluster is unknown to the gateway: every dispatch fails at once.
     host.state().refuse_calls = true;
     let id = admitted(&mut host);
-    host.response_headers(id, &[(":status", "200"), ("content-type", "application/json")], false);
+    host.response_headers(
+        id,
+        &[(":status", "200"), ("content-type", "application/json")],
+        false,
+    );
     host.response_body(id, &fixture("openai-chat.json"), true);
     host.finish(id);
     assert!(host.state().calls.is_empty());
@@ -263,13 +274,21 @@ fn an_undeliverable_report_is_retried_with_backoff_then_given_up() {
     for wait in [200, 400, 800, 1_600, 3_200, 6_400, 10_000] {
         host.advance_ms(wait - 1);
         host.tick();
-        assert_eq!(host.metric("aigw_usage_report_retries"), Some(tries - 1), "too early");
+        assert_eq!(
+            host.metric("aigw_usage_report_retries"),
+            Some(tries - 1),
+            "too early"
+        );
         host.advance_ms(1);
         host.tick();
         tries += 1;
         assert_eq!(host.metric("aigw_usage_report_retries"), Some(tries - 1));
     }
-    assert_eq!(host.metric("aigw_usage_reports_dropped"), Some(1), "given up after 8 tries");
+    assert_eq!(
+        host.metric("aigw_usage_reports_dropped"),
+        Some(1),
+        "given up after 8 tries"
+    );
     assert_eq!(host.metric("aigw_usage_report_failures"), Some(8));
     host.advance_ms(60_000);
     host.tick();
@@ -277,7 +296,11 @@ fn an_undeliverable_report_is_retried_with_backoff_then_given_up() {
     // Ingest reachable again: later reports go through.
     host.state().refuse_calls = false;
     let id = admitted(&mut host);
-    host.response_headers(id, &[(":status", "200"), ("content-type", "application/json")], false);
+    host.response_headers(
+        id,
+        &[(":status", "200"), ("content-type", "application/json")],
+        false,
+    );
     host.response_body(id, &fixture("openai-chat.json"), true);
     let call = host.state().calls[0].clone();
     host.call_response(id, call.token, 202);

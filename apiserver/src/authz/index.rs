@@ -377,11 +377,17 @@ mod tests {
     fn unmirrored_spec_only_and_deleting_tokens_are_not_admitted() {
         let index = Index::default();
         index.upsert_token(&token("aigw-acme", "new", Some("aa"), None));
-        assert!(index.token("aa").is_none(), "no tokenId: usage could not be settled");
+        assert!(
+            index.token("aa").is_none(),
+            "no tokenId: usage could not be settled"
+        );
         let mut spec_only = token("aigw-acme", "spec", Some("bb"), Some(3));
         spec_only.status.as_mut().unwrap().key_hash = None;
         index.upsert_token(&spec_only);
-        assert!(index.token("bb").is_none(), "spec.keyHash alone is a claim, not a grant");
+        assert!(
+            index.token("bb").is_none(),
+            "spec.keyHash alone is a claim, not a grant"
+        );
         let mut deleting = token("aigw-acme", "gone", Some("cc"), Some(4));
         index.upsert_token(&deleting);
         assert!(index.token("cc").is_some());
@@ -389,7 +395,10 @@ mod tests {
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
         );
         index.upsert_token(&deleting);
-        assert!(index.token("cc").is_none(), "a deleting token stops at once");
+        assert!(
+            index.token("cc").is_none(),
+            "a deleting token stops at once"
+        );
     }
 
     #[test]

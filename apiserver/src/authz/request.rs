@@ -46,10 +46,7 @@ impl Endpoint {
     pub fn of(uri: &str) -> Option<Self> {
         let path = uri.split(['?', '#']).next().unwrap_or_default();
         let path = path.strip_suffix('/').unwrap_or(path);
-        Self::ALL
-            .iter()
-            .find(|(p, _)| *p == path)
-            .map(|(_, e)| *e)
+        Self::ALL.iter().find(|(p, _)| *p == path).map(|(_, e)| *e)
     }
 }
 
@@ -201,14 +198,23 @@ mod tests {
     fn the_estimate_follows_the_request() {
         let body = br#"{"model":"m","max_tokens":1000,"n":2,"messages":[{"role":"user","content":"hello"}]}"#;
         let s = shape(Some("/v1/chat/completions"), None, body, 4096).unwrap();
-        assert_eq!(
-            s.prompt,
-            i64::try_from(body.len().div_ceil(3)).unwrap()
-        );
+        assert_eq!(s.prompt, i64::try_from(body.len().div_ceil(3)).unwrap());
         assert_eq!(s.completion, 2000);
-        let s = shape(Some("/v1/chat/completions"), None, br#"{"model":"m"}"#, 4096).unwrap();
+        let s = shape(
+            Some("/v1/chat/completions"),
+            None,
+            br#"{"model":"m"}"#,
+            4096,
+        )
+        .unwrap();
         assert_eq!(s.completion, 4096, "no limit: the default");
-        let s = shape(Some("/v1/embeddings"), None, br#"{"model":"e","input":"x"}"#, 4096).unwrap();
+        let s = shape(
+            Some("/v1/embeddings"),
+            None,
+            br#"{"model":"e","input":"x"}"#,
+            4096,
+        )
+        .unwrap();
         assert_eq!(s.completion, 0);
         let s = shape(
             Some("/v1/responses"),

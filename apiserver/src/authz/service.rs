@@ -4,7 +4,9 @@
 use std::{sync::Arc, time::Instant};
 
 use aigw_common::quota::{ADMIT, PendingKeys, Reservation, TokenKeys};
-use aigw_plugin_core::{EVENT_VERSION, Outcome as UsageOutcome, TokenUsage, UsageEvent, estimate, headers};
+use aigw_plugin_core::{
+    EVENT_VERSION, Outcome as UsageOutcome, TokenUsage, UsageEvent, estimate, headers,
+};
 use axum::{
     Json, Router,
     body::Bytes,
@@ -139,7 +141,9 @@ pub fn spawn_index_gauge(authz: &Authz) -> tokio::task::JoinHandle<()> {
 pub fn router(state: Authz) -> Router {
     Router::new()
         .fallback(handle)
-        .layer(DefaultBodyLimit::max(aigw_plugin_core::AUTHZ_MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(
+            aigw_plugin_core::AUTHZ_MAX_BODY_BYTES,
+        ))
         .with_state(state)
 }
 

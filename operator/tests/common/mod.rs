@@ -23,7 +23,6 @@ use rdkafka::producer::FutureProducer;
 use serde_json::{Value, json};
 use sqlx::MySqlPool;
 
-
 pub const TIMEOUT: Duration = Duration::from_mins(1);
 
 /// Polls `check` until it returns `Some`, or panics with `what` after [`TIMEOUT`].
@@ -241,6 +240,5 @@ pub async fn settled(ctx: &Ctx, quiet: Duration) -> u64 {
         last = now;
     }
 }
-
 
 use serde::Deserialize;

@@ -82,7 +82,7 @@ pub struct State {
     pub current_context: i32,
     /// Set by `proxy_set_tick_period_milliseconds` (0: no timer).
     pub tick_period_ms: u32,
-    /// While set, `proxy_http_call` fails as Envoy does for an unknown cluster (BadArgument).
+    /// While set, `proxy_http_call` fails as Envoy does for an unknown cluster (`BadArgument`).
     pub refuse_calls: bool,
     next_token: u32,
 }
