@@ -45,7 +45,10 @@ async fn usage_rows_insert_aggregate_and_deduplicate() {
         .scratch_clickhouse("usage")
         .await
         .unwrap();
-    assert_eq!(aigw_migrations::run_clickhouse(&ch).await.unwrap(), 1);
+    assert_eq!(
+        aigw_migrations::run_clickhouse(&ch).await.unwrap(),
+        aigw_migrations::CLICKHOUSE.len()
+    );
     assert_eq!(
         aigw_migrations::run_clickhouse(&ch).await.unwrap(),
         0,

@@ -30,6 +30,7 @@ async fn migrations_create_the_seed_tables_and_are_idempotent() {
             "billing_offsets",
             "channels",
             "customer_bindings",
+            "locks",
             "pricing",
             "settlements",
             "tenant_domains",
