@@ -23,6 +23,7 @@ use std::{
 use aigw_plugin_core::{
     EVENT_VERSION, Framing, INGEST_SECRET_HEADER, Mode, PluginConfig, UsageEvent, UsageParser,
     channel_from_cluster, headers, is_gateway_header,
+    rules::{RequestKeys, RuleSet},
 };
 use proxy_wasm::{
     hostcalls,
@@ -51,6 +52,8 @@ fn backoff(attempt: u32) -> Duration {
 /// A usage event waiting to be sent again.
 #[derive(Debug, Clone)]
 struct Retry {
+    /// The configuration the event was first sent under (ingest cluster, path, secret).
+    config: Rc<PluginConfig>,
     body: Vec<u8>,
     event_id: String,
     /// Tries made so far.
@@ -91,7 +94,8 @@ impl Outbox {
 
 #[derive(Debug, Default)]
 struct Root {
-    config: Option<Rc<PluginConfig>>,
+    /// The delivered configuration: global and per-route (see `aigw_plugin_core::rules`).
+    rules: Option<Rc<RuleSet<Rc<PluginConfig>>>>,
     /// Metric ids: reports sent, reports that failed.
     sent: Option<u32>,
     failed: Option<u32>,
@@ -153,9 +157,9 @@ impl RootContext for Root {
             log(LogLevel::Error, "aigw-plugin: no plugin configuration");
             return false;
         };
-        match PluginConfig::parse(&bytes) {
-            Ok(config) => {
-                if config.mode == Mode::Report {
+        match PluginConfig::parse_delivered(&bytes) {
+            Ok(rules) => {
+                if rules.configs().any(|c| c.mode == Mode::Report) {
                     self.sent =
                         hostcalls::define_metric(MetricType::Counter, "aigw_usage_reports").ok();
                     self.failed =
@@ -171,7 +175,7 @@ impl RootContext for Root {
                     drop(outbox);
                     self.set_tick_period(TICK);
                 }
-                self.config = Some(std::rc::Rc::new(config));
+                self.rules = Some(Rc::new(rules));
                 true
             }
             Err(e) => {
@@ -182,9 +186,6 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        let Some(config) = self.config.clone() else {
-            return;
-        };
         let now = self.get_current_time();
         let due: Vec<Retry> = {
             let mut outbox = self.outbox.borrow_mut();
@@ -193,9 +194,10 @@ impl RootContext for Root {
             outbox.waiting = later.into();
             ready
         };
-        let timeout = Duration::from_millis(u64::from(config.timeout_ms));
         for mut r in due {
             r.attempt += 1;
+            let config = r.config.clone();
+            let timeout = Duration::from_millis(u64::from(config.timeout_ms));
             let mut outbox = self.outbox.borrow_mut();
             count(outbox.retries);
             if let Ok(token) = self.dispatch_http_call(
@@ -214,10 +216,11 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let config = self.config.clone()?;
+        let rules = self.rules.clone()?;
         Some(Box::new(Request {
             context_id,
-            config,
+            rules,
+            config: None,
             outbox: self.outbox.clone(),
             first_try: None,
             sent: self.sent,
@@ -253,7 +256,9 @@ struct Pending {
 struct Request {
     /// The host's id of this request's context (unique within this VM).
     context_id: u32,
-    config: Rc<PluginConfig>,
+    rules: Rc<RuleSet<Rc<PluginConfig>>>,
+    /// The configuration chosen for this request (none: the plugin does nothing for it).
+    config: Option<Rc<PluginConfig>>,
     outbox: Rc<RefCell<Outbox>>,
     /// The event sent on the first try, kept until ingest has answered it.
     first_try: Option<Retry>,
@@ -333,15 +338,18 @@ impl Request {
                 return;
             }
         };
-        let timeout = Duration::from_millis(u64::from(self.config.timeout_ms));
-        let cluster = self.config.ingest_cluster.clone();
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let timeout = Duration::from_millis(u64::from(config.timeout_ms));
+        let cluster = config.ingest_cluster.clone();
         let retry = Retry {
+            config: config.clone(),
             body,
             event_id: event.event_id.clone(),
             attempt: 1,
             due: ended_at,
         };
-        let config = self.config.clone();
         match self.dispatch_http_call(
             &cluster,
             ingest_headers(&config),
@@ -396,7 +404,31 @@ impl Context for Request {
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        match self.config.mode {
+        // The configuration for this request, chosen as Higress's SDK chooses it.
+        let property = |name: &str| {
+            hostcalls::get_property(vec![name])
+                .ok()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        let (route, cluster) = (property("route_name"), property("cluster_name"));
+        let host = self
+            .get_http_request_header(":authority")
+            .unwrap_or_default();
+        let Some(config) = self
+            .rules
+            .select(RequestKeys {
+                route: &route,
+                cluster: &cluster,
+                host: &host,
+            })
+            .cloned()
+        else {
+            return Action::Continue;
+        };
+        self.config = Some(config.clone());
+        match config.mode {
             Mode::Scrub => {
                 // Drop client-sent copies of the headers only the gateway may set; ext-auth, which
                 // runs after this instance, adds the real ones.

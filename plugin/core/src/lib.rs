@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod event;
+pub mod rules;
 pub mod scan;
 pub mod usage;
 pub use event::{EVENT_VERSION, EventError, Outcome, TokenUsage, UsageEvent};
@@ -76,7 +77,15 @@ pub enum ConfigError {
 }
 
 impl PluginConfig {
-    /// Parses and checks a config as the plugin receives it.
+    /// Parses the document Higress delivers to `on_configure` (a global config and/or `_rules_`,
+    /// see [`rules`]), each configuration checked by [`PluginConfig::parse`].
+    pub fn parse_delivered(
+        bytes: &[u8],
+    ) -> Result<rules::RuleSet<std::rc::Rc<Self>>, rules::RulesError<ConfigError>> {
+        rules::RuleSet::parse(bytes, |b| Self::parse(b).map(std::rc::Rc::new))
+    }
+
+    /// Parses and checks one configuration.
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
         let config: Self = serde_json::from_slice(bytes)?;
         if config.version != CONFIG_VERSION {
