@@ -292,6 +292,7 @@ fn status(outcome: Outcome) -> &'static str {
         Outcome::NoUsage => "no_usage",
         Outcome::Truncated => "truncated",
         Outcome::UpstreamError => "error",
+        Outcome::Unreported => "unreported",
     }
 }
 
@@ -389,10 +390,10 @@ pub fn bill(dir: &Directory, event: &UsageEvent) -> Billing {
         platform_cost: money("platform_cost", priced.platform_cost)?,
         upstream_cost: money("upstream_cost", priced.upstream_cost.unwrap_or_default())?,
         latency_ms: u32::try_from(event.latency_ms()).unwrap_or(u32::MAX),
-        status: match (&charged, event.status) {
-            (Some(_), 0) => "estimated_unreported".to_owned(),
+        status: match (&charged, event.outcome) {
+            (Some(_), Outcome::Unreported) => "estimated_unreported".to_owned(),
             (Some(_), _) => "estimated".to_owned(),
-            (None, _) => status(event.outcome).to_owned(),
+            (None, outcome) => status(outcome).to_owned(),
         },
         error_msg: event.error.clone().unwrap_or_default(),
         created_at: u32::try_from(event.ended_at_ms / 1000)
@@ -413,9 +414,11 @@ pub fn bill(dir: &Directory, event: &UsageEvent) -> Billing {
 /// missing or cut short, authz's estimate — the reported prompt count where there is one, and the
 /// estimated output limit. Errors when there is nothing to bill from.
 pub fn charged_usage(event: &UsageEvent) -> Result<Option<TokenUsage>, DeadLetter> {
+    // Status 0 from the plugin: the stream ended before any response header (the client went
+    // away while the upstream worked): billed like a served response, at the estimate.
     let served = event.status == 0 || (200..300).contains(&event.status);
     let missing = match event.outcome {
-        Outcome::NoUsage | Outcome::Truncated => true,
+        Outcome::NoUsage | Outcome::Truncated | Outcome::Unreported => true,
         Outcome::Complete => event.usage.is_empty(),
         Outcome::UpstreamError => false,
     };
@@ -723,9 +726,14 @@ impl Worker {
             let mut pipe = redis::pipe();
             let ttl = self.settings.dedupe_ttl.as_secs().max(1);
             for b in &billed {
+                let value = if b.event.outcome == Outcome::Unreported {
+                    SEEN_ESTIMATED
+                } else {
+                    "1"
+                };
                 pipe.cmd("SET")
                     .arg(seen_key(&b.dedupe))
-                    .arg(1)
+                    .arg(value)
                     .arg("EX")
                     .arg(ttl)
                     .ignore();
@@ -961,16 +969,29 @@ type Parsed<'a> = (&'a Msg, UsageEvent, String);
 fn parse_batch(batch: &[Msg]) -> (Vec<Parsed<'_>>, Vec<(&Msg, DeadLetter)>, u64) {
     let mut parsed = Vec::with_capacity(batch.len());
     let mut dead_letters = Vec::new();
-    let mut in_batch = HashSet::new();
+    // Dedupe key → whether the copy kept is a swept (estimated) one.
+    let mut in_batch: HashMap<String, bool> = HashMap::new();
     let mut copies = 0u64;
     for m in batch {
         match UsageEvent::parse(m.payload.as_deref().unwrap_or_default()) {
             Ok(e) => {
                 let key = e.dedupe_key();
-                if in_batch.insert(key.clone()) {
-                    parsed.push((m, e, key));
-                } else {
-                    copies += 1;
+                match in_batch.get(&key) {
+                    None => {
+                        in_batch.insert(key.clone(), e.outcome == Outcome::Unreported);
+                        parsed.push((m, e, key));
+                    }
+                    // The sweep's estimate and the late real report in one batch: the report's
+                    // excess is billed as its correction (see `late_correction`).
+                    Some(true) if e.outcome != Outcome::Unreported => match late_correction(&e) {
+                        Some(late) if !in_batch.contains_key(&late.dedupe_key()) => {
+                            let late_key = late.dedupe_key();
+                            in_batch.insert(late_key.clone(), false);
+                            parsed.push((m, late, late_key));
+                        }
+                        _ => copies += 1,
+                    },
+                    Some(_) => copies += 1,
                 }
             }
             Err(e) => dead_letters.push((m, dead("malformed", e.to_string()))),
@@ -980,23 +1001,87 @@ fn parse_batch(batch: &[Msg]) -> (Vec<Parsed<'_>>, Vec<(&Msg, DeadLetter)>, u64)
 }
 
 impl Worker {
-    /// Drops events whose dedupe key says they were fully applied before; returns how many.
+    /// Drops events whose dedupe key says they were fully applied before; returns how many. A
+    /// real report arriving after the sweep billed its request at the estimate is not simply a
+    /// duplicate: what it used beyond the estimate becomes a correction event (`<id>#late`), so a
+    /// request longer than its reservation is billed in full (never credited below the estimate).
     async fn drop_seen(&self, parsed: &mut Vec<Parsed<'_>>) -> anyhow::Result<u64> {
         if parsed.is_empty() {
             return Ok(0);
         }
-        let keys: Vec<String> = parsed.iter().map(|(_, _, k)| seen_key(k)).collect();
         let mut conn = self.redis.clone();
+        let before = parsed.len();
+        let keys: Vec<String> = parsed.iter().map(|(_, _, k)| seen_key(k)).collect();
         let seen: Vec<Option<String>> = redis::cmd("MGET")
             .arg(&keys)
             .query_async(&mut conn)
             .await
             .context("redis dedupe lookup")?;
-        let before = parsed.len();
-        let mut flags = seen.into_iter();
-        parsed.retain(|_| flags.next().flatten().is_none());
+        let mut kept = Vec::with_capacity(parsed.len());
+        for ((m, event, key), seen) in parsed.drain(..).zip(seen) {
+            match seen.as_deref() {
+                None => kept.push((m, event, key)),
+                Some(SEEN_ESTIMATED) if event.outcome != Outcome::Unreported => {
+                    if let Some(late) = late_correction(&event) {
+                        let key = late.dedupe_key();
+                        kept.push((m, late, key));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        // A correction applied before (the late report delivered twice) is a duplicate too.
+        let late_keys: Vec<String> = kept
+            .iter()
+            .filter(|(_, e, _)| e.event_id.ends_with(LATE_SUFFIX))
+            .map(|(_, _, k)| seen_key(k))
+            .collect();
+        if !late_keys.is_empty() {
+            let seen: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(&late_keys)
+                .query_async(&mut conn)
+                .await
+                .context("redis dedupe lookup")?;
+            let applied: HashSet<String> = late_keys
+                .into_iter()
+                .zip(seen)
+                .filter_map(|(k, v)| v.map(|_| k))
+                .collect();
+            kept.retain(|(_, _, k)| !applied.contains(&seen_key(k)));
+        }
+        *parsed = kept;
         Ok((before - parsed.len()) as u64)
     }
+}
+
+/// The `aigw:seen:` value of an event billed at its admission estimate by the pending sweep.
+pub const SEEN_ESTIMATED: &str = "estimated";
+/// The event-id suffix of a late report's correction.
+pub const LATE_SUFFIX: &str = "#late";
+
+/// The correction for a report that arrived after its request was billed at `estimate`: the usage
+/// beyond the estimate, per kind; `None` when there is none.
+pub fn late_correction(event: &UsageEvent) -> Option<UsageEvent> {
+    let estimate = event.estimate.clone().unwrap_or_default();
+    let beyond = |actual: Option<u64>, est: Option<u64>| {
+        actual.unwrap_or(0).saturating_sub(est.unwrap_or(0))
+    };
+    let prompt = beyond(event.usage.prompt_tokens, estimate.prompt_tokens);
+    let completion = beyond(event.usage.completion_tokens, estimate.completion_tokens);
+    if prompt == 0 && completion == 0 {
+        return None;
+    }
+    let mut late = event.clone();
+    late.event_id = format!("{}{LATE_SUFFIX}", event.event_id);
+    late.usage = TokenUsage {
+        prompt_tokens: Some(prompt),
+        completion_tokens: Some(completion),
+        ..TokenUsage::default()
+    };
+    late.estimate = None;
+    late.outcome = Outcome::Complete;
+    late.reservation = "none".to_owned();
+    Some(late)
 }
 
 /// Samples consumer lag every 10 s (librdkafka's watermark query blocks, so off the workers).

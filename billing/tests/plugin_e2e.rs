@@ -54,6 +54,8 @@ async fn a_reported_response_becomes_a_priced_row() {
     ))
     .unwrap();
     host.response_body(id, &body, true);
+    host.finish(id);
+    host.tick();
     let call = host
         .state()
         .calls
@@ -76,8 +78,7 @@ async fn a_reported_response_becomes_a_priced_row() {
     )
     .unwrap();
     assert_eq!(resp.status, 202, "{}", resp.body);
-    host.call_response(id, call.token, resp.status);
-    host.finish(id);
+    host.call_response(host::ROOT, call.token, resp.status);
     assert_eq!(host.metric("aigw_usage_report_failures"), Some(0));
 
     bed.drained(90).await;

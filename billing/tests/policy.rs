@@ -181,7 +181,7 @@ fn pending_event(id: &str, prompt: u64, completion: u64) -> UsageEvent {
     let mut e = event(id, "1", 11, "gpt-4o", TokenUsage::default());
     e.channel = String::new();
     e.status = 0;
-    e.outcome = Outcome::NoUsage;
+    e.outcome = Outcome::Unreported;
     e.estimated = true;
     e.estimate = Some(estimate(prompt, completion));
     e
@@ -263,12 +263,20 @@ async fn requests_never_reported_are_billed_once_at_their_estimate() {
         0,
         "swept once"
     );
-    // r2's report turns up after all: the same request, already billed.
+    // Reports turn up after all. r2 used less than its estimate: already billed, nothing more
+    // (never credited). r3 ran longer than its reservation and used more: the excess is billed
+    // as a correction, once, however often the report is delivered.
     let mut late = admitted[1].clone();
     late.status = 200;
     late.outcome = Outcome::Complete;
     late.usage = estimate(1_900, 280);
-    bed.produce(&[message(&late)]).await;
+    let mut longer = admitted[2].clone();
+    longer.status = 200;
+    longer.outcome = Outcome::Complete;
+    longer.usage = estimate(900, 80);
+    bed.produce(&[message(&late), message(&longer)]).await;
+    bed.drained(60).await;
+    bed.produce(&[message(&longer)]).await;
     bed.drained(60).await;
 
     let rows: Vec<(String, String, String)> = bed
@@ -289,11 +297,16 @@ async fn requests_never_reported_are_billed_once_at_their_estimate() {
             "estimated_unreported".to_owned(),
             cost(500, 50, 0),
         ),
+        (
+            format!("{}#late", admitted[2].event_id),
+            "success".to_owned(),
+            cost(400, 30, 0),
+        ),
     ];
     let got: Vec<(String, String, Decimal)> =
         rows.into_iter().map(|(i, s, c)| (i, s, dec(&c))).collect();
     assert_eq!(got, want);
-    assert_eq!(bed.redis_used(11).await, 110 + 2_300 + 550);
+    assert_eq!(bed.redis_used(11).await, 110 + 2_300 + 550 + 430);
     assert!(worker.terminate(15).unwrap().success());
 }
 

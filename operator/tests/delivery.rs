@@ -51,6 +51,7 @@ fn report_on(host: &mut Host, route: &str) -> usize {
     let body = br#"{"id":"c","object":"chat.completion","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
     host.response_body(id, body, true);
     host.finish(id);
+    host.tick();
     host.state().calls.len() - before
 }
 

@@ -7,10 +7,10 @@
 //! - `report` reads the `x-aigw-*` headers authz set, the requested model and the start time;
 //!   feeds every response body chunk to [`UsageParser`]; and at the end of the response sends one
 //!   [`UsageEvent`] to billing ingest with `dispatch_http_call`. A failed report is logged and
-//!   counted (`aigw_usage_report_failures`), never allowed to disturb the response, and retried:
-//!   the root context keeps it in an [`Outbox`] and re-sends it on its timer with exponential
-//!   backoff (200 ms doubling to 10 s, [`MAX_ATTEMPTS`] tries, at most [`OUTBOX_LIMIT`] events), so a
-//!   retry outlives the request's own context. What is still undelivered after that is billed by
+//!   counted (`aigw_usage_report_failures`), never allowed to disturb the response. Every event goes
+//!   through the root context's [`Outbox`] (Envoy cancels the calls of a request context it
+//!   destroys): sent on the next timer tick, and re-sent with exponential backoff (200 ms doubling
+//!   to 10 s, [`MAX_ATTEMPTS`] tries, at most [`OUTBOX_LIMIT`] events waiting) when ingest fails. What is still undelivered after that is billed by
 //!   billing's pending sweep at the admission estimate.
 
 use std::{
@@ -56,20 +56,20 @@ struct Retry {
     config: Rc<PluginConfig>,
     body: Vec<u8>,
     event_id: String,
-    /// Tries made so far.
+    /// Tries made so far (0: not sent yet).
     attempt: u32,
     due: SystemTime,
 }
 
 /// Reports to re-send, shared by the root context (which sends them) and the request contexts
-/// (whose first try failed).
+/// (which hand over every finished event).
 #[derive(Debug, Default)]
 struct Outbox {
     waiting: VecDeque<Retry>,
     // A BTreeMap: a HashMap would seed from WASI random_get, which Higress does not provide.
     in_flight: BTreeMap<u32, Retry>,
-    /// Metric ids: retries sent, reports given up.
-    retries: Option<u32>,
+    /// Metric ids: sends (first tries and retries), reports given up.
+    attempts: Option<u32>,
     dropped: Option<u32>,
 }
 
@@ -166,8 +166,8 @@ impl RootContext for Root {
                         hostcalls::define_metric(MetricType::Counter, "aigw_usage_report_failures")
                             .ok();
                     let mut outbox = self.outbox.borrow_mut();
-                    outbox.retries =
-                        hostcalls::define_metric(MetricType::Counter, "aigw_usage_report_retries")
+                    outbox.attempts =
+                        hostcalls::define_metric(MetricType::Counter, "aigw_usage_report_attempts")
                             .ok();
                     outbox.dropped =
                         hostcalls::define_metric(MetricType::Counter, "aigw_usage_reports_dropped")
@@ -199,7 +199,7 @@ impl RootContext for Root {
             let config = r.config.clone();
             let timeout = Duration::from_millis(u64::from(config.timeout_ms));
             let mut outbox = self.outbox.borrow_mut();
-            count(outbox.retries);
+            count(outbox.attempts);
             if let Ok(token) = self.dispatch_http_call(
                 &config.ingest_cluster,
                 ingest_headers(&config),
@@ -222,8 +222,6 @@ impl RootContext for Root {
             rules,
             config: None,
             outbox: self.outbox.clone(),
-            first_try: None,
-            sent: self.sent,
             failed: self.failed,
             report: None,
             parser: None,
@@ -260,9 +258,6 @@ struct Request {
     /// The configuration chosen for this request (none: the plugin does nothing for it).
     config: Option<Rc<PluginConfig>>,
     outbox: Rc<RefCell<Outbox>>,
-    /// The event sent on the first try, kept until ingest has answered it.
-    first_try: Option<Retry>,
-    sent: Option<u32>,
     failed: Option<u32>,
     /// Set for admitted requests (authz headers present) in report mode.
     report: Option<Pending>,
@@ -341,66 +336,33 @@ impl Request {
         let Some(config) = self.config.clone() else {
             return;
         };
-        let timeout = Duration::from_millis(u64::from(config.timeout_ms));
-        let cluster = config.ingest_cluster.clone();
-        let retry = Retry {
-            config: config.clone(),
-            body,
-            event_id: event.event_id.clone(),
-            attempt: 1,
-            due: ended_at,
-        };
-        match self.dispatch_http_call(
-            &cluster,
-            ingest_headers(&config),
-            Some(&retry.body),
-            vec![],
-            timeout,
-        ) {
-            Ok(_) => self.first_try = Some(retry),
-            Err(status) => {
-                log(
-                    LogLevel::Warn,
-                    &format!(
-                        "aigw-plugin: usage event {} not sent to {cluster}: {status:?}; will retry",
-                        event.event_id
-                    ),
-                );
-                count(self.failed);
-                self.outbox.borrow_mut().again(retry, ended_at);
-            }
+        // Sent from the root context, which outlives this request: Envoy cancels the http calls
+        // of a context it destroys, so a call made from here would be lost (and never retried)
+        // whenever the stream ends before ingest answers — the usual case. The root's timer sends
+        // it within one tick.
+        let mut outbox = self.outbox.borrow_mut();
+        if outbox.waiting.len() >= OUTBOX_LIMIT {
+            log(
+                LogLevel::Error,
+                &format!(
+                    "aigw-plugin: outbox full, usage event {} dropped; billing bills its admission estimate",
+                    event.event_id
+                ),
+            );
+            count(outbox.dropped);
+            return;
         }
+        outbox.waiting.push_back(Retry {
+            config,
+            body,
+            event_id: event.event_id,
+            attempt: 0,
+            due: ended_at,
+        });
     }
 }
 
-impl Context for Request {
-    fn on_http_call_response(
-        &mut self,
-        _token_id: u32,
-        _headers: usize,
-        _body: usize,
-        _trailers: usize,
-    ) {
-        let status = call_status();
-        let Some(first) = self.first_try.take() else {
-            return;
-        };
-        if (200..300).contains(&status) {
-            count(self.sent);
-        } else {
-            log(
-                LogLevel::Warn,
-                &format!(
-                    "aigw-plugin: ingest answered {status} to usage event {}; will retry",
-                    first.event_id
-                ),
-            );
-            count(self.failed);
-            let now = self.get_current_time();
-            self.outbox.borrow_mut().again(first, now);
-        }
-    }
-}
+impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

@@ -189,6 +189,10 @@ fn a_streamed_response_is_reported_once_with_its_usage() {
         "nothing is sent before the end"
     );
     host.response_body(id, c, true);
+    assert!(host.state().calls.is_empty(), "handed to the root context");
+    // The request ends before ingest could answer (the usual case); the root context sends.
+    host.finish(id);
+    host.tick();
 
     let calls = host.state().calls.clone();
     assert_eq!(calls.len(), 1, "exactly one event per request");
@@ -223,16 +227,15 @@ fn a_streamed_response_is_reported_once_with_its_usage() {
     assert!(event.stream);
     assert_eq!(event.latency_ms(), 250);
     assert_eq!(
-        call.context, id,
-        "the first try goes from the request's own context"
+        call.context,
+        host::ROOT,
+        "sent from the root context, which outlives the request (Envoy cancels a destroyed context's calls)"
     );
 
-    // Ingest answers 503 (Kafka could not take it): counted, and retried later from the root
-    // context, after the request has ended.
-    host.call_response(id, call.token, 503);
+    // Ingest answers 503 (Kafka could not take it) after the request is gone: counted, and retried.
+    host.call_response(host::ROOT, call.token, 503);
     assert_eq!(host.metric("aigw_usage_report_failures"), Some(1));
     assert_eq!(host.metric("aigw_usage_reports"), Some(0));
-    host.finish(id);
     assert_eq!(host.state().calls.len(), 1, "on_log does not report twice");
     assert_eq!(host.state().tick_period_ms, 200);
     host.tick();
@@ -248,7 +251,11 @@ fn a_streamed_response_is_reported_once_with_its_usage() {
     assert_eq!(retry.header("x-aigw-ingest-secret"), Some("s3cret"));
     host.call_response(host::ROOT, retry.token, 202);
     assert_eq!(host.metric("aigw_usage_reports"), Some(1));
-    assert_eq!(host.metric("aigw_usage_report_retries"), Some(1));
+    assert_eq!(
+        host.metric("aigw_usage_report_attempts"),
+        Some(2),
+        "the first send and one retry"
+    );
     host.advance_ms(60_000);
     host.tick();
     assert_eq!(host.state().calls.len(), 2, "delivered: no more tries");
@@ -268,21 +275,23 @@ fn an_undeliverable_report_is_retried_with_backoff_then_given_up() {
     );
     host.response_body(id, &fixture("openai-chat.json"), true);
     host.finish(id);
+    host.tick();
     assert!(host.state().calls.is_empty());
+    assert_eq!(host.metric("aigw_usage_report_failures"), Some(1));
     // Tries 2..=8 follow at 200, 400, 800, 1600, 3200, 6400, 10000 ms.
     let mut tries = 1;
     for wait in [200, 400, 800, 1_600, 3_200, 6_400, 10_000] {
         host.advance_ms(wait - 1);
         host.tick();
         assert_eq!(
-            host.metric("aigw_usage_report_retries"),
-            Some(tries - 1),
+            host.metric("aigw_usage_report_attempts"),
+            Some(tries),
             "too early"
         );
         host.advance_ms(1);
         host.tick();
         tries += 1;
-        assert_eq!(host.metric("aigw_usage_report_retries"), Some(tries - 1));
+        assert_eq!(host.metric("aigw_usage_report_attempts"), Some(tries));
     }
     assert_eq!(
         host.metric("aigw_usage_reports_dropped"),
@@ -292,7 +301,11 @@ fn an_undeliverable_report_is_retried_with_backoff_then_given_up() {
     assert_eq!(host.metric("aigw_usage_report_failures"), Some(8));
     host.advance_ms(60_000);
     host.tick();
-    assert_eq!(host.metric("aigw_usage_report_retries"), Some(7));
+    assert_eq!(
+        host.metric("aigw_usage_report_attempts"),
+        Some(8),
+        "no ninth try"
+    );
     // Ingest reachable again: later reports go through.
     host.state().refuse_calls = false;
     let id = admitted(&mut host);
@@ -302,9 +315,10 @@ fn an_undeliverable_report_is_retried_with_backoff_then_given_up() {
         false,
     );
     host.response_body(id, &fixture("openai-chat.json"), true);
-    let call = host.state().calls[0].clone();
-    host.call_response(id, call.token, 202);
     host.finish(id);
+    host.tick();
+    let call = host.state().calls[0].clone();
+    host.call_response(host::ROOT, call.token, 202);
     assert_eq!(host.metric("aigw_usage_reports"), Some(1));
 }
 
@@ -321,6 +335,7 @@ fn a_response_cut_short_is_reported_as_truncated() {
     host.response_body(id, &body[..body.len() / 2], false);
     // The client went away: Envoy ends the stream without end_of_stream.
     host.finish(id);
+    host.tick();
     let calls = host.state().calls.clone();
     assert_eq!(calls.len(), 1);
     let event = UsageEvent::parse(&calls[0].body).unwrap();
@@ -349,6 +364,7 @@ fn an_upstream_error_is_reported_with_its_status_and_requests_not_admitted_are_n
     host.request_headers(other, &[(":path", "/api/v1/tokens")], true);
     host.response_headers(other, &[(":status", "200")], true);
     host.finish(other);
+    host.tick();
 
     let calls = host.state().calls.clone();
     assert_eq!(calls.len(), 1);
@@ -389,6 +405,7 @@ fn requests_in_the_same_millisecond_without_an_issued_id_get_distinct_event_ids(
         host.response_body(id, &fixture("openai-chat.json"), true);
         ids.push(id);
     }
+    host.tick();
     let events: Vec<UsageEvent> = host
         .state()
         .calls

@@ -271,7 +271,7 @@ async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow
         }),
         stream: false,
         status: 0,
-        outcome: UsageOutcome::NoUsage,
+        outcome: UsageOutcome::Unreported,
         error: Some("no usage report arrived before the reservation expired".into()),
         started_at_ms: now,
         ended_at_ms: now,

@@ -60,6 +60,9 @@ pub enum Outcome {
     Truncated,
     /// The upstream answered with an error (HTTP 4xx/5xx, or an in-band error event).
     UpstreamError,
+    /// No report arrived for an admitted request before its reservation expired: the event is
+    /// authz's pending record, sent by billing's sweep and billed at its estimate.
+    Unreported,
 }
 
 /// One request's usage, reported once at the end of the response.
