@@ -722,10 +722,29 @@ impl Worker {
         self.lap(&mut clock, "mysql");
         self.reseed(&missing).await?;
         // 8. Only now: the events count as seen.
+        self.record_seen(&billed).await?;
+        self.lap(&mut clock, "seen");
+        // 9. Commit offsets.
+        self.commit(batch)?;
+        self.lap(&mut clock, "commit");
+        self.metrics.deduped.inc_by(deduped);
+        self.metrics.priced.inc_by(billed.len() as u64);
+        let unknown = billed.iter().filter(|b| b.token.is_none()).count();
+        self.metrics.unknown_token.inc_by(unknown as u64);
+        let no_cost = billed.iter().filter(|b| !b.upstream_known).count();
+        self.metrics.upstream_cost_missing.inc_by(no_cost as u64);
+        // 10. Token CR status, off the hot path and rate-limited by the writer.
+        self.report_status(&billed).await;
+        Ok(())
+    }
+
+    /// Records the billed events' dedupe keys (a swept estimate is marked as such, so a late
+    /// report can still add its excess).
+    async fn record_seen(&self, billed: &[Billed]) -> anyhow::Result<()> {
         if !billed.is_empty() {
             let mut pipe = redis::pipe();
             let ttl = self.settings.dedupe_ttl.as_secs().max(1);
-            for b in &billed {
+            for b in billed {
                 let value = if b.event.outcome == Outcome::Unreported {
                     SEEN_ESTIMATED
                 } else {
@@ -743,18 +762,6 @@ impl Worker {
                 .await
                 .context("redis dedupe record")?;
         }
-        self.lap(&mut clock, "seen");
-        // 9. Commit offsets.
-        self.commit(batch)?;
-        self.lap(&mut clock, "commit");
-        self.metrics.deduped.inc_by(deduped);
-        self.metrics.priced.inc_by(billed.len() as u64);
-        let unknown = billed.iter().filter(|b| b.token.is_none()).count();
-        self.metrics.unknown_token.inc_by(unknown as u64);
-        let no_cost = billed.iter().filter(|b| !b.upstream_known).count();
-        self.metrics.upstream_cost_missing.inc_by(no_cost as u64);
-        // 10. Token CR status, off the hot path and rate-limited by the writer.
-        self.report_status(&billed).await;
         Ok(())
     }
 
@@ -1080,7 +1087,7 @@ pub fn late_correction(event: &UsageEvent) -> Option<UsageEvent> {
     };
     late.estimate = None;
     late.outcome = Outcome::Complete;
-    late.reservation = "none".to_owned();
+    "none".clone_into(&mut late.reservation);
     Some(late)
 }
 

@@ -278,25 +278,26 @@ return {settled, released, existed}
 
 /// Raises a token's `used` counter to at least ARGV[1] (KEYS[1]: `used`). Billing calls it with the
 /// MySQL total after a settle found the counter missing, so a Redis that lost its keys is re-seeded
-/// from the exact record instead of restarting every quota at 0.
+/// from the exact record instead of restarting every quota at 0. Returns 1 when it raised it.
 pub const RAISE_USED: &str = r"
 local floor = tonumber(ARGV[1])
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
 if used < floor then
   redis.call('SET', KEYS[1], floor)
-  return floor
+  return 1
 end
-return used
+return 0
 ";
 
-/// Why a Redis server's configuration would lose quota counters, if it would: an `allkeys-*`
-/// eviction policy evicts the `used` counters (which have no TTL) under memory pressure. Pure;
-/// `policy` is `CONFIG GET maxmemory-policy`, `maxmemory` is `CONFIG GET maxmemory`.
+/// Why a Redis server's configuration would lose billing state, if it would: with a memory limit,
+/// any policy but `noeviction` evicts keys — `allkeys-*` the quota counters, `volatile-*` the dedupe
+/// keys and settle markers (which have a TTL), and a lost dedupe key bills a late duplicate twice.
+/// Pure; `policy` is `CONFIG GET maxmemory-policy`, `maxmemory` is `CONFIG GET maxmemory`.
 pub fn eviction_risk(policy: &str, maxmemory: u64) -> Option<String> {
-    (maxmemory > 0 && policy.starts_with("allkeys")).then(|| {
+    (maxmemory > 0 && policy != "noeviction").then(|| {
         format!(
-            "Redis maxmemory-policy is {policy} with maxmemory {maxmemory}: quota counters could be \
-             evicted. Use noeviction (or a volatile-* policy, which never evicts keys without a TTL)"
+            "Redis maxmemory-policy is {policy} with maxmemory {maxmemory}: quota counters or dedupe \
+             keys could be evicted. Use maxmemory-policy noeviction (or no memory limit)"
         )
     })
 }
@@ -365,7 +366,10 @@ mod tests {
             "no memory limit: never evicts"
         );
         assert!(eviction_risk("noeviction", 1 << 30).is_none());
-        assert!(eviction_risk("volatile-lru", 1 << 30).is_none());
+        assert!(
+            eviction_risk("volatile-lru", 1 << 30).is_some(),
+            "dedupe keys have a TTL"
+        );
     }
 
     #[test]

@@ -8,12 +8,14 @@ use serde::{Deserialize, Serialize};
 ///
 /// Strings, not numbers: a JSON number goes through `f64` in most clients and loses exactness.
 ///
-/// At most 6 integer digits: the MySQL `pricing` columns are `DECIMAL(12,6)`, so every price the
-/// apiserver accepts can be stored (and billed) — a larger one used to fail the mirror forever.
-pub const DECIMAL_RULE: &str = r"self.matches('^[0-9]{1,6}(\\.[0-9]{1,6})?$')";
+/// At most 4 integer digits (≤ 9999.999999 per million tokens): every accepted price fits the
+/// MySQL `pricing` columns (`DECIMAL(12,6)`), and the cost of one request — even 100 million tokens
+/// at the highest price — fits the `Decimal(12,6)` cost columns, so no accepted price can make a
+/// request unbillable (a larger price used to fail the mirror forever, or dead-letter the usage).
+pub const DECIMAL_RULE: &str = r"self.matches('^[0-9]{1,4}(\\.[0-9]{1,6})?$')";
 /// The message of [`DECIMAL_RULE`].
-pub const DECIMAL_MESSAGE: &str = "must be a non-negative decimal string of at most 6 integer digits and 6 decimals \
-     (at most 999999.999999 per million tokens), e.g. \"2.50\"";
+pub const DECIMAL_MESSAGE: &str = "must be a non-negative decimal string of at most 4 integer digits and 6 decimals \
+     (at most 9999.999999 per million tokens), e.g. \"2.50\"";
 
 /// A reference to one key of a Secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]

@@ -243,8 +243,12 @@ async fn cleanup(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
         .list(&kube::api::ListParams::default())
         .await?
         .items;
-    // Only the list in effect owns the tenant's rows; a conflicting one never wrote any.
-    if in_effect(&all, true).as_deref() == Some(pricing.name_any().as_str())
+    // Only the list in effect owns the tenant's rows; a conflicting one never wrote any. When
+    // another list remains, it takes over the rows (its reconcile replaces and prunes them), so
+    // nothing is deleted here — deleting could remove what the successor already wrote.
+    let successor = in_effect(&all, false);
+    if successor.is_none()
+        && in_effect(&all, true).as_deref() == Some(pricing.name_any().as_str())
         && let Some(tenant_id) = pricing_tenant(ctx, &ns).await?
     {
         sqlx::query("DELETE FROM pricing WHERE tenant_id = ?")

@@ -197,8 +197,8 @@ async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
     })
 }
 
-/// Marks the tenant not Ready for `reason` and touches nothing else (no namespace, no MySQL row,
-/// no domain claim).
+/// Marks the tenant not Ready for `reason` and stops it being served (no `tenantId`, no domains in
+/// the status authz reads); touches nothing else (no namespace, no MySQL row, no domain claim).
 async fn refuse(ctx: &Ctx, tenant: &Tenant, reason: &'static str, message: String) -> Result<()> {
     let old = tenant.status.clone().unwrap_or_default();
     let status = TenantStatus {
@@ -210,6 +210,8 @@ async fn refuse(ctx: &Ctx, tenant: &Tenant, reason: &'static str, message: Strin
                 tenant.metadata.generation,
             ),
         },
+        tenant_id: None,
+        domains: Vec::new(),
         ..old.clone()
     };
     if status_differs(&old, &status) {

@@ -594,8 +594,39 @@ async fn a_second_price_list_neither_applies_nor_deletes_the_first() {
         first_rows,
         "deleting the second list deleted prices"
     );
+    // Deleting the list in effect while another exists: the other takes over (its rows, its
+    // models only); the deletion never removes what the successor wrote.
+    api.create(
+        &PostParams::default(),
+        &pricing(
+            "second",
+            json!([{"model": "gpt-4o", "input": "9.00", "output": "9.00"},
+                   {"model": "other", "input": "1.00", "output": "1.00"}]),
+        ),
+    )
+    .await
+    .unwrap();
+    h.reason(&api, "second", "Ready", "Conflict").await;
     api.delete("first", &DeleteParams::default()).await.unwrap();
-    eventually("first's rows gone with it", || async {
+    h.reason(&api, "second", "Ready", "Reconciled").await;
+    let second_rows = vec![
+        ("gpt-4o".to_owned(), "9.000000".to_owned()),
+        ("other".to_owned(), "1.000000".to_owned()),
+    ];
+    eventually("the successor's prices", || async {
+        (rows().await == second_rows).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        rows().await,
+        second_rows,
+        "a cleanup removed the successor's rows"
+    );
+    api.delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the last list's rows gone with it", || async {
         rows().await.is_empty().then_some(())
     })
     .await;
@@ -776,7 +807,7 @@ async fn values_at_the_bounds_the_apiserver_accepts_are_stored() {
         "apiVersion": "aigateway.io/v1alpha1", "kind": "Pricing",
         "metadata": {"name": "default", "namespace": ns, "labels": {labels::INSTANCE: h.instance}},
         "spec": {"currency": "USD", "models": [
-            {"model": "m".repeat(128), "input": "999999.999999", "output": "0", "cachedInput": "0.000001"}]}}))
+            {"model": "m".repeat(128), "input": "9999.999999", "output": "0", "cachedInput": "0.000001"}]}}))
     .unwrap();
     let prices: Api<Pricing> = Api::namespaced(h.client.clone(), &ns);
     prices
@@ -790,7 +821,7 @@ async fn values_at_the_bounds_the_apiserver_accepts_are_stored() {
             .fetch_one(&h.db)
             .await
             .unwrap();
-    assert_eq!(stored, "999999.999999");
+    assert_eq!(stored, "9999.999999");
     h.delete_tenants(&[&t]).await;
     shutdown.trigger();
     task.await.unwrap();

@@ -31,8 +31,10 @@ pub enum Denial {
     ModelRequired,
     /// `x-higress-llm-model` differs from the body's model.
     ModelMismatch,
-    /// A stream with `stream_options.include_usage: false`.
+    /// A stream with `stream_options.include_usage` other than `true`.
     UsageSuppressed,
+    /// An output limit (`max_tokens`, …, `n`) that is not a positive integer.
+    InvalidLimit(&'static str),
     /// The token already has as many requests in flight as it may.
     TooManyInFlight,
 }
@@ -120,8 +122,14 @@ impl Denial {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "stream_usage_required",
-                "Streams must report usage on this gateway: remove `stream_options.include_usage: false`."
+                "Streams must report usage on this gateway: leave `stream_options.include_usage` out or set it to true."
                     .into(),
+            ),
+            Self::InvalidLimit(field) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_limit",
+                format!("`{field}` must be a positive integer."),
             ),
             Self::TooManyInFlight => (
                 StatusCode::TOO_MANY_REQUESTS,

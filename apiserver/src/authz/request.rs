@@ -50,6 +50,9 @@ impl Endpoint {
     }
 }
 
+/// The most tokens one side of an estimate may count (prompt, or output): 4M.
+pub const MAX_ESTIMATE: i64 = 4_000_000;
+
 /// What a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shape {
@@ -92,30 +95,47 @@ pub fn shape(
     {
         return Err(Denial::ModelMismatch);
     }
-    let stream = json.get("stream").and_then(Value::as_bool) == Some(true);
+    // Any `include_usage` other than absent or `true` (false, null, 0, "false", …) could leave the
+    // provider's stream without usage.
     let include_usage = json
         .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool);
-    if stream && include_usage == Some(false) && endpoint != Endpoint::Messages {
+        .and_then(|o| o.get("include_usage"));
+    if endpoint != Endpoint::Messages && include_usage.is_some_and(|v| v != &Value::Bool(true)) {
         return Err(Denial::UsageSuppressed);
     }
     let prompt = i64::try_from(body.len().div_ceil(3)).unwrap_or(i64::MAX);
     let completion = if endpoint == Endpoint::Embeddings {
         0
     } else {
-        let limit = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-            .iter()
-            .find_map(|k| json.get(*k).and_then(Value::as_i64))
-            .filter(|n| *n > 0)
-            .unwrap_or(default_output);
-        let n = json
-            .get("n")
-            .and_then(Value::as_i64)
-            .unwrap_or(1)
-            .clamp(1, 128);
-        limit.saturating_mul(n)
+        // Every output limit the client set must be a positive integer (a lenient upstream may
+        // accept "32000" or 32000.0 where this estimate could not read it); the largest counts.
+        let mut limit = None;
+        for k in [
+            "max_completion_tokens",
+            "max_tokens",
+            "max_output_tokens",
+            "n",
+        ] {
+            match json.get(k) {
+                None | Some(Value::Null) => {}
+                Some(v) => {
+                    let n = v
+                        .as_i64()
+                        .filter(|n| *n > 0)
+                        .ok_or(Denial::InvalidLimit(k))?;
+                    if k != "n" {
+                        limit = Some(limit.map_or(n, |l: i64| l.max(n)));
+                    }
+                }
+            }
+        }
+        let n = json.get("n").and_then(Value::as_i64).unwrap_or(1).min(128);
+        limit.unwrap_or(default_output).saturating_mul(n)
     };
+    // An estimate beyond any model's reach is the client's limit, not usage: cap what is reserved
+    // (and what a lost report is billed at) so it always fits the billing columns.
+    let completion = completion.min(MAX_ESTIMATE);
+    let prompt = prompt.min(MAX_ESTIMATE);
     Ok(Shape {
         endpoint,
         model,
@@ -183,11 +203,19 @@ mod tests {
 
     #[test]
     fn streams_without_usage_are_refused() {
-        let off = br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#;
-        assert_eq!(
-            shape(Some("/v1/chat/completions"), None, off, 1),
-            Err(Denial::UsageSuppressed)
-        );
+        for off in [
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":false}}"#.as_slice(),
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":null}}"#,
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":0}}"#,
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":"false"}}"#,
+        ] {
+            assert_eq!(
+                shape(Some("/v1/chat/completions"), None, off, 1),
+                Err(Denial::UsageSuppressed),
+                "{}",
+                String::from_utf8_lossy(off)
+            );
+        }
         let on = br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#;
         assert!(shape(Some("/v1/chat/completions"), None, on, 1).is_ok());
         let absent = br#"{"model":"m","stream":true}"#;
@@ -224,5 +252,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.completion, 77);
+        let s = shape(
+            Some("/v1/chat/completions"),
+            None,
+            br#"{"model":"m","max_tokens":10,"max_completion_tokens":900}"#,
+            4096,
+        )
+        .unwrap();
+        assert_eq!(s.completion, 900, "the largest limit counts");
+        for bad in [
+            br#"{"model":"m","max_tokens":"32000"}"#.as_slice(),
+            br#"{"model":"m","max_tokens":32000.0}"#,
+            br#"{"model":"m","max_tokens":-1}"#,
+            br#"{"model":"m","n":"2"}"#,
+        ] {
+            assert!(
+                matches!(
+                    shape(Some("/v1/chat/completions"), None, bad, 4096),
+                    Err(Denial::InvalidLimit(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let s = shape(
+            Some("/v1/chat/completions"),
+            None,
+            br#"{"model":"m","max_tokens":9000000000,"n":128}"#,
+            4096,
+        )
+        .unwrap();
+        assert_eq!(
+            s.completion, MAX_ESTIMATE,
+            "capped to fit the billing columns"
+        );
     }
 }
