@@ -939,18 +939,21 @@ impl Worker {
                     .await
                     .context("mysql used_quota")?;
             if let Some(total) = total {
-                redis::Script::new(aigw_common::quota::RAISE_USED)
+                let raised: i64 = redis::Script::new(aigw_common::quota::RAISE_USED)
                     .key(TokenKeys::new(&t.key_hash).used)
                     .arg(total)
-                    .invoke_async::<i64>(&mut conn)
+                    .invoke_async(&mut conn)
                     .await
                     .context("redis re-seed")?;
-                self.metrics.reseeded.inc();
-                tracing::warn!(
-                    token = id,
-                    used = total,
-                    "quota counter was missing in Redis; re-seeded from MySQL"
-                );
+                // A token's first settle also finds no counter; only a lower one was lost.
+                if raised == 1 {
+                    self.metrics.reseeded.inc();
+                    tracing::warn!(
+                        token = id,
+                        used = total,
+                        "quota counter was missing in Redis; re-seeded from MySQL"
+                    );
+                }
             }
         }
         Ok(())
