@@ -19,7 +19,7 @@ use aigw_common::shutdown::Shutdown;
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::MicroTime,
-    jiff::{SignedDuration, Timestamp},
+    jiff::Timestamp,
 };
 use kube::{
     Api, Client,
@@ -154,6 +154,11 @@ pub struct Elector {
     name: String,
     identity: String,
     duration: Duration,
+    /// The other holder's (identity, renew time) as last seen, and when this candidate first saw
+    /// it. A lease counts as expired only once it has stayed unchanged for a whole lease duration
+    /// on *this* candidate's monotonic clock (as client-go does), so clock skew between nodes
+    /// cannot shorten the holder's term.
+    observed: Arc<Mutex<Option<(String, String, Instant)>>>,
 }
 
 impl Elector {
@@ -169,6 +174,7 @@ impl Elector {
             name: name.to_owned(),
             identity: identity.to_owned(),
             duration,
+            observed: Arc::default(),
         }
     }
 
@@ -208,11 +214,28 @@ impl Elector {
                 .holder_identity
                 .as_deref()
                 .is_some_and(|h| !h.is_empty());
-        let expired = spec.renew_time.as_ref().is_none_or(|t| {
-            let ttl =
-                SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(secs)));
-            t.0.checked_add(ttl).is_ok_and(|deadline| deadline < now)
-        });
+        let expired = held_by_other && {
+            let holder = spec.holder_identity.clone().unwrap_or_default();
+            let renewed = spec
+                .renew_time
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default();
+            let ttl = Duration::from_secs(
+                u64::try_from(spec.lease_duration_seconds.unwrap_or(secs)).unwrap_or(0),
+            );
+            let mut seen = self
+                .observed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match &*seen {
+                Some((h, r, at)) if *h == holder && *r == renewed => at.elapsed() >= ttl,
+                _ => {
+                    *seen = Some((holder, renewed, Instant::now()));
+                    false
+                }
+            }
+        };
         if held_by_other && !expired {
             return Ok(false);
         }

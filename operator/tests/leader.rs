@@ -72,3 +72,50 @@ async fn racing_candidates_elect_exactly_one() {
     }
     assert_eq!(winners, 1);
 }
+
+#[tokio::test]
+async fn a_holder_with_a_slow_clock_keeps_its_lease_while_it_renews() {
+    // The holder's clock is an hour behind: every renew time it writes looks long expired to the
+    // candidate's clock. Expiry is judged by how long the lease stays unchanged on the candidate's
+    // own clock, so the candidate must wait while the holder keeps renewing.
+    use k8s_openapi::{
+        api::coordination::v1::LeaseSpec,
+        apimachinery::pkg::apis::meta::v1::MicroTime,
+        jiff::{SignedDuration, Timestamp},
+    };
+    let (client, ns, lease) = setup().await;
+    let api = Api::<Lease>::namespaced(client.clone(), &ns);
+    let behind = |n: i64| {
+        Some(MicroTime(
+            Timestamp::now() - SignedDuration::from_hours(1) + SignedDuration::from_millis(n),
+        ))
+    };
+    let mut l = Lease::default();
+    l.metadata.name = Some(lease.clone());
+    l.spec = Some(LeaseSpec {
+        holder_identity: Some("slow".into()),
+        lease_duration_seconds: Some(1),
+        renew_time: behind(0),
+        ..LeaseSpec::default()
+    });
+    api.create(&kube::api::PostParams::default(), &l)
+        .await
+        .unwrap();
+    let b = Elector::new(client.clone(), &ns, &lease, "b", Duration::from_secs(1));
+    for i in 1..=6 {
+        assert!(
+            !b.try_acquire().await.unwrap(),
+            "took a lease being renewed (round {i})"
+        );
+        let mut cur = api.get(&lease).await.unwrap();
+        cur.spec.as_mut().unwrap().renew_time = behind(i * 500);
+        api.replace(&lease, &kube::api::PostParams::default(), &cur)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The holder stops renewing: after one lease duration unchanged, the candidate takes over.
+    assert!(!b.try_acquire().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(b.try_acquire().await.unwrap());
+}
