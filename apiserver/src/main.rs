@@ -109,10 +109,7 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
         }
         let index = Index::default();
-        let selector = cli
-            .instance
-            .as_ref()
-            .map(|i| format!("{}={i}", aigw_crds::labels::INSTANCE));
+        let selector = Some(aigw_crds::instance_selector(cli.instance.as_deref()));
         tokio::spawn(index.clone().run(client.clone(), selector));
         mark_ready_when_synced(&readiness, index.clone(), shutdown.clone());
         let manager = redis::aio::ConnectionManager::new_lazy_with_config(

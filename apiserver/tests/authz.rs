@@ -45,6 +45,8 @@ struct Gate {
     redis: redis::Client,
     /// This gate's own pending keys (removed on drop).
     pending: PendingKeys,
+    /// Tenants this gate created (removed, with their namespaces, by `cleanup`).
+    created: std::sync::Mutex<Vec<String>>,
     _shutdown: Shutdown,
 }
 
@@ -116,12 +118,27 @@ impl Gate {
             instance,
             redis,
             pending,
+            created: std::sync::Mutex::default(),
             _shutdown: shutdown,
+        }
+    }
+
+    /// Deletes the tenants this gate created and their namespaces (tokens go with them).
+    async fn cleanup(&self) {
+        let names = std::mem::take(&mut *self.created.lock().unwrap());
+        for name in names {
+            let _ = Api::<Tenant>::all(self.client.clone())
+                .delete(&name, &DeleteParams::default())
+                .await;
+            let _ = Api::<Namespace>::all(self.client.clone())
+                .delete(&format!("aigw-{name}"), &DeleteParams::default())
+                .await;
         }
     }
 
     /// A tenant serving `domains`, with the status the operator would write.
     async fn tenant(&self, name: &str, id: i64, domains: &[&str], suspended: bool) {
+        self.created.lock().unwrap().push(name.to_owned());
         let api: Api<Tenant> = Api::all(self.client.clone());
         let t: Tenant = serde_json::from_value(json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Tenant",
             "metadata": {"name": name, "labels": {labels::INSTANCE: self.instance}},
@@ -446,6 +463,7 @@ async fn every_decision_path() {
     tokens.delete("ok", &DeleteParams::default()).await.unwrap();
     let r = g.until(&acme_host, &key("ok"), |r| r.status == 401).await;
     assert_eq!(code(&r), "invalid_api_key");
+    g.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -496,6 +514,7 @@ async fn a_thousand_concurrent_requests_reserve_at_most_the_quota() {
         est * 100,
         "reserved total never exceeds the quota"
     );
+    g.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,6 +535,7 @@ async fn redis_down_fails_closed_or_open_as_configured() {
         } else {
             assert_eq!((r.status, code(&r).as_str()), (503, "authz_unavailable"));
         }
+        g.cleanup().await;
     }
 }
 
@@ -701,6 +721,7 @@ async fn what_is_asked_for_is_read_from_the_request() {
     assert_eq!(pending.model, "text-embedding-3-small");
     let e = pending.estimate.unwrap();
     assert_eq!((e.prompt_tokens, e.completion_tokens), (Some(16), Some(0)));
+    g.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -763,6 +784,7 @@ async fn tokens_and_tenants_being_deleted_or_not_mirrored_are_refused() {
         .patch(&going, &PatchParams::default(), &Patch::Merge(&release))
         .await
         .unwrap();
+    g.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -802,4 +824,5 @@ async fn a_lost_quota_counter_is_reseeded_from_billings_published_total() {
     let tiny = json!({"model": "gpt-4o", "max_tokens": 1}).to_string();
     let r = g.call_with(&host, Some(&key), None, "/v1/chat/completions", &tiny);
     assert_eq!(r.status, 200, "{}", r.body);
+    g.cleanup().await;
 }

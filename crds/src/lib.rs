@@ -108,6 +108,16 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     Ok(out)
 }
 
+/// The label selector of the CRs one AIGateway instance acts on: those labelled
+/// `aigateway.io/instance=<instance>`, or — for the default instance — only those without the label,
+/// so objects that belong to a sharded instance (or to a test run) are never acted on twice.
+pub fn instance_selector(instance: Option<&str>) -> String {
+    match instance {
+        Some(i) => format!("{}={i}", labels::INSTANCE),
+        None => format!("!{}", labels::INSTANCE),
+    }
+}
+
 /// The namespace of a tenant's Tokens and Pricing.
 pub fn tenant_namespace(tenant: &str) -> String {
     format!("{TENANT_NAMESPACE_PREFIX}{tenant}")

@@ -27,14 +27,37 @@ fn api<K: Resource<DynamicType = ()>>(client: &Client, ns: Option<&str>) -> Api<
     }
 }
 
+/// An object of these tests: labelled with an instance of its own, so no operator acts on it (an
+/// operator without `--instance` skips labelled objects), and deleted by the test that made it.
 fn object<K: Resource<DynamicType = ()>>(name: &str, spec: &Value) -> DynamicObject {
     serde_json::from_value(json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": {aigw_crds::labels::INSTANCE: "crd-validation"}},
         "spec": spec,
     }))
     .unwrap()
+}
+
+/// Deletes what a test created: cluster-scoped objects by name, and its scratch namespace.
+async fn cleanup(client: &Client, ns: &str, tenants: &[&str], channels: &[&str]) {
+    use kube::api::DeleteParams;
+    for t in tenants {
+        api::<Tenant>(client, None)
+            .delete(t, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for c in channels {
+        api::<Channel>(client, None)
+            .delete(c, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .delete(ns, &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 fn tenant_spec() -> Value {
@@ -89,10 +112,11 @@ async fn rejected(api: &Api<DynamicObject>, obj: &DynamicObject) -> String {
 #[tokio::test]
 async fn valid_examples_are_accepted_with_defaults() {
     let (client, ns) = setup().await;
+    let (tenant, channel) = (unique_name("ok"), unique_name("ok"));
     let t = api::<Tenant>(&client, None)
         .create(
             &PostParams::default(),
-            &object::<Tenant>(&unique_name("ok"), &tenant_spec()),
+            &object::<Tenant>(&tenant, &tenant_spec()),
         )
         .await
         .unwrap();
@@ -103,7 +127,7 @@ async fn valid_examples_are_accepted_with_defaults() {
     let c = api::<Channel>(&client, None)
         .create(
             &PostParams::default(),
-            &object::<Channel>(&unique_name("ok"), &channel_spec()),
+            &object::<Channel>(&channel, &channel_spec()),
         )
         .await
         .unwrap();
@@ -128,6 +152,7 @@ async fn valid_examples_are_accepted_with_defaults() {
     let token = typed.get("alice-1").await.unwrap();
     assert_eq!(token.spec.quota, 1_000_000);
     assert_eq!(token.spec.rate_limit, 60);
+    cleanup(&client, &ns, &[&tenant], &[&channel]).await;
 }
 
 /// (kind, name, spec patch over a valid spec, expected part of the apiserver's message)
@@ -221,6 +246,7 @@ async fn invalid_objects_are_rejected_with_readable_messages() {
         failures.len(),
         failures.join("\n")
     );
+    cleanup(&client, &ns, &[], &[]).await;
 }
 
 #[tokio::test]
@@ -282,4 +308,5 @@ async fn immutable_fields_cannot_change() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("keyHash is immutable"), "{err}");
+    cleanup(&client, &ns, &[&name], &[]).await;
 }

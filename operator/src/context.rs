@@ -79,11 +79,9 @@ impl Config {
             || aigw_crds::RESERVED_NAMESPACES.contains(&namespace)
     }
 
-    /// A label selector restricting watches to this instance, if any.
-    pub fn selector(&self) -> Option<String> {
-        self.instance
-            .as_ref()
-            .map(|i| format!("{}={i}", aigw_crds::labels::INSTANCE))
+    /// The label selector of the CRs this instance reconciles (`aigw_crds::instance_selector`).
+    pub fn selector(&self) -> String {
+        aigw_crds::instance_selector(self.instance.as_deref())
     }
 }
 

@@ -76,11 +76,9 @@ pub(crate) fn differs_ignoring_time(a: &CommonStatus, b: &CommonStatus) -> bool 
 }
 
 fn watch_config(ctx: &Ctx) -> watcher::Config {
-    let cfg = watcher::Config::default().any_semantic();
-    match ctx.config.selector() {
-        Some(sel) => cfg.labels(&sel),
-        None => cfg,
-    }
+    watcher::Config::default()
+        .any_semantic()
+        .labels(&ctx.config.selector())
 }
 
 /// Counts, times and traces one reconcile (one span per reconcile, named after the object).

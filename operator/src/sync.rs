@@ -185,10 +185,7 @@ fn triggers(ctx: &Ctx) -> futures::stream::BoxStream<'static, ()> {
     let ns = ctx.config.higress_namespace.as_str();
     let ours = watcher::Config::default().labels(&format!("{}={MANAGED_BY}", labels::MANAGED_BY));
     let client = ctx.client.clone();
-    let mut channels_cfg = watcher::Config::default();
-    if let Some(sel) = ctx.config.selector() {
-        channels_cfg = channels_cfg.labels(&sel);
-    }
+    let channels_cfg = watcher::Config::default().labels(&ctx.config.selector());
     let dynamic =
         |ar: &kube::api::ApiResource| Api::<DynamicObject>::namespaced_with(client.clone(), ns, ar);
     stream::select_all(vec![
