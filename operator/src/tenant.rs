@@ -177,18 +177,7 @@ async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
             )
             .await?;
         }
-        let api: Api<Tenant> = Api::all(ctx.client.clone());
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(json!({
-                "apiVersion": Tenant::api_version(&()),
-                "kind": Tenant::kind(&()),
-                "status": status,
-            })),
-        )
-        .await?;
-        ctx.count_write();
+        write_status(ctx, &name, &status).await?;
     }
     Ok(if conflicts.is_empty() {
         Action::requeue(Duration::from_mins(10))
@@ -215,19 +204,25 @@ async fn refuse(ctx: &Ctx, tenant: &Tenant, reason: &'static str, message: Strin
         ..old.clone()
     };
     if status_differs(&old, &status) {
-        Api::<Tenant>::all(ctx.client.clone())
-            .patch_status(
-                &tenant.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(json!({
-                    "apiVersion": Tenant::api_version(&()),
-                    "kind": Tenant::kind(&()),
-                    "status": status,
-                })),
-            )
-            .await?;
-        ctx.count_write();
+        write_status(ctx, &tenant.name_any(), &status).await?;
     }
+    Ok(())
+}
+
+/// Applies a Tenant's status (field manager `aigw-operator`).
+async fn write_status(ctx: &Ctx, name: &str, status: &TenantStatus) -> Result<()> {
+    Api::<Tenant>::all(ctx.client.clone())
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": Tenant::api_version(&()),
+                "kind": Tenant::kind(&()),
+                "status": status,
+            })),
+        )
+        .await?;
+    ctx.count_write();
     Ok(())
 }
 

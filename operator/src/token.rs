@@ -334,38 +334,31 @@ async fn mirror(
         ),
         None => None,
     };
+    // The columns both statements write, bound in this order.
+    let common = |q: sqlx::query::Query<'static, sqlx::MySql, sqlx::mysql::MySqlArguments>| {
+        q.bind(tenant_id)
+            .bind(user_id)
+            .bind(spec.display_name.clone())
+            .bind(hash.to_owned())
+            .bind(prefix.to_owned())
+            .bind(models.clone())
+            .bind(spec.quota)
+            .bind(spec.rate_limit)
+            .bind(expires.clone())
+            .bind(i8::from(phase == TokenPhase::Active))
+    };
     let query = match id {
-        Some(id) => sqlx::query(
+        Some(id) => common(sqlx::query(
             "UPDATE tokens SET tenant_id = ?, user_id = ?, name = ?, key_hash = ?, key_prefix = ?, \
              models = ?, quota = ?, rate_limit = ?, expires_at = ?, status = ? WHERE id = ?",
-        )
-        .bind(tenant_id)
-        .bind(user_id)
-        .bind(&spec.display_name)
-        .bind(hash)
-        .bind(prefix)
-        .bind(models)
-        .bind(spec.quota)
-        .bind(spec.rate_limit)
-        .bind(expires)
-        .bind(i8::from(phase == TokenPhase::Active))
+        ))
         .bind(id),
-        None => sqlx::query(
-            "INSERT INTO tokens (tenant_id, user_id, namespace, cr_name, name, key_hash, key_prefix, \
-             models, quota, rate_limit, expires_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(tenant_id)
-        .bind(user_id)
-        .bind(&ns)
-        .bind(token.name_any())
-        .bind(&spec.display_name)
-        .bind(hash)
-        .bind(prefix)
-        .bind(models)
-        .bind(spec.quota)
-        .bind(spec.rate_limit)
-        .bind(expires)
-        .bind(i8::from(phase == TokenPhase::Active)),
+        None => common(sqlx::query(
+            "INSERT INTO tokens (tenant_id, user_id, name, key_hash, key_prefix, models, quota, \
+             rate_limit, expires_at, status, namespace, cr_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ))
+        .bind(ns.clone())
+        .bind(token.name_any()),
     };
     let done = query.execute(&ctx.db).await?;
     Ok(match id {

@@ -135,6 +135,7 @@ async fn our_plugins_accept_the_configuration_higress_delivers() {
             .all(|(k, _)| k != "x-aigw-tenant"),
         "client-sent gateway headers are dropped"
     );
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
 }

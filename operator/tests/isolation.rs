@@ -294,6 +294,7 @@ async fn a_copied_key_hash_never_takes_over_another_tenants_token() {
     );
 
     h.delete_tenants(&[&a, &b]).await;
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
 }
@@ -370,6 +371,7 @@ async fn tenants_never_adopt_platform_or_foreign_namespaces() {
         Err(kube::Error::Api(e)) => assert!(e.message.contains("reserved name"), "{}", e.message),
         other => panic!("tenant `system` accepted: {other:?}"),
     }
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
     for ns in [&creds, &pre] {
@@ -437,6 +439,7 @@ async fn channels_read_credentials_only_from_the_credentials_namespace() {
         .await
         .unwrap();
     h.delete_tenants(&[&a]).await;
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
 }
@@ -518,6 +521,7 @@ async fn domains_covering_another_tenant_or_a_public_suffix_are_refused() {
         other => panic!("an IP domain was accepted: {other:?}"),
     }
     h.delete_tenants(&[&a, &b, &c, &d]).await;
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
 }
@@ -631,6 +635,7 @@ async fn a_second_price_list_neither_applies_nor_deletes_the_first() {
     })
     .await;
     h.delete_tenants(&[&t]).await;
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
 }
@@ -683,20 +688,26 @@ async fn used_quota_has_one_writer_and_never_decreases() {
         (Some(1000), Some(aigw_crds::TokenPhase::Exhausted))
     );
     // An operator reconcile (a spec change) leaves billing's field alone.
-    tokens
-        .patch(
-            "bob",
-            &PatchParams::apply("aigw-test").force(),
-            &Patch::Apply(json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
-                "spec": {"owner": "bob", "keyHash": sha("sk-bob"), "quota": 1000, "displayName": "Bob"}})),
-        )
-        .await
-        .unwrap();
-    eventually("operator saw the change", || async {
-        let t = tokens.get("bob").await.unwrap();
-        (t.status?.common.observed_generation == t.metadata.generation).then_some(())
-    })
-    .await;
+    let reconciled = |display: &'static str| {
+        let tokens = tokens.clone();
+        async move {
+            tokens
+                .patch(
+                    "bob",
+                    &PatchParams::apply("aigw-test").force(),
+                    &Patch::Apply(json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
+                        "spec": {"owner": "bob", "keyHash": sha("sk-bob"), "quota": 1000, "displayName": display}})),
+                )
+                .await
+                .unwrap();
+            eventually("the operator saw the change", || async {
+                let t = tokens.get("bob").await.unwrap();
+                (t.status?.common.observed_generation == t.metadata.generation).then_some(())
+            })
+            .await;
+        }
+    };
+    reconciled("Bob").await;
     assert_eq!(
         state().await,
         (Some(1000), Some(aigw_crds::TokenPhase::Exhausted))
@@ -725,26 +736,14 @@ async fn used_quota_has_one_writer_and_never_decreases() {
         )
         .await
         .unwrap();
-    tokens
-        .patch(
-            "bob",
-            &PatchParams::apply("aigw-test").force(),
-            &Patch::Apply(json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
-                "spec": {"owner": "bob", "keyHash": sha("sk-bob"), "quota": 1000, "displayName": "Bob 2"}})),
-        )
-        .await
-        .unwrap();
-    eventually("operator saw the second change", || async {
-        let t = tokens.get("bob").await.unwrap();
-        (t.status?.common.observed_generation == t.metadata.generation).then_some(())
-    })
-    .await;
+    reconciled("Bob 2").await;
     assert_eq!(
         tokens.get("bob").await.unwrap().status.unwrap().phase,
         Some(aigw_crds::TokenPhase::Exhausted),
         "an exhausted token came back to life"
     );
     h.delete_tenants(&[&t]).await;
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
 }
@@ -823,6 +822,7 @@ async fn values_at_the_bounds_the_apiserver_accepts_are_stored() {
             .unwrap();
     assert_eq!(stored, "9999.999999");
     h.delete_tenants(&[&t]).await;
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
 }
@@ -882,6 +882,7 @@ async fn a_price_list_in_another_currency_than_the_platforms_is_refused() {
         .unwrap();
     h.reason(&r_api, "default", "Ready", "Reconciled").await;
     h.delete_tenants(&[&platform, &reseller]).await;
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
 }

@@ -141,6 +141,7 @@ async fn tenant_lifecycle_is_published_to_tenant_events() {
         ],
         "tenant.events keyed by {name}"
     );
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
 }
@@ -553,6 +554,7 @@ async fn examples_reconcile_into_higress_namespaces_status_and_mysql() {
         left.items.is_empty().then_some(())
     })
     .await;
+    h.finish().await;
     shutdown.trigger();
     task.await.unwrap();
 }

@@ -118,6 +118,36 @@ impl Harness {
         (ctx, shutdown, task)
     }
 
+    /// Deletes what the run made that is not deleted with its tenants: its Channels (while its
+    /// operator still runs, which removes their finalizers) and its Higress namespace.
+    pub async fn finish(&self) {
+        let channels: Api<Channel> = Api::all(self.client.clone());
+        let mine = kube::api::ListParams::default().labels(&format!(
+            "{}={}",
+            labels::INSTANCE,
+            self.instance
+        ));
+        for c in channels.list(&mine).await.unwrap() {
+            let name = c.metadata.name.unwrap_or_default();
+            let _ = channels
+                .delete(&name, &kube::api::DeleteParams::default())
+                .await;
+        }
+        eventually("the run's channels deleted", || async {
+            channels
+                .list(&mine)
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+                .then_some(())
+        })
+        .await;
+        let _ = Api::<Namespace>::all(self.client.clone())
+            .delete(&self.hns, &kube::api::DeleteParams::default())
+            .await;
+    }
+
     /// Starts an operator with a configuration `edit` adjusts.
     pub fn start_configured(
         &self,
