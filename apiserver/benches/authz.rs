@@ -54,6 +54,8 @@ use tokio::{
 };
 
 const HOST: &str = "api.bench.example";
+/// A typical small chat completion request.
+const BODY: &str = r#"{"model":"gpt-4o","max_tokens":512,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Summarise the plot of Hamlet in three sentences."}]}"#;
 
 fn key(i: usize) -> String {
     format!("sk-bench-{i:08}")
@@ -107,9 +109,13 @@ impl Conn {
 
     /// Sends one authz request and returns its status.
     async fn call(&mut self, key: &str) -> u16 {
+        // What ext-auth sends: the path and a typical chat completion body (authz reads both).
+        let body = BODY;
         let req = format!(
-            "POST /authz HTTP/1.1\r\nhost: authz\r\ncontent-length: 0\r\nx-forwarded-host: {HOST}\r\n\
-             x-higress-llm-model: gpt-4o\r\nauthorization: Bearer {key}\r\n\r\n"
+            "POST /authz HTTP/1.1\r\nhost: authz\r\ncontent-length: {}\r\nx-forwarded-host: {HOST}\r\n\
+             x-forwarded-uri: /v1/chat/completions\r\nx-higress-llm-model: gpt-4o\r\n\
+             authorization: Bearer {key}\r\n\r\n{body}",
+            body.len()
         );
         self.stream.write_all(req.as_bytes()).await.unwrap();
         self.buf.clear();
