@@ -169,13 +169,14 @@ async fn main() {
     let manager = redis::aio::ConnectionManager::new(redis.clone())
         .await
         .unwrap();
+    // Admitted requests are recorded as pending (nothing bills them here): under keys of this run,
+    // deleted at the end.
+    let pending =
+        aigw_common::quota::PendingKeys::under(&format!("bench:pending:{}", std::process::id()));
     let settings = Settings {
         reserve_estimate: 4096,
         max_in_flight: 0,
-        pending: aigw_common::quota::PendingKeys::under(&format!(
-            "bench:pending:{}",
-            std::process::id()
-        )),
+        pending: pending.clone(),
         reservation_ttl_ms: 60_000,
         fail_open: false,
     };
@@ -320,4 +321,11 @@ async fn main() {
         100.0 * max_rps / redis_rps
     );
     println!("| index memory for 1,000,000 tokens (RSS growth) | {index_mib:.0} MiB |");
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&pending.set)
+        .arg(&pending.events)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 }

@@ -13,6 +13,9 @@
 //!   most text) plus the output limit the client set (`max_completion_tokens`, `max_tokens`,
 //!   `max_output_tokens`, times `n`), or the configured default when it set none.
 
+use std::borrow::Cow;
+
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use super::decide::Denial;
@@ -50,6 +53,40 @@ impl Endpoint {
     }
 }
 
+/// The top-level fields of a request body authz reads.
+#[derive(Debug, Deserialize)]
+struct Head<'a> {
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_completion_tokens: Present,
+    #[serde(default)]
+    max_tokens: Present,
+    #[serde(default)]
+    max_output_tokens: Present,
+    #[serde(default)]
+    n: Present,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Present,
+}
+
+/// A field's value if the field is present — `null` included (an `Option` would read `null` as
+/// absent, and `include_usage: null` must not pass as absent).
+#[derive(Debug, Default)]
+struct Present(Option<Value>);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Value::deserialize(d).map(|v| Self(Some(v)))
+    }
+}
+
 /// The most tokens one side of an estimate may count (prompt, or output): 4M.
 pub const MAX_ESTIMATE: i64 = 4_000_000;
 
@@ -83,13 +120,14 @@ pub fn shape(
     let uri = uri.unwrap_or_default();
     let endpoint =
         Endpoint::of(uri).ok_or_else(|| Denial::UnsupportedEndpoint(path_only(uri).to_owned()))?;
-    let json: Value = serde_json::from_slice(body).map_err(|_| Denial::InvalidBody)?;
-    let model = json
-        .get("model")
-        .and_then(Value::as_str)
+    // Only the few top-level fields authz needs are kept; the rest (messages, tools, …) is scanned
+    // and skipped without building a tree. A repeated field is refused as an invalid body.
+    let head: Head<'_> = serde_json::from_slice(body).map_err(|_| Denial::InvalidBody)?;
+    let model = head
+        .model
         .filter(|m| !m.is_empty())
         .ok_or(Denial::ModelRequired)?
-        .to_owned();
+        .into_owned();
     if let Some(h) = header_model
         && h != model
     {
@@ -97,10 +135,8 @@ pub fn shape(
     }
     // Any `include_usage` other than absent or `true` (false, null, 0, "false", …) could leave the
     // provider's stream without usage.
-    let include_usage = json
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"));
-    if endpoint != Endpoint::Messages && include_usage.is_some_and(|v| v != &Value::Bool(true)) {
+    let include_usage = head.stream_options.and_then(|o| o.include_usage.0);
+    if endpoint != Endpoint::Messages && include_usage.is_some_and(|v| v != Value::Bool(true)) {
         return Err(Denial::UsageSuppressed);
     }
     let prompt = i64::try_from(body.len().div_ceil(3)).unwrap_or(i64::MAX);
@@ -109,27 +145,25 @@ pub fn shape(
     } else {
         // Every output limit the client set must be a positive integer (a lenient upstream may
         // accept "32000" or 32000.0 where this estimate could not read it); the largest counts.
-        let mut limit = None;
-        for k in [
-            "max_completion_tokens",
-            "max_tokens",
-            "max_output_tokens",
-            "n",
+        let positive = |field: &'static str, v: &Present| match &v.0 {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .filter(|n| *n > 0)
+                .map(Some)
+                .ok_or(Denial::InvalidLimit(field)),
+        };
+        let mut limit: Option<i64> = None;
+        for (field, v) in [
+            ("max_completion_tokens", &head.max_completion_tokens),
+            ("max_tokens", &head.max_tokens),
+            ("max_output_tokens", &head.max_output_tokens),
         ] {
-            match json.get(k) {
-                None | Some(Value::Null) => {}
-                Some(v) => {
-                    let n = v
-                        .as_i64()
-                        .filter(|n| *n > 0)
-                        .ok_or(Denial::InvalidLimit(k))?;
-                    if k != "n" {
-                        limit = Some(limit.map_or(n, |l: i64| l.max(n)));
-                    }
-                }
+            if let Some(n) = positive(field, v)? {
+                limit = Some(limit.map_or(n, |l| l.max(n)));
             }
         }
-        let n = json.get("n").and_then(Value::as_i64).unwrap_or(1).min(128);
+        let n = positive("n", &head.n)?.unwrap_or(1).min(128);
         limit.unwrap_or(default_output).saturating_mul(n)
     };
     // An estimate beyond any model's reach is the client's limit, not usage: cap what is reserved
@@ -199,6 +233,24 @@ mod tests {
             shape(Some("/v1/chat/completions"), None, b"not json", 100),
             Err(Denial::InvalidBody)
         );
+        // A repeated model (which one would the upstream use?) is refused; an escaped one is read.
+        assert_eq!(
+            shape(
+                Some("/v1/chat/completions"),
+                None,
+                br#"{"model":"gpt-4o","model":"o1-pro"}"#,
+                100
+            ),
+            Err(Denial::InvalidBody)
+        );
+        let s = shape(
+            Some("/v1/chat/completions"),
+            Some("gpt-4o"),
+            br#"{"model":"gpt\u002d4o"}"#,
+            100,
+        )
+        .unwrap();
+        assert_eq!(s.model, "gpt-4o");
     }
 
     #[test]
