@@ -746,9 +746,10 @@ impl Worker {
             let ttl = self.settings.dedupe_ttl.as_secs().max(1);
             for b in billed {
                 let value = if b.event.outcome == Outcome::Unreported {
-                    SEEN_ESTIMATED
+                    // What was billed, so a late report adds only what it used beyond it.
+                    seen_estimated(&b.event.usage)
                 } else {
-                    "1"
+                    "1".to_owned()
                 };
                 pipe.cmd("SET")
                     .arg(seen_key(&b.dedupe))
@@ -979,8 +980,8 @@ type Parsed<'a> = (&'a Msg, UsageEvent, String);
 fn parse_batch(batch: &[Msg]) -> (Vec<Parsed<'_>>, Vec<(&Msg, DeadLetter)>, u64) {
     let mut parsed = Vec::with_capacity(batch.len());
     let mut dead_letters = Vec::new();
-    // Dedupe key → whether the copy kept is a swept (estimated) one.
-    let mut in_batch: HashMap<String, bool> = HashMap::new();
+    // Dedupe key → for a swept (estimated) copy, the estimate it bills.
+    let mut in_batch: HashMap<String, Option<TokenUsage>> = HashMap::new();
     let mut copies = 0u64;
     for m in batch {
         match UsageEvent::parse(m.payload.as_deref().unwrap_or_default()) {
@@ -988,19 +989,24 @@ fn parse_batch(batch: &[Msg]) -> (Vec<Parsed<'_>>, Vec<(&Msg, DeadLetter)>, u64)
                 let key = e.dedupe_key();
                 match in_batch.get(&key) {
                     None => {
-                        in_batch.insert(key.clone(), e.outcome == Outcome::Unreported);
+                        let swept = (e.outcome == Outcome::Unreported)
+                            .then(|| e.estimate.clone().unwrap_or_default());
+                        in_batch.insert(key.clone(), swept);
                         parsed.push((m, e, key));
                     }
                     // The sweep's estimate and the late real report in one batch: the report's
-                    // excess is billed as its correction (see `late_correction`).
-                    Some(true) if e.outcome != Outcome::Unreported => match late_correction(&e) {
-                        Some(late) if !in_batch.contains_key(&late.dedupe_key()) => {
-                            let late_key = late.dedupe_key();
-                            in_batch.insert(late_key.clone(), false);
-                            parsed.push((m, late, late_key));
+                    // excess is billed as its correction (see `late_correction`; `drop_seen`
+                    // drops it if the request had been billed in full before).
+                    Some(Some(billed)) if e.outcome != Outcome::Unreported => {
+                        match late_correction(&e, &billed.clone()) {
+                            Some(late) if !in_batch.contains_key(&late.dedupe_key()) => {
+                                let late_key = late.dedupe_key();
+                                in_batch.insert(late_key.clone(), None);
+                                parsed.push((m, late, late_key));
+                            }
+                            _ => copies += 1,
                         }
-                        _ => copies += 1,
-                    },
+                    }
                     Some(_) => copies += 1,
                 }
             }
@@ -1029,10 +1035,13 @@ impl Worker {
             .context("redis dedupe lookup")?;
         let mut kept = Vec::with_capacity(parsed.len());
         for ((m, event, key), seen) in parsed.drain(..).zip(seen) {
-            match seen.as_deref() {
+            match seen.as_deref().map(billed_estimate) {
                 None => kept.push((m, event, key)),
-                Some(SEEN_ESTIMATED) if event.outcome != Outcome::Unreported => {
-                    if let Some(late) = late_correction(&event) {
+                Some(Some(billed)) if event.outcome != Outcome::Unreported => {
+                    let billed = billed
+                        .or_else(|| event.estimate.clone())
+                        .unwrap_or_default();
+                    if let Some(late) = late_correction(&event, &billed) {
                         let key = late.dedupe_key();
                         kept.push((m, late, key));
                     }
@@ -1040,39 +1049,70 @@ impl Worker {
                 Some(_) => {}
             }
         }
-        // A correction applied before (the late report delivered twice) is a duplicate too.
-        let late_keys: Vec<String> = kept
+        // A correction is a duplicate when it was applied before (the late report delivered
+        // twice), or when its request turns out to have been billed in full (a report, not the
+        // sweep's estimate, was applied first).
+        let late: Vec<(String, String)> = kept
             .iter()
-            .filter(|(_, e, _)| e.event_id.ends_with(LATE_SUFFIX))
-            .map(|(_, _, k)| seen_key(k))
+            .filter_map(|(_, _, k)| {
+                let original = k.strip_suffix(LATE_SUFFIX)?;
+                Some((seen_key(k), seen_key(original)))
+            })
             .collect();
-        if !late_keys.is_empty() {
+        if !late.is_empty() {
+            let keys: Vec<&String> = late.iter().flat_map(|(own, orig)| [own, orig]).collect();
             let seen: Vec<Option<String>> = redis::cmd("MGET")
-                .arg(&late_keys)
+                .arg(&keys)
                 .query_async(&mut conn)
                 .await
                 .context("redis dedupe lookup")?;
-            let applied: HashSet<String> = late_keys
-                .into_iter()
-                .zip(seen)
-                .filter_map(|(k, v)| v.map(|_| k))
+            let duplicate: HashSet<String> = late
+                .iter()
+                .zip(seen.chunks(2))
+                .filter(|(_, v)| {
+                    v[0].is_some()
+                        || v[1]
+                            .as_deref()
+                            .is_some_and(|o| billed_estimate(o).is_none())
+                })
+                .map(|((own, _), _)| own.clone())
                 .collect();
-            kept.retain(|(_, _, k)| !applied.contains(&seen_key(k)));
+            kept.retain(|(_, _, k)| !duplicate.contains(&seen_key(k)));
         }
         *parsed = kept;
         Ok((before - parsed.len()) as u64)
     }
 }
 
-/// The `aigw:seen:` value of an event billed at its admission estimate by the pending sweep.
+/// The `aigw:seen:` value of an event billed at its admission estimate by the pending sweep:
+/// `estimated:<prompt>:<completion>`, what was billed.
 pub const SEEN_ESTIMATED: &str = "estimated";
+
+/// The seen value recording `billed` as a swept estimate.
+pub fn seen_estimated(billed: &TokenUsage) -> String {
+    format!(
+        "{SEEN_ESTIMATED}:{}:{}",
+        billed.prompt_tokens.unwrap_or(0),
+        billed.completion_tokens.unwrap_or(0)
+    )
+}
+
+/// For a seen value of a swept estimate, what was billed (`Some(None)` when the value does not
+/// say); `None` for an event billed as reported.
+pub fn billed_estimate(seen: &str) -> Option<Option<TokenUsage>> {
+    let rest = seen.strip_prefix(SEEN_ESTIMATED)?;
+    Some(
+        rest.strip_prefix(':')
+            .and_then(aigw_plugin_core::estimate::parse),
+    )
+}
 /// The event-id suffix of a late report's correction.
 pub const LATE_SUFFIX: &str = "#late";
 
-/// The correction for a report that arrived after its request was billed at `estimate`: the usage
-/// beyond the estimate, per kind; `None` when there is none.
-pub fn late_correction(event: &UsageEvent) -> Option<UsageEvent> {
-    let estimate = event.estimate.clone().unwrap_or_default();
+/// The correction for a report that arrived after its request was billed at `billed` (the sweep's
+/// estimate): the usage beyond it, per kind; `None` when there is none.
+pub fn late_correction(event: &UsageEvent, billed: &TokenUsage) -> Option<UsageEvent> {
+    let estimate = billed;
     let beyond = |actual: Option<u64>, est: Option<u64>| {
         actual.unwrap_or(0).saturating_sub(est.unwrap_or(0))
     };
@@ -1131,6 +1171,37 @@ fn spawn_lag(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_late_report_adds_what_it_used_beyond_what_the_sweep_billed() {
+        let billed = TokenUsage {
+            prompt_tokens: Some(500),
+            completion_tokens: Some(50),
+            ..TokenUsage::default()
+        };
+        let seen = seen_estimated(&billed);
+        assert_eq!(billed_estimate(&seen), Some(Some(billed.clone())));
+        assert_eq!(billed_estimate("estimated"), Some(None), "an older value");
+        assert_eq!(billed_estimate("1"), None, "billed as reported");
+        let mut report: UsageEvent = serde_json::from_value(serde_json::json!({
+            "version": 1, "eventId": "e", "tenant": "1", "user": "u", "token": "2", "model": "m",
+            "usage": {"promptTokens": 900, "completionTokens": 40}, "status": 200,
+            "startedAtMs": 1, "endedAtMs": 2}))
+        .unwrap();
+        // The plugin's header said otherwise: what the sweep billed counts.
+        report.estimate = Some(TokenUsage::default());
+        let late = late_correction(&report, &billed).unwrap();
+        assert_eq!(late.event_id, "e#late");
+        assert_eq!(
+            (late.usage.prompt_tokens, late.usage.completion_tokens),
+            (Some(400), Some(0))
+        );
+        report.usage.prompt_tokens = Some(100);
+        assert!(
+            late_correction(&report, &billed).is_none(),
+            "never a credit"
+        );
+    }
 
     #[test]
     fn micros_rounds_once_and_refuses_overflow() {

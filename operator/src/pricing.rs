@@ -42,6 +42,18 @@ pub fn validate(pricing: &Pricing) -> Result<Vec<Row>> {
             reason: format!("{v:?}: {e}"),
         })
     };
+    // The bound the CRD enforces today; a list stored under an older, looser schema is refused
+    // here rather than priced into amounts the cost columns cannot hold.
+    let bounded = |field: &'static str, v: &str| {
+        let d = parse(field, v)?;
+        if d >= Decimal::from(10_000) {
+            return Err(Error::Invalid {
+                field,
+                reason: format!("{v} is above 9999.999999 per million tokens"),
+            });
+        }
+        Ok(d)
+    };
     pricing
         .spec
         .models
@@ -49,12 +61,12 @@ pub fn validate(pricing: &Pricing) -> Result<Vec<Row>> {
         .map(|m| {
             Ok(Row {
                 model: m.model.clone(),
-                input: parse("input", &m.input)?,
-                output: parse("output", &m.output)?,
+                input: bounded("input", &m.input)?,
+                output: bounded("output", &m.output)?,
                 cached_input: m
                     .cached_input
                     .as_deref()
-                    .map(|c| parse("cachedInput", c))
+                    .map(|c| bounded("cachedInput", c))
                     .transpose()?,
             })
         })
@@ -104,7 +116,7 @@ async fn apply_pricing(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
         .namespace()
         .ok_or(Error::Missing("metadata.namespace"))?;
     let all = Api::<Pricing>::namespaced(ctx.client.clone(), &ns)
-        .list(&kube::api::ListParams::default())
+        .list(&kube::api::ListParams::default().labels(&ctx.config.selector()))
         .await?
         .items;
     let effective = in_effect(&all, false);
@@ -240,14 +252,26 @@ async fn cleanup(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
         .namespace()
         .ok_or(Error::Missing("metadata.namespace"))?;
     let all = Api::<Pricing>::namespaced(ctx.client.clone(), &ns)
-        .list(&kube::api::ListParams::default())
+        .list(&kube::api::ListParams::default().labels(&ctx.config.selector()))
         .await?
         .items;
     // Only the list in effect owns the tenant's rows; a conflicting one never wrote any. When
     // another list remains, it takes over the rows (its reconcile replaces and prunes them), so
     // nothing is deleted here — deleting could remove what the successor already wrote.
-    let successor = in_effect(&all, false);
-    if successor.is_none()
+    // A successor that cannot write rows (invalid, another currency) does not take over: the
+    // deleted list's rows go, and the tenant falls back to platform prices.
+    let mut usable = false;
+    if let Some(next) = in_effect(&all, false).and_then(|n| all.iter().find(|p| p.name_any() == n))
+    {
+        let currency_ok = match pricing_tenant(ctx, &ns).await? {
+            Some(tenant_id) => platform_currency(ctx, tenant_id)
+                .await?
+                .is_none_or(|c| c == next.spec.currency),
+            None => false,
+        };
+        usable = currency_ok && validate(next).is_ok();
+    }
+    if !usable
         && in_effect(&all, true).as_deref() == Some(pricing.name_any().as_str())
         && let Some(tenant_id) = pricing_tenant(ctx, &ns).await?
     {

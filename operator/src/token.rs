@@ -89,7 +89,14 @@ pub async fn tenant_of(ctx: &Ctx, namespace: &str) -> Result<Option<Tenant>> {
     if let Some(Some(t)) = ctx.cached_tenant(name) {
         return Ok(Some((*t).clone()));
     }
-    Ok(Api::<Tenant>::all(ctx.client.clone()).get_opt(name).await?)
+    // Only a Tenant of this instance counts (the store holds only those; a GET does not filter).
+    let tenant = Api::<Tenant>::all(ctx.client.clone()).get_opt(name).await?;
+    Ok(tenant.filter(|t| {
+        t.labels()
+            .get(aigw_crds::labels::INSTANCE)
+            .map(String::as_str)
+            == ctx.config.instance.as_deref()
+    }))
 }
 
 async fn apply_token(token: &Token, ctx: &Ctx) -> Result<Action> {

@@ -42,6 +42,8 @@ pub const MAX_ATTEMPTS: u32 = 8;
 pub const OUTBOX_LIMIT: usize = 10_000;
 /// The root context's timer period in report mode.
 const TICK: Duration = Duration::from_millis(200);
+/// How long a retired root context keeps sending its outbox.
+const DRAIN: Duration = Duration::from_secs(30);
 
 /// The wait before try `attempt + 1`: 200 ms doubling, at most 10 s.
 fn backoff(attempt: u32) -> Duration {
@@ -96,6 +98,9 @@ impl Outbox {
 struct Root {
     /// The delivered configuration: global and per-route (see `aigw_plugin_core::rules`).
     rules: Option<Rc<RuleSet<Rc<PluginConfig>>>>,
+    /// Set when Envoy retires this root context (new config, drain) while reports still wait: it
+    /// keeps sending until the outbox is empty or [`DRAIN`] has passed, then says it is done.
+    draining_since: Option<SystemTime>,
     /// Metric ids: reports sent, reports that failed.
     sent: Option<u32>,
     failed: Option<u32>,
@@ -130,6 +135,18 @@ fn log(level: LogLevel, msg: &str) {
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        let outbox = self.outbox.borrow();
+        if outbox.waiting.is_empty() && outbox.in_flight.is_empty() {
+            return true;
+        }
+        drop(outbox);
+        // A config change or a drain retires this context: what the last requests queued must
+        // still reach ingest (sending them is what the timer does; `done` follows on a tick).
+        self.draining_since = Some(self.get_current_time());
+        false
+    }
+
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -187,6 +204,22 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let now = self.get_current_time();
+        if let Some(since) = self.draining_since {
+            let outbox = self.outbox.borrow();
+            let empty = outbox.waiting.is_empty() && outbox.in_flight.is_empty();
+            drop(outbox);
+            if empty || now.duration_since(since).unwrap_or_default() >= DRAIN {
+                if !empty {
+                    log(
+                        LogLevel::Error,
+                        "aigw-plugin: retired with usage events still unsent; billing bills their estimates",
+                    );
+                }
+                self.draining_since = None;
+                self.done();
+                return;
+            }
+        }
         let due: Vec<Retry> = {
             let mut outbox = self.outbox.borrow_mut();
             let (ready, later): (Vec<Retry>, Vec<Retry>) =

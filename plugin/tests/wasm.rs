@@ -418,3 +418,30 @@ fn requests_in_the_same_millisecond_without_an_issued_id_get_distinct_event_ids(
         host.finish(id);
     }
 }
+
+#[test]
+fn a_retired_root_context_sends_what_is_queued_before_it_says_done() {
+    // A config change retires the root context as soon as its last stream ends: the report that
+    // stream just queued must still go out.
+    let (mut host, ok) = Host::load(&build_wasm(), REPORT);
+    assert!(ok);
+    let id = admitted(&mut host);
+    host.response_headers(
+        id,
+        &[(":status", "200"), ("content-type", "application/json")],
+        false,
+    );
+    host.response_body(id, &fixture("openai-chat.json"), true);
+    host.finish(id);
+    assert!(!host.retire_root(), "not done while a report waits");
+    host.tick();
+    let call = host.state().calls[0].clone();
+    assert!(!host.state().done_called);
+    host.call_response(host::ROOT, call.token, 202);
+    host.tick();
+    assert!(host.state().done_called, "done once the outbox is empty");
+    assert_eq!(host.metric("aigw_usage_reports"), Some(1));
+    // With nothing queued, it is done at once.
+    let (mut idle, _) = Host::load(&build_wasm(), REPORT);
+    assert!(idle.retire_root());
+}

@@ -96,6 +96,10 @@ impl PluginConfig {
         if config.mode == Mode::Report && config.ingest_cluster.is_empty() {
             return Err(ConfigError::Empty("ingestCluster"));
         }
+        // Envoy reads a zero timeout as none: a hung call would never come back to be retried.
+        if config.mode == Mode::Report && config.timeout_ms == 0 {
+            return Err(ConfigError::Empty("timeoutMs"));
+        }
         Ok(config)
     }
 }

@@ -82,6 +82,8 @@ pub struct State {
     pub current_context: i32,
     /// Set by `proxy_set_tick_period_milliseconds` (0: no timer).
     pub tick_period_ms: u32,
+    /// Set when the plugin calls `proxy_done` (a root context that deferred its end is finished).
+    pub done_called: bool,
     /// While set, `proxy_http_call` fails as Envoy does for an unknown cluster (`BadArgument`).
     pub refuse_calls: bool,
     next_token: u32,
@@ -353,6 +355,10 @@ fn link(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
         },
     )?;
+    linker.func_wrap("env", "proxy_done", |mut c: Caller<'_, State>| -> i32 {
+        c.data_mut().done_called = true;
+        OK
+    })?;
     linker.func_wrap(
         "env",
         "proxy_set_tick_period_milliseconds",
@@ -526,6 +532,12 @@ impl Host {
         self.call::<i32, ()>("proxy_on_log", id);
         self.call::<i32, i32>("proxy_on_done", id);
         self.call::<i32, ()>("proxy_on_delete", id);
+    }
+
+    /// Envoy retiring the root context (`proxy_on_done`); true when it is done at once.
+    pub fn retire_root(&mut self) -> bool {
+        self.state().current_context = ROOT;
+        self.call::<i32, i32>("proxy_on_done", ROOT) == 1
     }
 
     /// Fires the root context's timer (`proxy_on_tick`).
