@@ -68,6 +68,40 @@ pub struct Bed {
     pub pending_key: String,
 }
 
+impl Drop for Bed {
+    /// Deletes the test's Kafka topics: a broker that keeps hundreds of stale topics restarts
+    /// slowly, and the broker-restart test must pass run after run on one test bed. (Drop cannot
+    /// await, and the test's runtime cannot block: a thread with its own runtime does it.)
+    fn drop(&mut self) {
+        let brokers = self.tb.kafka_brokers().unwrap_or_default().to_owned();
+        let topics = [self.topic.clone(), self.dlq.clone()];
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(admin) = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .create::<AdminClient<DefaultClientContext>>()
+                else {
+                    return;
+                };
+                let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+                let _ = admin
+                    .delete_topics(
+                        &names,
+                        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+                    )
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
 impl Bed {
     pub async fn new(purpose: &str) -> Self {
         let tb = Testbed::load().unwrap();
