@@ -108,6 +108,16 @@ fn a_config_of_another_version_is_refused_at_configure_time() {
     );
 }
 
+/// Answers request `id` with a complete JSON chat completion (status 200, usage included).
+fn answer_json(host: &mut Host, id: i32) {
+    host.response_headers(
+        id,
+        &[(":status", "200"), ("content-type", "application/json")],
+        false,
+    );
+    host.response_body(id, &fixture("openai-chat.json"), true);
+}
+
 #[test]
 fn scrub_mode_removes_client_sent_gateway_headers() {
     let (mut host, ok) = Host::load(&build_wasm(), br#"{"version":1,"mode":"scrub"}"#);
@@ -268,12 +278,7 @@ fn an_undeliverable_report_is_retried_with_backoff_then_given_up() {
     // The ingest cluster is unknown to the gateway: every dispatch fails at once.
     host.state().refuse_calls = true;
     let id = admitted(&mut host);
-    host.response_headers(
-        id,
-        &[(":status", "200"), ("content-type", "application/json")],
-        false,
-    );
-    host.response_body(id, &fixture("openai-chat.json"), true);
+    answer_json(&mut host, id);
     host.finish(id);
     host.tick();
     assert!(host.state().calls.is_empty());
@@ -309,12 +314,7 @@ fn an_undeliverable_report_is_retried_with_backoff_then_given_up() {
     // Ingest reachable again: later reports go through.
     host.state().refuse_calls = false;
     let id = admitted(&mut host);
-    host.response_headers(
-        id,
-        &[(":status", "200"), ("content-type", "application/json")],
-        false,
-    );
-    host.response_body(id, &fixture("openai-chat.json"), true);
+    answer_json(&mut host, id);
     host.finish(id);
     host.tick();
     let call = host.state().calls[0].clone();
@@ -426,12 +426,7 @@ fn a_retired_root_context_sends_what_is_queued_before_it_says_done() {
     let (mut host, ok) = Host::load(&build_wasm(), REPORT);
     assert!(ok);
     let id = admitted(&mut host);
-    host.response_headers(
-        id,
-        &[(":status", "200"), ("content-type", "application/json")],
-        false,
-    );
-    host.response_body(id, &fixture("openai-chat.json"), true);
+    answer_json(&mut host, id);
     host.finish(id);
     assert!(!host.retire_root(), "not done while a report waits");
     host.tick();

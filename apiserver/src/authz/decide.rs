@@ -200,13 +200,9 @@ pub struct Admitted {
     pub tenant: std::sync::Arc<TenantRecord>,
 }
 
-/// The checks that need no I/O.
-pub fn check(
-    index: &Index,
-    headers: &HeaderMap,
-    model: Option<&str>,
-    now_ms: i64,
-) -> Result<Admitted, Denial> {
+/// The checks on who is asking that need no I/O (the model is checked against the request's
+/// body afterwards: [`model_allowed`]).
+pub fn check(index: &Index, headers: &HeaderMap, now_ms: i64) -> Result<Admitted, Denial> {
     let key = api_key(headers).ok_or(Denial::InvalidKey)?;
     let hash = hash(key);
     let token = index.token(&hash).ok_or(Denial::InvalidKey)?;
@@ -227,9 +223,6 @@ pub fn check(
     }
     if token.exhausted {
         return Err(Denial::Exhausted);
-    }
-    if let Some(m) = model {
-        model_allowed(&token, m)?;
     }
     Ok(Admitted {
         hash,

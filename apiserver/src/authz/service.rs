@@ -231,7 +231,7 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow, Denial> {
     let now = Timestamp::now().as_millisecond();
     // Who first (an unknown key learns nothing about endpoints), then what is asked for.
-    let admitted = decide::check(&authz.index, headers, None, now)?;
+    let admitted = decide::check(&authz.index, headers, now)?;
     let shape = request::shape(
         header(headers, "x-forwarded-uri"),
         header(headers, headers::MODEL),
