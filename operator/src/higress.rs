@@ -344,6 +344,10 @@ fn route_ingress(route: &Route, config: &Config, fallback: bool) -> Result<Ingre
             "error,timeout,http_502,http_503".to_owned(),
         ),
     ]);
+    annotations.insert(
+        "higress.io/request-header-control-remove".to_owned(),
+        aigw_plugin_core::headers::NOT_UPSTREAM.join(","),
+    );
     if let [model] = route.models.as_slice() {
         annotations.insert(
             format!("higress.io/exact-match-header-{MODEL_HEADER}"),
@@ -438,6 +442,58 @@ fn api_ingress(config: &Config) -> Result<Ingress> {
         "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta,
         "spec": {"ingressClassName": "higress", "rules": [{"http": {"paths": [path("/api"), path("/oauth")]}}]}
     }))?)
+}
+
+/// The header an internal-cluster route requires: a value no client knows.
+pub const INTERNAL_HEADER: &str = "x-aigw-internal-route";
+
+/// `service:port` of a cluster named `outbound|<port>||<service>`.
+fn cluster_destination(cluster: &str) -> Option<String> {
+    let parts: Vec<&str> = cluster.split('|').collect();
+    match parts.as_slice() {
+        ["outbound", port, _, service] if !service.is_empty() && port.parse::<u16>().is_ok() => {
+            Some(format!("{service}:{port}"))
+        }
+        _ => None,
+    }
+}
+
+/// Routes that exist only so Envoy knows the authz and ingest clusters. Higress pushes to the
+/// gateway only clusters some route names when `global.onlyPushRouteCluster` is true (its
+/// default), and the plugins' `proxy_http_call` to any other cluster fails. No client can use
+/// them: they match one exact path and a header whose value is derived from the ingest secret.
+fn internal_ingresses(config: &Config) -> Result<Vec<Ingress>> {
+    let mut hasher = Sha256::new();
+    hasher.update(b"aigw-internal-route\0");
+    hasher.update(config.ingest_secret.as_bytes());
+    let value = hex::encode(hasher.finalize());
+    let targets = [
+        (
+            "authz",
+            Some(format!("{}:{}", config.authz_service, config.authz_port)),
+        ),
+        ("ingest", cluster_destination(&config.ingest_cluster)),
+    ];
+    let mut out = Vec::new();
+    for (what, destination) in targets {
+        let Some(destination) = destination else {
+            continue;
+        };
+        let name = format!("{PREFIX}internal-{what}");
+        let mut meta = metadata(&name, &config.higress_namespace);
+        meta["annotations"] = json!({
+            "higress.io/destination": destination,
+            format!("higress.io/exact-match-header-{INTERNAL_HEADER}"): value,
+        });
+        out.push(serde_json::from_value(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta,
+            "spec": {"ingressClassName": "higress", "rules": [{"http": {"paths": [{
+                "path": format!("/.aigw-internal/{what}"), "pathType": "Exact",
+                "backend": {"resource": {"apiGroup": "networking.higress.io", "kind": "McpBridge", "name": "default"}}
+            }]}}]}
+        }))?);
+    }
+    Ok(out)
 }
 
 fn plugin(name: &str, config: &Config, spec: &Value) -> Result<DynamicObject> {
@@ -570,6 +626,7 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
         }
     }
     let route_names: Vec<String> = ingresses[1..].iter().map(ResourceExt::name_any).collect();
+    ingresses.extend(internal_ingresses(config)?);
 
     let plugins = plugins(config, &with_endpoint, &route_names)?;
     Ok(Desired {

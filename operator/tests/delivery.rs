@@ -1,6 +1,6 @@
 //! Our plugin configured the way Higress configures it: the WasmPlugins the operator wrote are read
 //! back from the kube-apiserver, turned into the document Higress's controller delivers to
-//! `on_configure` (`aigw_testkit::higress::delivered_config`: global part + `_rules_` with
+//! `on_configure` (`aigw_standin::higress::delivered_config`: global part + `_rules_` with
 //! `_match_route_`), and loaded into the real `.wasm` in the proxy-wasm test host (Envoy itself
 //! cannot run here). The reporter used to refuse that document (it parsed only its own fields), so
 //! under `FAIL_OPEN` every response would have gone unbilled.
@@ -13,9 +13,9 @@ mod common;
 mod host;
 
 use aigw_operator::higress;
-use aigw_testkit::higress::delivered_config;
+use aigw_standin::higress::delivered_config;
 use common::{Harness, eventually};
-use host::{Host, build_wasm};
+use host::{Drive, Host, build_wasm, load};
 use kube::{
     Api,
     api::{DynamicObject, ListParams},
@@ -87,7 +87,7 @@ async fn our_plugins_accept_the_configuration_higress_delivers() {
         .unwrap()
         .expect("applied somewhere");
     assert!(delivered.get("_rules_").is_some(), "{delivered}");
-    let (mut host, ok) = Host::load(&build_wasm(), delivered.to_string().as_bytes());
+    let (mut host, ok) = load(&build_wasm(), delivered.to_string().as_bytes());
     assert!(
         ok,
         "on_configure refused what Higress delivers: {:?}",
@@ -117,7 +117,7 @@ async fn our_plugins_accept_the_configuration_higress_delivers() {
     let delivered = delivered_config(&scrub)
         .unwrap()
         .expect("applied everywhere");
-    let (mut host, ok) = Host::load(&build_wasm(), delivered.to_string().as_bytes());
+    let (mut host, ok) = load(&build_wasm(), delivered.to_string().as_bytes());
     assert!(ok, "{:?}", host.state().logs);
     let id = host.new_http();
     host.request_headers(

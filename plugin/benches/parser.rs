@@ -21,6 +21,7 @@ mod host;
 use std::time::Instant;
 
 use aigw_plugin_core::{Framing, UsageParser};
+use host::Drive;
 
 /// An OpenAI-style chat stream of `n` content chunks ending with a usage chunk and `[DONE]`.
 fn sse_stream(n: usize) -> Vec<u8> {
@@ -72,7 +73,7 @@ fn main() {
     native("JSON body", &json_body(16), Framing::Json);
 
     let config = br#"{"version":1,"mode":"report","ingestCluster":"ingest","ingestSecret":"x"}"#;
-    let (mut h, ok) = host::Host::load_with(&host::build_wasm(), config, true);
+    let (mut h, ok) = host::load_with(host::build_wasm(), config, true);
     assert!(ok);
     let id = h.new_http();
     h.request_headers(

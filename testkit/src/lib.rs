@@ -7,7 +7,6 @@
 //!
 //! A test bed that is not up is an error (a failing test), never a silent skip.
 
-pub mod higress;
 pub mod process;
 
 use std::{collections::HashMap, path::PathBuf};

@@ -138,6 +138,28 @@ pub mod headers {
     /// The requested model. Higress's model-router sets it from the body; authz refuses a request
     /// whose header differs from its body, so a client cannot choose route or price by header.
     pub const MODEL: &str = "x-higress-llm-model";
+    /// Where Higress's ai-proxy keeps the client's `Authorization` after putting the provider's
+    /// key in its place: the tenant's own key.
+    pub const ORIGINAL_AUTH: &str = "x-hi-original-auth";
+    /// Where Envoy keeps the client's `:authority` when a plugin rewrites it (the tenant's domain).
+    pub const ORIGINAL_HOST: &str = "x-envoy-original-host";
+
+    /// Request headers that must never reach a provider: the gateway's own (authz's answers, the
+    /// routing model) and the tenant's key and domain. The operator has every LLM route remove
+    /// them upstream (`higress.io/request-header-control-remove`, applied by Envoy's router after
+    /// every plugin ran).
+    pub const NOT_UPSTREAM: &[&str] = &[
+        TENANT,
+        USER,
+        TOKEN,
+        RESERVATION,
+        EVENT_ID,
+        CONSUMER,
+        ESTIMATE,
+        MODEL,
+        ORIGINAL_AUTH,
+        ORIGINAL_HOST,
+    ];
 }
 
 /// The largest request body ext-auth forwards to authz (`max_request_body_bytes` in the operator's

@@ -1,0 +1,462 @@
+//! The data plane, proven with Higress's own plugins: the operator writes its Higress objects;
+//! the stand-in (`aigw_standin`, test tooling standing in for Envoy, which cannot run here) reads
+//! them back from the kube-apiserver, loads the plugins they name — Higress's real `ext-auth`,
+//! `model-router` and `ai-proxy` builds and our reporter — configured as Higress's controller
+//! delivers them, routes as Higress translates the Ingresses, calls the real authz and ingest, and
+//! forwards upstream to the provider stand-in (recorded provider bodies; providers cannot run
+//! here). Each test goes from a client request to what the provider saw, what the client got and
+//! the usage event in Kafka.
+
+// Test code: a failed unwrap is a failed test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aigw_apiserver::authz::{
+    index::Index,
+    service::{self, Authz, Settings},
+};
+use aigw_common::{ops, quota::PendingKeys, shutdown::Shutdown};
+use aigw_crds::{Channel, Tenant, Token, labels};
+use aigw_operator::higress;
+use aigw_plugin_core::UsageEvent;
+use aigw_standin::{
+    gateway::{Gateway, Request, Response},
+    plugins,
+    provider::{Provider, load_recording},
+};
+use aigw_testkit::Testbed;
+use common::{Harness, eventually};
+use k8s_openapi::api::{core::v1::Secret, networking::v1::Ingress};
+use kube::{
+    Api,
+    api::{DeleteParams, DynamicObject, ListParams, PostParams},
+};
+use rdkafka::{
+    ClientConfig, Message,
+    consumer::{Consumer, StreamConsumer},
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+const INGEST_SECRET: &str = "dataplane-ingest-secret-0123456789";
+const PROVIDER_KEY: &str = "sk-provider-upstream-key";
+
+/// The servers of one test: operator, authz, ingest, provider, and the names it created.
+struct Bed {
+    h: Harness,
+    shutdown: Shutdown,
+    operator: Option<tokio::task::JoinHandle<()>>,
+    provider: Provider,
+    authz: SocketAddr,
+    ingest: SocketAddr,
+    topic: String,
+    redis: redis::Client,
+    pending: PendingKeys,
+    tenants: Vec<String>,
+    secrets: Vec<String>,
+}
+
+fn sha(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+impl Bed {
+    async fn start() -> Self {
+        let h = Harness::new().await;
+        let (_ctx, shutdown, operator) = h.start_configured(|c| {
+            c.ingest_secret = INGEST_SECRET.to_owned();
+            c.usage_reporter_image = "oci://registry.example/aigw-plugin:test".into();
+        });
+        let tb = Testbed::load().unwrap();
+        // authz, as the apiserver runs it.
+        let index = Index::default();
+        tokio::spawn(index.clone().run(
+            h.client.clone(),
+            Some(format!("{}={}", labels::INSTANCE, h.instance)),
+        ));
+        let redis = tb.redis().unwrap();
+        let manager = redis::aio::ConnectionManager::new(redis.clone())
+            .await
+            .unwrap();
+        let pending = PendingKeys::under(&format!("test:{}:pending", h.instance));
+        let settings = Settings {
+            reserve_estimate: 4096,
+            max_in_flight: 0,
+            pending: pending.clone(),
+            reservation_ttl_ms: 60_000,
+            fail_open: false,
+        };
+        let metrics =
+            service::Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let (authz, _) = ops::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            service::router(Authz::new(index, manager, settings, metrics)),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        // ingest, as billing runs it.
+        let topic = format!("aigw-dataplane-{}", h.sfx);
+        let admin: rdkafka::admin::AdminClient<_> = ClientConfig::new()
+            .set("bootstrap.servers", tb.kafka_brokers().unwrap())
+            .create()
+            .unwrap();
+        let dlq = format!("{topic}-dlq");
+        for r in admin
+            .create_topics(
+                &[
+                    rdkafka::admin::NewTopic::new(
+                        &topic,
+                        1,
+                        rdkafka::admin::TopicReplication::Fixed(1),
+                    ),
+                    rdkafka::admin::NewTopic::new(&dlq, 1, rdkafka::admin::TopicReplication::Fixed(1)),
+                ],
+                &rdkafka::admin::AdminOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+        let producer =
+            aigw_billing::ingest::producer(tb.kafka_brokers().unwrap(), Duration::from_secs(5))
+                .unwrap();
+        let ingest_settings = aigw_billing::ingest::Settings {
+            topic: topic.clone(),
+            dlq_topic: dlq,
+            secret: INGEST_SECRET.to_owned(),
+            produce_timeout: Duration::from_secs(5),
+        };
+        let ingest_metrics = aigw_billing::ingest::Metrics::register(
+            &mut prometheus_client::registry::Registry::default(),
+        );
+        let (ingest, _) = ops::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            aigw_billing::ingest::router(ingest_settings, producer, ingest_metrics),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let provider = Provider::start().await.unwrap();
+        Self {
+            h,
+            shutdown,
+            operator: Some(operator),
+            provider,
+            authz,
+            ingest,
+            topic,
+            redis,
+            pending,
+            tenants: Vec::new(),
+            secrets: Vec::new(),
+        }
+    }
+
+    /// A Channel of `provider` serving `models`, its key in a Secret of the credentials namespace.
+    async fn channel(&mut self, name: &str, spec: Value) {
+        let secret_name = format!("{name}-key");
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": secret_name, "namespace": "aigw-system"},
+            "stringData": {"apiKey": PROVIDER_KEY}}))
+        .unwrap();
+        Api::<Secret>::namespaced(self.h.client.clone(), "aigw-system")
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        self.secrets.push(secret_name.clone());
+        let mut spec = spec;
+        spec["credentials"] =
+            json!({"name": secret_name, "namespace": "aigw-system", "key": "apiKey"});
+        let channel: Channel = serde_json::from_value(json!({
+            "apiVersion": "aigateway.io/v1alpha1", "kind": "Channel",
+            "metadata": {"name": name, "labels": {labels::INSTANCE: self.h.instance}},
+            "spec": spec}))
+        .unwrap();
+        let api: Api<Channel> = Api::all(self.h.client.clone());
+        api.create(&PostParams::default(), &channel).await.unwrap();
+    }
+
+    /// A tenant serving `domain` with one token of `key` allowed `models`; returns (tenant id,
+    /// token id).
+    async fn tenant(&mut self, name: &str, domain: &str, key: &str, models: &[&str]) -> (i64, i64) {
+        let t: Tenant = serde_json::from_value(json!({
+            "apiVersion": "aigateway.io/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": name, "labels": {labels::INSTANCE: self.h.instance}},
+            "spec": {"type": "reseller", "displayName": name, "domains": [domain]}}))
+        .unwrap();
+        let tenants: Api<Tenant> = Api::all(self.h.client.clone());
+        tenants.create(&PostParams::default(), &t).await.unwrap();
+        self.tenants.push(name.to_owned());
+        let t = self.h.ready(&tenants, name).await;
+        let ns = format!("aigw-{name}");
+        let token: Token = serde_json::from_value(json!({
+            "apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
+            "metadata": {"name": "main", "namespace": ns, "labels": {labels::INSTANCE: self.h.instance}},
+            "spec": {"owner": "alice", "keyHash": sha(key), "keyPrefix": &key[..7], "quota": 10_000_000, "models": models}}))
+        .unwrap();
+        let tokens: Api<Token> = Api::namespaced(self.h.client.clone(), &ns);
+        tokens.create(&PostParams::default(), &token).await.unwrap();
+        let tok = self.h.ready(&tokens, "main").await;
+        (
+            t.status.unwrap().tenant_id.unwrap(),
+            tok.status.unwrap().token_id.unwrap(),
+        )
+    }
+
+    /// The Higress objects as the operator wrote them, read back from the kube-apiserver.
+    async fn read_back(&self) -> (Vec<Value>, Vec<Value>, Value) {
+        let plugins: Api<DynamicObject> = Api::namespaced_with(
+            self.h.client.clone(),
+            &self.h.hns,
+            &higress::wasm_plugin_resource(),
+        );
+        let plugins = plugins
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|p| serde_json::to_value(p).unwrap())
+            .collect();
+        let ingresses: Api<Ingress> = Api::namespaced(self.h.client.clone(), &self.h.hns);
+        let ingresses = ingresses
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|i| serde_json::to_value(i).unwrap())
+            .collect();
+        let bridges: Api<DynamicObject> = Api::namespaced_with(
+            self.h.client.clone(),
+            &self.h.hns,
+            &higress::mcp_bridge_resource(),
+        );
+        let bridge = bridges
+            .get_opt("default")
+            .await
+            .unwrap()
+            .map_or(Value::Null, |b| serde_json::to_value(b).unwrap());
+        (plugins, ingresses, bridge)
+    }
+
+    /// Waits until the operator's route Ingresses name every model of `models`, then builds the
+    /// gateway from what it wrote.
+    async fn gateway(&self, models: &[&str]) -> Arc<Mutex<Gateway>> {
+        eventually("the operator routes every model", || async {
+            let (_, ingresses, _) = self.read_back().await;
+            let text = serde_json::to_string(&ingresses).unwrap();
+            models.iter().all(|m| text.contains(m)).then_some(())
+        })
+        .await;
+        let (plugins, ingresses, bridge) = self.read_back().await;
+        let provider = self.provider.addr;
+        let (authz, ingest) = (self.authz, self.ingest);
+        let gw = tokio::task::spawn_blocking(move || {
+            let modules = |name: &str| match name {
+                "aigw-plugin" => plugins::reporter(),
+                other => plugins::higress(other),
+            };
+            let mut gw = Gateway::new(&plugins, &ingresses, &bridge, &modules, provider).unwrap();
+            gw.services.insert(
+                "outbound|8081||aigw-apiserver.aigw-system.svc.cluster.local".into(),
+                authz,
+            );
+            gw.services.insert(
+                "outbound|8090||aigw-ingest.aigw-system.svc.cluster.local".into(),
+                ingest,
+            );
+            gw
+        })
+        .await
+        .unwrap();
+        Arc::new(Mutex::new(gw))
+    }
+
+    async fn finish(mut self) {
+        let tenants: Api<Tenant> = Api::all(self.h.client.clone());
+        for t in &self.tenants {
+            let _ = tenants.delete(t, &DeleteParams::default()).await;
+        }
+        self.h.finish().await;
+        let secrets: Api<Secret> = Api::namespaced(self.h.client.clone(), "aigw-system");
+        for s in &self.secrets {
+            let _ = secrets.delete(s, &DeleteParams::default()).await;
+        }
+        if let Ok(mut c) = self.redis.get_connection() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL")
+                .arg(&self.pending.set)
+                .arg(&self.pending.events)
+                .query(&mut c);
+        }
+        let tb = Testbed::load().unwrap();
+        let admin: rdkafka::admin::AdminClient<_> = ClientConfig::new()
+            .set("bootstrap.servers", tb.kafka_brokers().unwrap())
+            .create()
+            .unwrap();
+        let dlq = format!("{}-dlq", self.topic);
+        let _ = admin
+            .delete_topics(
+                &[&self.topic, &dlq],
+                &rdkafka::admin::AdminOptions::default(),
+            )
+            .await;
+        self.shutdown.trigger();
+        if let Some(op) = self.operator.take() {
+            op.await.unwrap();
+        }
+    }
+}
+
+/// Sends `req` through the gateway (the plugins run synchronously; the servers on the runtime).
+async fn send(gw: &Arc<Mutex<Gateway>>, req: Request) -> Response {
+    let gw = gw.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut gw = gw.lock().unwrap();
+        let r = gw.handle(&req).unwrap();
+        // The reporter sends from its outbox on its timer.
+        gw.tick(250).unwrap();
+        r
+    })
+    .await
+    .unwrap()
+}
+
+/// Every plugin's log lines, for a failure message.
+fn logs(gw: &Arc<Mutex<Gateway>>) -> String {
+    let mut gw = gw.lock().unwrap();
+    let mut out = String::new();
+    for f in &mut gw.filters {
+        for (level, line) in &f.host.state().logs {
+            out.push_str(&format!("{} [{level}] {line}\n", f.name));
+        }
+    }
+    out
+}
+
+fn chat(domain: &str, key: &str, body: &Value) -> Request {
+    Request {
+        method: "POST".into(),
+        authority: domain.to_owned(),
+        path: "/v1/chat/completions".into(),
+        headers: vec![
+            ("authorization".into(), format!("Bearer {key}")),
+            ("content-type".into(), "application/json".into()),
+        ],
+        body: body.to_string().into_bytes(),
+    }
+}
+
+/// The usage events on `topic` (waits up to `secs` for `n` of them).
+async fn events(topic: &str, n: usize, secs: u64) -> Vec<UsageEvent> {
+    let tb = Testbed::load().unwrap();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", tb.kafka_brokers().unwrap())
+        .set("group.id", format!("{topic}-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while out.len() < n && Instant::now() < deadline {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
+            out.push(serde_json::from_slice(m.payload().unwrap_or_default()).unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_completion_flows_key_to_route_to_provider_to_usage() {
+    let mut bed = Bed::start().await;
+    let sfx = bed.h.sfx.clone();
+    bed.channel(
+        &format!("oai-{sfx}"),
+        json!({"provider": "openai", "models": ["gpt-4o"]}),
+    )
+    .await;
+    let tenant = format!("dp-{sfx}");
+    let domain = format!("api.{tenant}.example");
+    let key = format!("sk-client-{sfx}");
+    let (tenant_id, token_id) = bed.tenant(&tenant, &domain, &key, &["gpt-4o"]).await;
+    let gw = bed.gateway(&["gpt-4o"]).await;
+    for f in &mut gw.lock().unwrap().filters {
+        assert!(
+            f.host.configured,
+            "{} refused the configuration Higress delivers: {:?}",
+            f.name,
+            f.host.state().logs
+        );
+    }
+
+    // Not streamed.
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let r = send(&gw, chat(&domain, &key, &body)).await;
+    let (recorded, meta) = load_recording("openai-chat-nonstream-cached").unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "{} {}\n{}",
+        r.details,
+        String::from_utf8_lossy(&r.body),
+        logs(&gw)
+    );
+    let got: Value = serde_json::from_slice(&r.body).unwrap();
+    let want: Value = serde_json::from_slice(&recorded).unwrap();
+    assert_eq!(got["usage"], want["usage"], "the client gets the provider's answer");
+    let seen = bed.provider.received();
+    assert_eq!(seen.len(), 1);
+    let up = &seen[0];
+    assert_eq!(up.uri, "/v1/chat/completions");
+    assert_eq!(up.header("host"), Some("api.openai.com"));
+    assert_eq!(
+        up.header("authorization"),
+        Some(format!("Bearer {PROVIDER_KEY}").as_str())
+    );
+    let leaked: Vec<&(String, String)> = up
+        .headers
+        .iter()
+        .filter(|(k, v)| {
+            k.starts_with("x-aigw-")
+                || k == "x-mse-consumer"
+                || k == "x-hi-original-auth"
+                || v.contains(&key)
+        })
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "reached the provider: {leaked:?} (all: {:?})",
+        up.headers
+    );
+    let sent: Value = serde_json::from_slice(&up.body).unwrap();
+    assert_eq!(sent["model"], "gpt-4o");
+
+    let evs = events(&bed.topic, 1, 30).await;
+    assert_eq!(evs.len(), 1, "one usage event: {evs:?}\n{}", logs(&gw));
+    let ev = &evs[0];
+    assert_eq!(ev.tenant, tenant_id.to_string(), "{ev:?}");
+    assert_eq!(ev.token, token_id.to_string(), "{ev:?}");
+    assert_eq!(ev.model, "gpt-4o", "{ev:?}");
+    let expected = &meta["expected"];
+    assert_eq!(
+        (ev.usage.prompt_tokens, ev.usage.completion_tokens),
+        (
+            expected["prompt_tokens"].as_u64(),
+            expected["completion_tokens"].as_u64()
+        ),
+        "{ev:?}"
+    );
+
+    bed.finish().await;
+}

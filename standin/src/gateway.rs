@@ -1,0 +1,727 @@
+//! One request through the gateway, as Higress would run it — test and dev tooling, never the
+//! production data plane. Built only from the objects the operator wrote, read back from the
+//! kube-apiserver by the caller (Ingresses, `WasmPlugin`s, the `McpBridge` registries):
+//!
+//! - **Plugins** run in Higress's order — phase `AUTHN`, `AUTHZ`, `STATS`, then
+//!   `UNSPECIFIED_PHASE` (last before the router), higher `priority` first within a phase — each
+//!   in its own VM on the [`crate::host`], configured with what Higress's controller delivers
+//!   ([`crate::higress::delivered_config`]). A plugin whose `on_configure` fails answers 503 under
+//!   `FAIL_CLOSE` and is skipped under `FAIL_OPEN`. Responses run through them in reverse order.
+//! - **Routing** follows Higress's Ingress translation for what the operator uses: host, path
+//!   (`Prefix`/`Exact`), `higress.io/exact-match-header-*` and `regex-match-header-*` (RE2 full
+//!   match), `higress.io/destination` (one or weighted lines), and
+//!   `higress.io/request-header-control-remove` (applied by the router, after every plugin). The
+//!   route is recomputed before every plugin callback from the current headers (Envoy clears the
+//!   route cache when a Wasm plugin changes request headers). No route: 404 (`route_not_found`).
+//! - **Clusters**: `outbound|<port>||<service>`. Registry services (`<name>.dns` / `.static`) go
+//!   to the provider stand-in (the intended host, port and scheme are recorded); other services
+//!   (the authz and ingest Kubernetes Services) go to the addresses the caller maps them to. With
+//!   `only_push_route_clusters` (Higress's default `global.onlyPushRouteCluster: true`) a cluster
+//!   no route names is unknown to Envoy, and `proxy_http_call` to it fails with `BadArgument`.
+//!
+//! Not reproduced: Envoy's retries and the `custom_response` internal redirect, TLS to upstreams
+//! (the provider stand-in speaks plain HTTP), HTTP/2, trailers, flow control. Bodies arrive whole;
+//! an upstream body is handed to the plugins in chunks of [`Gateway::chunk`] bytes, as a network
+//! would split it.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::higress::delivered_config;
+use crate::host::{Error, Headers, Host, ROOT, Result, Shared, header};
+
+/// A plugin module by the name in its `WasmPlugin` URL (`oci://…/ai-proxy:1.0` → `ai-proxy`).
+pub type Modules<'a> = &'a dyn Fn(&str) -> Result<&'static [u8]>;
+
+/// One `WasmPlugin`, loaded.
+pub struct Filter {
+    pub name: String,
+    pub phase: u8,
+    pub priority: i64,
+    pub fail_open: bool,
+    pub host: Host,
+}
+
+impl std::fmt::Debug for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filter")
+            .field("name", &self.name)
+            .field("configured", &self.host.configured)
+            .finish_non_exhaustive()
+    }
+}
+
+fn phase_rank(phase: &str) -> u8 {
+    match phase {
+        "AUTHN" => 0,
+        "AUTHZ" => 1,
+        "STATS" => 2,
+        _ => 3,
+    }
+}
+
+/// A route from one Ingress path.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    hosts: Vec<String>,
+    path: String,
+    exact_path: bool,
+    exact_headers: Vec<(String, String)>,
+    regex_headers: Vec<(String, regex::Regex)>,
+    /// (service, port, weight)
+    pub destinations: Vec<(String, u16, u32)>,
+    remove_headers: Vec<String>,
+}
+
+impl Route {
+    fn matches(&self, headers: &[(String, String)]) -> bool {
+        let host = header(headers, ":authority").unwrap_or_default();
+        let host = host.split(':').next().unwrap_or_default();
+        let path = header(headers, ":path").unwrap_or_default();
+        let path = path.split('?').next().unwrap_or_default();
+        let host_ok = self.hosts.is_empty()
+            || self.hosts.iter().any(|h| match h.strip_prefix("*.") {
+                Some(suffix) => host.ends_with(&format!(".{suffix}")),
+                None => h == host,
+            });
+        let path_ok = if self.exact_path {
+            path == self.path
+        } else {
+            let p = self.path.trim_end_matches('/');
+            path == p || path.starts_with(&format!("{p}/")) || p.is_empty()
+        };
+        host_ok
+            && path_ok
+            && self
+                .exact_headers
+                .iter()
+                .all(|(k, v)| header(headers, k) == Some(v.as_str()))
+            && self
+                .regex_headers
+                .iter()
+                .all(|(k, r)| header(headers, k).is_some_and(|v| r.is_match(v)))
+    }
+
+    fn specificity(&self) -> (usize, usize, bool) {
+        (
+            self.exact_headers.len() + self.regex_headers.len(),
+            self.path.len(),
+            self.exact_path,
+        )
+    }
+
+    /// The cluster of the first destination (weights are not drawn: tests pin one upstream).
+    pub fn cluster(&self) -> Option<String> {
+        self.destinations
+            .iter()
+            .find(|d| d.2 > 0)
+            .map(|(s, p, _)| format!("outbound|{p}||{s}"))
+    }
+}
+
+/// Parses `higress.io/destination`: `svc:port` or lines of `NN% svc:port`.
+fn destinations(text: &str) -> Result<Vec<(String, u16, u32)>> {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (weight, target) = match line.split_once(' ') {
+            Some((w, t)) if w.ends_with('%') => (
+                w.trim_end_matches('%')
+                    .parse::<u32>()
+                    .map_err(|e| Error(format!("weight in {line:?}: {e}")))?,
+                t.trim(),
+            ),
+            _ => (100, line),
+        };
+        let (svc, port) = target
+            .rsplit_once(':')
+            .ok_or_else(|| Error(format!("destination without port: {line:?}")))?;
+        let port = port
+            .parse()
+            .map_err(|e| Error(format!("port in {line:?}: {e}")))?;
+        out.push((svc.to_owned(), port, weight));
+    }
+    Ok(out)
+}
+
+/// The routes of an Ingress (`networking.k8s.io/v1`, as JSON).
+pub fn ingress_routes(ingress: &Value) -> Result<Vec<Route>> {
+    let name = ingress["metadata"]["name"].as_str().unwrap_or_default();
+    let ann = &ingress["metadata"]["annotations"];
+    let mut exact_headers = Vec::new();
+    let mut regex_headers = Vec::new();
+    let mut remove_headers = Vec::new();
+    let mut dest = Vec::new();
+    for (k, v) in ann.as_object().into_iter().flatten() {
+        let v = v.as_str().unwrap_or_default();
+        if let Some(h) = k.strip_prefix("higress.io/exact-match-header-") {
+            exact_headers.push((h.to_ascii_lowercase(), v.to_owned()));
+        } else if let Some(h) = k.strip_prefix("higress.io/regex-match-header-") {
+            let re = regex::Regex::new(&format!("^(?:{v})$"))
+                .map_err(|e| Error(format!("{name}: regex {v:?}: {e}")))?;
+            regex_headers.push((h.to_ascii_lowercase(), re));
+        } else if k == "higress.io/destination" {
+            dest = destinations(v)?;
+        } else if k == "higress.io/request-header-control-remove" {
+            remove_headers.extend(
+                v.split(',')
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .filter(|h| !h.is_empty()),
+            );
+        }
+    }
+    let mut routes = Vec::new();
+    for rule in ingress["spec"]["rules"].as_array().into_iter().flatten() {
+        let hosts: Vec<String> = rule["host"]
+            .as_str()
+            .map(|h| vec![h.to_owned()])
+            .unwrap_or_default();
+        for p in rule["http"]["paths"].as_array().into_iter().flatten() {
+            routes.push(Route {
+                name: name.to_owned(),
+                hosts: hosts.clone(),
+                path: p["path"].as_str().unwrap_or("/").to_owned(),
+                exact_path: p["pathType"] == "Exact",
+                exact_headers: exact_headers.clone(),
+                regex_headers: regex_headers.clone(),
+                destinations: dest.clone(),
+                remove_headers: remove_headers.clone(),
+            });
+        }
+    }
+    Ok(routes)
+}
+
+/// A registry of the `McpBridge`: where `<name>.<type>` services resolve.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    pub service: String,
+    pub domain: String,
+    pub port: u16,
+    pub protocol: String,
+}
+
+/// The registries of an `McpBridge` spec.
+pub fn registries(mcp_bridge: &Value) -> Vec<Registry> {
+    mcp_bridge["spec"]["registries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| Registry {
+            service: format!(
+                "{}.{}",
+                r["name"].as_str().unwrap_or_default(),
+                r["type"].as_str().unwrap_or_default()
+            ),
+            domain: r["domain"].as_str().unwrap_or_default().to_owned(),
+            port: r["port"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(80),
+            protocol: r["protocol"].as_str().unwrap_or("http").to_owned(),
+        })
+        .collect()
+}
+
+/// A request as a client sends it.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    pub headers: Headers,
+    pub body: Vec<u8>,
+}
+
+/// What the gateway answered.
+#[derive(Debug, Clone, Default)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Headers,
+    pub body: Vec<u8>,
+    /// Envoy's `response.code_details`: `via_upstream`, or why the gateway answered itself.
+    pub details: String,
+    /// The route that served it, if any.
+    pub route: Option<String>,
+    /// The body chunks as the plugins passed them on.
+    pub chunks: Vec<Vec<u8>>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+}
+
+/// An upstream request the gateway sent (after every plugin and the route's header removal).
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub cluster: String,
+    /// The registry's domain, port and protocol the request was meant for.
+    pub intended: Option<(String, u16, String)>,
+}
+
+/// The gateway: loaded plugins, routes, clusters.
+pub struct Gateway {
+    pub filters: Vec<Filter>,
+    pub routes: Vec<Route>,
+    pub registries: Vec<Registry>,
+    /// Kubernetes Service clusters (`outbound|port||fqdn`) → where they listen here.
+    pub services: HashMap<String, SocketAddr>,
+    /// Where every registry upstream is sent (the provider stand-in).
+    pub provider: SocketAddr,
+    /// Higress's `global.onlyPushRouteCluster` (default true).
+    pub only_push_route_clusters: bool,
+    /// Size of the chunks an upstream body is handed to the plugins in.
+    pub chunk: usize,
+    pub shared: Shared,
+    /// Every upstream request sent, in order.
+    pub upstreams: Vec<Upstream>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("filters", &self.filters)
+            .field("routes", &self.routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The name of a plugin module from its `WasmPlugin` URL.
+pub fn module_name(url: &str) -> String {
+    let last = url.rsplit('/').next().unwrap_or(url);
+    last.split([':', '@']).next().unwrap_or(last).to_owned()
+}
+
+impl Gateway {
+    /// Builds the gateway from the objects read back: `WasmPlugin`s, Ingresses and the
+    /// `McpBridge`, all as JSON.
+    pub fn new(
+        wasm_plugins: &[Value],
+        ingresses: &[Value],
+        mcp_bridge: &Value,
+        modules: Modules<'_>,
+        provider: SocketAddr,
+    ) -> Result<Self> {
+        let shared = Shared::default();
+        let mut filters = Vec::new();
+        for wp in wasm_plugins {
+            let spec = &wp["spec"];
+            let Some(config) = delivered_config(spec).map_err(Error)? else {
+                continue;
+            };
+            let name = wp["metadata"]["name"].as_str().unwrap_or_default();
+            let url = spec["url"].as_str().unwrap_or_default();
+            let wasm = modules(&module_name(url))?;
+            let (host, _) = Host::start(wasm, config.to_string().as_bytes(), false, shared.clone())?;
+            filters.push(Filter {
+                name: name.to_owned(),
+                phase: phase_rank(spec["phase"].as_str().unwrap_or_default()),
+                priority: spec["priority"].as_i64().unwrap_or_default(),
+                fail_open: spec["failStrategy"] == "FAIL_OPEN",
+                host,
+            });
+        }
+        filters.sort_by_key(|f| (f.phase, std::cmp::Reverse(f.priority)));
+        let mut routes = Vec::new();
+        for ing in ingresses {
+            routes.extend(ingress_routes(ing)?);
+        }
+        Ok(Self {
+            filters,
+            routes,
+            registries: registries(mcp_bridge),
+            services: HashMap::new(),
+            provider,
+            only_push_route_clusters: true,
+            chunk: 512,
+            shared,
+            upstreams: Vec::new(),
+        })
+    }
+
+    /// The filter named `name`.
+    pub fn filter(&mut self, name: &str) -> Option<&mut Filter> {
+        self.filters.iter_mut().find(|f| f.name == name)
+    }
+
+    /// The route for `headers`: the most specific match.
+    pub fn route(&self, headers: &[(String, String)]) -> Option<&Route> {
+        self.routes
+            .iter()
+            .filter(|r| r.matches(headers))
+            .max_by_key(|r| r.specificity())
+    }
+
+    fn known_clusters(&self) -> Option<Vec<String>> {
+        self.only_push_route_clusters.then(|| {
+            self.routes
+                .iter()
+                .flat_map(|r| r.destinations.iter())
+                .map(|(s, p, _)| format!("outbound|{p}||{s}"))
+                .collect()
+        })
+    }
+
+    /// Sets the stream's properties in every VM.
+    fn set_properties(&mut self, props: &[(&str, Option<String>)]) {
+        let known = self.known_clusters();
+        for f in &mut self.filters {
+            let state = f.host.state();
+            state.known_clusters.clone_from(&known);
+            for (k, v) in props {
+                match v {
+                    Some(v) => {
+                        state.properties.insert((*k).to_owned(), v.as_bytes().to_vec());
+                    }
+                    None => {
+                        state.properties.remove(*k);
+                    }
+                }
+            }
+        }
+    }
+
+    fn route_properties(&mut self, headers: &[(String, String)]) {
+        let route = self.route(headers).cloned();
+        self.set_properties(&[
+            ("route_name", route.as_ref().map(|r| r.name.clone())),
+            ("cluster_name", route.as_ref().and_then(Route::cluster)),
+        ]);
+    }
+
+    /// Dispatches the http calls filter `i` made and delivers their answers, until none is left.
+    fn pump(&mut self, i: usize) -> Result<()> {
+        loop {
+            let calls = std::mem::take(&mut self.filters[i].host.state().calls);
+            if calls.is_empty() {
+                return Ok(());
+            }
+            for call in calls {
+                let (headers, body) = match self.resolve(&call.cluster) {
+                    Some((addr, _)) => send(addr, &call.headers, &call.body, call.timeout_ms)
+                        .unwrap_or_else(|_| (Vec::new(), Vec::new())),
+                    // Envoy: the call fails (no headers) when the cluster has no endpoint.
+                    None => (Vec::new(), Vec::new()),
+                };
+                // Envoy registers a call on the VM's root context and answers it there; the
+                // SDK finds the stream context by the token.
+                self.filters[i]
+                    .host
+                    .deliver(ROOT, call.token, headers, body)?;
+            }
+        }
+    }
+
+    /// Where a cluster's requests go, and the registry endpoint it stands for.
+    fn resolve(&self, cluster: &str) -> Option<(SocketAddr, Option<(String, u16, String)>)> {
+        let parts: Vec<&str> = cluster.split('|').collect();
+        let service = parts.get(3)?;
+        if let Some(r) = self.registries.iter().find(|r| r.service == *service) {
+            return Some((
+                self.provider,
+                Some((r.domain.clone(), r.port, r.protocol.clone())),
+            ));
+        }
+        self.services.get(cluster).map(|a| (*a, None))
+    }
+
+    /// Runs every plugin's timer once and dispatches what they send (e.g. the reporter's
+    /// outbox). Advances each VM's clock by `ms` first.
+    pub fn tick(&mut self, ms: u64) -> Result<()> {
+        for i in 0..self.filters.len() {
+            let host = &mut self.filters[i].host;
+            if host.state().tick_period_ms == 0 || !host.configured {
+                continue;
+            }
+            host.advance_ms(ms);
+            host.on_tick()?;
+            self.pump(i)?;
+        }
+        Ok(())
+    }
+
+    fn local(&mut self, i: usize) -> Option<Response> {
+        let lr = self.filters[i].host.state().local_responses.pop()?;
+        self.filters[i].host.state().local_responses.clear();
+        Some(Response {
+            status: lr.status,
+            headers: lr.headers,
+            body: lr.body,
+            details: if lr.details.is_empty() {
+                format!("local_reply_by_{}", self.filters[i].name)
+            } else {
+                lr.details
+            },
+            route: None,
+            chunks: Vec::new(),
+        })
+    }
+
+    /// Sends `req` through the gateway.
+    pub fn handle(&mut self, req: &Request) -> Result<Response> {
+        let mut headers: Headers = vec![
+            (":method".into(), req.method.clone()),
+            (":authority".into(), req.authority.clone()),
+            (":path".into(), req.path.clone()),
+            (":scheme".into(), "https".into()),
+        ];
+        headers.extend(
+            req.headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+        );
+        // An HTTP/1.1 client states the length of the body it sends.
+        if !req.body.is_empty() && header(&headers, "content-length").is_none() {
+            headers.push(("content-length".into(), req.body.len().to_string()));
+        }
+        let mut body = req.body.clone();
+        self.set_properties(&[("response.code_details", None)]);
+        // (filter index, context) of every plugin the request reached.
+        let mut contexts: Vec<(usize, i32)> = Vec::new();
+        let mut answer = None;
+        for i in 0..self.filters.len() {
+            self.route_properties(&headers);
+            if !self.filters[i].host.configured {
+                if self.filters[i].fail_open {
+                    continue;
+                }
+                answer = Some(Response {
+                    status: 503,
+                    details: format!("wasm_fail_close_{}", self.filters[i].name),
+                    ..Response::default()
+                });
+                break;
+            }
+            let host = &mut self.filters[i].host;
+            let ctx = host.create_http()?;
+            contexts.push((i, ctx));
+            host.state().request_headers.clone_from(&headers);
+            host.state().request_body.clone_from(&body);
+            host.state().continued.clear();
+            host.on_request_headers(ctx, body.is_empty())?;
+            self.pump(i)?;
+            if let Some(r) = self.local(i) {
+                answer = Some(r);
+                break;
+            }
+            if !body.is_empty() {
+                let host = &mut self.filters[i].host;
+                // The plugin may have changed the headers; the route follows them.
+                headers.clone_from(&host.state().request_headers);
+                self.route_properties(&headers);
+                let host = &mut self.filters[i].host;
+                host.on_request_body(ctx, true)?;
+                self.pump(i)?;
+                if let Some(r) = self.local(i) {
+                    answer = Some(r);
+                    break;
+                }
+            }
+            let host = &mut self.filters[i].host;
+            headers.clone_from(&host.state().request_headers);
+            body.clone_from(&host.state().request_body);
+        }
+        let mut response = match answer {
+            Some(r) => r,
+            None => self.forward(&mut headers, &body)?,
+        };
+        self.set_properties(&[("response.code_details", Some(response.details.clone()))]);
+        if response.status != 0 {
+            self.respond(&contexts, &mut response)?;
+        }
+        for (i, ctx) in contexts {
+            self.filters[i].host.end_stream(ctx)?;
+            self.pump(i)?;
+        }
+        Ok(response)
+    }
+
+    /// The router: the route of the final headers, its header removal, the upstream call.
+    fn forward(&mut self, headers: &mut Headers, body: &[u8]) -> Result<Response> {
+        let Some(route) = self.route(headers).cloned() else {
+            return Ok(Response {
+                status: 404,
+                details: "route_not_found".into(),
+                ..Response::default()
+            });
+        };
+        headers.retain(|(k, _)| !route.remove_headers.contains(k));
+        let Some(cluster) = route.cluster() else {
+            return Ok(Response {
+                status: 503,
+                details: "no_healthy_upstream".into(),
+                route: Some(route.name),
+                ..Response::default()
+            });
+        };
+        let Some((addr, intended)) = self.resolve(&cluster) else {
+            return Ok(Response {
+                status: 503,
+                details: "cluster_not_found".into(),
+                route: Some(route.name),
+                ..Response::default()
+            });
+        };
+        self.upstreams.push(Upstream {
+            cluster: cluster.clone(),
+            intended,
+        });
+        let (mut rh, rb) = send(addr, headers, body, 30_000)?;
+        let status = header(&rh, ":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(502);
+        // Envoy drops hop-by-hop framing; the plugins see the body whole, in chunks.
+        rh.retain(|(k, _)| k != "transfer-encoding" && k != "connection");
+        Ok(Response {
+            status,
+            headers: rh,
+            body: rb,
+            details: "via_upstream".into(),
+            route: Some(route.name),
+            chunks: Vec::new(),
+        })
+    }
+
+    /// The response through the plugins, in reverse order; body chunks buffered while a plugin
+    /// asks for it (`StopIterationAndBuffer`), as Envoy does.
+    fn respond(&mut self, contexts: &[(usize, i32)], response: &mut Response) -> Result<()> {
+        let mut headers: Headers = vec![(":status".into(), response.status.to_string())];
+        headers.extend(response.headers.drain(..));
+        let mut chunks: Vec<Vec<u8>> = if response.body.is_empty() {
+            Vec::new()
+        } else {
+            response.body.chunks(self.chunk.max(1)).map(<[u8]>::to_vec).collect()
+        };
+        for &(i, ctx) in contexts.iter().rev() {
+            let host = &mut self.filters[i].host;
+            host.state().response_headers.clone_from(&headers);
+            host.on_response_headers(ctx, chunks.is_empty())?;
+            headers.clone_from(&host.state().response_headers);
+            let n = chunks.len();
+            let mut out = Vec::new();
+            let mut buffered: Vec<u8> = Vec::new();
+            for (k, chunk) in chunks.into_iter().enumerate() {
+                let end = k + 1 == n;
+                buffered.extend(chunk);
+                let host = &mut self.filters[i].host;
+                host.state().response_chunk = std::mem::take(&mut buffered);
+                let action = host.on_response_body(ctx, end)?;
+                let passed = std::mem::take(&mut host.state().response_chunk);
+                // The plugin may change headers until it first lets data through.
+                headers.clone_from(&host.state().response_headers);
+                if action == 0 || end {
+                    if !passed.is_empty() || end {
+                        out.push(passed);
+                    }
+                } else {
+                    buffered = passed;
+                }
+            }
+            self.pump(i)?;
+            if let Some(r) = self.local(i) {
+                // A plugin replaced the answer (e.g. a provider error mapped by ai-proxy).
+                headers = vec![(":status".into(), r.status.to_string())];
+                headers.extend(r.headers);
+                out = vec![r.body];
+            }
+            chunks = out;
+        }
+        response.status = header(&headers, ":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(response.status);
+        headers.retain(|(k, _)| !k.starts_with(':'));
+        response.headers = headers;
+        response.body = chunks.concat();
+        response.chunks = chunks;
+        Ok(())
+    }
+}
+
+/// One HTTP/1.1 exchange (`Connection: close`) with `addr`; returns the answer's headers (with
+/// `:status`, names lower-case) and its body (de-chunked).
+pub fn send(
+    addr: SocketAddr,
+    headers: &[(String, String)],
+    body: &[u8],
+    timeout_ms: u32,
+) -> Result<(Headers, Vec<u8>)> {
+    let io = |e: std::io::Error| Error(format!("{addr}: {e}"));
+    let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    let method = header(headers, ":method").unwrap_or("GET");
+    let path = header(headers, ":path").unwrap_or("/");
+    let host = header(headers, ":authority").unwrap_or("localhost");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        if k.starts_with(':')
+            || k == "host"
+            || k == "connection"
+            || k == "content-length"
+            || k == "transfer-encoding"
+        {
+            continue;
+        }
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    stream.write_all(head.as_bytes()).map_err(io)?;
+    stream.write_all(body).map_err(io)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(io)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| Error(format!("{addr}: no response head")))?;
+    let text = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = text.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .ok_or_else(|| Error(format!("{addr}: bad status line")))?;
+    let mut out: Headers = vec![(":status".into(), status.to_owned())];
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            out.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let mut rest = raw[split + 4..].to_vec();
+    if header(&out, "transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        rest = dechunk(&rest)?;
+    }
+    out.retain(|(k, _)| k != "content-length");
+    Ok((out, rest))
+}
+
+fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            return Ok(out);
+        };
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&raw[..eol])
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
+            16,
+        )
+        .map_err(|e| Error(format!("chunk size: {e}")))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let start = eol + 2;
+        let chunk = raw
+            .get(start..start + size)
+            .ok_or_else(|| Error("truncated chunk".into()))?;
+        out.extend_from_slice(chunk);
+        raw = raw.get(start + size + 2..).unwrap_or_default();
+    }
+}

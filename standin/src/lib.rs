@@ -1,0 +1,13 @@
+//! The Higress stand-in: test and dev tooling, never the production data plane.
+//!
+//! - [`host`]: a proxy-wasm host (wasmtime) that runs Higress's own Go plugins and our reporter.
+//! - [`higress`]: what Higress's controller delivers to a plugin for a `WasmPlugin`.
+//! - [`gateway`]: a request through the plugins, routed as Higress translates Ingresses.
+//! - [`provider`]: an upstream LLM provider answering with recorded bodies.
+//! - [`plugins`]: where Higress's plugin builds and our reporter's build are found.
+
+pub mod gateway;
+pub mod higress;
+pub mod host;
+pub mod plugins;
+pub mod provider;
