@@ -66,7 +66,15 @@ async fn apply_channel(channel: &Channel, ctx: &Ctx) -> Result<Action> {
         ),
         Some(keys) => {
             let id = mirror(channel, ctx, keys).await?;
-            let ready = if channel.spec.disabled {
+            let problem = crate::higress::provider_problem(channel);
+            let ready = if let Some(problem) = problem {
+                Cond::new(
+                    "Ready",
+                    false,
+                    "ProviderConfigInvalid",
+                    format!("{problem}; the channel serves nothing until it is fixed"),
+                )
+            } else if channel.spec.disabled {
                 Cond::new(
                     "Ready",
                     true,

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use aigw_crds::{Channel, MANAGED_BY, Provider, labels};
-use aigw_plugin_core::PluginConfig;
+use aigw_plugin_core::{PluginConfig, headers};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::{
     ResourceExt,
@@ -154,6 +154,44 @@ fn registry(channel: &Channel, ep: &Endpoint) -> Value {
     }
 }
 
+/// The AWS region of a Bedrock runtime endpoint (`bedrock-runtime.<region>.amazonaws.com`).
+fn bedrock_region(ep: &Endpoint) -> Option<&str> {
+    let region = ep
+        .host
+        .strip_prefix("bedrock-runtime.")?
+        .strip_suffix(".amazonaws.com")?;
+    (!region.is_empty() && !region.contains('.')).then_some(region)
+}
+
+/// Why Higress's ai-proxy would refuse this channel's provider entry — and with it, having no
+/// rule isolation, its whole configuration and every route. A channel with a problem is left
+/// out of the Higress configuration and its status names the problem. The rules are ai-proxy's
+/// own `ValidateConfig` checks (`plugins/wasm-go/extensions/ai-proxy/provider/*.go`, read at
+/// Higress commit `4e0d6914`) for the fields a Channel expresses.
+pub fn provider_problem(channel: &Channel) -> Option<String> {
+    let spec = &channel.spec;
+    let Some(ep) = endpoint(channel) else {
+        return Some(format!(
+            "provider {} has no public endpoint: set spec.baseUrl",
+            spec.provider.as_str()
+        ));
+    };
+    match spec.provider {
+        Provider::Azure if !spec.base_url.as_deref().is_some_and(|u| u.contains("api-version=")) => {
+            Some(
+                "an azure baseUrl must carry the api-version query parameter, e.g. \
+                 https://NAME.openai.azure.com/openai/deployments/DEPLOYMENT/chat/completions?api-version=2024-10-21"
+                    .into(),
+            )
+        }
+        Provider::Bedrock if bedrock_region(&ep).is_none() => Some(
+            "a bedrock baseUrl must name the region: https://bedrock-runtime.REGION.amazonaws.com"
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
 fn provider_entry(r: &Routable<'_>) -> Value {
     let spec = &r.channel.spec;
     let mut p = json!({"id": r.channel.name_any(), "type": spec.provider.as_str(), "protocol": "openai",
@@ -170,6 +208,20 @@ fn provider_entry(r: &Routable<'_>) -> Value {
     }
     if spec.provider == Provider::Claude {
         p["claudeVersion"] = json!("2023-06-01");
+    }
+    if let Some(ep) = endpoint(r.channel) {
+        match spec.provider {
+            Provider::Ollama => {
+                p["ollamaServerHost"] = json!(ep.host);
+                p["ollamaServerPort"] = json!(ep.port);
+            }
+            Provider::Bedrock => {
+                if let Some(region) = bedrock_region(&ep) {
+                    p["awsRegion"] = json!(region);
+                }
+            }
+            _ => {}
+        }
     }
     if spec.max_retry > 0 {
         p["retryOnFailure"] = json!({"enabled": true, "maxRetries": spec.max_retry});
@@ -346,7 +398,7 @@ fn route_ingress(route: &Route, config: &Config, fallback: bool) -> Result<Ingre
     ]);
     annotations.insert(
         "higress.io/request-header-control-remove".to_owned(),
-        aigw_plugin_core::headers::NOT_UPSTREAM.join(","),
+        headers::NOT_UPSTREAM.join(","),
     );
     if let [model] = route.models.as_slice() {
         annotations.insert(
@@ -447,6 +499,15 @@ fn api_ingress(config: &Config) -> Result<Ingress> {
 /// The header an internal-cluster route requires: a value no client knows.
 pub const INTERNAL_HEADER: &str = "x-aigw-internal-route";
 
+/// The value of [`INTERNAL_HEADER`] an internal-cluster route requires: derived from the ingest
+/// secret, so no client can know it (and the header scrub removes any `x-aigw-*` a client sends).
+pub fn internal_route_value(ingest_secret: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"aigw-internal-route\0");
+    hasher.update(ingest_secret.as_bytes());
+    hex::encode(hasher.finalize())
+}
+
 /// `service:port` of a cluster named `outbound|<port>||<service>`.
 fn cluster_destination(cluster: &str) -> Option<String> {
     let parts: Vec<&str> = cluster.split('|').collect();
@@ -463,10 +524,7 @@ fn cluster_destination(cluster: &str) -> Option<String> {
 /// default), and the plugins' `proxy_http_call` to any other cluster fails. No client can use
 /// them: they match one exact path and a header whose value is derived from the ingest secret.
 fn internal_ingresses(config: &Config) -> Result<Vec<Ingress>> {
-    let mut hasher = Sha256::new();
-    hasher.update(b"aigw-internal-route\0");
-    hasher.update(config.ingest_secret.as_bytes());
-    let value = hex::encode(hasher.finalize());
+    let value = internal_route_value(&config.ingest_secret);
     let targets = [
         (
             "authz",
@@ -540,7 +598,7 @@ fn plugins(
             "timeout": 1000,
             // The body too (authz sizes the reservation from it and reads the model there), up to
             // the bound authz itself reads.
-            "authorization_request": {"allowed_headers": [{"exact": "authorization"}, {"exact": "x-api-key"}, {"exact": MODEL_HEADER}],
+            "authorization_request": {"allowed_headers": [{"exact": headers::AUTHORIZATION}, {"exact": headers::API_KEY}, {"exact": MODEL_HEADER}],
                                       "with_request_body": true, "max_request_body_bytes": AUTHZ_MAX_BODY_BYTES},
             "authorization_response": {"allowed_upstream_headers": [{"prefix": "x-aigw-"}, {"exact": "x-mse-consumer"}]}
         },
@@ -588,11 +646,27 @@ fn plugins(
                 "matchRules": if has_routes { route_rule(ext_auth) } else { json!([]) },
             }),
         )?,
+        // Our plugin removing the client's credentials once ext-auth has sent them to authz
+        // (AUTHZ runs after AUTHN, and both before ai-proxy's UNSPECIFIED_PHASE): ai-proxy sets
+        // the provider's key but leaves other credential headers (e.g. `Authorization` next to
+        // Claude's `x-api-key`, or a client's `x-api-key` next to OpenAI's `Authorization`).
+        // Only on LLM routes: the REST API behind `aigw-api` needs its `Authorization`.
+        plugin(
+            &format!("{PREFIX}credential-strip"),
+            config,
+            &json!({
+                "url": config.usage_reporter_image, "phase": "AUTHZ", "priority": 1000, "failStrategy": "FAIL_CLOSE",
+                "defaultConfigDisable": true,
+                "matchRules": if has_routes {
+                    route_rule(json!({"version": aigw_plugin_core::CONFIG_VERSION, "mode": "credentials"}))
+                } else { json!([]) },
+            }),
+        )?,
         plugin(
             &format!("{PREFIX}usage-reporter"),
             config,
             &json!({
-                "url": config.usage_reporter_image, "phase": "STATS", "priority": 100, "failStrategy": "FAIL_OPEN",
+                "url": config.usage_reporter_image, "phase": "UNSPECIFIED_PHASE", "priority": 10, "failStrategy": "FAIL_OPEN",
                 "defaultConfigDisable": true,
                 "matchRules": if has_routes { route_rule(serde_json::to_value(&usage)?) } else { json!([]) },
             }),
@@ -607,6 +681,7 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
     channels.sort_by_key(|r| r.channel.name_any());
     let with_endpoint: Vec<(&Routable<'_>, Endpoint)> = channels
         .iter()
+        .filter(|r| provider_problem(r.channel).is_none())
         .filter_map(|r| endpoint(r.channel).map(|ep| (*r, ep)))
         .collect();
 
@@ -716,8 +791,9 @@ mod tests {
             json!({"name": "aigw-openai-backup", "type": "dns",
             "domain": "proxy.example", "port": 443, "protocol": "https"})
         );
-        // api + {gpt-4o, gpt-4o-mini} (top tier 10, fallback tier 1) + its fallback + {claude-sonnet-4}.
-        assert_eq!(d.ingresses.len(), 4);
+        // api + {gpt-4o, gpt-4o-mini} (top tier 10, fallback tier 1) + its fallback +
+        // {claude-sonnet-4} + the two internal-cluster routes.
+        assert_eq!(d.ingresses.len(), 6);
         let fallback = d
             .ingresses
             .iter()
@@ -851,8 +927,8 @@ mod tests {
         assert_eq!(one, two);
         assert_eq!(
             one.ingresses.len(),
-            2,
-            "api + one route, whatever the number of tenants"
+            4,
+            "api + one route + authz and ingest, whatever the number of tenants"
         );
     }
 }

@@ -59,6 +59,8 @@ struct Bed {
     topic: String,
     redis: redis::Client,
     pending: PendingKeys,
+    /// authz's index (a shared handle): tests wait until it knows their tokens.
+    index: Index,
     tenants: Vec<String>,
     secrets: Vec<String>,
 }
@@ -81,6 +83,7 @@ impl Bed {
             h.client.clone(),
             Some(format!("{}={}", labels::INSTANCE, h.instance)),
         ));
+        let watching = index.clone();
         let redis = tb.redis().unwrap();
         let manager = redis::aio::ConnectionManager::new(redis.clone())
             .await
@@ -117,7 +120,11 @@ impl Bed {
                         1,
                         rdkafka::admin::TopicReplication::Fixed(1),
                     ),
-                    rdkafka::admin::NewTopic::new(&dlq, 1, rdkafka::admin::TopicReplication::Fixed(1)),
+                    rdkafka::admin::NewTopic::new(
+                        &dlq,
+                        1,
+                        rdkafka::admin::TopicReplication::Fixed(1),
+                    ),
                 ],
                 &rdkafka::admin::AdminOptions::default(),
             )
@@ -156,6 +163,7 @@ impl Bed {
             topic,
             redis,
             pending,
+            index: watching,
             tenants: Vec::new(),
             secrets: Vec::new(),
         }
@@ -163,10 +171,14 @@ impl Bed {
 
     /// A Channel of `provider` serving `models`, its key in a Secret of the credentials namespace.
     async fn channel(&mut self, name: &str, spec: Value) {
+        self.channel_keyed(name, spec, PROVIDER_KEY).await;
+    }
+
+    async fn channel_keyed(&mut self, name: &str, spec: Value, key: &str) {
         let secret_name = format!("{name}-key");
         let secret: Secret = serde_json::from_value(json!({
             "metadata": {"name": secret_name, "namespace": "aigw-system"},
-            "stringData": {"apiKey": PROVIDER_KEY}}))
+            "stringData": {"apiKey": key}}))
         .unwrap();
         Api::<Secret>::namespaced(self.h.client.clone(), "aigw-system")
             .create(&PostParams::default(), &secret)
@@ -188,6 +200,18 @@ impl Bed {
     /// A tenant serving `domain` with one token of `key` allowed `models`; returns (tenant id,
     /// token id).
     async fn tenant(&mut self, name: &str, domain: &str, key: &str, models: &[&str]) -> (i64, i64) {
+        self.tenant_with(name, domain, &[("main", key, models, json!({}))])
+            .await
+    }
+
+    /// A tenant serving `domain` with tokens (name, key, models, extra spec fields); returns
+    /// (tenant id, id of the first token).
+    async fn tenant_with(
+        &mut self,
+        name: &str,
+        domain: &str,
+        tokens: &[(&str, &str, &[&str], Value)],
+    ) -> (i64, i64) {
         let t: Tenant = serde_json::from_value(json!({
             "apiVersion": "aigateway.io/v1alpha1", "kind": "Tenant",
             "metadata": {"name": name, "labels": {labels::INSTANCE: self.h.instance}},
@@ -197,19 +221,37 @@ impl Bed {
         tenants.create(&PostParams::default(), &t).await.unwrap();
         self.tenants.push(name.to_owned());
         let t = self.h.ready(&tenants, name).await;
+        eventually(&format!("authz knows tenant {name}"), || async {
+            self.index.tenant(name).map(|_| ())
+        })
+        .await;
         let ns = format!("aigw-{name}");
-        let token: Token = serde_json::from_value(json!({
-            "apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
-            "metadata": {"name": "main", "namespace": ns, "labels": {labels::INSTANCE: self.h.instance}},
-            "spec": {"owner": "alice", "keyHash": sha(key), "keyPrefix": &key[..7], "quota": 10_000_000, "models": models}}))
-        .unwrap();
-        let tokens: Api<Token> = Api::namespaced(self.h.client.clone(), &ns);
-        tokens.create(&PostParams::default(), &token).await.unwrap();
-        let tok = self.h.ready(&tokens, "main").await;
-        (
-            t.status.unwrap().tenant_id.unwrap(),
-            tok.status.unwrap().token_id.unwrap(),
-        )
+        let api: Api<Token> = Api::namespaced(self.h.client.clone(), &ns);
+        let mut first = None;
+        for (token_name, key, models, extra) in tokens {
+            let mut spec = json!({"owner": "alice", "keyHash": sha(key), "keyPrefix": &key[..7],
+                                  "quota": 10_000_000, "models": models});
+            for (k, v) in extra.as_object().into_iter().flatten() {
+                spec[k] = v.clone();
+            }
+            let token: Token = serde_json::from_value(json!({
+                "apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
+                "metadata": {"name": token_name, "namespace": ns, "labels": {labels::INSTANCE: self.h.instance}},
+                "spec": spec}))
+            .unwrap();
+            api.create(&PostParams::default(), &token).await.unwrap();
+            let id = eventually(&format!("token {token_name} mirrored"), || async {
+                api.get(token_name).await.unwrap().status?.token_id
+            })
+            .await;
+            first.get_or_insert(id);
+            let hash = sha(key);
+            eventually(&format!("authz knows token {token_name}"), || async {
+                self.index.token(&hash).map(|_| ())
+            })
+            .await;
+        }
+        (t.status.unwrap().tenant_id.unwrap(), first.unwrap())
     }
 
     /// The Higress objects as the operator wrote them, read back from the kube-apiserver.
@@ -414,7 +456,10 @@ async fn a_chat_completion_flows_key_to_route_to_provider_to_usage() {
     );
     let got: Value = serde_json::from_slice(&r.body).unwrap();
     let want: Value = serde_json::from_slice(&recorded).unwrap();
-    assert_eq!(got["usage"], want["usage"], "the client gets the provider's answer");
+    assert_eq!(
+        got["usage"], want["usage"],
+        "the client gets the provider's answer"
+    );
     let seen = bed.provider.received();
     assert_eq!(seen.len(), 1);
     let up = &seen[0];
@@ -458,5 +503,274 @@ async fn a_chat_completion_flows_key_to_route_to_provider_to_usage() {
         "{ev:?}"
     );
 
+    // Streamed: the same path, chunk by chunk; one more event with the stream's usage.
+    let body = json!({"model": "gpt-4o", "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let r = send(&gw, chat(&domain, &key, &body)).await;
+    assert_eq!(r.status, 200, "{} {}", r.details, logs(&gw));
+    let (recorded, meta) = load_recording("openai-chat-stream-include-usage").unwrap();
+    assert!(r.chunks.len() > 1, "streamed in chunks");
+    assert_eq!(r.body, recorded, "the client gets the provider's stream");
+    let evs = events(&bed.topic, 2, 30).await;
+    assert_eq!(evs.len(), 2, "{evs:?}");
+    let expected = &meta["expected"];
+    assert_eq!(
+        (evs[1].usage.prompt_tokens, evs[1].usage.completion_tokens),
+        (
+            expected["prompt_tokens"].as_u64(),
+            expected["completion_tokens"].as_u64()
+        ),
+        "{:?}",
+        evs[1]
+    );
+    assert_ne!(evs[0].event_id, evs[1].event_id);
+
+    bed.finish().await;
+}
+
+/// Asserts that `r` was refused by the gateway and the provider saw nothing new.
+fn refused(what: &str, r: &Response, provider: &Provider, before: usize) {
+    assert!(
+        (400..500).contains(&r.status) && r.details != "via_upstream",
+        "{what}: {} {} {}",
+        r.status,
+        r.details,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        provider.received().len(),
+        before,
+        "{what}: the provider saw the request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_never_reach_the_provider() {
+    let mut bed = Bed::start().await;
+    let sfx = bed.h.sfx.clone();
+    bed.channel(
+        &format!("oai-{sfx}"),
+        json!({"provider": "openai", "models": ["gpt-4o", "gpt-4o-mini"]}),
+    )
+    .await;
+    let (a, b) = (format!("ra-{sfx}"), format!("rb-{sfx}"));
+    let (dom_a, dom_b) = (format!("api.{a}.example"), format!("api.{b}.example"));
+    let (key_a, key_off, key_old, key_b) = (
+        format!("sk-a-{sfx}"),
+        format!("sk-off-{sfx}"),
+        format!("sk-old-{sfx}"),
+        format!("sk-b-{sfx}"),
+    );
+    bed.tenant_with(
+        &a,
+        &dom_a,
+        &[
+            ("main", &key_a, &["gpt-4o"], json!({})),
+            ("off", &key_off, &["gpt-4o"], json!({"disabled": true})),
+            (
+                "old",
+                &key_old,
+                &["gpt-4o"],
+                json!({"expiresAt": "2020-01-01T00:00:00Z"}),
+            ),
+        ],
+    )
+    .await;
+    bed.tenant(&b, &dom_b, &key_b, &[]).await;
+    let gw = bed.gateway(&["gpt-4o", "gpt-4o-mini"]).await;
+    let p = bed.provider.clone();
+    let gpt4o = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let mini = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+
+    let cases: Vec<(&str, Request)> = vec![
+        ("A's key on B's domain", chat(&dom_b, &key_a, &gpt4o)),
+        (
+            "A's key on an unknown domain",
+            chat("api.nobody.example", &key_a, &gpt4o),
+        ),
+        ("an unknown key", chat(&dom_a, "sk-unknown-key-000", &gpt4o)),
+        ("no key", {
+            let mut r = chat(&dom_a, "x", &gpt4o);
+            r.headers.retain(|(k, _)| k != "authorization");
+            r
+        }),
+        ("a disabled token", chat(&dom_a, &key_off, &gpt4o)),
+        ("an expired token", chat(&dom_a, &key_old, &gpt4o)),
+        (
+            "a model outside the allow-list",
+            chat(&dom_a, &key_a, &mini),
+        ),
+        ("a spoofed model header (body asks another model)", {
+            let mut r = chat(&dom_a, &key_a, &mini);
+            r.headers
+                .push(("x-higress-llm-model".into(), "gpt-4o".into()));
+            r
+        }),
+        ("a spoofed model header on a non-JSON body", {
+            let mut r = chat(&dom_a, &key_a, &mini);
+            r.headers = vec![
+                ("authorization".into(), format!("Bearer {key_a}")),
+                ("content-type".into(), "text/plain".into()),
+                ("x-higress-llm-model".into(), "gpt-4o".into()),
+            ];
+            r
+        }),
+        ("a spoofed model header, no model in the body", {
+            let mut r = chat(&dom_a, &key_a, &json!({"messages": []}));
+            r.headers
+                .push(("x-higress-llm-model".into(), "gpt-4o".into()));
+            r
+        }),
+        ("an unmetered endpoint", {
+            let mut r = chat(&dom_a, &key_a, &json!({"model": "gpt-4o", "prompt": "x"}));
+            r.path = "/v1/images/generations".into();
+            r
+        }),
+        (
+            "a stream without usage",
+            chat(
+                &dom_a,
+                &key_a,
+                &json!({"model": "gpt-4o", "stream": true,
+            "stream_options": {"include_usage": false}, "messages": []}),
+            ),
+        ),
+        ("the internal ingest route", {
+            let mut r = chat(&dom_a, &key_a, &gpt4o);
+            r.path = "/.aigw-internal/ingest".into();
+            r.headers.push((
+                higress::INTERNAL_HEADER.into(),
+                higress::internal_route_value(INGEST_SECRET),
+            ));
+            r
+        }),
+    ];
+    for (what, req) in cases {
+        let before = p.received().len();
+        let r = send(&gw, req).await;
+        refused(what, &r, &p, before);
+    }
+
+    // Served: A's key on A's domain; B's key sent as x-api-key. Neither key reaches the provider.
+    let r = send(&gw, chat(&dom_a, &key_a, &gpt4o)).await;
+    assert_eq!(r.status, 200, "{} {}", r.details, logs(&gw));
+    let mut by_api_key = chat(&dom_b, "x", &mini);
+    by_api_key.headers = vec![
+        ("x-api-key".into(), key_b.clone()),
+        ("content-type".into(), "application/json".into()),
+    ];
+    let r = send(&gw, by_api_key).await;
+    assert_eq!(r.status, 200, "{} {}", r.details, logs(&gw));
+    let seen = p.received();
+    assert_eq!(seen.len(), 2);
+    for up in &seen {
+        for (k, v) in &up.headers {
+            assert!(
+                !v.contains(&key_a) && !v.contains(&key_b),
+                "a tenant key reached the provider in {k}"
+            );
+        }
+    }
+    bed.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_provider_family_is_served_in_its_own_protocol() {
+    let mut bed = Bed::start().await;
+    let sfx = bed.h.sfx.clone();
+    bed.channel_keyed(
+        &format!("ant-{sfx}"),
+        json!({"provider": "claude", "models": ["claude-sonnet-4"]}),
+        "sk-ant-upstream",
+    )
+    .await;
+    bed.channel_keyed(
+        &format!("gem-{sfx}"),
+        json!({"provider": "gemini", "models": ["gemini-2.5-flash"]}),
+        "AIza-upstream",
+    )
+    .await;
+    let tenant = format!("pf-{sfx}");
+    let domain = format!("api.{tenant}.example");
+    let key = format!("sk-client-{sfx}");
+    bed.tenant(&tenant, &domain, &key, &[]).await;
+    let gw = bed.gateway(&["claude-sonnet-4", "gemini-2.5-flash"]).await;
+    let p = bed.provider.clone();
+    // (model, stream, provider host, path fragment, key header, recording)
+    let cases = [
+        (
+            "claude-sonnet-4",
+            false,
+            "api.anthropic.com",
+            "/v1/messages",
+            ("x-api-key", "sk-ant-upstream"),
+            "anthropic-messages-nonstream-cache",
+        ),
+        (
+            "claude-sonnet-4",
+            true,
+            "api.anthropic.com",
+            "/v1/messages",
+            ("x-api-key", "sk-ant-upstream"),
+            "anthropic-messages-stream-basic-ping",
+        ),
+        (
+            "gemini-2.5-flash",
+            false,
+            "generativelanguage.googleapis.com",
+            ":generateContent",
+            ("x-goog-api-key", "AIza-upstream"),
+            "gemini-generatecontent-cached-thoughts",
+        ),
+        (
+            "gemini-2.5-flash",
+            true,
+            "generativelanguage.googleapis.com",
+            ":streamGenerateContent",
+            ("x-goog-api-key", "AIza-upstream"),
+            "gemini-streamgeneratecontent-thinking",
+        ),
+    ];
+    for (n, (model, stream, host, path, (kh, kv), recording)) in cases.into_iter().enumerate() {
+        let body = json!({"model": model, "stream": stream,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let r = send(&gw, chat(&domain, &key, &body)).await;
+        let what = format!("{model} stream={stream}");
+        assert_eq!(
+            r.status,
+            200,
+            "{what}: {} {} {}",
+            r.details,
+            String::from_utf8_lossy(&r.body),
+            logs(&gw)
+        );
+        let up = p.received().pop().unwrap();
+        assert_eq!(up.header("host"), Some(host), "{what}");
+        assert!(up.uri.contains(path), "{what}: {}", up.uri);
+        assert_eq!(up.header(kh), Some(kv), "{what}");
+        for (k, v) in &up.headers {
+            assert!(
+                !v.contains(&key),
+                "{what}: the tenant key reached the provider in {k}"
+            );
+            assert!(
+                !k.starts_with("x-aigw-") && k != "x-mse-consumer",
+                "{what}: {k} reached the provider"
+            );
+        }
+        let evs = events(&bed.topic, n + 1, 30).await;
+        assert_eq!(evs.len(), n + 1, "{what}: {evs:?}");
+        let ev = &evs[n];
+        let (_, meta) = load_recording(recording).unwrap();
+        let expected = &meta["expected"];
+        assert_eq!(
+            (ev.usage.prompt_tokens, ev.usage.completion_tokens),
+            (
+                expected["prompt_tokens"].as_u64(),
+                expected["completion_tokens"].as_u64()
+            ),
+            "{what}: {ev:?}"
+        );
+    }
     bed.finish().await;
 }

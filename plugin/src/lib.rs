@@ -1,9 +1,10 @@
 //! The proxy-wasm adapter of the usage reporter: a thin shell around `aigw-plugin-core`.
 //!
 //! It loads and checks its config (refusing one it does not understand, so a bad rollout fails at
-//! config time instead of silently reporting nothing). Two modes, one module:
+//! config time instead of silently reporting nothing). Three modes, one module:
 //!
 //! - `scrub` (an instance placed before ext-auth) removes client-sent gateway headers;
+//! - `credentials` (an instance after ext-auth, before ai-proxy) removes the client's key;
 //! - `report` reads the `x-aigw-*` headers authz set, the requested model and the start time;
 //!   feeds every response body chunk to [`UsageParser`]; and at the end of the response sends one
 //!   [`UsageEvent`] to billing ingest with `dispatch_http_call`. A failed report is logged and
@@ -431,6 +432,13 @@ impl HttpContext for Request {
                     if is_gateway_header(&name) {
                         self.set_http_request_header(&name, None);
                     }
+                }
+            }
+            Mode::Credentials => {
+                // authz has seen the key (ext-auth runs before this instance); ai-proxy, after it,
+                // sets the provider's own credentials. Nothing of the client's goes upstream.
+                for name in headers::CLIENT_CREDENTIALS {
+                    self.set_http_request_header(name, None);
                 }
             }
             Mode::Report => {

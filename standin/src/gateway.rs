@@ -11,8 +11,9 @@
 //!   (`Prefix`/`Exact`), `higress.io/exact-match-header-*` and `regex-match-header-*` (RE2 full
 //!   match), `higress.io/destination` (one or weighted lines), and
 //!   `higress.io/request-header-control-remove` (applied by the router, after every plugin). The
-//!   route is recomputed before every plugin callback from the current headers (Envoy clears the
-//!   route cache when a Wasm plugin changes request headers). No route: 404 (`route_not_found`).
+//!   route is computed when first needed and cached; a plugin that changes request headers
+//!   clears the cache unless it set the `clear_route_cache` property to `off` (Higress's Envoy
+//!   behaviour, which ext-auth and ai-proxy rely on). No route: 404 (`route_not_found`).
 //! - **Clusters**: `outbound|<port>||<service>`. Registry services (`<name>.dns` / `.static`) go
 //!   to the provider stand-in (the intended host, port and scheme are recorded); other services
 //!   (the authz and ingest Kubernetes Services) go to the addresses the caller maps them to. With
@@ -318,7 +319,8 @@ impl Gateway {
             let name = wp["metadata"]["name"].as_str().unwrap_or_default();
             let url = spec["url"].as_str().unwrap_or_default();
             let wasm = modules(&module_name(url))?;
-            let (host, _) = Host::start(wasm, config.to_string().as_bytes(), false, shared.clone())?;
+            let (host, _) =
+                Host::start(wasm, config.to_string().as_bytes(), false, shared.clone())?;
             filters.push(Filter {
                 name: name.to_owned(),
                 phase: phase_rank(spec["phase"].as_str().unwrap_or_default()),
@@ -377,7 +379,9 @@ impl Gateway {
             for (k, v) in props {
                 match v {
                     Some(v) => {
-                        state.properties.insert((*k).to_owned(), v.as_bytes().to_vec());
+                        state
+                            .properties
+                            .insert((*k).to_owned(), v.as_bytes().to_vec());
                     }
                     None => {
                         state.properties.remove(*k);
@@ -387,12 +391,35 @@ impl Gateway {
         }
     }
 
-    fn route_properties(&mut self, headers: &[(String, String)]) {
-        let route = self.route(headers).cloned();
+    /// The stream's route: cached as Envoy caches it, computed when first needed.
+    fn route_properties(
+        &mut self,
+        headers: &[(String, String)],
+        cached: &mut Option<Option<Route>>,
+    ) {
+        let route = cached
+            .get_or_insert_with(|| self.route(headers).cloned())
+            .clone();
         self.set_properties(&[
             ("route_name", route.as_ref().map(|r| r.name.clone())),
             ("cluster_name", route.as_ref().and_then(Route::cluster)),
         ]);
+    }
+
+    /// Envoy clears the route cache when a Wasm plugin changed the request headers, unless the
+    /// plugin set the `clear_route_cache` property to `off` (Higress's ext-auth and ai-proxy do,
+    /// so their header and path rewrites keep the route).
+    fn after_callback(
+        &mut self,
+        i: usize,
+        before: &[(String, String)],
+        cached: &mut Option<Option<Route>>,
+    ) {
+        let state = self.filters[i].host.state();
+        let keep = state.properties.get("clear_route_cache").map(Vec::as_slice) == Some(b"off");
+        if !keep && state.request_headers != before {
+            *cached = None;
+        }
     }
 
     /// Dispatches the http calls filter `i` made and delivers their answers, until none is left.
@@ -485,8 +512,11 @@ impl Gateway {
         // (filter index, context) of every plugin the request reached.
         let mut contexts: Vec<(usize, i32)> = Vec::new();
         let mut answer = None;
+        // The route cache: `None` until computed (or after a plugin cleared it).
+        let mut cached: Option<Option<Route>> = None;
+        self.set_properties(&[("clear_route_cache", None)]);
         for i in 0..self.filters.len() {
-            self.route_properties(&headers);
+            self.route_properties(&headers, &mut cached);
             if !self.filters[i].host.configured {
                 if self.filters[i].fail_open {
                     continue;
@@ -506,18 +536,19 @@ impl Gateway {
             host.state().continued.clear();
             host.on_request_headers(ctx, body.is_empty())?;
             self.pump(i)?;
+            self.after_callback(i, &headers, &mut cached);
             if let Some(r) = self.local(i) {
                 answer = Some(r);
                 break;
             }
             if !body.is_empty() {
-                let host = &mut self.filters[i].host;
                 // The plugin may have changed the headers; the route follows them.
-                headers.clone_from(&host.state().request_headers);
-                self.route_properties(&headers);
+                let seen = self.filters[i].host.state().request_headers.clone();
+                self.route_properties(&seen, &mut cached);
                 let host = &mut self.filters[i].host;
                 host.on_request_body(ctx, true)?;
                 self.pump(i)?;
+                self.after_callback(i, &seen, &mut cached);
                 if let Some(r) = self.local(i) {
                     answer = Some(r);
                     break;
@@ -529,7 +560,13 @@ impl Gateway {
         }
         let mut response = match answer {
             Some(r) => r,
-            None => self.forward(&mut headers, &body)?,
+            None => {
+                let route = match cached {
+                    Some(r) => r,
+                    None => self.route(&headers).cloned(),
+                };
+                self.forward(route, &mut headers, &body)?
+            }
         };
         self.set_properties(&[("response.code_details", Some(response.details.clone()))]);
         if response.status != 0 {
@@ -543,8 +580,13 @@ impl Gateway {
     }
 
     /// The router: the route of the final headers, its header removal, the upstream call.
-    fn forward(&mut self, headers: &mut Headers, body: &[u8]) -> Result<Response> {
-        let Some(route) = self.route(headers).cloned() else {
+    fn forward(
+        &mut self,
+        route: Option<Route>,
+        headers: &mut Headers,
+        body: &[u8],
+    ) -> Result<Response> {
+        let Some(route) = route else {
             return Ok(Response {
                 status: 404,
                 details: "route_not_found".into(),
@@ -596,7 +638,11 @@ impl Gateway {
         let mut chunks: Vec<Vec<u8>> = if response.body.is_empty() {
             Vec::new()
         } else {
-            response.body.chunks(self.chunk.max(1)).map(<[u8]>::to_vec).collect()
+            response
+                .body
+                .chunks(self.chunk.max(1))
+                .map(<[u8]>::to_vec)
+                .collect()
         };
         for &(i, ctx) in contexts.iter().rev() {
             let host = &mut self.filters[i].host;

@@ -749,9 +749,11 @@ fn link_wasi(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     };
     linker.func_wrap(W, "environ_sizes_get", empty)?;
     linker.func_wrap(W, "args_sizes_get", empty)?;
-    linker.func_wrap(W, "environ_get", |_c: Caller<'_, State>, _a: i32, _b: i32| {
-        ESUCCESS
-    })?;
+    linker.func_wrap(
+        W,
+        "environ_get",
+        |_c: Caller<'_, State>, _a: i32, _b: i32| ESUCCESS,
+    )?;
     linker.func_wrap(W, "args_get", |_c: Caller<'_, State>, _a: i32, _b: i32| {
         ESUCCESS
     })?;
@@ -802,9 +804,11 @@ fn link_wasi(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "fd_fdstat_set_flags",
         |_c: Caller<'_, State>, _fd: i32, _flags: i32| ESUCCESS,
     )?;
-    linker.func_wrap(W, "fd_prestat_get", |_c: Caller<'_, State>, _fd: i32, _r: i32| {
-        EBADF
-    })?;
+    linker.func_wrap(
+        W,
+        "fd_prestat_get",
+        |_c: Caller<'_, State>, _fd: i32, _r: i32| EBADF,
+    )?;
     linker.func_wrap(
         W,
         "fd_prestat_dir_name",
@@ -915,7 +919,11 @@ pub fn compile(wasm: &[u8], fuel: bool) -> Result<Module> {
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let key = (hex::encode(Sha256::digest(wasm)), fuel);
     let cache = CACHE.get_or_init(Cache::default);
-    if let Some(m) = cache.lock().map_err(|_| Error("poisoned".into()))?.get(&key) {
+    if let Some(m) = cache
+        .lock()
+        .map_err(|_| Error("poisoned".into()))?
+        .get(&key)
+    {
         return Ok(m.clone());
     }
     let module = Module::new(engine(fuel)?, wasm)?;
@@ -1109,4 +1117,3 @@ impl Host {
             .map(|(_, v)| *v)
     }
 }
-

@@ -7,7 +7,11 @@ fn smoke() {
         let wasm = plugins::higress(name).unwrap();
         let r = Host::load(wasm, br#"{"modelToHeader":"x-higress-llm-model"}"#);
         match r {
-            Ok((mut h, ok)) => eprintln!("{name}: {:?} configured={ok} logs={:?}", t.elapsed(), h.state().logs),
+            Ok((mut h, ok)) => eprintln!(
+                "{name}: {:?} configured={ok} logs={:?}",
+                t.elapsed(),
+                h.state().logs
+            ),
             Err(e) => eprintln!("{name}: {:?} ERR {e}", t.elapsed()),
         }
     }

@@ -159,7 +159,10 @@ impl Denial {
 
 /// The API key of a request: `Authorization: Bearer <key>` or `x-api-key: <key>`.
 pub fn api_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .get(aigw_plugin_core::headers::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let v = v.trim();
         let key = v
             .strip_prefix("Bearer ")
@@ -167,7 +170,7 @@ pub fn api_key(headers: &HeaderMap) -> Option<&str> {
         return Some(key.trim()).filter(|k| !k.is_empty());
     }
     headers
-        .get("x-api-key")
+        .get(aigw_plugin_core::headers::API_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|k| !k.is_empty())

@@ -27,6 +27,10 @@ pub enum Mode {
     /// Remove client-sent gateway headers (runs before ext-auth, so only authz's copies reach the
     /// upstream side).
     Scrub,
+    /// Remove the client's credentials ([`headers::CLIENT_CREDENTIALS`]) from an admitted request:
+    /// runs after ext-auth (which sent them to authz) and before ai-proxy (which sets the
+    /// provider's), so a tenant's key never reaches a provider whatever header ai-proxy uses.
+    Credentials,
 }
 
 /// Configuration of the usage-reporter plugin, as written by the operator.
@@ -143,6 +147,14 @@ pub mod headers {
     pub const ORIGINAL_AUTH: &str = "x-hi-original-auth";
     /// Where Envoy keeps the client's `:authority` when a plugin rewrites it (the tenant's domain).
     pub const ORIGINAL_HOST: &str = "x-envoy-original-host";
+
+    /// Headers that carry a client's API key: authz reads the key from the first two (ext-auth
+    /// forwards them), and none of them may reach a provider.
+    pub const CLIENT_CREDENTIALS: &[&str] = &[AUTHORIZATION, API_KEY, "x-goog-api-key", "api-key"];
+    /// `Authorization: Bearer <key>`, where authz reads a client's key first.
+    pub const AUTHORIZATION: &str = "authorization";
+    /// `x-api-key: <key>`, where authz reads a client's key otherwise.
+    pub const API_KEY: &str = "x-api-key";
 
     /// Request headers that must never reach a provider: the gateway's own (authz's answers, the
     /// routing model) and the tenant's key and domain. The operator has every LLM route remove

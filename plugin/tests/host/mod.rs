@@ -71,7 +71,12 @@ impl Drive for Host {
         self.on_tick().unwrap_or_else(fail);
     }
     fn call_response(&mut self, id: i32, token: u32, status: u16) {
-        self.deliver(id, token, vec![(":status".into(), status.to_string())], Vec::new())
-            .unwrap_or_else(fail);
+        self.deliver(
+            id,
+            token,
+            vec![(":status".into(), status.to_string())],
+            Vec::new(),
+        )
+        .unwrap_or_else(fail);
     }
 }

@@ -1,0 +1,172 @@
+//! Every ai-proxy configuration the operator can write is accepted by Higress's real `ai-proxy`
+//! build (`on_configure` true), delivered as Higress's controller delivers it. Runs in the
+//! stand-in's proxy-wasm host (`aigw_standin`; Envoy cannot run here); no test bed needed.
+
+// Test code: a failed unwrap is a failed test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use aigw_crds::{Channel, Provider};
+use aigw_operator::{
+    context::Config,
+    higress::{Routable, build, provider_problem},
+};
+use aigw_standin::{higress::delivered_config, host::Host, plugins};
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+/// Every provider, with the fields a platform admin gives it (a base URL where the provider has
+/// no fixed public endpoint).
+fn channels() -> Vec<Channel> {
+    let all: Vec<Provider> = serde_json::from_value(crd_enum("provider")).expect("provider names");
+    all.into_iter()
+        .map(|p| {
+            let name = p.as_str().to_owned();
+            let mut spec = json!({"provider": name, "models": [format!("m-{name}")],
+                "credentials": {"name": "s", "namespace": "aigw-system", "key": "k"}});
+            spec["baseUrl"] = match p {
+                Provider::Azure => json!("https://acme.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"),
+                Provider::Ollama => json!("http://ollama.internal:11434"),
+                Provider::Bedrock => json!("https://bedrock-runtime.us-east-1.amazonaws.com"),
+                Provider::Generic | Provider::Cloudflare | Provider::Vertex
+                | Provider::Baidu | Provider::Hunyuan | Provider::Spark | Provider::Ai360 => {
+                    json!(format!("https://{name}.example.com/v1"))
+                }
+                _ => Value::Null,
+            };
+            serde_json::from_value(json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Channel",
+                "metadata": {"name": format!("c-{name}")}, "spec": spec}))
+            .unwrap()
+        })
+        .collect()
+}
+
+/// The values of the Channel CRD's enum field `field`, from the generated CRD YAML.
+fn crd_enum(field: &str) -> Value {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/crds.yaml")).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: Value = serde_json::to_value(
+            <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap(),
+        )
+        .unwrap();
+        if v["spec"]["names"]["kind"] == "Channel" {
+            return v["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+                ["properties"][field]["enum"]
+                .clone();
+        }
+    }
+    panic!("no Channel CRD");
+}
+
+fn ai_proxy_config(channels: &[Channel]) -> Value {
+    let routable: Vec<Routable<'_>> = channels
+        .iter()
+        .map(|c| Routable {
+            channel: c,
+            keys: vec![format!("key-{}", c.name_any())],
+        })
+        .collect();
+    let desired = build(&routable, &Config::with_defaults("higress-system")).unwrap();
+    let plugin = desired
+        .plugins
+        .iter()
+        .find(|p| p.name_any() == "aigw-ai-proxy")
+        .unwrap();
+    delivered_config(&plugin.data["spec"]).unwrap().unwrap()
+}
+
+#[test]
+fn every_provider_configuration_is_accepted_by_ai_proxy() {
+    let wasm = plugins::higress("ai-proxy").unwrap();
+    let mut refused = Vec::new();
+    for channel in channels() {
+        let config = ai_proxy_config(std::slice::from_ref(&channel));
+        let (mut host, ok) = Host::load(wasm, config.to_string().as_bytes()).unwrap();
+        if !ok {
+            let logs: Vec<String> = host.state().logs.iter().map(|l| l.1.clone()).collect();
+            refused.push(format!("{}: {}", channel.name_any(), logs.join(" | ")));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "ai-proxy refused:\n{}",
+        refused.join("\n")
+    );
+}
+
+fn channel(name: &str, spec: Value) -> Channel {
+    let mut spec = spec;
+    spec["credentials"] = json!({"name": "s", "namespace": "aigw-system", "key": "k"});
+    spec["models"] = json!([format!("m-{name}")]);
+    serde_json::from_value(
+        json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Channel",
+        "metadata": {"name": name}, "spec": spec}),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_misconfigured_channel_is_named_and_left_out_and_the_others_serve() {
+    let wasm = plugins::higress("ai-proxy").unwrap();
+    let bad = [
+        channel(
+            "azure-no-version",
+            json!({"provider": "azure", "baseUrl": "https://acme.openai.azure.com/openai/deployments/d/chat/completions"}),
+        ),
+        channel("ollama-no-url", json!({"provider": "ollama"})),
+        channel(
+            "bedrock-no-region",
+            json!({"provider": "bedrock", "baseUrl": "https://bedrock.example.com"}),
+        ),
+        channel("generic-no-url", json!({"provider": "generic"})),
+    ];
+    // Each is refused by ai-proxy itself when written as is (what the operator used to do).
+    for b in &bad {
+        let problem = provider_problem(b);
+        assert!(problem.is_some(), "{} has no problem named", b.name_any());
+    }
+    let mut all = channels();
+    all.extend(bad.iter().cloned());
+    let config = ai_proxy_config(&all);
+    let text = config.to_string();
+    for b in &bad {
+        assert!(
+            !text.contains(&format!("\"{}\"", b.name_any())),
+            "{} written to ai-proxy",
+            b.name_any()
+        );
+    }
+    let (mut host, ok) = Host::load(wasm, text.as_bytes()).unwrap();
+    assert!(ok, "ai-proxy refused: {:?}", host.state().logs);
+    for c in channels() {
+        assert!(provider_problem(&c).is_none(), "{}", c.name_any());
+        assert!(text.contains(&format!("\"{}\"", c.name_any())));
+    }
+}
+
+/// What the operator used to write for a bad channel is refused by ai-proxy (the reason the
+/// operator leaves it out): the test's premise, checked against the plugin.
+#[test]
+fn ai_proxy_refuses_what_the_operator_now_leaves_out() {
+    let wasm = plugins::higress("ai-proxy").unwrap();
+    for (name, provider) in [
+        (
+            "a",
+            json!({"id": "a", "type": "azure", "apiTokens": ["k"],
+            "azureServiceUrl": "https://acme.openai.azure.com/openai/deployments/d/chat/completions"}),
+        ),
+        (
+            "o",
+            json!({"id": "o", "type": "ollama", "apiTokens": ["k"]}),
+        ),
+        (
+            "b",
+            json!({"id": "b", "type": "bedrock", "apiTokens": ["k"]}),
+        ),
+    ] {
+        let config = json!({"providers": [provider],
+            "_rules_": [{"_match_service_": ["x.dns"], "activeProviderId": name}]});
+        let (_, ok) = Host::load(wasm, config.to_string().as_bytes()).unwrap();
+        assert!(!ok, "{name} accepted");
+    }
+}
