@@ -8,7 +8,11 @@
 //!
 //! Priority tiers and fallback: an Ingress routes a model group to the channels of its highest
 //! priority tier, weighted (`higress.io/destination`), with Envoy's next-upstream retries across
-//! that tier (`proxy-next-upstream`, tries = the tier's largest `maxRetry` + 1). When lower tiers
+//! that tier (`proxy-next-upstream`; `proxy-next-upstream-tries` is the tier's largest `maxRetry`,
+//! since Higress turns it into Istio's `retries.attempts`, a count of retries after the first
+//! try). Retries are Envoy's alone: ai-proxy's own `retryOnFailure` is never enabled, because it
+//! answers with a local reply after the plugins after it saw the failed answer (the reporter
+//! would bill the failure and miss the retried success). When lower tiers
 //! exist, a 5xx or 429 from the top tier is redirected internally (an `EnvoyFilter` with Envoy's
 //! `custom_response` redirect policy) to a fallback Ingress serving the next tier. Tiers below the
 //! next one are not used.
@@ -184,6 +188,17 @@ pub fn provider_problem(channel: &Channel) -> Option<String> {
                     .into(),
             )
         }
+        // ai-proxy builds these providers' paths itself and applies no base path.
+        Provider::Gemini | Provider::Vertex | Provider::Bedrock
+            if spec.base_url.is_some() && !ep.path.is_empty() =>
+        {
+            Some(format!(
+                "a {} baseUrl is scheme://host[:port] only (ai-proxy builds its paths and \
+                 applies no base path), not {}",
+                spec.provider.as_str(),
+                spec.base_url.as_deref().unwrap_or_default()
+            ))
+        }
         Provider::Bedrock if bedrock_region(&ep).is_none() => Some(
             "a bedrock baseUrl must name the region: https://bedrock-runtime.REGION.amazonaws.com"
                 .into(),
@@ -201,9 +216,29 @@ fn provider_entry(r: &Routable<'_>) -> Value {
     }
     if let Some(url) = &spec.base_url {
         match spec.provider {
-            Provider::Openai | Provider::Generic => p["openaiCustomUrl"] = json!(url),
+            Provider::Openai => p["openaiCustomUrl"] = json!(url),
             Provider::Azure => p["azureServiceUrl"] = json!(url),
-            _ => {}
+            // Every other provider ignores `openaiCustomUrl`: ai-proxy's own `providerDomain`
+            // (the upstream `:authority`) and `providerBasePath` (prefixed to the provider's
+            // paths) point it at the base URL, where the registry sends it. `generic` only
+            // rewrites the host, with `genericHost`.
+            _ => {
+                if let Some(ep) = Endpoint::parse(url) {
+                    let default_port = if ep.https { 443 } else { 80 };
+                    let authority = if ep.port == default_port {
+                        ep.host.clone()
+                    } else {
+                        format!("{}:{}", ep.host, ep.port)
+                    };
+                    if spec.provider == Provider::Generic {
+                        p["genericHost"] = json!(authority);
+                    }
+                    p["providerDomain"] = json!(authority);
+                    if !ep.path.is_empty() {
+                        p["providerBasePath"] = json!(ep.path);
+                    }
+                }
+            }
         }
     }
     if spec.provider == Provider::Claude {
@@ -222,9 +257,6 @@ fn provider_entry(r: &Routable<'_>) -> Value {
             }
             _ => {}
         }
-    }
-    if spec.max_retry > 0 {
-        p["retryOnFailure"] = json!({"enabled": true, "maxRetries": spec.max_retry});
     }
     p
 }
@@ -259,6 +291,7 @@ type Serving = (i32, String, u16, i32, i32);
 struct Route {
     upstreams: Vec<Upstream>,
     fallback: Vec<Upstream>,
+    /// Retries after the first try (Higress's `proxy-next-upstream-tries` → Istio `attempts`).
     tries: i32,
     models: Vec<String>,
 }
@@ -301,8 +334,7 @@ fn routes(channels: &[Routable<'_>]) -> Vec<Route> {
             .filter(|s| s.0 == top)
             .map(|s| s.4)
             .max()
-            .unwrap_or_default()
-            + 1;
+            .unwrap_or_default();
         let fallback = next.map(tier).unwrap_or_default();
         groups
             .entry((tier(top), fallback, tries))
@@ -840,8 +872,8 @@ mod tests {
             "30% aigw-openai-backup.dns:443\n70% aigw-openai-main.dns:443"
         );
         assert_eq!(
-            ann["higress.io/proxy-next-upstream-tries"], "3",
-            "largest maxRetry of the tier (default 2) + 1"
+            ann["higress.io/proxy-next-upstream-tries"], "2",
+            "largest maxRetry of the tier (default 2): Istio counts retries, not tries"
         );
         let claude = d
             .ingresses

@@ -27,7 +27,8 @@ fn channels() -> Vec<Channel> {
                 Provider::Azure => json!("https://acme.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"),
                 Provider::Ollama => json!("http://ollama.internal:11434"),
                 Provider::Bedrock => json!("https://bedrock-runtime.us-east-1.amazonaws.com"),
-                Provider::Generic | Provider::Cloudflare | Provider::Vertex
+                Provider::Vertex => json!("https://us-central1-aiplatform.googleapis.com"),
+                Provider::Generic | Provider::Cloudflare
                 | Provider::Baidu | Provider::Hunyuan | Provider::Spark | Provider::Ai360 => {
                     json!(format!("https://{name}.example.com/v1"))
                 }
@@ -169,4 +170,112 @@ fn ai_proxy_refuses_what_the_operator_now_leaves_out() {
         let (_, ok) = Host::load(wasm, config.to_string().as_bytes()).unwrap();
         assert!(!ok, "{name} accepted");
     }
+}
+
+/// A channel's `baseUrl` decides where its requests go — the registry Envoy connects to — and
+/// ai-proxy must send them with that host too (else the upstream gets another host's name, and
+/// TLS its SNI). Runs the operator's objects in the stand-in gateway with only Higress's
+/// ai-proxy (the request carries the model header model-router would set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_url_is_honoured_for_every_provider() {
+    use aigw_standin::{
+        gateway::{Gateway, Request},
+        provider::Provider as Upstream,
+    };
+    let providers = [
+        "openai",
+        "generic",
+        "deepseek",
+        "claude",
+        "gemini",
+        "qwen",
+        "moonshot",
+        "groq",
+        "mistral",
+        "openrouter",
+        "zhipuai",
+        "grok",
+    ];
+    // Gemini takes a host only (ai-proxy builds its paths); with a path it is refused.
+    let base = |p: &str| {
+        if p == "gemini" {
+            format!("https://llm-{p}.proxy.example:8443")
+        } else {
+            format!("https://llm-{p}.proxy.example:8443/gw")
+        }
+    };
+    let with_path = channel(
+        "gem-path",
+        json!({"provider": "gemini", "baseUrl": "https://g.example/v1beta"}),
+    );
+    assert!(provider_problem(&with_path).is_some());
+    let channels: Vec<Channel> = providers
+        .iter()
+        .map(|p| {
+            channel(
+                &format!("b-{p}"),
+                json!({"provider": p, "baseUrl": base(p)}),
+            )
+        })
+        .collect();
+    let routable: Vec<Routable<'_>> = channels
+        .iter()
+        .map(|c| Routable {
+            channel: c,
+            keys: vec![format!("key-{}", c.name_any())],
+        })
+        .collect();
+    let desired = build(&routable, &Config::with_defaults("higress-system")).unwrap();
+    let plugins: Vec<Value> = desired
+        .plugins
+        .iter()
+        .filter(|p| p.name_any() == "aigw-ai-proxy")
+        .map(|p| serde_json::to_value(p).unwrap())
+        .collect();
+    let ingresses: Vec<Value> = desired
+        .ingresses
+        .iter()
+        .map(|i| serde_json::to_value(i).unwrap())
+        .collect();
+    let bridge = json!({"spec": {"registries": desired.registries}});
+    let upstream = Upstream::start().await.unwrap();
+    let addr = upstream.addr;
+    let results = tokio::task::spawn_blocking(move || {
+        let mut gw =
+            Gateway::new(&plugins, &ingresses, &bridge, &|n| plugins::higress(n), addr).unwrap();
+        providers
+            .iter()
+            .map(|p| {
+                let body = json!({"model": format!("m-b-{p}"), "messages": [{"role": "user", "content": "hi"}]});
+                let r = gw
+                    .handle(&Request {
+                        method: "POST".into(),
+                        authority: "api.t.example".into(),
+                        path: "/v1/chat/completions".into(),
+                        headers: vec![
+                            ("content-type".into(), "application/json".into()),
+                            ("x-higress-llm-model".into(), format!("m-b-{p}")),
+                        ],
+                        body: body.to_string().into_bytes(),
+                    })
+                    .unwrap();
+                (p.to_owned(), r.status, r.details)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let seen = upstream.received();
+    assert_eq!(seen.len(), providers.len(), "{results:?}");
+    let mut wrong = Vec::new();
+    for ((p, _, _), up) in results.iter().zip(&seen) {
+        let want = format!("llm-{p}.proxy.example:8443");
+        let host = up.header("host").unwrap_or_default();
+        if host != want && host != format!("llm-{p}.proxy.example") {
+            wrong.push(format!("{p}: host {host}, path {}", up.uri));
+        } else if *p != "gemini" && !up.uri.starts_with("/gw/") {
+            wrong.push(format!("{p}: path {} outside the base path", up.uri));
+        }
+    }
+    assert!(wrong.is_empty(), "baseUrl ignored:\n{}", wrong.join("\n"));
 }
