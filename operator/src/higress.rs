@@ -514,6 +514,23 @@ fn fallback_filter(route: &Route, config: &Config) -> Result<DynamicObject> {
     }))?)
 }
 
+/// `GET /v1/models` on every domain, answered by authz from its index (it checks key and domain
+/// as for a request). Exact path: authz's decision endpoint stays out of reach.
+fn models_ingress(config: &Config) -> Result<Ingress> {
+    let name = format!("{PREFIX}models");
+    let mut meta = metadata(&name, &config.higress_namespace);
+    meta["annotations"] = json!({
+        "higress.io/destination": format!("{}:{}", config.authz_service, config.authz_port),
+    });
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta,
+        "spec": {"ingressClassName": "higress", "rules": [{"http": {"paths": [{
+            "path": "/v1/models", "pathType": "Exact",
+            "backend": {"resource": {"apiGroup": "networking.higress.io", "kind": "McpBridge", "name": "default"}}
+        }]}}]}
+    }))?)
+}
+
 fn api_ingress(config: &Config) -> Result<Ingress> {
     let name = format!("{PREFIX}api");
     let mut meta = metadata(&name, &config.higress_namespace);
@@ -733,6 +750,7 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
         }
     }
     let route_names: Vec<String> = ingresses[1..].iter().map(ResourceExt::name_any).collect();
+    ingresses.push(models_ingress(config)?);
     ingresses.extend(internal_ingresses(config)?);
 
     let plugins = plugins(config, &with_endpoint, &route_names)?;
@@ -824,8 +842,8 @@ mod tests {
             "domain": "proxy.example", "port": 443, "protocol": "https"})
         );
         // api + {gpt-4o, gpt-4o-mini} (top tier 10, fallback tier 1) + its fallback +
-        // {claude-sonnet-4} + the two internal-cluster routes.
-        assert_eq!(d.ingresses.len(), 6);
+        // {claude-sonnet-4} + /v1/models + the two internal-cluster routes.
+        assert_eq!(d.ingresses.len(), 7);
         let fallback = d
             .ingresses
             .iter()
@@ -959,8 +977,8 @@ mod tests {
         assert_eq!(one, two);
         assert_eq!(
             one.ingresses.len(),
-            4,
-            "api + one route + authz and ingest, whatever the number of tenants"
+            5,
+            "api + one route + models + authz and ingest, whatever the number of tenants"
         );
     }
 }

@@ -651,6 +651,50 @@ async fn refused_requests_never_reach_the_provider() {
         refused(what, &r, &p, before);
     }
 
+    // GET /v1/models: what the key may call, on its own domain only.
+    let list = |domain: &str, key: &str| Request {
+        method: "GET".into(),
+        authority: domain.to_owned(),
+        path: "/v1/models".into(),
+        headers: vec![("authorization".into(), format!("Bearer {key}"))],
+        body: Vec::new(),
+    };
+    let ids = |r: &Response| -> Vec<String> {
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let r = send(&gw, list(&dom_a, &key_a)).await;
+    assert_eq!(
+        r.status,
+        200,
+        "{} {}",
+        r.details,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(ids(&r), ["gpt-4o"], "A's allow-list");
+    let r = send(&gw, list(&dom_b, &key_b)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(ids(&r), ["gpt-4o", "gpt-4o-mini"], "every served model");
+    for (what, req) in [
+        ("models with A's key on B's domain", list(&dom_b, &key_a)),
+        ("models with an unknown key", list(&dom_a, "sk-nope-0000")),
+        ("models with a disabled token", list(&dom_a, &key_off)),
+    ] {
+        let r = send(&gw, req).await;
+        assert!(
+            [401, 403].contains(&r.status),
+            "{what}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(!String::from_utf8_lossy(&r.body).contains("gpt-4o"), "{what}");
+    }
+
     // Served: A's key on A's domain; B's key sent as x-api-key. Neither key reaches the provider.
     let r = send(&gw, chat(&dom_a, &key_a, &gpt4o)).await;
     assert_eq!(r.status, 200, "{} {}", r.details, logs(&gw));
@@ -690,12 +734,49 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
         "AIza-upstream",
     )
     .await;
+    // A misconfigured channel: named in its status, left out, and the others still serve.
+    let broken = format!("az-{sfx}");
+    bed.channel(
+        &broken,
+        json!({"provider": "azure", "models": ["gpt-azure"],
+               "baseUrl": "https://acme.openai.azure.com/openai/deployments/d/chat/completions"}),
+    )
+    .await;
+    let channels: Api<Channel> = Api::all(bed.h.client.clone());
+    eventually("the broken channel names its problem", || async {
+        let c = channels.get(&broken).await.unwrap();
+        let conds = c.status?.common.conditions;
+        conds
+            .iter()
+            .find(|c| c.type_ == "Ready" && c.reason == "ProviderConfigInvalid")
+            .filter(|c| c.status == "False" && c.message.contains("api-version"))
+            .map(|_| ())
+    })
+    .await;
     let tenant = format!("pf-{sfx}");
     let domain = format!("api.{tenant}.example");
     let key = format!("sk-client-{sfx}");
     bed.tenant(&tenant, &domain, &key, &[]).await;
     let gw = bed.gateway(&["claude-sonnet-4", "gemini-2.5-flash"]).await;
+    for f in &mut gw.lock().unwrap().filters {
+        assert!(f.host.configured, "{}: {:?}", f.name, f.host.state().logs);
+    }
     let p = bed.provider.clone();
+    let r = send(
+        &gw,
+        chat(
+            &domain,
+            &key,
+            &json!({"model": "gpt-azure", "messages": []}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        r.status, 404,
+        "the broken channel's model is not routed: {}",
+        r.details
+    );
+    assert!(p.received().is_empty());
     // (model, stream, provider host, path fragment, key header, recording)
     let cases = [
         (

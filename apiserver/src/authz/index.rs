@@ -13,7 +13,7 @@ use std::{
     },
 };
 
-use aigw_crds::{TENANT_NAMESPACE_PREFIX, Tenant, Token, TokenPhase};
+use aigw_crds::{Channel, TENANT_NAMESPACE_PREFIX, Tenant, Token, TokenPhase};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::{
@@ -173,8 +173,23 @@ fn token_key(token: &Token) -> String {
 pub struct Index {
     tokens: Arc<RwLock<Tokens>>,
     tenants: Arc<RwLock<HashMap<String, Arc<TenantRecord>>>>,
+    /// Models of every serving channel (enabled, Ready), by channel name: what `GET /v1/models`
+    /// lists for a token without an allow-list.
+    channels: Arc<RwLock<HashMap<String, Vec<String>>>>,
     tokens_synced: Arc<AtomicBool>,
     tenants_synced: Arc<AtomicBool>,
+    channels_synced: Arc<AtomicBool>,
+}
+
+/// The models a channel serves, if it serves: enabled and `Ready` (the operator routes it).
+pub fn channel_models(channel: &Channel) -> Option<Vec<String>> {
+    let ready = channel.status.as_ref().is_some_and(|s| {
+        s.common
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    });
+    (ready && !channel.spec.disabled).then(|| channel.spec.models.clone())
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -207,9 +222,44 @@ impl Index {
         self.len() == 0
     }
 
-    /// Whether both watches have completed their initial list.
+    /// Whether every watch has completed its initial list.
     pub fn synced(&self) -> bool {
-        self.tokens_synced.load(Ordering::Acquire) && self.tenants_synced.load(Ordering::Acquire)
+        self.tokens_synced.load(Ordering::Acquire)
+            && self.tenants_synced.load(Ordering::Acquire)
+            && self.channels_synced.load(Ordering::Acquire)
+    }
+
+    /// The models `token` may call: its allow-list, or every model a serving channel offers;
+    /// sorted, without duplicates.
+    pub fn models_for(&self, token: &TokenRecord) -> Vec<String> {
+        let mut out: Vec<String> = if token.models.is_empty() {
+            read(&self.channels).values().flatten().cloned().collect()
+        } else {
+            token.models.clone()
+        };
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    pub fn upsert_channel(&self, channel: &Channel) {
+        let mut c = write(&self.channels);
+        match channel_models(channel) {
+            Some(models) => c.insert(channel.name_any(), models),
+            None => c.remove(&channel.name_any()),
+        };
+    }
+
+    pub fn remove_channel(&self, channel: &Channel) {
+        write(&self.channels).remove(&channel.name_any());
+    }
+
+    fn replace_channels(&self, all: &[Channel]) {
+        let fresh = all
+            .iter()
+            .filter_map(|c| Some((c.name_any(), channel_models(c)?)))
+            .collect();
+        *write(&self.channels) = fresh;
     }
 
     /// Inserts or replaces a token (in one critical section: a reader never sees it missing).
@@ -277,6 +327,17 @@ impl Index {
             },
             &self.tokens_synced,
         );
+        let c = self.clone();
+        let channels = feed(
+            watcher::watcher(Api::<Channel>::all(client.clone()), cfg.clone()),
+            "channel",
+            Handlers {
+                replace: |all: Vec<Channel>| self.replace_channels(&all),
+                apply: |o: &Channel| c.upsert_channel(o),
+                delete: |o: &Channel| c.remove_channel(o),
+            },
+            &self.channels_synced,
+        );
         let tenants = feed(
             watcher::watcher(Api::<Tenant>::all(client), cfg),
             "tenant",
@@ -287,7 +348,7 @@ impl Index {
             },
             &self.tenants_synced,
         );
-        tokio::join!(tokens, tenants);
+        tokio::join!(tokens, tenants, channels);
     }
 }
 

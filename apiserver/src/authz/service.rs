@@ -137,14 +137,38 @@ pub fn spawn_index_gauge(authz: &Authz) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// The authz router: every path and method is a decision.
+/// The authz router: `GET /v1/models` (reached by clients through the operator's `aigw-models`
+/// route) lists the models a key may call; every other path and method is a decision (ext-auth
+/// calls `/authz`).
 pub fn router(state: Authz) -> Router {
     Router::new()
+        .route(MODELS_PATH, axum::routing::get(models))
         .fallback(handle)
         .layer(DefaultBodyLimit::max(
             aigw_plugin_core::AUTHZ_MAX_BODY_BYTES,
         ))
         .with_state(state)
+}
+
+/// The OpenAI-compatible model list path.
+pub const MODELS_PATH: &str = "/v1/models";
+
+/// `GET /v1/models`: the models the key may call, in OpenAI's list shape, after the same checks
+/// on key, domain and token as a request (an unknown key learns nothing).
+async fn models(State(authz): State<Authz>, headers: HeaderMap) -> Response {
+    let now = Timestamp::now().as_millisecond();
+    match decide::check(&authz.index, &headers, now) {
+        Ok(admitted) => {
+            let data: Vec<serde_json::Value> = authz
+                .index
+                .models_for(&admitted.token)
+                .into_iter()
+                .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "aigateway"}))
+                .collect();
+            Json(serde_json::json!({"object": "list", "data": data})).into_response()
+        }
+        Err(denial) => (denial.status(), Json(denial.body())).into_response(),
+    }
 }
 
 async fn handle(State(authz): State<Authz>, headers: HeaderMap, body: Bytes) -> Response {
