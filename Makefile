@@ -42,8 +42,9 @@ wasm: ## build the usage-reporter plugin for wasm32-wasip1
 	@ls -l target/wasm32-wasip1/wasm/aigw_plugin.wasm
 
 .PHONY: dev
-dev: toolchain testbed migrate crds ## the product locally: test bed, our CRDs, operator + apiserver + billing in the foreground
+dev: toolchain testbed migrate crds ## the product locally: test bed, our CRDs, operator + apiserver + billing + the Higress stand-in in the foreground
 	cargo build --workspace --bins
+	$(MAKE) wasm
 	$(WITH_ENV) exec scripts/dev
 
 .PHONY: lint

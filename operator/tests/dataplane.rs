@@ -692,7 +692,10 @@ async fn refused_requests_never_reach_the_provider() {
             r.status,
             String::from_utf8_lossy(&r.body)
         );
-        assert!(!String::from_utf8_lossy(&r.body).contains("gpt-4o"), "{what}");
+        assert!(
+            !String::from_utf8_lossy(&r.body).contains("gpt-4o"),
+            "{what}"
+        );
     }
 
     // Served: A's key on A's domain; B's key sent as x-api-key. Neither key reaches the provider.

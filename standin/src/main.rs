@@ -1,0 +1,320 @@
+//! `aigw-standin`: the Higress stand-in as a local server, for `make dev` — dev tooling, never
+//! the production data plane. It serves the OpenAI-compatible API on a loopback port the way the
+//! gateway would: it reads the Higress objects the operator wrote from the kube-apiserver (and
+//! reloads them when they change), runs Higress's own plugins and our reporter on them, calls the
+//! local authz and ingest, and answers from the provider stand-in (recorded provider responses;
+//! real providers are never called).
+//!
+//! Environment: `KUBECONFIG`; `AIGW_STANDIN_ADDR` (default `127.0.0.1:8000`);
+//! `AIGW_HIGRESS_NAMESPACE` (default `higress-system`); `AIGW_STANDIN_SERVICES`, the Kubernetes
+//! Service clusters and where they listen here, `cluster=addr` separated by commas (default: the
+//! operator's default authz and ingest clusters → `127.0.0.1:8081` and `127.0.0.1:8090`, where
+//! `make dev` runs them); `AIGW_REPORTER_WASM`, our plugin's module (default: the workspace's
+//! `make wasm` output); `AIGW_HIGRESS_PLUGINS`, `AIGW_LLM_RESPONSES` (see the library).
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aigw_standin::{
+    gateway::{Gateway, Request},
+    host::Error,
+    plugins,
+    provider::Provider,
+};
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::State,
+    http::{HeaderMap, Method, StatusCode, Uri},
+    response::Response,
+};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
+};
+use serde_json::Value;
+
+const DEFAULT_SERVICES: &str = "outbound|8081||aigw-apiserver.aigw-system.svc.cluster.local=127.0.0.1:8081,\
+     outbound|8090||aigw-ingest.aigw-system.svc.cluster.local=127.0.0.1:8090";
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// The objects a gateway is built from, and their resource versions (to see changes).
+struct Objects {
+    plugins: Vec<Value>,
+    ingresses: Vec<Value>,
+    bridge: Value,
+    versions: Vec<String>,
+}
+
+async fn list(
+    client: &Client,
+    ns: &str,
+    group: &str,
+    version: &str,
+    kind: &str,
+    plural: &str,
+) -> Result<Vec<Value>, kube::Error> {
+    let ar =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|o| serde_json::to_value(o).ok())
+        .collect())
+}
+
+async fn read(client: &Client, ns: &str) -> Result<Objects, kube::Error> {
+    let plugins = list(
+        client,
+        ns,
+        "extensions.higress.io",
+        "v1alpha1",
+        "WasmPlugin",
+        "wasmplugins",
+    )
+    .await?;
+    let ingresses = list(
+        client,
+        ns,
+        "networking.k8s.io",
+        "v1",
+        "Ingress",
+        "ingresses",
+    )
+    .await?;
+    let bridges = list(
+        client,
+        ns,
+        "networking.higress.io",
+        "v1",
+        "McpBridge",
+        "mcpbridges",
+    )
+    .await?;
+    let bridge = bridges
+        .into_iter()
+        .find(|b| b["metadata"]["name"] == "default")
+        .unwrap_or(Value::Null);
+    let versions = plugins
+        .iter()
+        .chain(&ingresses)
+        .chain(std::iter::once(&bridge))
+        .map(|o| {
+            format!(
+                "{}@{}",
+                o["metadata"]["name"], o["metadata"]["resourceVersion"]
+            )
+        })
+        .collect();
+    Ok(Objects {
+        plugins,
+        ingresses,
+        bridge,
+        versions,
+    })
+}
+
+fn reporter() -> Result<&'static [u8], Error> {
+    match std::env::var("AIGW_REPORTER_WASM") {
+        Ok(path) => std::fs::read(&path)
+            .map(|b| &*Box::leak(b.into_boxed_slice()))
+            .map_err(|e| Error(format!("{path}: {e}"))),
+        Err(_) => {
+            let root = plugins::workspace_root()?;
+            let path = root.join("target/wasm32-wasip1/wasm/aigw_plugin.wasm");
+            std::fs::read(&path)
+                .map(|b| &*Box::leak(b.into_boxed_slice()))
+                .map_err(|e| Error(format!("{}: {e} (run `make wasm`)", path.display())))
+        }
+    }
+}
+
+fn build(
+    objects: &Objects,
+    provider: SocketAddr,
+    services: &[(String, SocketAddr)],
+) -> Result<Gateway, Error> {
+    let reporter = reporter()?;
+    let modules = move |name: &str| match name {
+        "aigw-plugin" => Ok(reporter),
+        other => plugins::higress(other),
+    };
+    let mut gw = Gateway::new(
+        &objects.plugins,
+        &objects.ingresses,
+        &objects.bridge,
+        &modules,
+        provider,
+    )?;
+    gw.services.extend(services.iter().cloned());
+    Ok(gw)
+}
+
+type Shared = Arc<Mutex<Option<Gateway>>>;
+
+async fn serve(
+    State(gw): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let authority = headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let req = Request {
+        method: method.to_string(),
+        authority,
+        path: uri
+            .path_and_query()
+            .map_or_else(|| uri.path().to_owned(), ToString::to_string),
+        headers: headers
+            .iter()
+            .filter(|(k, _)| *k != "host")
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: body.to_vec(),
+    };
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut guard = gw
+            .lock()
+            .map_err(|_| Error("gateway lock poisoned".into()))?;
+        let gw = guard
+            .as_mut()
+            .ok_or_else(|| Error("no gateway configuration yet".into()))?;
+        gw.handle(&req)
+    })
+    .await;
+    let result = match answer {
+        Ok(r) => r,
+        Err(e) => Err(Error(e.to_string())),
+    };
+    match result {
+        Ok(r) => {
+            let mut b = Response::builder()
+                .status(StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY));
+            for (k, v) in &r.headers {
+                if k != "content-length" && k != "transfer-encoding" {
+                    b = b.header(k, v);
+                }
+            }
+            b.header("x-standin-details", r.details)
+                .body(Body::from(r.body))
+                .unwrap_or_else(|_| Response::new(Body::empty()))
+        }
+        Err(e) => {
+            eprintln!("standin: {e}");
+            Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .body(Body::from(format!("stand-in error: {e}\n")))
+                .unwrap_or_else(|_| Response::new(Body::empty()))
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let addr: SocketAddr = env("AIGW_STANDIN_ADDR", "127.0.0.1:8000").parse()?;
+    let ns = env("AIGW_HIGRESS_NAMESPACE", "higress-system");
+    let mut services = Vec::new();
+    for item in env("AIGW_STANDIN_SERVICES", DEFAULT_SERVICES).split(',') {
+        let (cluster, to) = item.trim().rsplit_once('=').ok_or_else(|| {
+            Error(format!(
+                "AIGW_STANDIN_SERVICES item {item:?} is not cluster=addr"
+            ))
+        })?;
+        services.push((cluster.to_owned(), to.parse::<SocketAddr>()?));
+    }
+    let client = Client::try_default().await?;
+    let provider = Provider::start().await?.addr;
+    let gw: Shared = Arc::new(Mutex::new(None));
+    // Reload the gateway whenever the operator's objects change; tick the plugins' timers.
+    let (reload, ticker) = (gw.clone(), gw.clone());
+    tokio::spawn(async move {
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            match read(&client, &ns).await {
+                Ok(objects) if objects.versions != seen => {
+                    let (p, s) = (provider, services.clone());
+                    let versions = objects.versions.clone();
+                    let built = tokio::task::spawn_blocking(move || build(&objects, p, &s)).await;
+                    match built {
+                        Ok(Ok(g)) => {
+                            let names: Vec<String> = g
+                                .filters
+                                .iter()
+                                .map(|f| {
+                                    format!(
+                                        "{}{}",
+                                        f.name,
+                                        if f.host.configured {
+                                            ""
+                                        } else {
+                                            " (refused its configuration)"
+                                        }
+                                    )
+                                })
+                                .collect();
+                            eprintln!(
+                                "standin: configured from {ns}: {} route(s), plugins {}",
+                                g.routes.len(),
+                                names.join(", ")
+                            );
+                            if let Ok(mut slot) = reload.lock() {
+                                *slot = Some(g);
+                            }
+                            seen = versions;
+                        }
+                        Ok(Err(e)) => eprintln!("standin: configuration not loaded: {e}"),
+                        Err(e) => eprintln!("standin: configuration not loaded: {e}"),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("standin: reading {ns}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let t = ticker.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Ok(mut g) = t.lock()
+                    && let Some(g) = g.as_mut()
+                    && let Err(e) = g.tick(200)
+                {
+                    eprintln!("standin: tick: {e}");
+                }
+            })
+            .await;
+        }
+    });
+    let app = Router::new().fallback(serve).with_state(gw);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    eprintln!(
+        "standin: serving the gateway on http://{addr} (upstreams: the provider stand-in at {provider})"
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
