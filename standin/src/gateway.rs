@@ -309,6 +309,26 @@ impl Gateway {
         modules: Modules<'_>,
         provider: SocketAddr,
     ) -> Result<Self> {
+        Self::metered(
+            wasm_plugins,
+            ingresses,
+            mcp_bridge,
+            modules,
+            provider,
+            false,
+        )
+    }
+
+    /// [`Gateway::new`]; with `fuel`, every wasm instruction a plugin executes is counted
+    /// ([`Host::fuel_used`] of each filter's host) — for the data-plane cost benchmark.
+    pub fn metered(
+        wasm_plugins: &[Value],
+        ingresses: &[Value],
+        mcp_bridge: &Value,
+        modules: Modules<'_>,
+        provider: SocketAddr,
+        fuel: bool,
+    ) -> Result<Self> {
         let shared = Shared::default();
         let mut filters = Vec::new();
         for wp in wasm_plugins {
@@ -319,8 +339,7 @@ impl Gateway {
             let name = wp["metadata"]["name"].as_str().unwrap_or_default();
             let url = spec["url"].as_str().unwrap_or_default();
             let wasm = modules(&module_name(url))?;
-            let (host, _) =
-                Host::start(wasm, config.to_string().as_bytes(), false, shared.clone())?;
+            let (host, _) = Host::start(wasm, config.to_string().as_bytes(), fuel, shared.clone())?;
             filters.push(Filter {
                 name: name.to_owned(),
                 phase: phase_rank(spec["phase"].as_str().unwrap_or_default()),
