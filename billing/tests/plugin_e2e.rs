@@ -11,7 +11,7 @@ mod common;
 mod host;
 
 use common::{Bed, SECRET, clickhouse_sums, start_ingest};
-use host::{Host, build_wasm};
+use host::{Drive, build_wasm, load};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reported_response_becomes_a_priced_row() {
@@ -22,7 +22,7 @@ async fn a_reported_response_becomes_a_priced_row() {
     let config = format!(
         r#"{{"version":1,"mode":"report","ingestCluster":"outbound|8090||aigw-ingest","ingestSecret":"{SECRET}"}}"#
     );
-    let (mut host, ok) = Host::load(&build_wasm(), config.as_bytes());
+    let (mut host, ok) = load(build_wasm(), config.as_bytes());
     assert!(ok);
     host.state().properties.insert(
         "cluster_name".into(),

@@ -19,7 +19,7 @@ mod common;
 #[path = "../tests/dataplane_bed/mod.rs"]
 mod dataplane_bed;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use aigw_standin::provider::Scripted;
 use dataplane_bed::{Bed, chat, send};
@@ -29,9 +29,10 @@ use serde_json::json;
 fn stream_body(n: usize) -> Vec<u8> {
     let mut out = String::new();
     for i in 0..n {
-        out.push_str(&format!(
+        let _ = write!(
+            out,
             "data: {{\"id\":\"chatcmpl-b\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token{i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
-        ));
+        );
     }
     out.push_str("data: {\"id\":\"chatcmpl-b\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":200,\"total_tokens\":212}}\n\ndata: [DONE]\n\n");
     out.into_bytes()

@@ -8,7 +8,12 @@
 //! the usage event in Kafka.
 
 // Test code: a failed unwrap is a failed test with its message.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines
+)]
 
 mod common;
 mod dataplane_bed;

@@ -87,7 +87,7 @@ async fn our_plugins_accept_the_configuration_higress_delivers() {
         .unwrap()
         .expect("applied somewhere");
     assert!(delivered.get("_rules_").is_some(), "{delivered}");
-    let (mut host, ok) = load(&build_wasm(), delivered.to_string().as_bytes());
+    let (mut host, ok) = load(build_wasm(), delivered.to_string().as_bytes());
     assert!(
         ok,
         "on_configure refused what Higress delivers: {:?}",
@@ -117,7 +117,7 @@ async fn our_plugins_accept_the_configuration_higress_delivers() {
     let delivered = delivered_config(&scrub)
         .unwrap()
         .expect("applied everywhere");
-    let (mut host, ok) = load(&build_wasm(), delivered.to_string().as_bytes());
+    let (mut host, ok) = load(build_wasm(), delivered.to_string().as_bytes());
     assert!(ok, "{:?}", host.state().logs);
     let id = host.new_http();
     host.request_headers(

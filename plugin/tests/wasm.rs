@@ -98,7 +98,7 @@ fn the_module_imports_only_what_higress_provides() {
 
 #[test]
 fn a_config_of_another_version_is_refused_at_configure_time() {
-    let (mut host, ok) = load(&build_wasm(), br#"{"version":2,"ingestCluster":"x"}"#);
+    let (mut host, ok) = load(build_wasm(), br#"{"version":2,"ingestCluster":"x"}"#);
     assert!(!ok);
     let logs = &host.state().logs;
     assert!(
@@ -120,7 +120,7 @@ fn answer_json(host: &mut Host, id: i32) {
 
 #[test]
 fn scrub_mode_removes_client_sent_gateway_headers() {
-    let (mut host, ok) = load(&build_wasm(), br#"{"version":1,"mode":"scrub"}"#);
+    let (mut host, ok) = load(build_wasm(), br#"{"version":1,"mode":"scrub"}"#);
     assert!(ok);
     let id = host.new_http();
     host.request_headers(
@@ -180,7 +180,7 @@ fn admitted(host: &mut Host) -> i32 {
 
 #[test]
 fn a_streamed_response_is_reported_once_with_its_usage() {
-    let (mut host, ok) = load(&build_wasm(), REPORT);
+    let (mut host, ok) = load(build_wasm(), REPORT);
     assert!(ok);
     let id = admitted(&mut host);
     host.advance_ms(250);
@@ -273,7 +273,7 @@ fn a_streamed_response_is_reported_once_with_its_usage() {
 
 #[test]
 fn an_undeliverable_report_is_retried_with_backoff_then_given_up() {
-    let (mut host, ok) = load(&build_wasm(), REPORT);
+    let (mut host, ok) = load(build_wasm(), REPORT);
     assert!(ok);
     // The ingest cluster is unknown to the gateway: every dispatch fails at once.
     host.state().refuse_calls = true;
@@ -324,7 +324,7 @@ fn an_undeliverable_report_is_retried_with_backoff_then_given_up() {
 
 #[test]
 fn a_response_cut_short_is_reported_as_truncated() {
-    let (mut host, _) = load(&build_wasm(), REPORT);
+    let (mut host, _) = load(build_wasm(), REPORT);
     let id = admitted(&mut host);
     host.response_headers(
         id,
@@ -349,7 +349,7 @@ fn a_response_cut_short_is_reported_as_truncated() {
 
 #[test]
 fn an_upstream_error_is_reported_with_its_status_and_requests_not_admitted_are_not() {
-    let (mut host, _) = load(&build_wasm(), REPORT);
+    let (mut host, _) = load(build_wasm(), REPORT);
     let id = admitted(&mut host);
     host.response_headers(
         id,
@@ -381,7 +381,7 @@ fn an_upstream_error_is_reported_with_its_status_and_requests_not_admitted_are_n
 fn requests_in_the_same_millisecond_without_an_issued_id_get_distinct_event_ids() {
     // The old fallback, `<token>-<ms>`, made two requests of one token in one millisecond one
     // event: the second was dropped as a duplicate and its usage never billed.
-    let (mut host, ok) = load(&build_wasm(), REPORT);
+    let (mut host, ok) = load(build_wasm(), REPORT);
     assert!(ok);
     let mut ids = Vec::new();
     for _ in 0..2 {
@@ -423,7 +423,7 @@ fn requests_in_the_same_millisecond_without_an_issued_id_get_distinct_event_ids(
 fn a_retired_root_context_sends_what_is_queued_before_it_says_done() {
     // A config change retires the root context as soon as its last stream ends: the report that
     // stream just queued must still go out.
-    let (mut host, ok) = load(&build_wasm(), REPORT);
+    let (mut host, ok) = load(build_wasm(), REPORT);
     assert!(ok);
     let id = admitted(&mut host);
     answer_json(&mut host, id);
@@ -437,6 +437,6 @@ fn a_retired_root_context_sends_what_is_queued_before_it_says_done() {
     assert!(host.state().done_called, "done once the outbox is empty");
     assert_eq!(host.metric("aigw_usage_reports"), Some(1));
     // With nothing queued, it is done at once.
-    let (mut idle, _) = load(&build_wasm(), REPORT);
+    let (mut idle, _) = load(build_wasm(), REPORT);
     assert!(idle.retire_root());
 }

@@ -26,6 +26,7 @@
 //! would split it.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -258,12 +259,36 @@ impl Response {
     }
 }
 
+/// A registry endpoint: domain, port, protocol.
+pub type Intended = (String, u16, String);
+
+/// The route cache of one stream.
+#[derive(Debug, Clone)]
+enum RouteCache {
+    /// Not computed yet, or cleared by a plugin.
+    Empty,
+    /// Computed: the route, or none.
+    Computed(Option<Route>),
+}
+
+impl RouteCache {
+    fn get(&mut self, compute: impl FnOnce() -> Option<Route>) -> Option<Route> {
+        if let Self::Empty = self {
+            *self = Self::Computed(compute());
+        }
+        match self {
+            Self::Computed(r) => r.clone(),
+            Self::Empty => None,
+        }
+    }
+}
+
 /// An upstream request the gateway sent (after every plugin and the route's header removal).
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub cluster: String,
     /// The registry's domain, port and protocol the request was meant for.
-    pub intended: Option<(String, u16, String)>,
+    pub intended: Option<Intended>,
 }
 
 /// The gateway: loaded plugins, routes, clusters.
@@ -411,14 +436,8 @@ impl Gateway {
     }
 
     /// The stream's route: cached as Envoy caches it, computed when first needed.
-    fn route_properties(
-        &mut self,
-        headers: &[(String, String)],
-        cached: &mut Option<Option<Route>>,
-    ) {
-        let route = cached
-            .get_or_insert_with(|| self.route(headers).cloned())
-            .clone();
+    fn route_properties(&mut self, headers: &[(String, String)], cached: &mut RouteCache) {
+        let route = cached.get(|| self.route(headers).cloned());
         self.set_properties(&[
             ("route_name", route.as_ref().map(|r| r.name.clone())),
             ("cluster_name", route.as_ref().and_then(Route::cluster)),
@@ -428,16 +447,11 @@ impl Gateway {
     /// Envoy clears the route cache when a Wasm plugin changed the request headers, unless the
     /// plugin set the `clear_route_cache` property to `off` (Higress's ext-auth and ai-proxy do,
     /// so their header and path rewrites keep the route).
-    fn after_callback(
-        &mut self,
-        i: usize,
-        before: &[(String, String)],
-        cached: &mut Option<Option<Route>>,
-    ) {
+    fn after_callback(&mut self, i: usize, before: &[(String, String)], cached: &mut RouteCache) {
         let state = self.filters[i].host.state();
         let keep = state.properties.get("clear_route_cache").map(Vec::as_slice) == Some(b"off");
         if !keep && state.request_headers != before {
-            *cached = None;
+            *cached = RouteCache::Empty;
         }
     }
 
@@ -465,7 +479,7 @@ impl Gateway {
     }
 
     /// Where a cluster's requests go, and the registry endpoint it stands for.
-    fn resolve(&self, cluster: &str) -> Option<(SocketAddr, Option<(String, u16, String)>)> {
+    fn resolve(&self, cluster: &str) -> Option<(SocketAddr, Option<Intended>)> {
         let parts: Vec<&str> = cluster.split('|').collect();
         let service = parts.get(3)?;
         if let Some(r) = self.registries.iter().find(|r| r.service == *service) {
@@ -531,8 +545,7 @@ impl Gateway {
         // (filter index, context) of every plugin the request reached.
         let mut contexts: Vec<(usize, i32)> = Vec::new();
         let mut answer = None;
-        // The route cache: `None` until computed (or after a plugin cleared it).
-        let mut cached: Option<Option<Route>> = None;
+        let mut cached = RouteCache::Empty;
         self.set_properties(&[("clear_route_cache", None)]);
         for i in 0..self.filters.len() {
             self.route_properties(&headers, &mut cached);
@@ -577,15 +590,11 @@ impl Gateway {
             headers.clone_from(&host.state().request_headers);
             body.clone_from(&host.state().request_body);
         }
-        let mut response = match answer {
-            Some(r) => r,
-            None => {
-                let route = match cached {
-                    Some(r) => r,
-                    None => self.route(&headers).cloned(),
-                };
-                self.forward(route, &mut headers, &body)?
-            }
+        let mut response = if let Some(r) = answer {
+            r
+        } else {
+            let route = cached.get(|| self.route(&headers).cloned());
+            self.forward(route, &mut headers, &body)?
         };
         self.set_properties(&[("response.code_details", Some(response.details.clone()))]);
         if response.status != 0 {
@@ -653,7 +662,7 @@ impl Gateway {
     /// asks for it (`StopIterationAndBuffer`), as Envoy does.
     fn respond(&mut self, contexts: &[(usize, i32)], response: &mut Response) -> Result<()> {
         let mut headers: Headers = vec![(":status".into(), response.status.to_string())];
-        headers.extend(response.headers.drain(..));
+        headers.append(&mut response.headers);
         let mut chunks: Vec<Vec<u8>> = if response.body.is_empty() {
             Vec::new()
         } else {
@@ -733,9 +742,9 @@ pub fn send(
         {
             continue;
         }
-        head.push_str(&format!("{k}: {v}\r\n"));
+        let _ = write!(head, "{k}: {v}\r\n");
     }
-    head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    let _ = write!(head, "content-length: {}\r\n\r\n", body.len());
     stream.write_all(head.as_bytes()).map_err(io)?;
     stream.write_all(body).map_err(io)?;
     let mut raw = Vec::new();

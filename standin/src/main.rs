@@ -124,18 +124,13 @@ async fn read(client: &Client, ns: &str) -> Result<Objects, kube::Error> {
 }
 
 fn reporter() -> Result<&'static [u8], Error> {
-    match std::env::var("AIGW_REPORTER_WASM") {
-        Ok(path) => std::fs::read(&path)
-            .map(|b| &*Box::leak(b.into_boxed_slice()))
-            .map_err(|e| Error(format!("{path}: {e}"))),
-        Err(_) => {
-            let root = plugins::workspace_root()?;
-            let path = root.join("target/wasm32-wasip1/wasm/aigw_plugin.wasm");
-            std::fs::read(&path)
-                .map(|b| &*Box::leak(b.into_boxed_slice()))
-                .map_err(|e| Error(format!("{}: {e} (run `make wasm`)", path.display())))
-        }
-    }
+    let path = match std::env::var("AIGW_REPORTER_WASM") {
+        Ok(p) => std::path::PathBuf::from(p),
+        Err(_) => plugins::workspace_root()?.join("target/wasm32-wasip1/wasm/aigw_plugin.wasm"),
+    };
+    std::fs::read(&path)
+        .map(|b| &*Box::leak(b.into_boxed_slice()))
+        .map_err(|e| Error(format!("{}: {e} (run `make wasm`)", path.display())))
 }
 
 fn build(

@@ -29,7 +29,8 @@ pub fn higress_dir() -> Result<PathBuf> {
 
 /// The bytes of Higress's plugin `name` (e.g. `ai-proxy`), read once per process.
 pub fn higress(name: &str) -> Result<&'static [u8]> {
-    static CACHE: OnceLock<std::sync::Mutex<Vec<(String, &'static [u8])>>> = OnceLock::new();
+    type Loaded = std::sync::Mutex<Vec<(String, &'static [u8])>>;
+    static CACHE: OnceLock<Loaded> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let mut cache = cache.lock().map_err(|_| Error("poisoned".into()))?;
     if let Some((_, b)) = cache.iter().find(|(n, _)| n == name) {

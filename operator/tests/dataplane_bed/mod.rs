@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+use std::fmt::Write as _;
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -66,7 +67,7 @@ impl Bed {
     pub async fn start() -> Self {
         let h = Harness::new().await;
         let (_ctx, shutdown, operator) = h.start_configured(|c| {
-            c.ingest_secret = INGEST_SECRET.to_owned();
+            INGEST_SECRET.clone_into(&mut c.ingest_secret);
             c.usage_reporter_image = "oci://registry.example/aigw-plugin:test".into();
         });
         let tb = Testbed::load().unwrap();
@@ -384,7 +385,7 @@ pub fn logs(gw: &Arc<Mutex<Gateway>>) -> String {
     let mut out = String::new();
     for f in &mut gw.filters {
         for (level, line) in &f.host.state().logs {
-            out.push_str(&format!("{} [{level}] {line}\n", f.name));
+            let _ = writeln!(out, "{} [{level}] {line}", f.name);
         }
     }
     out
