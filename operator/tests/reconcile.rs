@@ -240,8 +240,8 @@ async fn examples_reconcile_into_higress_namespaces_status_and_mysql() {
         .collect();
     assert_eq!(
         names.len(),
-        3,
-        "api + {{gpt-4o, gpt-4o-mini}} + {{claude-sonnet-4}}: {names:?}"
+        6,
+        "api + models + internal authz and ingest + {{gpt-4o, gpt-4o-mini}} + {{claude-sonnet-4}}: {names:?}"
     );
     for ing in ingresses.list(&ListParams::default()).await.unwrap() {
         assert!(
