@@ -45,6 +45,9 @@ fn median(mut v: Vec<u64>) -> u64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if !aigw_standin::plugins::reference_available("dataplane bench").unwrap() {
+        return;
+    }
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())

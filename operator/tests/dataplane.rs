@@ -31,6 +31,13 @@ use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_completion_flows_key_to_route_to_provider_to_usage() {
+    if !aigw_standin::plugins::reference_available(
+        "a_chat_completion_flows_key_to_route_to_provider_to_usage",
+    )
+    .unwrap()
+    {
+        return;
+    }
     let mut bed = Bed::start().await;
     let sfx = bed.h.sfx.clone();
     bed.channel(
@@ -156,6 +163,11 @@ fn refused(what: &str, r: &Response, provider: &Provider, before: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_requests_never_reach_the_provider() {
+    if !aigw_standin::plugins::reference_available("refused_requests_never_reach_the_provider")
+        .unwrap()
+    {
+        return;
+    }
     let mut bed = Bed::start().await;
     let sfx = bed.h.sfx.clone();
     bed.channel(
@@ -333,6 +345,13 @@ async fn refused_requests_never_reach_the_provider() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_provider_family_is_served_in_its_own_protocol() {
+    if !aigw_standin::plugins::reference_available(
+        "each_provider_family_is_served_in_its_own_protocol",
+    )
+    .unwrap()
+    {
+        return;
+    }
     let mut bed = Bed::start().await;
     let sfx = bed.h.sfx.clone();
     bed.channel_keyed(

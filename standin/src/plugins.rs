@@ -83,3 +83,32 @@ fn build_reporter() -> Result<Vec<u8>> {
     std::fs::read(target.join("wasm32-wasip1/wasm/aigw_plugin.wasm"))
         .map_err(|e| Error(format!("read the module: {e}")))
 }
+
+/// Whether the reference material the stand-in reads in place is here: Higress's plugin builds and
+/// the recorded provider responses. A user's own clone may lack it (it is never copied into the
+/// repo): then a test that needs it says so and skips — except under CI (`CI` set), where its
+/// absence is a failure (an error), never a silent skip.
+pub fn reference_available(test: &str) -> Result<bool> {
+    let dirs = [higress_dir(), crate::provider::recordings_dir()];
+    let missing: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| match d {
+            Ok(p) if p.is_dir() => None,
+            Ok(p) => Some(p.display().to_string()),
+            Err(e) => Some(e.0.clone()),
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    let msg = format!(
+        "{test}: reference material absent ({}); set AIGW_HIGRESS_PLUGINS / AIGW_LLM_RESPONSES \
+         (the plugins' README says how to rebuild them from Higress's source)",
+        missing.join(", ")
+    );
+    if std::env::var_os("CI").is_some() {
+        return Err(Error(msg));
+    }
+    eprintln!("skipped: {msg}");
+    Ok(false)
+}
