@@ -48,6 +48,8 @@ pub struct Config {
     /// elsewhere is refused, so a Channel can never make the operator read a Secret it was not
     /// meant to (the operator's RBAC grants Secret reads only here).
     pub credentials_namespace: String,
+    /// How tenant domains get certificates (`crate::tls`).
+    pub tls: crate::tls::Settings,
 }
 
 impl Config {
@@ -68,6 +70,7 @@ impl Config {
             ext_auth_image: "oci://registry.example/ext-auth:2.0.0".into(),
             model_router_image: "oci://registry.example/model-router:2.0.1".into(),
             credentials_namespace: "aigw-system".into(),
+            tls: crate::tls::Settings::default(),
         }
     }
 

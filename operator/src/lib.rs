@@ -17,6 +17,7 @@ pub mod leader;
 pub mod pricing;
 pub mod sync;
 pub mod tenant;
+pub mod tls;
 pub mod token;
 
 use std::{future::Future, sync::Arc, time::Duration};

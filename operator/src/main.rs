@@ -99,6 +99,14 @@ struct Cli {
         default_value = "aigw-system"
     )]
     credentials_namespace: String,
+    /// How tenant domains get TLS certificates through Higress's `higress-https` `ConfigMap`:
+    /// `secret` (a Secret `aigw-tls-<domain>` per domain in the tenant's namespace, e.g. from
+    /// cert-manager), `acme` (Higress issues them; needs `--acme-email`) or `off`.
+    #[arg(long, env = "AIGW_TLS_MODE", value_enum, default_value_t = aigw_operator::tls::Mode::Secret)]
+    tls_mode: aigw_operator::tls::Mode,
+    /// ACME account email for `--tls-mode acme`.
+    #[arg(long, env = "AIGW_ACME_EMAIL", default_value = "")]
+    acme_email: String,
     /// Image of the Higress ext-auth plugin.
     #[arg(
         long,
@@ -152,6 +160,10 @@ async fn main() -> anyhow::Result<()> {
         ext_auth_image: cli.ext_auth_image,
         model_router_image: cli.model_router_image,
         credentials_namespace: cli.credentials_namespace,
+        tls: aigw_operator::tls::Settings {
+            mode: cli.tls_mode,
+            acme_email: cli.acme_email,
+        },
     };
     let ctx = Arc::new(Ctx::new(
         client,

@@ -8,9 +8,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use aigw_crds::{Channel, MANAGED_BY, labels};
+use aigw_crds::{Channel, MANAGED_BY, Tenant, labels};
 use futures::{StreamExt, stream};
-use k8s_openapi::api::{core::v1::Secret, networking::v1::Ingress};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Secret},
+    networking::v1::Ingress,
+};
 use kube::{
     Api, ResourceExt,
     api::{DynamicObject, PartialObjectMeta, PostParams},
@@ -101,7 +104,66 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
         .collect();
     prune(ctx, &filters, &selector, &keep).await?;
 
-    sync_registries(ctx, &desired.registries).await
+    sync_registries(ctx, &desired.registries).await?;
+    sync_tls(ctx).await
+}
+
+/// Writes our entries of the `higress-https` `ConfigMap` (`crate::tls`): one per domain a tenant of
+/// this instance serves. Replaced with its `resourceVersion`; a conflict fails the pass, and the
+/// next one (a watch event or the resync) retries.
+pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
+    let tenants: Api<Tenant> = Api::all(ctx.client.clone());
+    let list = tenants
+        .list(&kube::api::ListParams::default().labels(&ctx.config.selector()))
+        .await?;
+    let served: Vec<(String, Vec<String>)> = list
+        .items
+        .iter()
+        .filter(|t| t.metadata.deletion_timestamp.is_none())
+        .filter_map(|t| {
+            let st = t.status.as_ref()?;
+            Some((st.namespace.clone()?, st.domains.clone()))
+        })
+        .collect();
+    let ns = ctx.config.higress_namespace.as_str();
+    let ours = crate::tls::entries(&served, &ctx.config.tls, ns);
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let current = maps.get_opt(crate::tls::CONFIGMAP).await?;
+    let existing = current
+        .as_ref()
+        .and_then(|c| c.data.as_ref())
+        .and_then(|d| d.get(crate::tls::KEY))
+        .map(String::as_str);
+    if current.is_none() && ours.is_empty() {
+        return Ok(());
+    }
+    let text = crate::tls::merge(existing, ours, &ctx.config.tls)?;
+    if existing == Some(text.as_str()) {
+        return Ok(());
+    }
+    let mut cm: ConfigMap = current.unwrap_or_else(|| ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(crate::tls::CONFIGMAP.to_owned()),
+            namespace: Some(ns.to_owned()),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    cm.data
+        .get_or_insert_with(Default::default)
+        .insert(crate::tls::KEY.to_owned(), text);
+    if cm.metadata.resource_version.is_some() {
+        maps.replace(
+            crate::tls::CONFIGMAP,
+            &kube::api::PostParams::default(),
+            &cm,
+        )
+        .await?;
+    } else {
+        maps.create(&kube::api::PostParams::default(), &cm).await?;
+    }
+    ctx.count_write();
+    Ok(())
 }
 
 /// Puts our registries into McpBridge `default`, leaving every other registry as it is.
@@ -206,6 +268,15 @@ fn triggers(ctx: &Ctx) -> futures::stream::BoxStream<'static, ()> {
         tick(watcher(
             dynamic(&higress::mcp_bridge_resource()),
             watcher::Config::default().fields("metadata.name=default"),
+        )),
+        // Tenants' served domains and the ConfigMap they go to (`sync_tls`).
+        tick(watcher(
+            Api::<Tenant>::all(client.clone()),
+            watcher::Config::default().labels(&ctx.config.selector()),
+        )),
+        tick(watcher(
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+            watcher::Config::default().fields(&format!("metadata.name={}", crate::tls::CONFIGMAP)),
         )),
     ])
     .boxed()

@@ -487,3 +487,238 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
     }
     bed.finish().await;
 }
+
+/// A CA and one certificate per domain, made with the `openssl` CLI in a scratch directory;
+/// returns the CA's DER and, per domain, (cert PEM, key PEM, cert DER).
+fn certificates(domains: &[&str]) -> (Vec<u8>, Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>) {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let dir = std::env::temp_dir().join(aigw_testkit::unique_name("aigw-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=aigw test CA",
+        "-days",
+        "2",
+    ]);
+    run(&ca);
+    let mut out = Vec::new();
+    for (i, d) in domains.iter().enumerate() {
+        let (key, csr, crt, ext) = (
+            format!("{i}.key"),
+            format!("{i}.csr"),
+            format!("{i}.crt"),
+            format!("{i}.ext"),
+        );
+        std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{d}\n")).unwrap();
+        let mut req = vec!["req"];
+        req.extend(ec);
+        let subj = format!("/CN={d}");
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        run(&req);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+        let pem = std::fs::read(dir.join(&crt)).unwrap();
+        let der = CertificateDer::from_pem_slice(&pem).unwrap().to_vec();
+        out.push((pem, std::fs::read(dir.join(&key)).unwrap(), der));
+    }
+    let ca_der = CertificateDer::from_pem_file(dir.join("ca.crt"))
+        .unwrap()
+        .to_vec();
+    let _ = std::fs::remove_dir_all(&dir);
+    (ca_der, out)
+}
+
+/// The certificate a real TLS client gets for `domain` from the server at `addr` (SNI = domain),
+/// trusting only `ca`; `None` when the handshake fails.
+async fn served_certificate(
+    addr: std::net::SocketAddr,
+    domain: &str,
+    ca: &[u8],
+) -> Option<Vec<u8>> {
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.to_vec())).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(domain.to_owned()).unwrap();
+    let tls = connector.connect(name, tcp).await.ok()?;
+    let (_, conn) = tls.get_ref();
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_domain_is_served_its_own_certificate() {
+    if !aigw_standin::plugins::reference_available(
+        "each_tenant_domain_is_served_its_own_certificate",
+    )
+    .unwrap()
+    {
+        return;
+    }
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::PostParams;
+    let mut bed = Bed::start().await;
+    let sfx = bed.h.sfx.clone();
+    let (a, b) = (format!("ta-{sfx}"), format!("tb-{sfx}"));
+    let (dom_a, dom_b) = (format!("api.{a}.example"), format!("api.{b}.example"));
+    bed.tenant(&a, &dom_a, &format!("sk-ta-{sfx}"), &[]).await;
+    bed.tenant(&b, &dom_b, &format!("sk-tb-{sfx}"), &[]).await;
+    let (ca, certs) = certificates(&[&dom_a, &dom_b]);
+    let secret = |ns: &str, domain: &str, (crt, key): (&[u8], &[u8])| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": aigw_operator::tls::secret_name(domain), "namespace": ns},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": String::from_utf8_lossy(crt), "tls.key": String::from_utf8_lossy(key)}}))
+        .unwrap()
+    };
+    let (ns_a, ns_b) = (format!("aigw-{a}"), format!("aigw-{b}"));
+    for (ns, domain, (crt, key, _)) in [(&ns_a, &dom_a, &certs[0]), (&ns_b, &dom_b, &certs[1])] {
+        Api::<Secret>::namespaced(bed.h.client.clone(), ns)
+            .create(&PostParams::default(), &secret(ns, domain, (crt, key)))
+            .await
+            .unwrap();
+    }
+    // A decoy: tenant A's namespace holds a Secret named for B's domain, with A's certificate.
+    Api::<Secret>::namespaced(bed.h.client.clone(), &ns_a)
+        .create(
+            &PostParams::default(),
+            &secret(&ns_a, &dom_b, (&certs[0].0, &certs[0].1)),
+        )
+        .await
+        .unwrap();
+
+    // The operator's one ConfigMap for all tenants, read back.
+    let maps: Api<ConfigMap> = Api::namespaced(bed.h.client.clone(), &bed.h.hns);
+    let cert_doc = eventually("higress-https names both domains", || async {
+        let cm = maps.get_opt(aigw_operator::tls::CONFIGMAP).await.unwrap()?;
+        let doc = cm.data?.get(aigw_operator::tls::KEY)?.clone();
+        (doc.contains(&dom_a) && doc.contains(&dom_b)).then_some(doc)
+    })
+    .await;
+    let creds = aigw_standin::tls::credentials(&cert_doc).unwrap();
+    let of = |d: &str| {
+        creds
+            .iter()
+            .find(|c| c.domains == [d.to_owned()])
+            .unwrap()
+            .namespace
+            .clone()
+    };
+    assert_eq!(
+        (of(&dom_a), of(&dom_b)),
+        (ns_a.clone(), ns_b.clone()),
+        "each domain's Secret is in its own tenant's namespace"
+    );
+    let mut secrets = std::collections::HashMap::new();
+    for c in &creds {
+        if let Some(s) = Api::<Secret>::namespaced(bed.h.client.clone(), &c.namespace)
+            .get_opt(&c.name)
+            .await
+            .unwrap()
+        {
+            let data = s.data.unwrap_or_default();
+            let crt = data.get("tls.crt").map(|v| v.0.clone()).unwrap_or_default();
+            let key = data.get("tls.key").map(|v| v.0.clone()).unwrap_or_default();
+            secrets.insert((c.namespace.clone(), c.name.clone()), (crt, key));
+        }
+    }
+    let resolver = aigw_standin::tls::SniResolver::new(&cert_doc, &|ns, name| {
+        secrets.get(&(ns.to_owned(), name.to_owned())).cloned()
+    })
+    .unwrap();
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(aigw_standin::tls::server_config(resolver).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(tcp).await;
+            });
+        }
+    });
+    assert_eq!(
+        served_certificate(addr, &dom_a, &ca).await.as_deref(),
+        Some(certs[0].2.as_slice()),
+        "A's domain"
+    );
+    assert_eq!(
+        served_certificate(addr, &dom_b, &ca).await.as_deref(),
+        Some(certs[1].2.as_slice()),
+        "B's domain gets B's certificate, not A's decoy"
+    );
+    assert_eq!(
+        served_certificate(addr, "api.nobody.example", &ca).await,
+        None,
+        "no certificate for a domain no tenant serves"
+    );
+
+    // A tenant gone: its entry goes, the other stays.
+    let tenants: Api<aigw_crds::Tenant> = Api::all(bed.h.client.clone());
+    tenants
+        .delete(&a, &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("A's domain leaves higress-https", || async {
+        let doc = maps
+            .get(aigw_operator::tls::CONFIGMAP)
+            .await
+            .unwrap()
+            .data?
+            .get(aigw_operator::tls::KEY)?
+            .clone();
+        (!doc.contains(&dom_a) && doc.contains(&dom_b)).then_some(())
+    })
+    .await;
+    bed.finish().await;
+}

@@ -4,6 +4,7 @@
 //! - [`higress`]: what Higress's controller delivers to a plugin for a `WasmPlugin`.
 //! - [`gateway`]: a request through the plugins, routed as Higress translates Ingresses.
 //! - [`provider`]: an upstream LLM provider answering with recorded bodies.
+//! - [`tls`]: certificates by SNI from Higress's `higress-https` `ConfigMap`, as the gateway serves them.
 //! - [`plugins`]: where Higress's plugin builds and our reporter's build are found.
 
 pub mod gateway;
@@ -11,3 +12,4 @@ pub mod higress;
 pub mod host;
 pub mod plugins;
 pub mod provider;
+pub mod tls;
