@@ -5,6 +5,10 @@
 //! local authz and ingest, and answers from the provider stand-in (recorded provider responses;
 //! real providers are never called).
 //!
+//! It also serves HTTPS (`AIGW_STANDIN_TLS_ADDR`, default `127.0.0.1:8443`) with the certificate
+//! of each tenant domain chosen by SNI from Higress's `higress-https` `ConfigMap` and the Secrets it
+//! names, as the operator wrote them (`aigw_standin::tls`).
+//!
 //! Environment: `KUBECONFIG`; `AIGW_STANDIN_ADDR` (default `127.0.0.1:8000`);
 //! `AIGW_HIGRESS_NAMESPACE` (default `higress-system`); `AIGW_STANDIN_SERVICES`, the Kubernetes
 //! Service clusters and where they listen here, `cluster=addr` separated by commas (default: the
@@ -31,9 +35,14 @@ use axum::{
     http::{HeaderMap, Method, StatusCode, Uri},
     response::Response,
 };
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
+};
+use rustls::{
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
 };
 use serde_json::Value;
 
@@ -156,6 +165,59 @@ fn build(
 
 type Shared = Arc<Mutex<Option<Gateway>>>;
 
+/// The certificates currently configured, swapped whole when the `ConfigMap` or Secrets change.
+#[derive(Debug, Default)]
+struct Certificates(std::sync::RwLock<Option<Arc<aigw_standin::tls::SniResolver>>>);
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?;
+        self.0.read().ok()?.as_ref()?.lookup(name)
+    }
+}
+
+/// Reads `higress-https` and the Secrets it names; `None` when there is no such `ConfigMap`.
+async fn certificates(
+    client: &Client,
+    ns: &str,
+) -> Result<Option<(String, aigw_standin::tls::SniResolver)>, Box<dyn std::error::Error>> {
+    let Some(cm) = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt("higress-https")
+        .await?
+    else {
+        return Ok(None);
+    };
+    let doc = cm
+        .data
+        .and_then(|d| d.get("cert").cloned())
+        .unwrap_or_default();
+    let mut secrets = std::collections::HashMap::new();
+    let mut versions = doc.clone();
+    for c in aigw_standin::tls::credentials(&doc)? {
+        let secret_ns = if c.namespace.is_empty() {
+            ns
+        } else {
+            &c.namespace
+        };
+        if let Some(s) = Api::<Secret>::namespaced(client.clone(), secret_ns)
+            .get_opt(&c.name)
+            .await?
+        {
+            versions.push_str(s.metadata.resource_version.as_deref().unwrap_or_default());
+            let data = s.data.unwrap_or_default();
+            let get = |k: &str| data.get(k).map(|v| v.0.clone()).unwrap_or_default();
+            secrets.insert(
+                (c.namespace.clone(), c.name.clone()),
+                (get("tls.crt"), get("tls.key")),
+            );
+        }
+    }
+    let resolver = aigw_standin::tls::SniResolver::new(&doc, &|n, name| {
+        secrets.get(&(n.to_owned(), name.to_owned())).cloned()
+    })?;
+    Ok(Some((versions, resolver)))
+}
+
 async fn serve(
     State(gw): State<Shared>,
     method: Method,
@@ -223,6 +285,49 @@ async fn serve(
     }
 }
 
+/// Reloads the certificates every 2 s when the `ConfigMap` or its Secrets changed.
+fn spawn_certificate_reload(client: Client, ns: String, certs: Arc<Certificates>) {
+    tokio::spawn(async move {
+        let mut seen = String::new();
+        loop {
+            match certificates(&client, &ns).await {
+                Ok(Some((versions, resolver))) if versions != seen => {
+                    if let Ok(mut slot) = certs.0.write() {
+                        *slot = Some(Arc::new(resolver));
+                    }
+                    eprintln!("standin: certificates loaded from {ns}/higress-https");
+                    seen = versions;
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("standin: certificates not loaded: {e}"),
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+}
+
+/// Serves `app` over TLS on `listener` (HTTP/1.1).
+fn spawn_https(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+) {
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr: SocketAddr = env("AIGW_STANDIN_ADDR", "127.0.0.1:8000").parse()?;
@@ -236,7 +341,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })?;
         services.push((cluster.to_owned(), to.parse::<SocketAddr>()?));
     }
+    let tls_addr: SocketAddr = env("AIGW_STANDIN_TLS_ADDR", "127.0.0.1:8443").parse()?;
     let client = Client::try_default().await?;
+    let certs = Arc::new(Certificates::default());
+    spawn_certificate_reload(client.clone(), ns.clone(), certs.clone());
     let provider = Provider::start().await?.addr;
     let gw: Shared = Arc::new(Mutex::new(None));
     // Reload the gateway whenever the operator's objects change; tick the plugins' timers.
@@ -302,6 +410,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     let app = Router::new().fallback(serve).with_state(gw);
+    let acceptor = tokio_rustls::TlsAcceptor::from(aigw_standin::tls::server_config_with(certs)?);
+    let tls_listener = tokio::net::TcpListener::bind(tls_addr).await?;
+    spawn_https(tls_listener, acceptor, app.clone());
+    eprintln!(
+        "standin: serving HTTPS on https://{tls_addr} (certificates by SNI from higress-https)"
+    );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     eprintln!(
         "standin: serving the gateway on http://{addr} (upstreams: the provider stand-in at {provider})"

@@ -145,11 +145,16 @@ impl ResolvesServerCert for SniResolver {
 
 /// A TLS server configuration serving certificates by SNI from `resolver`.
 pub fn server_config(resolver: SniResolver) -> Result<Arc<ServerConfig>> {
+    server_config_with(Arc::new(resolver))
+}
+
+/// [`server_config`] with any certificate resolver (e.g. one reloaded as the `ConfigMap` changes).
+pub fn server_config_with(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error(e.to_string()))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(resolver);
     Ok(Arc::new(config))
 }
