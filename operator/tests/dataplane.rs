@@ -26,7 +26,8 @@ use aigw_standin::{
 };
 use common::eventually;
 use dataplane_bed::{Bed, INGEST_SECRET, PROVIDER_KEY, chat, events, logs, send};
-use kube::Api;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,7 +491,10 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
 
 /// A CA and one certificate per domain, made with the `openssl` CLI in a scratch directory;
 /// returns the CA's DER and, per domain, (cert PEM, key PEM, cert DER).
-fn certificates(domains: &[&str]) -> (Vec<u8>, Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>) {
+/// A certificate: PEM, key PEM, DER.
+type Issued = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+fn certificates(domains: &[&str]) -> (Vec<u8>, Vec<Issued>) {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let dir = std::env::temp_dir().join(aigw_testkit::unique_name("aigw-tls"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -604,8 +608,6 @@ async fn each_tenant_domain_is_served_its_own_certificate() {
     {
         return;
     }
-    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-    use kube::api::PostParams;
     let mut bed = Bed::start().await;
     let sfx = bed.h.sfx.clone();
     let (a, b) = (format!("ta-{sfx}"), format!("tb-{sfx}"));
