@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds the Go-based test-bed servers (kube-apiserver, kubectl, etcd, helm) from the Go module
-# proxy into a version-keyed cache outside the repo, so a second run is instant.
+# Builds the Go-based test-bed servers (kube-apiserver, kubectl, etcd, helm) and our Envoy config
+# checker (standin/envoy-check) from the Go module proxy into a version-keyed cache outside the
+# repo, so a second run is instant.
 #
-# usage: scripts/build-go-tools.sh [kube|etcd|helm|all]
+# usage: scripts/build-go-tools.sh [kube|etcd|helm|envoy-check|all]
+#   envoy-check also prints the checker's path on stdout.
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.35.4}"
@@ -116,10 +118,27 @@ GOMOD
     mv "$out/helm.tmp" "$out/helm")
 }
 
+# The checker of the Envoy configs in our EnvoyFilters (standin/envoy-check), keyed by its sources.
+build_envoy_check() {
+  local src
+  src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/standin/envoy-check"
+  local key
+  key=$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-16)
+  local out="$CACHE/envoy-check-$key"
+  if [[ ! -x "$out/envoy-check" ]]; then
+    mkdir -p "$out"
+    log "building envoy-check (Envoy's protos from go-control-plane)"
+    (cd "$src" && quiet "$out/build.log" go build -trimpath -o "$out/envoy-check.tmp" . &&
+      mv "$out/envoy-check.tmp" "$out/envoy-check")
+  fi
+  ENVOY_CHECK="$out/envoy-check"
+}
+
 case "${1:-all}" in
   kube) build_kube ;;
   etcd) build_etcd ;;
   helm) build_helm ;;
-  all) build_etcd; build_kube; build_helm ;;
-  *) echo "usage: $0 [kube|etcd|helm|all]" >&2; exit 2 ;;
+  envoy-check) build_envoy_check; echo "$ENVOY_CHECK" ;;
+  all) build_etcd; build_kube; build_helm; build_envoy_check ;;
+  *) echo "usage: $0 [kube|etcd|helm|envoy-check|all]" >&2; exit 2 ;;
 esac

@@ -31,6 +31,7 @@ where
         redis::Script::new(FORGET_PENDING)
             .key(&keys.set)
             .key(&keys.events)
+            .key(&keys.grants)
             .arg(chunk)
             .invoke_async::<i64>(conn)
             .await?;

@@ -442,10 +442,9 @@ pub fn charged_usage(event: &UsageEvent) -> Result<Option<TokenUsage>, DeadLette
     }))
 }
 
-/// The Redis key that marks an event as fully applied.
-pub fn seen_key(dedupe: &str) -> String {
-    format!("aigw:seen:{dedupe}")
-}
+/// The Redis key that marks an event as fully applied (shared with authz, which marks a first
+/// pass retired by a fallback).
+pub use aigw_common::quota::seen_key;
 
 /// A consumer of the usage topic in the worker's group, with manual commits.
 fn subscribe(settings: &Settings) -> anyhow::Result<StreamConsumer> {

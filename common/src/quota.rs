@@ -108,6 +108,9 @@ impl std::str::FromStr for Reservation {
 pub const PENDING: &str = "aigw:pending";
 /// See [`PENDING`].
 pub const PENDING_EVENTS: &str = "aigw:pending:events";
+/// Event id → the fallback grant authz issued with it (see [`RETIRE`]); kept and forgotten with
+/// the pending event.
+pub const PENDING_GRANTS: &str = "aigw:pending:grants";
 
 /// The two pending keys; [`PendingKeys::default`] is [`PENDING`] and [`PENDING_EVENTS`]. Tests use
 /// their own so that they never see (or sweep) each other's requests.
@@ -115,6 +118,7 @@ pub const PENDING_EVENTS: &str = "aigw:pending:events";
 pub struct PendingKeys {
     pub set: String,
     pub events: String,
+    pub grants: String,
 }
 
 impl Default for PendingKeys {
@@ -122,6 +126,7 @@ impl Default for PendingKeys {
         Self {
             set: PENDING.to_owned(),
             events: PENDING_EVENTS.to_owned(),
+            grants: PENDING_GRANTS.to_owned(),
         }
     }
 }
@@ -132,15 +137,18 @@ impl PendingKeys {
         Self {
             set: prefix.to_owned(),
             events: format!("{prefix}:events"),
+            grants: format!("{prefix}:grants"),
         }
     }
 }
 
-/// KEYS: tat, used, reserved, resv, resv:exp, and optionally [`PENDING`], [`PENDING_EVENTS`].
+/// KEYS: tat, used, reserved, resv, resv:exp, and optionally [`PENDING`], [`PENDING_EVENTS`],
+/// [`PENDING_GRANTS`].
 /// ARGV: rpm (0 = none), quota (-1 = unlimited), estimate, reservation ttl (ms), reservation id,
 /// and optionally the most reservations the token may hold at once (0 = no cap), the pending
-/// usage event to record under the reservation id (empty = none), and the least `used` may be
-/// (billing's last published total: a lower or missing counter is re-seeded to it).
+/// usage event to record under the reservation id (empty = none), the least `used` may be
+/// (billing's last published total: a lower or missing counter is re-seeded to it), and the
+/// fallback grant to record with the pending event.
 /// Returns `{0, reserved}` admitted (0 reserved when unlimited), `{1, retry_after_ms}` over the
 /// RPM limit, `{2, remaining}` quota does not cover the estimate, `{3, in_flight}` the token holds
 /// as many reservations as it may.
@@ -204,6 +212,9 @@ end
 if pending ~= '' and KEYS[7] then
   redis.call('ZADD', KEYS[6], now + ttl, id)
   redis.call('HSET', KEYS[7], id, pending)
+  if KEYS[8] and ARGV[9] then
+    redis.call('HSET', KEYS[8], id, ARGV[9])
+  end
 end
 if quota >= 0 then
   redis.call('HSET', KEYS[4], id, est)
@@ -234,14 +245,51 @@ end
 return out
 ";
 
-/// Forgets pending events (KEYS: [`PENDING`], [`PENDING_EVENTS`]; ARGV: event ids): their usage
-/// has been billed, or handed to the usage topic to be.
+/// Forgets pending events (KEYS: [`PENDING`], [`PENDING_EVENTS`], [`PENDING_GRANTS`]; ARGV: event
+/// ids): their usage has been billed, or handed to the usage topic to be.
 pub const FORGET_PENDING: &str = r"
 for i = 1, #ARGV do
   redis.call('ZREM', KEYS[1], ARGV[i])
   redis.call('HDEL', KEYS[2], ARGV[i])
+  if KEYS[3] then
+    redis.call('HDEL', KEYS[3], ARGV[i])
+  end
 end
 return #ARGV
+";
+
+/// The Redis key that marks an event as fully applied by the billing worker (`dedupe` is the
+/// event's dedupe key, `<tenant>/<event id>`): a report of it is dropped.
+pub fn seen_key(dedupe: &str) -> String {
+    format!("aigw:seen:{dedupe}")
+}
+
+/// Retires the first pass of a request that Envoy's fallback redirect sends to another tier,
+/// when authz admits the second pass on the first pass's grant: the first pass is forgotten as
+/// pending (the sweep never bills it), its reservation is released, and its event is marked as
+/// applied (its report — the top tier's 5xx/429, or none — is dropped), so the request is billed
+/// once, as the second pass. The grant is a random value authz issued with the event and
+/// recorded in [`PENDING_GRANTS`]; it appears in no event, row or answer.
+/// KEYS: [`PENDING`], [`PENDING_EVENTS`], reserved, resv, resv:exp (of the first pass's token),
+/// the event's [`seen_key`], [`PENDING_GRANTS`]. ARGV: event id, seen-marker ttl (s), grant.
+/// Returns 1 when retired now, 0 when the event is not pending with that grant (unknown, billed,
+/// or retired by an earlier second pass): the grant is used up.
+pub const RETIRE: &str = r"
+local id = ARGV[1]
+if not redis.call('HGET', KEYS[2], id) or redis.call('HGET', KEYS[7], id) ~= ARGV[3] then
+  return 0
+end
+redis.call('ZREM', KEYS[1], id)
+redis.call('HDEL', KEYS[2], id)
+redis.call('HDEL', KEYS[7], id)
+local held = redis.call('HGET', KEYS[4], id)
+if held then
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('ZREM', KEYS[5], id)
+  redis.call('DECRBY', KEYS[3], tonumber(held))
+end
+redis.call('SET', KEYS[6], '1', 'EX', tonumber(ARGV[2]))
+return 1
 ";
 
 /// Settles any number of events of one token in one atomic call.

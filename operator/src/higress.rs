@@ -203,6 +203,14 @@ pub fn provider_problem(channel: &Channel) -> Option<String> {
             "a bedrock baseUrl must name the region: https://bedrock-runtime.REGION.amazonaws.com"
                 .into(),
         ),
+        // The usage reporter reads each provider's own usage; Bedrock's (Converse
+        // `usage.inputTokens`, and streams in AWS's binary event-stream framing) it cannot read
+        // yet, so every answer would be billed at authz's estimate. Not served until it is.
+        Provider::Bedrock => Some(
+            "bedrock is not served yet: the usage reporter cannot read Bedrock's usage (Converse \
+             JSON, AWS event streams), so its answers could only be billed at estimates"
+                .into(),
+        ),
         _ => None,
     }
 }
@@ -472,32 +480,67 @@ pub fn envoy_filter_resource() -> ApiResource {
     )
 }
 
-/// Sends a 5xx or 429 answer of the primary route through Envoy's `custom_response` filter as an
-/// internal redirect (same URI and body) tagged with [`FALLBACK_HEADER`], which only the fallback
-/// Ingress matches — the mechanism the Higress console uses for its route fallback.
+/// `udpa.type.v1.TypedStruct` around a typed config, as the Higress console writes the
+/// `custom_response` configs: Istio passes a `TypedStruct` through to Envoy unparsed, where a
+/// directly typed message with fields its own Envoy protos lack would be dropped or refused.
+fn typed_struct(type_name: &str, value: &Value) -> Value {
+    json!({
+        "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+        "type_url": format!("type.googleapis.com/{type_name}"),
+        "value": value,
+    })
+}
+
+/// Sends a 5xx or 429 answer **from the provider** of the primary route through Envoy's
+/// `custom_response` filter as an internal redirect to a fallback Ingress serving the next tier —
+/// the mechanism and the fields of the Higress console's AI-route fallback (its
+/// `envoyfilter-route-fallback.yaml`), which Higress's Envoy build adds to `RedirectPolicy`:
+/// - `use_original_request_uri`: the client's host and path (`x-envoy-original-host` / `-path`)
+///   instead of what ai-proxy rewrote them to; `use_original_request_body`: the body the client
+///   sent, not ai-proxy's rewrite; `max_internal_redirects` 1: one fallback tier;
+/// - `only_redirect_upstream_code`: a refusal by the gateway itself (authz's 429 for quota, an
+///   ai-proxy error) is answered as is, never retried on another tier;
+/// - `keep_original_response_code` false: the client gets the fallback tier's status.
+///
+/// The redirect adds [`FALLBACK_HEADER`] (which only the fallback Ingress matches) and
+/// [`headers::FALLBACK`]: the first pass's event id from filter state, on which authz admits the
+/// second pass (the client's key is gone by then) and retires the first pass's reservation.
 fn fallback_filter(route: &Route, config: &Config) -> Result<DynamicObject> {
     let primary = route_name(route);
+    let overwrite = |key: &str, value: &str| json!({"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"});
     let redirect = json!({
         "name": "fallback",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.http.custom_response.redirect_policy.v3.RedirectPolicy",
-            "max_internal_redirects": 2,
-            "use_original_request_uri": true,
-            "keep_original_response_code": false,
-            "only_redirect_upstream_code": false,
-            "request_headers_to_add": [{"header": {"key": FALLBACK_HEADER, "value": primary}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
-        }
+        "typed_config": typed_struct(
+            "envoy.extensions.http.custom_response.redirect_policy.v3.RedirectPolicy",
+            &json!({
+                "max_internal_redirects": 1,
+                "use_original_request_uri": true,
+                "use_original_request_body": true,
+                "keep_original_response_code": false,
+                "only_redirect_upstream_code": true,
+                "request_headers_to_add": [
+                    overwrite(FALLBACK_HEADER, &primary),
+                    overwrite(headers::FALLBACK, &headers::fallback_value()),
+                ],
+                "response_headers_to_add": [overwrite(FALLBACK_HEADER, &primary)],
+            }),
+        ),
     });
+    let input = |name: String, type_name: &str| json!({"name": name, "typed_config": {"@type": format!("type.googleapis.com/{type_name}")}});
     let class = |c: &str| {
         json!({"predicate": {"single_predicate": {
-        "input": {"name": format!("{c}_class"), "typed_config": {"@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseStatusCodeClassMatchInput"}},
-        "value_match": {"exact": c}}}, "on_match": {"action": redirect}})
+            "input": input(format!("{c}_class"), "envoy.type.matcher.v3.HttpResponseStatusCodeClassMatchInput"),
+            "value_match": {"exact": c}}}, "on_match": {"action": redirect}})
     };
     let code = |c: &str| {
         json!({"predicate": {"single_predicate": {
-        "input": {"name": format!("status_{c}"), "typed_config": {"@type": "type.googleapis.com/envoy.type.matcher.v3.HttpResponseStatusCodeMatchInput"}},
-        "value_match": {"exact": c}}}, "on_match": {"action": redirect}})
+            "input": input(format!("status_{c}"), "envoy.type.matcher.v3.HttpResponseStatusCodeMatchInput"),
+            "value_match": {"exact": c}}}, "on_match": {"action": redirect}})
     };
+    let custom_response = typed_struct(
+        "envoy.extensions.filters.http.custom_response.v3.CustomResponse",
+        &json!({"custom_response_matcher": {"matcher_list": {"matchers": [class("5xx"), code("429")]}}}),
+    );
     let ar = envoy_filter_resource();
     Ok(serde_json::from_value(json!({
         "apiVersion": ar.api_version, "kind": ar.kind,
@@ -505,11 +548,9 @@ fn fallback_filter(route: &Route, config: &Config) -> Result<DynamicObject> {
         "spec": {"configPatches": [{
             "applyTo": "HTTP_ROUTE",
             "match": {"context": "GATEWAY", "routeConfiguration": {"vhost": {"route": {"name": primary}}}},
-            "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": {"envoy.filters.http.custom_response": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.custom_response.v3.CustomResponse",
-                "custom_response_matcher": {"matcher_list": {"matchers": [class("5xx"), code("429")]}},
-                "with_request_body": {"max_request_bytes": 1_024_000}
-            }}}}
+            "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": {
+                "envoy.filters.http.custom_response": custom_response
+            }}}
         }]}
     }))?)
 }
@@ -558,13 +599,18 @@ pub fn internal_route_value(ingest_secret: &str) -> String {
 }
 
 /// `service:port` of a cluster named `outbound|<port>||<service>`.
-fn cluster_destination(cluster: &str) -> Option<String> {
+/// `service:port` of an Envoy cluster name `outbound|<port>||<service>` (the `--ingest-cluster`
+/// the reporter calls); an error for anything else, which the operator refuses at start.
+pub fn cluster_destination(cluster: &str) -> Result<String> {
     let parts: Vec<&str> = cluster.split('|').collect();
     match parts.as_slice() {
         ["outbound", port, _, service] if !service.is_empty() && port.parse::<u16>().is_ok() => {
-            Some(format!("{service}:{port}"))
+            Ok(format!("{service}:{port}"))
         }
-        _ => None,
+        _ => Err(crate::error::Error::Invalid {
+            field: "ingestCluster",
+            reason: format!("{cluster:?} is not an Envoy cluster name outbound|<port>||<service>"),
+        }),
     }
 }
 
@@ -577,15 +623,12 @@ fn internal_ingresses(config: &Config) -> Result<Vec<Ingress>> {
     let targets = [
         (
             "authz",
-            Some(format!("{}:{}", config.authz_service, config.authz_port)),
+            format!("{}:{}", config.authz_service, config.authz_port),
         ),
-        ("ingest", cluster_destination(&config.ingest_cluster)),
+        ("ingest", cluster_destination(&config.ingest_cluster)?),
     ];
     let mut out = Vec::new();
     for (what, destination) in targets {
-        let Some(destination) = destination else {
-            continue;
-        };
         let name = format!("{PREFIX}internal-{what}");
         let mut meta = metadata(&name, &config.higress_namespace);
         meta["annotations"] = json!({
@@ -647,7 +690,7 @@ fn plugins(
             "timeout": 1000,
             // The body too (authz sizes the reservation from it and reads the model there), up to
             // the bound authz itself reads.
-            "authorization_request": {"allowed_headers": [{"exact": headers::AUTHORIZATION}, {"exact": headers::API_KEY}, {"exact": MODEL_HEADER}],
+            "authorization_request": {"allowed_headers": [{"exact": headers::AUTHORIZATION}, {"exact": headers::API_KEY}, {"exact": MODEL_HEADER}, {"exact": headers::FALLBACK}],
                                       "with_request_body": true, "max_request_body_bytes": AUTHZ_MAX_BODY_BYTES},
             "authorization_response": {"allowed_upstream_headers": [{"prefix": "x-aigw-"}, {"exact": "x-mse-consumer"}]}
         },

@@ -122,6 +122,8 @@ async fn main() -> anyhow::Result<()> {
     init_tracing(cli.ops.log_format, &cli.ops.log)?;
     // Before anything else: without the secret every usage report would be refused.
     let ingest_secret = cli.ingest_secret.load()?;
+    // The reporter's ingest cluster must be one Envoy (and its internal route) can name.
+    aigw_operator::higress::cluster_destination(&cli.ingest_cluster)?;
 
     let shutdown = Shutdown::new();
     shutdown.on_signal();

@@ -98,7 +98,13 @@ fn every_provider_configuration_is_accepted_by_ai_proxy() {
     }
     let wasm = plugins::higress("ai-proxy").unwrap();
     let mut refused = Vec::new();
-    for channel in channels() {
+    // Every provider the operator serves; Bedrock is not served (its usage is not metered yet).
+    let (served, left_out): (Vec<Channel>, Vec<Channel>) = channels()
+        .into_iter()
+        .partition(|c| provider_problem(c).is_none());
+    let left_out: Vec<String> = left_out.iter().map(ResourceExt::name_any).collect();
+    assert_eq!(left_out, ["c-bedrock"]);
+    for channel in served {
         let config = ai_proxy_config(std::slice::from_ref(&channel));
         let (mut host, ok) = Host::load(wasm, config.to_string().as_bytes()).unwrap();
         if !ok {
@@ -165,8 +171,15 @@ fn a_misconfigured_channel_is_named_and_left_out_and_the_others_serve() {
     let (mut host, ok) = Host::load(wasm, text.as_bytes()).unwrap();
     assert!(ok, "ai-proxy refused: {:?}", host.state().logs);
     for c in channels() {
-        assert!(provider_problem(&c).is_none(), "{}", c.name_any());
-        assert!(text.contains(&format!("\"{}\"", c.name_any())));
+        let written = text.contains(&format!("\"{}\"", c.name_any()));
+        if c.spec.provider == Provider::Bedrock {
+            let problem = provider_problem(&c).unwrap_or_default();
+            assert!(problem.contains("not served yet"), "{problem}");
+            assert!(!written, "bedrock written to ai-proxy");
+        } else {
+            assert!(provider_problem(&c).is_none(), "{}", c.name_any());
+            assert!(written, "{}", c.name_any());
+        }
     }
 }
 

@@ -18,14 +18,16 @@
 mod common;
 mod dataplane_bed;
 
+use aigw_common::quota::{TokenKeys, seen_key};
 use aigw_crds::Channel;
 use aigw_operator::higress;
 use aigw_standin::{
+    envoy_check,
     gateway::{Request, Response},
-    provider::{Provider, load_recording},
+    provider::{Provider, Received, Scripted, load_recording},
 };
 use common::eventually;
-use dataplane_bed::{Bed, INGEST_SECRET, PROVIDER_KEY, chat, events, logs, send};
+use dataplane_bed::{Bed, INGEST_SECRET, PROVIDER_KEY, chat, events, logs, send, sha};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
@@ -303,8 +305,16 @@ async fn refused_requests_never_reach_the_provider() {
     let r = send(&gw, list(&dom_b, &key_b)).await;
     assert_eq!(r.status, 200);
     assert_eq!(ids(&r), ["gpt-4o", "gpt-4o-mini"], "every served model");
+    let mut forged = list(&dom_b, &key_a);
+    forged
+        .headers
+        .push(("x-forwarded-host".into(), dom_a.clone()));
     for (what, req) in [
         ("models with A's key on B's domain", list(&dom_b, &key_a)),
+        (
+            "models on B's domain claiming A's in X-Forwarded-Host",
+            forged,
+        ),
         ("models with an unknown key", list(&dom_a, "sk-nope-0000")),
         ("models with a disabled token", list(&dom_a, &key_off)),
     ] {
@@ -344,6 +354,283 @@ async fn refused_requests_never_reach_the_provider() {
     bed.finish().await;
 }
 
+/// The headers that must never reach a provider, found in what it received.
+fn leaks<'a>(up: &'a Received, client_key: &str) -> Vec<&'a (String, String)> {
+    up.headers
+        .iter()
+        .filter(|(k, v)| {
+            k.starts_with("x-aigw-")
+                || k == "x-mse-consumer"
+                || k == "x-hi-original-auth"
+                || v.contains(client_key)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
+    if !aigw_standin::plugins::reference_available(
+        "a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once",
+    )
+    .unwrap()
+    {
+        return;
+    }
+    let mut bed = Bed::start().await;
+    let sfx = bed.h.sfx.clone();
+    let (key_top, key_low) = ("sk-provider-top-tier-key", "sk-provider-low-tier-key");
+    bed.channel_keyed(
+        &format!("top-{sfx}"),
+        json!({"provider": "openai", "models": ["gpt-4o"], "priority": 10}),
+        key_top,
+    )
+    .await;
+    bed.channel_keyed(
+        &format!("low-{sfx}"),
+        json!({"provider": "openai", "models": ["gpt-4o"], "priority": 1}),
+        key_low,
+    )
+    .await;
+    let (a, b) = (format!("fa-{sfx}"), format!("fb-{sfx}"));
+    let (dom_a, dom_b) = (format!("api.{a}.example"), format!("api.{b}.example"));
+    let (key_a, key_tiny, key_b) = (
+        format!("sk-a-{sfx}"),
+        format!("sk-tiny-{sfx}"),
+        format!("sk-b-{sfx}"),
+    );
+    let (tenant_a, _) = bed
+        .tenant_with(
+            &a,
+            &dom_a,
+            &[
+                ("main", &key_a, &["gpt-4o"], json!({})),
+                ("tiny", &key_tiny, &["gpt-4o"], json!({"quota": 10})),
+            ],
+        )
+        .await;
+    bed.tenant(&b, &dom_b, &key_b, &["gpt-4o"]).await;
+    let filters = eventually("the operator writes the fallback EnvoyFilter", || async {
+        let (_, _, _, filters) = bed.read_back().await;
+        (!filters.is_empty()).then_some(filters)
+    })
+    .await;
+    // Envoy's own protos accept what the operator wrote (Higress's added fields by name only, in
+    // the TypedStruct the Higress console uses), and refuse what it wrote before: a field
+    // CustomResponse does not have, and the redirect policy typed directly with Higress's fields
+    // (parsed with upstream protos, which lack them).
+    let mut extra_field = filters.clone();
+    extra_field[0]["spec"]["configPatches"][0]["patch"]["value"]["typed_per_filter_config"]["envoy.filters.http.custom_response"]
+        ["value"]["with_request_body"] = json!({"max_request_bytes": 1_024_000});
+    let mut direct = filters.clone();
+    for m in direct[0]["spec"]["configPatches"][0]["patch"]["value"]["typed_per_filter_config"]
+        ["envoy.filters.http.custom_response"]["value"]["custom_response_matcher"]["matcher_list"]
+        ["matchers"]
+        .as_array_mut()
+        .unwrap()
+    {
+        let action = &mut m["on_match"]["action"]["typed_config"];
+        let mut policy = action["value"].clone();
+        policy["@type"] = action["type_url"].clone();
+        *action = policy;
+    }
+    let [now, extra_field, direct] = tokio::task::spawn_blocking(move || {
+        [filters, extra_field, direct].map(|f| envoy_check::problems(&f).unwrap())
+    })
+    .await
+    .unwrap();
+    assert!(now.is_empty(), "Envoy's protos refuse: {now:?}");
+    assert!(
+        extra_field.iter().any(|p| p.contains("with_request_body")),
+        "a field CustomResponse lacks passed: {extra_field:?}"
+    );
+    assert!(
+        direct.iter().any(|p| p.contains("unknown field")),
+        "Higress's fields in a directly typed policy passed: {direct:?}"
+    );
+    let gw = bed.gateway(&["gpt-4o"]).await;
+    assert_eq!(
+        gw.lock().unwrap().custom_responses.len(),
+        1,
+        "one route with a fallback"
+    );
+    let mut redis = bed.redis.get_multiplexed_async_connection().await.unwrap();
+    let recorded: Value =
+        serde_json::from_slice(&load_recording("openai-chat-nonstream-cached").unwrap().0).unwrap();
+
+    // The top tier answers 503: the next tier serves the same request.
+    let error = br#"{"error":{"message":"overloaded","type":"server_error"}}"#.to_vec();
+    bed.provider.script(Scripted {
+        status: 503,
+        content_type: "application/json".into(),
+        body: error.clone(),
+    });
+    let body =
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "fall back, please"}]});
+    let r = send(&gw, chat(&dom_a, &key_a, &body)).await;
+    assert_eq!(
+        r.status,
+        200,
+        "{} {}\n{}",
+        r.details,
+        String::from_utf8_lossy(&r.body),
+        logs(&gw)
+    );
+    assert_eq!(r.redirects, 1);
+    let got: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        got["usage"], recorded["usage"],
+        "the fallback tier's answer"
+    );
+    let seen = bed.provider.received();
+    assert_eq!(seen.len(), 2, "two passes: {seen:?}");
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {key_top}").as_str())
+    );
+    assert_eq!(
+        seen[1].header("authorization"),
+        Some(format!("Bearer {key_low}").as_str()),
+        "the second pass went to the next tier with its own key"
+    );
+    assert_eq!(seen[0].uri, seen[1].uri);
+    let (first, second): (Value, Value) = (
+        serde_json::from_slice(&seen[0].body).unwrap(),
+        serde_json::from_slice(&seen[1].body).unwrap(),
+    );
+    assert_eq!(first, second, "the same body on both tiers");
+    assert_eq!(second["messages"], body["messages"]);
+    for up in &seen {
+        let leaked = leaks(up, &key_a);
+        assert!(leaked.is_empty(), "reached the provider: {leaked:?}");
+    }
+    let clusters: Vec<String> = gw
+        .lock()
+        .unwrap()
+        .upstreams
+        .iter()
+        .map(|u| u.cluster.clone())
+        .collect();
+    assert!(
+        clusters[0].contains(&format!("aigw-top-{sfx}"))
+            && clusters[1].contains(&format!("aigw-low-{sfx}")),
+        "{clusters:?}"
+    );
+
+    // Billed once: the first pass reported its 503 (no usage) and is retired — its reservation
+    // released, never swept, its report marked applied so the worker drops it; the second pass
+    // carries the usage and the only reservation.
+    let evs = events(&bed.topic, 2, 30).await;
+    assert_eq!(evs.len(), 2, "{evs:?}\n{}", logs(&gw));
+    let failed = evs
+        .iter()
+        .find(|e| e.status == 503)
+        .expect("the first pass's report");
+    let served = evs
+        .iter()
+        .find(|e| e.status == 200)
+        .expect("the second pass's report");
+    assert_eq!(failed.usage.billable_tokens(), 0, "{failed:?}");
+    assert_eq!(served.tenant, tenant_a.to_string());
+    assert_eq!(
+        served.usage.prompt_tokens,
+        recorded["usage"]["prompt_tokens"].as_u64(),
+        "{served:?}"
+    );
+    assert_ne!(failed.event_id, served.event_id);
+    let marker: Option<String> = redis::cmd("GET")
+        .arg(seen_key(&failed.dedupe_key()))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        marker.as_deref(),
+        Some("1"),
+        "the first pass is marked applied"
+    );
+    for (key, id, pending) in [
+        (&bed.pending.events, &failed.event_id, false),
+        (&bed.pending.grants, &failed.event_id, false),
+        (&bed.pending.events, &served.event_id, true),
+    ] {
+        let exists: bool = redis::cmd("HEXISTS")
+            .arg(key)
+            .arg(id)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(exists, pending, "{key} {id}");
+    }
+    let reserved: i64 = redis::cmd("GET")
+        .arg(TokenKeys::new(&sha(&key_a)).reserved)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let held: i64 = served
+        .reservation
+        .rsplit_once(':')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap();
+    assert_eq!(reserved, held, "only the second pass holds quota");
+
+    // 429 from the top tier falls back too.
+    bed.provider.script(Scripted {
+        status: 429,
+        content_type: "application/json".into(),
+        body: error,
+    });
+    let r = send(&gw, chat(&dom_a, &key_a, &body)).await;
+    assert_eq!(r.status, 200, "{} {}", r.details, logs(&gw));
+    assert_eq!(r.redirects, 1);
+    assert_eq!(bed.provider.received().len(), 4);
+
+    // The gateway's own refusal (authz: quota) is answered as is, never tried on another tier.
+    let before = bed.provider.received().len();
+    let r = send(&gw, chat(&dom_a, &key_tiny, &body)).await;
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.redirects, 0, "a refusal by the gateway is not redirected");
+    refused("over quota", &r, &bed.provider, before);
+
+    // A client cannot use the fallback header: an invented grant, a real event with a guessed
+    // grant, and A's real pending grant used by B on B's domain are refused; A's request stays
+    // pending.
+    let live: String = redis::cmd("HGET")
+        .arg(&bed.pending.grants)
+        .arg(&served.event_id)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    for (what, domain, key, value) in [
+        ("an invented grant", &dom_a, &key_a, "0123.4567".to_owned()),
+        (
+            "a guessed grant",
+            &dom_a,
+            &key_a,
+            format!("{}.{}", served.event_id, "0".repeat(32)),
+        ),
+        (
+            "A's grant on B's domain",
+            &dom_b,
+            &key_b,
+            format!("{}.{live}", served.event_id),
+        ),
+    ] {
+        let before = bed.provider.received().len();
+        let mut req = chat(domain, key, &body);
+        req.headers.push(("x-aigw-fallback".into(), value));
+        let r = send(&gw, req).await;
+        refused(what, &r, &bed.provider, before);
+    }
+    let exists: bool = redis::cmd("HEXISTS")
+        .arg(&bed.pending.events)
+        .arg(&served.event_id)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(exists, "A's pending request survives B's attempt");
+
+    bed.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_provider_family_is_served_in_its_own_protocol() {
     if !aigw_standin::plugins::reference_available(
@@ -365,6 +652,12 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
         &format!("gem-{sfx}"),
         json!({"provider": "gemini", "models": ["gemini-2.5-flash"]}),
         "AIza-upstream",
+    )
+    .await;
+    bed.channel_keyed(
+        &format!("gen-{sfx}"),
+        json!({"provider": "generic", "models": ["local-llm"], "baseUrl": "http://llm.internal:8000"}),
+        "sk-generic-upstream",
     )
     .await;
     // A misconfigured channel: named in its status, left out, and the others still serve.
@@ -390,7 +683,9 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
     let domain = format!("api.{tenant}.example");
     let key = format!("sk-client-{sfx}");
     bed.tenant(&tenant, &domain, &key, &[]).await;
-    let gw = bed.gateway(&["claude-sonnet-4", "gemini-2.5-flash"]).await;
+    let gw = bed
+        .gateway(&["claude-sonnet-4", "gemini-2.5-flash", "local-llm"])
+        .await;
     for f in &mut gw.lock().unwrap().filters {
         assert!(f.host.configured, "{}: {:?}", f.name, f.host.state().logs);
     }
@@ -486,6 +781,37 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
             "{what}: {ev:?}"
         );
     }
+
+    // A generic channel: ai-proxy asks it for no stream usage, so a stream must ask itself.
+    let before = p.received().len();
+    let implicit = json!({"model": "local-llm", "stream": true,
+                          "messages": [{"role": "user", "content": "hi"}]});
+    let r = send(&gw, chat(&domain, &key, &implicit)).await;
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("stream_usage_required"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    refused("a generic stream without include_usage", &r, &p, before);
+    let mut explicit = implicit.clone();
+    explicit["stream_options"] = json!({"include_usage": true});
+    let r = send(&gw, chat(&domain, &key, &explicit)).await;
+    assert_eq!(r.status, 200, "{} {}", r.details, logs(&gw));
+    let up = p.received().pop().unwrap();
+    assert_eq!(
+        up.header("authorization"),
+        Some("Bearer sk-generic-upstream")
+    );
+    let sent: Value = serde_json::from_slice(&up.body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    let evs = events(&bed.topic, cases.len() + 1, 30).await;
+    let ev = evs.last().unwrap();
+    let (_, meta) = load_recording("openai-chat-stream-include-usage").unwrap();
+    assert_eq!(
+        ev.usage.prompt_tokens,
+        meta["expected"]["prompt_tokens"].as_u64(),
+        "{ev:?}"
+    );
     bed.finish().await;
 }
 

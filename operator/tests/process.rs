@@ -76,3 +76,24 @@ fn refuses_to_start_without_a_usable_ingest_secret() {
         assert!(stderr.contains("ingest secret"), "{secret:?}: {stderr}");
     }
 }
+
+#[test]
+fn refuses_to_start_with_an_ingest_cluster_envoy_cannot_name() {
+    // The reporter calls this cluster and the operator writes a route for it; a malformed name
+    // would leave usage reports with nowhere to go.
+    let tb = Testbed::load().unwrap();
+    for cluster in ["aigw-ingest:8090", "outbound|x||svc", "outbound|8090||"] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_aigw-operator"));
+        cmd.env_clear();
+        for (k, v) in vars(&tb) {
+            cmd.env(k, v);
+        }
+        cmd.env("AIGW_INSTANCE", unique_name("bad-cluster"));
+        cmd.env("AIGW_OPS_ADDR", "127.0.0.1:0");
+        cmd.env("AIGW_INGEST_CLUSTER", cluster);
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cluster}: started anyway");
+        assert!(stderr.contains("ingestCluster"), "{cluster}: {stderr}");
+    }
+}

@@ -440,6 +440,24 @@ impl HttpContext for Request {
                 for name in headers::CLIENT_CREDENTIALS {
                     self.set_http_request_header(name, None);
                 }
+                // For a fallback redirect (Envoy's custom_response, configured by the operator):
+                // the request's event id and grant in filter state, which the redirect copies
+                // into `x-aigw-fallback` for authz to admit the second pass on; and the client's
+                // path, which the redirect restores (ai-proxy rewrites `:path` for its provider).
+                if let Some(grant) = self.get_http_request_header(headers::GRANT) {
+                    self.set_http_request_header(headers::GRANT, None);
+                    if let Some(id) = self.get_http_request_header(headers::EVENT_ID) {
+                        let value = format!("{id}.{grant}");
+                        // A host without filter state only loses the fallback, never the request.
+                        let _ = hostcalls::set_property(
+                            vec![headers::FALLBACK_STATE],
+                            Some(value.as_bytes()),
+                        );
+                    }
+                }
+                if let Some(path) = self.get_http_request_header(":path") {
+                    self.set_http_request_header(headers::ORIGINAL_PATH, Some(&path));
+                }
             }
             Mode::Report => {
                 // Only requests authz admitted carry a tenant; anything else is not billed here.

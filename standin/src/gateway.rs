@@ -34,7 +34,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::higress::delivered_config;
-use crate::host::{Error, Headers, Host, ROOT, Result, Shared, header};
+use crate::{
+    fallback::CustomResponses,
+    host::{Error, Headers, Host, ROOT, Result, Shared, header},
+};
 
 /// A plugin module by the name in its `WasmPlugin` URL (`oci://…/ai-proxy:1.0` → `ai-proxy`).
 pub type Modules<'a> = &'a dyn Fn(&str) -> Result<&'static [u8]>;
@@ -251,6 +254,8 @@ pub struct Response {
     pub route: Option<String>,
     /// The body chunks as the plugins passed them on.
     pub chunks: Vec<Vec<u8>>,
+    /// How many times a fallback redirect sent the request through again.
+    pub redirects: u32,
 }
 
 impl Response {
@@ -307,6 +312,8 @@ pub struct Gateway {
     pub shared: Shared,
     /// Every upstream request sent, in order.
     pub upstreams: Vec<Upstream>,
+    /// Envoy's `custom_response` per route, from the `EnvoyFilter`s ([`Gateway::with_envoy_filters`]).
+    pub custom_responses: CustomResponses,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -388,7 +395,36 @@ impl Gateway {
             chunk: 512,
             shared,
             upstreams: Vec::new(),
+            custom_responses: CustomResponses::new(),
         })
+    }
+
+    /// Adds the routes' custom responses (fallback redirects) the `EnvoyFilter`s configure.
+    pub fn with_envoy_filters(mut self, envoy_filters: &[Value]) -> Result<Self> {
+        self.custom_responses = crate::fallback::custom_responses(envoy_filters)?;
+        Ok(self)
+    }
+
+    /// The filter state the stream's plugins set (`wasm.<name>`).
+    fn filter_state(&mut self) -> HashMap<String, String> {
+        let mut out = HashMap::new();
+        for f in &mut self.filters {
+            for (k, v) in &f.host.state().filter_state {
+                out.insert(format!("wasm.{k}"), String::from_utf8_lossy(v).into_owned());
+            }
+        }
+        out
+    }
+
+    /// Forgets the previous stream's filter state (Envoy's lives as long as its stream).
+    fn new_stream(&mut self) {
+        for f in &mut self.filters {
+            let state = f.host.state();
+            let keys: Vec<String> = state.filter_state.drain().map(|(k, _)| k).collect();
+            for k in keys {
+                state.properties.remove(&k);
+            }
+        }
     }
 
     /// The filter named `name`.
@@ -520,10 +556,12 @@ impl Gateway {
             },
             route: None,
             chunks: Vec::new(),
+            redirects: 0,
         })
     }
 
-    /// Sends `req` through the gateway.
+    /// Sends `req` through the gateway; a route's fallback redirect (Envoy's `custom_response`,
+    /// see [`crate::fallback`]) sends it through again as Higress's Envoy would.
     pub fn handle(&mut self, req: &Request) -> Result<Response> {
         let mut headers: Headers = vec![
             (":method".into(), req.method.clone()),
@@ -541,6 +579,45 @@ impl Gateway {
             headers.push(("content-length".into(), req.body.len().to_string()));
         }
         let mut body = req.body.clone();
+        let mut redirects = 0u32;
+        let mut first_status = None;
+        loop {
+            let (mut response, final_headers) = self.pass(headers, body)?;
+            let policy = response
+                .route
+                .as_ref()
+                .and_then(|r| self.custom_responses.get(r))
+                .and_then(|rules| {
+                    crate::fallback::matching(rules, response.status, &response.details)
+                })
+                .filter(|p| redirects < p.max_internal_redirects)
+                .cloned();
+            let Some(policy) = policy else {
+                if let Some(status) = first_status {
+                    response.status = status;
+                }
+                response.redirects = redirects;
+                return Ok(response);
+            };
+            redirects += 1;
+            if policy.keep_original_response_code && first_status.is_none() {
+                first_status = Some(response.status);
+            }
+            let state = self.filter_state();
+            headers =
+                crate::fallback::redirected(&policy, final_headers, &|k| state.get(k).cloned())?;
+            body = if policy.use_original_request_body {
+                req.body.clone()
+            } else {
+                Vec::new()
+            };
+        }
+    }
+
+    /// One pass of a request through the plugins, the router and back: the answer, and the
+    /// request headers as the plugins and the router left them.
+    fn pass(&mut self, mut headers: Headers, mut body: Vec<u8>) -> Result<(Response, Headers)> {
+        self.new_stream();
         self.set_properties(&[("response.code_details", None)]);
         // (filter index, context) of every plugin the request reached.
         let mut contexts: Vec<(usize, i32)> = Vec::new();
@@ -590,7 +667,10 @@ impl Gateway {
             headers.clone_from(&host.state().request_headers);
             body.clone_from(&host.state().request_body);
         }
-        let mut response = if let Some(r) = answer {
+        let mut response = if let Some(mut r) = answer {
+            // A plugin's local reply still belongs to the stream's route (its per-route
+            // configs, the custom response among them, apply).
+            r.route = cached.get(|| self.route(&headers).cloned()).map(|r| r.name);
             r
         } else {
             let route = cached.get(|| self.route(&headers).cloned());
@@ -604,7 +684,7 @@ impl Gateway {
             self.filters[i].host.end_stream(ctx)?;
             self.pump(i)?;
         }
-        Ok(response)
+        Ok((response, headers))
     }
 
     /// The router: the route of the final headers, its header removal, the upstream call.
@@ -655,6 +735,7 @@ impl Gateway {
             details: "via_upstream".into(),
             route: Some(route.name),
             chunks: Vec::new(),
+            redirects: 0,
         })
     }
 

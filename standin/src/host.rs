@@ -113,6 +113,10 @@ pub struct State {
     pub call_response_headers: Headers,
     pub call_response_body: Vec<u8>,
     pub properties: HashMap<String, Vec<u8>>,
+    /// What the plugin set with `proxy_set_property` during the current stream: Envoy keeps it
+    /// as the stream's filter state (`wasm.<path>`), gone with the stream. Also in `properties`,
+    /// where the plugin reads it back.
+    pub filter_state: HashMap<String, Vec<u8>>,
     pub logs: Vec<(i32, String)>,
     pub calls: Vec<HttpCall>,
     pub metrics: Vec<(String, i64)>,
@@ -496,6 +500,9 @@ fn link_proxy(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 .trim_end_matches('\0')
                 .replace('\0', ".");
             let value = read(&mut c, vp, vs)?;
+            c.data_mut()
+                .filter_state
+                .insert(path.clone(), value.clone());
             c.data_mut().properties.insert(path, value);
             Ok(OK)
         },

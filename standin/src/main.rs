@@ -58,6 +58,7 @@ struct Objects {
     plugins: Vec<Value>,
     ingresses: Vec<Value>,
     bridge: Value,
+    envoy_filters: Vec<Value>,
     versions: Vec<String>,
 }
 
@@ -113,9 +114,19 @@ async fn read(client: &Client, ns: &str) -> Result<Objects, kube::Error> {
         .into_iter()
         .find(|b| b["metadata"]["name"] == "default")
         .unwrap_or(Value::Null);
+    let envoy_filters = list(
+        client,
+        ns,
+        "networking.istio.io",
+        "v1alpha3",
+        "EnvoyFilter",
+        "envoyfilters",
+    )
+    .await?;
     let versions = plugins
         .iter()
         .chain(&ingresses)
+        .chain(&envoy_filters)
         .chain(std::iter::once(&bridge))
         .map(|o| {
             format!(
@@ -128,6 +139,7 @@ async fn read(client: &Client, ns: &str) -> Result<Objects, kube::Error> {
         plugins,
         ingresses,
         bridge,
+        envoy_filters,
         versions,
     })
 }
@@ -158,7 +170,8 @@ fn build(
         &objects.bridge,
         &modules,
         provider,
-    )?;
+    )?
+    .with_envoy_filters(&objects.envoy_filters)?;
     gw.services.extend(services.iter().cloned());
     Ok(gw)
 }

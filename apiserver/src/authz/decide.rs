@@ -37,6 +37,9 @@ pub enum Denial {
     InvalidLimit(&'static str),
     /// The token already has as many requests in flight as it may.
     TooManyInFlight,
+    /// A stream of a model a `generic` channel serves, without `include_usage: true`: nothing on
+    /// the way would ask that provider for usage.
+    StreamUsageRequired(String),
 }
 
 impl Denial {
@@ -131,6 +134,14 @@ impl Denial {
                 "invalid_limit",
                 format!("`{field}` must be a positive integer."),
             ),
+            Self::StreamUsageRequired(m) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "stream_usage_required",
+                format!(
+                    "Streams of `{m}` must set `stream_options.include_usage` to true on this gateway."
+                ),
+            ),
             Self::TooManyInFlight => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "requests",
@@ -215,6 +226,18 @@ pub fn check(index: &Index, headers: &HeaderMap, now_ms: i64) -> Result<Admitted
     if !tenant.serves(&host) {
         return Err(Denial::InvalidKey);
     }
+    standing(hash, token, tenant, now_ms)
+}
+
+/// The checks on a token and its tenant that hold whatever the request: suspended, disabled,
+/// expired, exhausted. A fallback's second pass (admitted on its first pass's event, without
+/// key or domain) goes through these again.
+pub fn standing(
+    hash: String,
+    token: std::sync::Arc<TokenRecord>,
+    tenant: std::sync::Arc<TenantRecord>,
+    now_ms: i64,
+) -> Result<Admitted, Denial> {
     if tenant.suspended {
         return Err(Denial::TenantSuspended);
     }

@@ -13,7 +13,7 @@ use std::{
     },
 };
 
-use aigw_crds::{Channel, TENANT_NAMESPACE_PREFIX, Tenant, Token, TokenPhase};
+use aigw_crds::{Channel, Provider, TENANT_NAMESPACE_PREFIX, Tenant, Token, TokenPhase};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::{
@@ -157,6 +157,17 @@ impl Tokens {
     fn first(&self, hash: &str) -> Option<Arc<TokenRecord>> {
         self.by_hash.get(hash).and_then(|c| c.first()).cloned()
     }
+
+    /// The token with MySQL id `id` and its key hash, if it is its hash's first owner (the one a
+    /// key lookup answers with). A scan: used only for the rare fallback second pass.
+    fn by_id(&self, id: i64) -> Option<(String, Arc<TokenRecord>)> {
+        self.by_hash.iter().find_map(|(hash, claims)| {
+            claims
+                .first()
+                .filter(|r| r.token_id == id)
+                .map(|r| (hash.clone(), r.clone()))
+        })
+    }
 }
 
 /// The index key of a token: `namespace/name`.
@@ -174,8 +185,8 @@ pub struct Index {
     tokens: Arc<RwLock<Tokens>>,
     tenants: Arc<RwLock<HashMap<String, Arc<TenantRecord>>>>,
     /// Models of every serving channel (enabled, Ready), by channel name: what `GET /v1/models`
-    /// lists for a token without an allow-list.
-    channels: Arc<RwLock<HashMap<String, Vec<String>>>>,
+    /// lists for a token without an allow-list; and whether the channel is `generic`.
+    channels: Arc<RwLock<HashMap<String, (Vec<String>, bool)>>>,
     tokens_synced: Arc<AtomicBool>,
     tenants_synced: Arc<AtomicBool>,
     channels_synced: Arc<AtomicBool>,
@@ -208,6 +219,25 @@ impl Index {
         read(&self.tokens).first(hash)
     }
 
+    /// The token with MySQL id `id`, with its key hash (see [`Tokens::by_id`]).
+    pub fn token_by_id(&self, id: i64) -> Option<(String, Arc<TokenRecord>)> {
+        read(&self.tokens).by_id(id)
+    }
+
+    /// Whether a serving `generic` channel offers `model`. ai-proxy adds no
+    /// `stream_options.include_usage` for a generic provider, so its streams carry usage only if
+    /// the client asked for it.
+    pub fn generic_serves(&self, model: &str) -> bool {
+        read(&self.channels)
+            .values()
+            .any(|(models, generic)| *generic && models.iter().any(|m| m == model))
+    }
+
+    /// Whether some tenant serves `host`.
+    pub fn any_tenant_serves(&self, host: &str) -> bool {
+        read(&self.tenants).values().any(|t| t.serves(host))
+    }
+
     /// The tenant with this name.
     pub fn tenant(&self, name: &str) -> Option<Arc<TenantRecord>> {
         read(&self.tenants).get(name).cloned()
@@ -233,7 +263,11 @@ impl Index {
     /// sorted, without duplicates.
     pub fn models_for(&self, token: &TokenRecord) -> Vec<String> {
         let mut out: Vec<String> = if token.models.is_empty() {
-            read(&self.channels).values().flatten().cloned().collect()
+            read(&self.channels)
+                .values()
+                .flat_map(|(models, _)| models)
+                .cloned()
+                .collect()
         } else {
             token.models.clone()
         };
@@ -245,7 +279,10 @@ impl Index {
     pub fn upsert_channel(&self, channel: &Channel) {
         let mut c = write(&self.channels);
         match channel_models(channel) {
-            Some(models) => c.insert(channel.name_any(), models),
+            Some(models) => c.insert(
+                channel.name_any(),
+                (models, channel.spec.provider == Provider::Generic),
+            ),
             None => c.remove(&channel.name_any()),
         };
     }
@@ -257,7 +294,10 @@ impl Index {
     fn replace_channels(&self, all: &[Channel]) {
         let fresh = all
             .iter()
-            .filter_map(|c| Some((c.name_any(), channel_models(c)?)))
+            .filter_map(|c| {
+                let generic = c.spec.provider == Provider::Generic;
+                Some((c.name_any(), (channel_models(c)?, generic)))
+            })
             .collect();
         *write(&self.channels) = fresh;
     }

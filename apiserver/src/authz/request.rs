@@ -59,6 +59,8 @@ struct Head<'a> {
     #[serde(default, borrow)]
     model: Option<Cow<'a, str>>,
     #[serde(default)]
+    stream: Present,
+    #[serde(default)]
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     max_completion_tokens: Present,
@@ -100,6 +102,9 @@ pub struct Shape {
     pub prompt: i64,
     /// Output tokens the request may produce (its limit, or the default).
     pub completion: i64,
+    /// A chat or text completion stream that leaves `stream_options.include_usage` out: only
+    /// ai-proxy adds it, and not for a `generic` channel (authz then refuses the request).
+    pub stream_usage_implicit: bool,
 }
 
 impl Shape {
@@ -136,9 +141,21 @@ pub fn shape(
     // Any `include_usage` other than absent or `true` (false, null, 0, "false", …) could leave the
     // provider's stream without usage.
     let include_usage = head.stream_options.and_then(|o| o.include_usage.0);
-    if endpoint != Endpoint::Messages && include_usage.is_some_and(|v| v != Value::Bool(true)) {
+    if endpoint != Endpoint::Messages
+        && include_usage
+            .as_ref()
+            .is_some_and(|v| *v != Value::Bool(true))
+    {
         return Err(Denial::UsageSuppressed);
     }
+    let streams = head
+        .stream
+        .0
+        .as_ref()
+        .is_some_and(|v| !v.is_null() && *v != Value::Bool(false));
+    let stream_usage_implicit = streams
+        && include_usage.is_none()
+        && matches!(endpoint, Endpoint::Chat | Endpoint::Completions);
     let prompt = i64::try_from(body.len().div_ceil(3)).unwrap_or(i64::MAX);
     let completion = if endpoint == Endpoint::Embeddings {
         0
@@ -175,6 +192,7 @@ pub fn shape(
         model,
         prompt,
         completion,
+        stream_usage_implicit,
     })
 }
 
@@ -251,6 +269,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.model, "gpt-4o");
+    }
+
+    #[test]
+    fn streams_that_leave_usage_to_the_gateway_are_told_apart() {
+        let implicit = |body: &[u8], path: &str| {
+            shape(Some(path), None, body, 1)
+                .unwrap()
+                .stream_usage_implicit
+        };
+        let chat = "/v1/chat/completions";
+        assert!(implicit(br#"{"model":"m","stream":true}"#, chat));
+        assert!(implicit(
+            br#"{"model":"m","stream":"yes","stream_options":{}}"#,
+            chat
+        ));
+        assert!(implicit(
+            br#"{"model":"m","stream":true}"#,
+            "/v1/completions"
+        ));
+        assert!(!implicit(
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+            chat
+        ));
+        assert!(!implicit(br#"{"model":"m","stream":false}"#, chat));
+        assert!(!implicit(br#"{"model":"m"}"#, chat));
+        assert!(!implicit(
+            br#"{"model":"m","stream":true}"#,
+            "/v1/responses"
+        ));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Instant};
 
-use aigw_common::quota::{ADMIT, PendingKeys, Reservation, TokenKeys};
+use aigw_common::quota::{ADMIT, PendingKeys, RETIRE, Reservation, TokenKeys, seen_key};
 use aigw_plugin_core::{
     EVENT_VERSION, Outcome as UsageOutcome, TokenUsage, UsageEvent, estimate, headers,
 };
@@ -99,6 +99,7 @@ pub struct Authz {
     pub settings: Arc<Settings>,
     pub metrics: Metrics,
     admit: Arc<redis::Script>,
+    retire: Arc<redis::Script>,
 }
 
 impl std::fmt::Debug for Authz {
@@ -122,6 +123,7 @@ impl Authz {
             settings: Arc::new(settings),
             metrics,
             admit: Arc::new(redis::Script::new(ADMIT)),
+            retire: Arc::new(redis::Script::new(RETIRE)),
         }
     }
 }
@@ -155,8 +157,11 @@ pub const MODELS_PATH: &str = "/v1/models";
 
 /// `GET /v1/models`: the models the key may call, in OpenAI's list shape, after the same checks
 /// on key, domain and token as a request (an unknown key learns nothing).
-async fn models(State(authz): State<Authz>, headers: HeaderMap) -> Response {
+async fn models(State(authz): State<Authz>, mut headers: HeaderMap) -> Response {
     let now = Timestamp::now().as_millisecond();
+    // Reached straight through a route (no ext-auth in between): the client's own `Host` is the
+    // domain; an `X-Forwarded-Host` here is whatever the client wrote.
+    headers.remove("x-forwarded-host");
     match decide::check(&authz.index, &headers, now) {
         Ok(admitted) => {
             let data: Vec<serde_json::Value> = authz
@@ -218,6 +223,8 @@ pub struct Allow {
     pub event_id: String,
     /// The estimate the reservation was sized from (prompt, completion tokens).
     pub estimate: (i64, i64),
+    /// The request's fallback grant (see [`headers::GRANT`]).
+    pub grant: String,
 }
 
 impl IntoResponse for Allow {
@@ -235,6 +242,7 @@ impl IntoResponse for Allow {
                 estimate::format(prompt.unsigned_abs(), completion.unsigned_abs()),
             ),
             (headers::CONSUMER, self.token),
+            (headers::GRANT, self.grant),
         ];
         for (k, v) in pairs {
             if let Ok(v) = HeaderValue::from_str(&v) {
@@ -252,10 +260,105 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .filter(|v| !v.is_empty())
 }
 
+/// How long a retired first pass stays marked as applied: as long as the billing worker keeps
+/// its own dedupe keys by default (`AIGW_DEDUPE_TTL_SECS`), far beyond any late report.
+const RETIRED_TTL_SECS: u64 = 7 * 24 * 3600;
+
 async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow, Denial> {
     let now = Timestamp::now().as_millisecond();
     // Who first (an unknown key learns nothing about endpoints), then what is asked for.
-    let admitted = decide::check(&authz.index, headers, now)?;
+    let admitted = match header(headers, headers::FALLBACK) {
+        Some(value) => fallback(authz, headers, value, now).await?,
+        None => decide::check(&authz.index, headers, now)?,
+    };
+    admit(authz, admitted, headers, body, now).await
+}
+
+/// The second pass of a request Envoy's fallback redirect sent to the next tier: admitted on the
+/// first pass's event id ([`headers::FALLBACK`]), which names the token authz admitted then (the
+/// client's key is gone: ai-proxy put the provider's in `Authorization`). The token and tenant
+/// must still be in good standing; the domain is not checked again (the second pass may carry
+/// the provider's host, and the first pass checked the client's). The first pass is retired in
+/// the same step — reservation released, never swept, its report dropped — so the request is
+/// billed once, as the second pass. The id is known only inside the gateway (authz's answer,
+/// removed before the provider), and it is good for one second pass while its first is pending:
+/// a client-sent value names nothing and is refused like an unknown key.
+async fn fallback(
+    authz: &Authz,
+    headers: &HeaderMap,
+    value: &str,
+    now: i64,
+) -> Result<decide::Admitted, Denial> {
+    let (first, grant) = value.split_once('.').ok_or(Denial::InvalidKey)?;
+    let mut conn = authz.redis.clone();
+    let pending: Option<String> = redis::cmd("HGET")
+        .arg(&authz.settings.pending.events)
+        .arg(first)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| {
+            authz.metrics.redis_errors.inc();
+            tracing::warn!(error = %e, "redis unreachable during a fallback's authz");
+            Denial::Unavailable
+        })?;
+    let event = pending
+        .and_then(|p| UsageEvent::parse(p.as_bytes()).ok())
+        .ok_or(Denial::InvalidKey)?;
+    let token_id: i64 = event.token.parse().map_err(|_| Denial::InvalidKey)?;
+    let (hash, token) = authz
+        .index
+        .token_by_id(token_id)
+        .ok_or(Denial::InvalidKey)?;
+    let tenant = authz
+        .index
+        .tenant(&token.tenant)
+        .filter(|t| t.id.to_string() == event.tenant)
+        .ok_or(Denial::InvalidKey)?;
+    // Never on another tenant's domain (a real second pass carries the client's host, restored
+    // by the redirect, or the provider's, which no tenant serves).
+    if let Some(host) = decide::host(headers)
+        && !tenant.serves(&host)
+        && authz.index.any_tenant_serves(&host)
+    {
+        return Err(Denial::InvalidKey);
+    }
+    let admitted = decide::standing(hash, token, tenant, now)?;
+    let keys = TokenKeys::new(&admitted.hash);
+    let retired: i64 = authz
+        .retire
+        .key(&authz.settings.pending.set)
+        .key(&authz.settings.pending.events)
+        .key(&keys.reserved)
+        .key(&keys.reservations)
+        .key(&keys.expiries)
+        .key(seen_key(&event.dedupe_key()))
+        .key(&authz.settings.pending.grants)
+        .arg(first)
+        .arg(RETIRED_TTL_SECS)
+        .arg(grant)
+        .invoke_async(&mut conn)
+        .await
+        .map_err(|e| {
+            authz.metrics.redis_errors.inc();
+            tracing::warn!(error = %e, "redis unreachable during a fallback's authz");
+            Denial::Unavailable
+        })?;
+    if retired == 1 {
+        Ok(admitted)
+    } else {
+        // Retired by another second pass a moment ago, or billed: the grant is used up.
+        Err(Denial::InvalidKey)
+    }
+}
+
+/// What is asked for (endpoint, model, size), then rate, quota and the pending record in Redis.
+async fn admit(
+    authz: &Authz,
+    admitted: decide::Admitted,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: i64,
+) -> Result<Allow, Denial> {
     let shape = request::shape(
         header(headers, "x-forwarded-uri"),
         header(headers, headers::MODEL),
@@ -264,9 +367,13 @@ async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow
     )?;
     let token = &admitted.token;
     decide::model_allowed(token, &shape.model)?;
+    if shape.stream_usage_implicit && authz.index.generic_serves(&shape.model) {
+        return Err(Denial::StreamUsageRequired(shape.model));
+    }
     let quota = token.quota;
     let estimate = if quota >= 0 { shape.estimate() } else { 0 };
     let id = uuid::Uuid::new_v4().simple().to_string();
+    let grant = uuid::Uuid::new_v4().simple().to_string();
     let reservation_if_held = if quota >= 0 {
         Reservation::Held {
             id: id.clone(),
@@ -309,6 +416,7 @@ async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow
     invocation
         .key(&authz.settings.pending.set)
         .key(&authz.settings.pending.events)
+        .key(&authz.settings.pending.grants)
         .arg(token.rate_limit)
         .arg(quota)
         .arg(estimate)
@@ -316,7 +424,8 @@ async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow
         .arg(&id)
         .arg(authz.settings.max_in_flight)
         .arg(&pending)
-        .arg(token.used_floor);
+        .arg(token.used_floor)
+        .arg(&grant);
     let mut conn = authz.redis.clone();
     let reservation = match invocation.invoke_async::<(i64, i64)>(&mut conn).await {
         Ok((0, _)) => reservation_if_held,
@@ -339,5 +448,6 @@ async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow
         reservation,
         event_id: id,
         estimate: (shape.prompt, shape.completion),
+        grant,
     })
 }

@@ -255,7 +255,7 @@ impl Bed {
     }
 
     /// The Higress objects as the operator wrote them, read back from the kube-apiserver.
-    pub async fn read_back(&self) -> (Vec<Value>, Vec<Value>, Value) {
+    pub async fn read_back(&self) -> (Vec<Value>, Vec<Value>, Value, Vec<Value>) {
         let plugins: Api<DynamicObject> = Api::namespaced_with(
             self.h.client.clone(),
             &self.h.hns,
@@ -288,7 +288,20 @@ impl Bed {
             .await
             .unwrap()
             .map_or(Value::Null, |b| serde_json::to_value(b).unwrap());
-        (plugins, ingresses, bridge)
+        let filters: Api<DynamicObject> = Api::namespaced_with(
+            self.h.client.clone(),
+            &self.h.hns,
+            &higress::envoy_filter_resource(),
+        );
+        let filters = filters
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|f| serde_json::to_value(f).unwrap())
+            .collect();
+        (plugins, ingresses, bridge, filters)
     }
 
     /// Waits until the operator's route Ingresses name every model of `models`, then builds the
@@ -300,12 +313,12 @@ impl Bed {
     /// [`Bed::gateway`], counting every wasm instruction with `fuel`.
     pub async fn gateway_metered(&self, models: &[&str], fuel: bool) -> Arc<Mutex<Gateway>> {
         eventually("the operator routes every model", || async {
-            let (_, ingresses, _) = self.read_back().await;
+            let (_, ingresses, _, _) = self.read_back().await;
             let text = serde_json::to_string(&ingresses).unwrap();
             models.iter().all(|m| text.contains(m)).then_some(())
         })
         .await;
-        let (plugins, ingresses, bridge) = self.read_back().await;
+        let (plugins, ingresses, bridge, filters) = self.read_back().await;
         let provider = self.provider.addr;
         let (authz, ingest) = (self.authz, self.ingest);
         let gw = tokio::task::spawn_blocking(move || {
@@ -313,8 +326,10 @@ impl Bed {
                 "aigw-plugin" => plugins::reporter(),
                 other => plugins::higress(other),
             };
-            let mut gw =
-                Gateway::metered(&plugins, &ingresses, &bridge, &modules, provider, fuel).unwrap();
+            let mut gw = Gateway::metered(&plugins, &ingresses, &bridge, &modules, provider, fuel)
+                .unwrap()
+                .with_envoy_filters(&filters)
+                .unwrap();
             gw.services.insert(
                 "outbound|8081||aigw-apiserver.aigw-system.svc.cluster.local".into(),
                 authz,
@@ -344,6 +359,7 @@ impl Bed {
             let _: redis::RedisResult<()> = redis::cmd("DEL")
                 .arg(&self.pending.set)
                 .arg(&self.pending.events)
+                .arg(&self.pending.grants)
                 .query(&mut c);
         }
         let tb = Testbed::load().unwrap();

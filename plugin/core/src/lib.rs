@@ -147,6 +147,31 @@ pub mod headers {
     pub const ORIGINAL_AUTH: &str = "x-hi-original-auth";
     /// Where Envoy keeps the client's `:authority` when a plugin rewrites it (the tenant's domain).
     pub const ORIGINAL_HOST: &str = "x-envoy-original-host";
+    /// The client's `:path`, which Higress's fallback redirect (`use_original_request_uri`) puts
+    /// back for the second pass. Our credentials instance sets it (overwriting any client copy)
+    /// before ai-proxy rewrites the path for its provider.
+    pub const ORIGINAL_PATH: &str = "x-envoy-original-path";
+    /// The fallback grant authz issues with each admitted request: a random value, recorded with
+    /// the pending event, that admits the request's second pass if Envoy redirects it to a
+    /// fallback tier. The credentials instance moves it from the request into filter state
+    /// ([`FALLBACK_STATE`]); it never reaches a provider, a client, an event or a row.
+    pub const GRANT: &str = "x-aigw-grant";
+    /// Set by Envoy's fallback redirect (the operator's `custom_response` policy) on the second
+    /// pass: `<event id>.<grant>` of the first pass, from the stream's filter state
+    /// ([`FALLBACK_STATE`]). authz admits the second pass on it — the client's key is gone by
+    /// then (ai-proxy replaced `Authorization`) — and retires the first pass, so the request is
+    /// billed once. Not scrubbed (the second pass runs the scrub instance again); a client-sent
+    /// value matches no pending grant and is refused. Never sent upstream.
+    pub const FALLBACK: &str = "x-aigw-fallback";
+    /// The filter-state property (`wasm.<name>` in Envoy) where the credentials instance keeps
+    /// `<event id>.<grant>` of the admitted request for the fallback redirect to read.
+    pub const FALLBACK_STATE: &str = "aigw_fallback";
+
+    /// The value of [`FALLBACK`] in the redirect policy: Envoy's formatter for the filter state
+    /// the credentials instance set, evaluated on the first pass when it redirects.
+    pub fn fallback_value() -> String {
+        format!("%FILTER_STATE(wasm.{FALLBACK_STATE}:PLAIN)%")
+    }
 
     /// Headers that carry a client's API key: authz reads the key from the first two (ext-auth
     /// forwards them), and none of them may reach a provider.
@@ -171,6 +196,8 @@ pub mod headers {
         MODEL,
         ORIGINAL_AUTH,
         ORIGINAL_HOST,
+        GRANT,
+        FALLBACK,
     ];
 }
 
@@ -199,9 +226,10 @@ pub mod estimate {
 
 /// Whether a request header is one only the gateway may set: `x-aigw-*` (set by authz) and
 /// `x-mse-consumer` (read by Higress rate-limit and statistics plugins). Case-insensitive.
+/// [`headers::FALLBACK`] is the exception: Envoy sets it between the two passes of a fallback.
 pub fn is_gateway_header(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    lower.starts_with("x-aigw-") || lower == "x-mse-consumer"
+    (lower.starts_with("x-aigw-") && lower != headers::FALLBACK) || lower == headers::CONSUMER
 }
 
 #[cfg(test)]
@@ -241,6 +269,7 @@ mod tests {
             "x-aigwtenant",
             "x-higress-llm-model",
             "x-mse-consumers",
+            "X-AIGW-Fallback",
         ] {
             assert!(!is_gateway_header(h), "{h}");
         }
