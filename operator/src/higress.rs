@@ -682,6 +682,11 @@ fn plugins(
         timeout_ms: 2_000,
         ingest_secret: config.ingest_secret.clone(),
     };
+    // The same ingest settings: it reports admitted requests that never reach an upstream.
+    let credentials = PluginConfig {
+        mode: aigw_plugin_core::Mode::Credentials,
+        ..usage.clone()
+    };
     let ext_auth = json!({
         "http_service": {
             "endpoint_mode": "forward_auth",
@@ -742,16 +747,16 @@ fn plugins(
         // (AUTHZ runs after AUTHN, and both before ai-proxy's UNSPECIFIED_PHASE): ai-proxy sets
         // the provider's key but leaves other credential headers (e.g. `Authorization` next to
         // Claude's `x-api-key`, or a client's `x-api-key` next to OpenAI's `Authorization`).
-        // Only on LLM routes: the REST API behind `aigw-api` needs its `Authorization`.
+        // Only on LLM routes: the REST API behind `aigw-api` needs its `Authorization`. It also
+        // keeps the fallback grant in filter state, and reports an admitted request ai-proxy
+        // answered itself (the reporter, after ai-proxy, never sees it): billed at nothing.
         plugin(
             &format!("{PREFIX}credential-strip"),
             config,
             &json!({
                 "url": config.usage_reporter_image, "phase": "AUTHZ", "priority": 1000, "failStrategy": "FAIL_CLOSE",
                 "defaultConfigDisable": true,
-                "matchRules": if has_routes {
-                    route_rule(json!({"version": aigw_plugin_core::CONFIG_VERSION, "mode": "credentials"}))
-                } else { json!([]) },
+                "matchRules": if has_routes { route_rule(serde_json::to_value(&credentials)?) } else { json!([]) },
             }),
         )?,
         plugin(

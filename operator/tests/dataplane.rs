@@ -782,6 +782,37 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
         );
     }
 
+    // ai-proxy refuses a request it cannot translate with its own reply: the reporter, after
+    // it, never sees the request; the credentials instance, before it, reports it as answered
+    // inside the gateway, so billing charges nothing instead of the admission estimate.
+    let before = p.received().len();
+    let bad = json!({"model": "claude-sonnet-4", "messages": "not a list"});
+    let r = send(&gw, chat(&domain, &key, &bad)).await;
+    assert!(
+        r.status >= 400 && r.details.contains("ai-proxy"),
+        "{} {} {}",
+        r.status,
+        r.details,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(p.received().len(), before, "the provider saw it");
+    let evs = events(&bed.topic, cases.len() + 1, 30).await;
+    assert_eq!(evs.len(), cases.len() + 1, "{evs:?}\n{}", logs(&gw));
+    let ev = evs.last().unwrap();
+    assert_eq!(ev.status, r.status, "{ev:?}");
+    assert_eq!(
+        ev.outcome,
+        aigw_plugin_core::Outcome::UpstreamError,
+        "{ev:?}"
+    );
+    assert_eq!(ev.usage.billable_tokens(), 0, "{ev:?}");
+    assert!(ev.estimate.is_some(), "{ev:?}");
+    assert_eq!(
+        aigw_billing::worker::charged_usage(ev).unwrap(),
+        None,
+        "billed at its estimate: {ev:?}"
+    );
+
     // A generic channel: ai-proxy asks it for no stream usage, so a stream must ask itself.
     let before = p.received().len();
     let implicit = json!({"model": "local-llm", "stream": true,
@@ -804,7 +835,8 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
     );
     let sent: Value = serde_json::from_slice(&up.body).unwrap();
     assert_eq!(sent["stream_options"]["include_usage"], true);
-    let evs = events(&bed.topic, cases.len() + 1, 30).await;
+    let evs = events(&bed.topic, cases.len() + 2, 30).await;
+    assert_eq!(evs.len(), cases.len() + 2, "{evs:?}");
     let ev = evs.last().unwrap();
     let (_, meta) = load_recording("openai-chat-stream-include-usage").unwrap();
     assert_eq!(

@@ -177,7 +177,7 @@ impl RootContext for Root {
         };
         match PluginConfig::parse_delivered(&bytes) {
             Ok(rules) => {
-                if rules.configs().any(|c| c.mode == Mode::Report) {
+                if rules.configs().any(|c| c.reports()) {
                     self.sent =
                         hostcalls::define_metric(MetricType::Counter, "aigw_usage_reports").ok();
                     self.failed =
@@ -261,6 +261,7 @@ impl RootContext for Root {
             parser: None,
             status: 0,
             reported: false,
+            local_only: false,
         }))
     }
 
@@ -298,6 +299,8 @@ struct Request {
     parser: Option<UsageParser>,
     status: u16,
     reported: bool,
+    /// Credentials mode: report only if the request never reached an upstream.
+    local_only: bool,
 }
 
 fn millis(t: SystemTime) -> i64 {
@@ -312,6 +315,42 @@ fn count(metric: Option<u32>) {
 }
 
 impl Request {
+    /// What an admitted request said (authz's `x-aigw-*` headers); `None` for a request authz did
+    /// not admit (no tenant), which is not billed here.
+    fn pending(&self) -> Option<Pending> {
+        let tenant = self.get_http_request_header(headers::TENANT)?;
+        let header = |name: &str| self.get_http_request_header(name).unwrap_or_default();
+        let started = self.get_current_time();
+        // authz issues one id per admitted request; the client can neither choose nor repeat it
+        // (the scrub instance drops client-sent x-aigw-*). Without it (an authz that predates it)
+        // the id is made unique here: token, time and this context.
+        let event_id = self
+            .get_http_request_header(headers::EVENT_ID)
+            .unwrap_or_else(|| {
+                format!(
+                    "{}-{}-{}",
+                    header(headers::TOKEN),
+                    millis(started),
+                    self.context_id
+                )
+            });
+        Some(Pending {
+            event_id,
+            tenant,
+            user: header(headers::USER),
+            token: header(headers::TOKEN),
+            model: header(headers::MODEL),
+            reservation: self
+                .get_http_request_header(headers::RESERVATION)
+                .unwrap_or_else(|| "none".to_owned()),
+            estimate: self
+                .get_http_request_header(headers::ESTIMATE)
+                .and_then(|v| aigw_plugin_core::estimate::parse(&v)),
+            started,
+            stream: false,
+        })
+    }
+
     /// Finishes the parser and sends the event, once.
     fn report(&mut self, ended: bool) {
         if self.reported {
@@ -325,7 +364,18 @@ impl Request {
             .parser
             .take()
             .unwrap_or_else(|| UsageParser::new(Framing::Sniff));
-        let extracted = parser.finish(self.status, ended);
+        let mut extracted = parser.finish(self.status, ended);
+        if self.local_only {
+            // Answered inside the gateway: nothing was served, nothing is billed.
+            let details = hostcalls::get_property(vec!["response", "code_details"])
+                .ok()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            extracted.usage = aigw_plugin_core::TokenUsage::default();
+            extracted.outcome = aigw_plugin_core::Outcome::UpstreamError;
+            extracted.error = Some(format!("not sent upstream ({details})"));
+        }
         let channel = hostcalls::get_property(vec!["cluster_name"])
             .ok()
             .flatten()
@@ -458,42 +508,14 @@ impl HttpContext for Request {
                 if let Some(path) = self.get_http_request_header(":path") {
                     self.set_http_request_header(headers::ORIGINAL_PATH, Some(&path));
                 }
+                if config.reports() {
+                    self.report = self.pending();
+                    self.local_only = true;
+                }
             }
             Mode::Report => {
                 // Only requests authz admitted carry a tenant; anything else is not billed here.
-                let Some(tenant) = self.get_http_request_header(headers::TENANT) else {
-                    return Action::Continue;
-                };
-                let header = |name: &str| self.get_http_request_header(name).unwrap_or_default();
-                let started = self.get_current_time();
-                // authz issues one id per admitted request; the client can neither choose nor
-                // repeat it (the scrub instance drops client-sent x-aigw-*). Without it (an authz
-                // that predates it) the id is made unique here: token, time and this context.
-                let event_id = self
-                    .get_http_request_header(headers::EVENT_ID)
-                    .unwrap_or_else(|| {
-                        format!(
-                            "{}-{}-{}",
-                            header(headers::TOKEN),
-                            millis(started),
-                            self.context_id
-                        )
-                    });
-                self.report = Some(Pending {
-                    event_id,
-                    tenant,
-                    user: header(headers::USER),
-                    token: header(headers::TOKEN),
-                    model: header(headers::MODEL),
-                    reservation: self
-                        .get_http_request_header(headers::RESERVATION)
-                        .unwrap_or_else(|| "none".to_owned()),
-                    estimate: self
-                        .get_http_request_header(headers::ESTIMATE)
-                        .and_then(|v| aigw_plugin_core::estimate::parse(&v)),
-                    started,
-                    stream: false,
-                });
+                self.report = self.pending();
             }
         }
         Action::Continue
@@ -507,6 +529,10 @@ impl HttpContext for Request {
             .get_http_response_header(":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
+        if self.local_only {
+            // Decided when the stream ends (`on_log`), when it is known whether it went upstream.
+            return Action::Continue;
+        }
         let ct = self.get_http_response_header("content-type");
         let framing = Framing::from_content_type(ct.as_deref());
         if let Some(p) = &mut self.report {
@@ -520,7 +546,7 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.report.is_none() {
+        if self.report.is_none() || self.local_only {
             return Action::Continue;
         }
         if body_size > 0
@@ -536,6 +562,20 @@ impl HttpContext for Request {
     }
 
     fn on_log(&mut self) {
+        if self.local_only {
+            // Envoy sets `upstream.address` once it picked an upstream host: from then on the
+            // report instance saw the request and reports it. Without it the request was answered
+            // inside the gateway (or the client left first): reported here, billed at nothing.
+            let upstream = hostcalls::get_property(vec!["upstream", "address"])
+                .ok()
+                .flatten()
+                .is_some_and(|a| !a.is_empty());
+            if upstream {
+                self.report = None;
+            }
+            self.report(true);
+            return;
+        }
         // The response never reached its end (client gone, upstream reset): report what arrived.
         self.report(false);
     }

@@ -35,6 +35,7 @@ pub struct Rule {
 
 /// The fields of a redirect policy the stand-in acts on.
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // the policy's own flags, one field each
 pub struct Redirect {
     pub max_internal_redirects: u32,
     pub use_original_request_uri: bool,

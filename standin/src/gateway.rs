@@ -618,6 +618,7 @@ impl Gateway {
     /// request headers as the plugins and the router left them.
     fn pass(&mut self, mut headers: Headers, mut body: Vec<u8>) -> Result<(Response, Headers)> {
         self.new_stream();
+        self.set_properties(&[("upstream.address", None)]);
         self.set_properties(&[("response.code_details", None)]);
         // (filter index, context) of every plugin the request reached.
         let mut contexts: Vec<(usize, i32)> = Vec::new();
@@ -722,6 +723,8 @@ impl Gateway {
             cluster: cluster.clone(),
             intended,
         });
+        // Envoy's `upstream.address` attribute: set once the router picked an upstream host.
+        self.set_properties(&[("upstream.address", Some(addr.to_string()))]);
         let (mut rh, rb) = send(addr, headers, body, 30_000)?;
         let status = header(&rh, ":status")
             .and_then(|s| s.parse().ok())

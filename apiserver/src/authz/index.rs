@@ -179,6 +179,9 @@ fn token_key(token: &Token) -> String {
     )
 }
 
+/// Channel name → (the models it serves, whether it is a `generic` channel).
+type ChannelModels = HashMap<String, (Vec<String>, bool)>;
+
 /// The index. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Index {
@@ -186,7 +189,7 @@ pub struct Index {
     tenants: Arc<RwLock<HashMap<String, Arc<TenantRecord>>>>,
     /// Models of every serving channel (enabled, Ready), by channel name: what `GET /v1/models`
     /// lists for a token without an allow-list; and whether the channel is `generic`.
-    channels: Arc<RwLock<HashMap<String, (Vec<String>, bool)>>>,
+    channels: Arc<RwLock<ChannelModels>>,
     tokens_synced: Arc<AtomicBool>,
     tenants_synced: Arc<AtomicBool>,
     channels_synced: Arc<AtomicBool>,

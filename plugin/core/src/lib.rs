@@ -30,6 +30,9 @@ pub enum Mode {
     /// Remove the client's credentials ([`headers::CLIENT_CREDENTIALS`]) from an admitted request:
     /// runs after ext-auth (which sent them to authz) and before ai-proxy (which sets the
     /// provider's), so a tenant's key never reaches a provider whatever header ai-proxy uses.
+    /// With an ingest cluster it also reports an admitted request that ends without reaching
+    /// any upstream (a plugin after it, e.g. ai-proxy, answered itself): nothing was served, and
+    /// the report instance, after those plugins, never saw it.
     Credentials,
 }
 
@@ -54,6 +57,15 @@ pub struct PluginConfig {
     /// Shared secret sent to ingest in [`INGEST_SECRET_HEADER`] (report mode).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ingest_secret: String,
+}
+
+impl PluginConfig {
+    /// Whether this instance sends usage events: report mode, or credentials mode with an ingest
+    /// cluster (for requests that never reach an upstream).
+    pub fn reports(&self) -> bool {
+        self.mode == Mode::Report
+            || (self.mode == Mode::Credentials && !self.ingest_cluster.is_empty())
+    }
 }
 
 /// The header that carries the shared secret on calls to ingest.
@@ -101,7 +113,7 @@ impl PluginConfig {
             return Err(ConfigError::Empty("ingestCluster"));
         }
         // Envoy reads a zero timeout as none: a hung call would never come back to be retried.
-        if config.mode == Mode::Report && config.timeout_ms == 0 {
+        if config.reports() && config.timeout_ms == 0 {
             return Err(ConfigError::Empty("timeoutMs"));
         }
         Ok(config)
