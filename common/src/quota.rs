@@ -148,7 +148,7 @@ impl PendingKeys {
 /// and optionally the most reservations the token may hold at once (0 = no cap), the pending
 /// usage event to record under the reservation id (empty = none), the least `used` may be
 /// (billing's last published total: a lower or missing counter is re-seeded to it), and the
-/// fallback grant to record with the pending event.
+/// fallback grant to record with the pending event (`<grant>:<key hash>`).
 /// Returns `{0, reserved}` admitted (0 reserved when unlimited), `{1, retry_after_ms}` over the
 /// RPM limit, `{2, remaining}` quota does not cover the estimate, `{3, in_flight}` the token holds
 /// as many reservations as it may.
@@ -271,7 +271,8 @@ pub fn seen_key(dedupe: &str) -> String {
 /// once, as the second pass. The grant is a random value authz issued with the event and
 /// recorded in [`PENDING_GRANTS`]; it appears in no event, row or answer.
 /// KEYS: [`PENDING`], [`PENDING_EVENTS`], reserved, resv, resv:exp (of the first pass's token),
-/// the event's [`seen_key`], [`PENDING_GRANTS`]. ARGV: event id, seen-marker ttl (s), grant.
+/// the event's [`seen_key`], [`PENDING_GRANTS`]. ARGV: event id, seen-marker ttl (s), the grant
+/// record (`<grant>:<key hash>`) as read.
 /// Returns 1 when retired now, 0 when the event is not pending with that grant (unknown, billed,
 /// or retired by an earlier second pass): the grant is used up.
 pub const RETIRE: &str = r"

@@ -379,9 +379,11 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
     let mut bed = Bed::start().await;
     let sfx = bed.h.sfx.clone();
     let (key_top, key_low) = ("sk-provider-top-tier-key", "sk-provider-low-tier-key");
+    // The top tier speaks Anthropic's protocol, the next OpenAI's: the second pass must not
+    // carry the top tier's key, path or body shape.
     bed.channel_keyed(
         &format!("top-{sfx}"),
-        json!({"provider": "openai", "models": ["gpt-4o"], "priority": 10}),
+        json!({"provider": "claude", "models": ["gpt-4o"], "priority": 10}),
         key_top,
     )
     .await;
@@ -415,12 +417,12 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
     })
     .await;
     // Envoy's own protos accept what the operator wrote (Higress's added fields by name only, in
-    // the TypedStruct the Higress console uses), and refuse what it wrote before: a field
-    // CustomResponse does not have, and the redirect policy typed directly with Higress's fields
-    // (parsed with upstream protos, which lack them).
+    // the TypedStruct the Higress console uses), and refuse a misplaced field (a redirect-policy
+    // field on CustomResponse) and the redirect policy typed directly with Higress's fields
+    // (parsed with upstream protos, which lack them), as the operator wrote it before.
     let mut extra_field = filters.clone();
     extra_field[0]["spec"]["configPatches"][0]["patch"]["value"]["typed_per_filter_config"]["envoy.filters.http.custom_response"]
-        ["value"]["with_request_body"] = json!({"max_request_bytes": 1_024_000});
+        ["value"]["use_original_request_body"] = json!(true);
     let mut direct = filters.clone();
     for m in direct[0]["spec"]["configPatches"][0]["patch"]["value"]["typed_per_filter_config"]
         ["envoy.filters.http.custom_response"]["value"]["custom_response_matcher"]["matcher_list"]
@@ -440,8 +442,10 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
     .unwrap();
     assert!(now.is_empty(), "Envoy's protos refuse: {now:?}");
     assert!(
-        extra_field.iter().any(|p| p.contains("with_request_body")),
-        "a field CustomResponse lacks passed: {extra_field:?}"
+        extra_field
+            .iter()
+            .any(|p| p.contains("use_original_request_body")),
+        "a redirect-policy field misplaced on CustomResponse passed: {extra_field:?}"
     );
     assert!(
         direct.iter().any(|p| p.contains("unknown field")),
@@ -483,22 +487,35 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
     );
     let seen = bed.provider.received();
     assert_eq!(seen.len(), 2, "two passes: {seen:?}");
+    assert!(seen[0].uri.contains("/v1/messages"), "{}", seen[0].uri);
+    assert_eq!(seen[0].header("x-api-key"), Some(key_top));
     assert_eq!(
-        seen[0].header("authorization"),
-        Some(format!("Bearer {key_top}").as_str())
+        seen[1].uri, "/v1/chat/completions",
+        "the client's path, restored for the second pass"
     );
     assert_eq!(
         seen[1].header("authorization"),
         Some(format!("Bearer {key_low}").as_str()),
         "the second pass went to the next tier with its own key"
     );
-    assert_eq!(seen[0].uri, seen[1].uri);
-    let (first, second): (Value, Value) = (
-        serde_json::from_slice(&seen[0].body).unwrap(),
-        serde_json::from_slice(&seen[1].body).unwrap(),
+    let top_key_reached: Vec<&(String, String)> = seen[1]
+        .headers
+        .iter()
+        .filter(|(_, v)| v.contains(key_top))
+        .collect();
+    assert!(
+        top_key_reached.is_empty(),
+        "the top tier's key reached the next tier: {top_key_reached:?}"
     );
-    assert_eq!(first, second, "the same body on both tiers");
-    assert_eq!(second["messages"], body["messages"]);
+    assert!(
+        String::from_utf8_lossy(&seen[0].body).contains("fall back, please"),
+        "the first tier got the request"
+    );
+    let second: Value = serde_json::from_slice(&seen[1].body).unwrap();
+    assert_eq!(
+        second["messages"], body["messages"],
+        "the client's body, not the top tier's translation"
+    );
     for up in &seen {
         let leaked = leaks(up, &key_a);
         assert!(leaked.is_empty(), "reached the provider: {leaked:?}");
@@ -593,12 +610,13 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
     // A client cannot use the fallback header: an invented grant, a real event with a guessed
     // grant, and A's real pending grant used by B on B's domain are refused; A's request stays
     // pending.
-    let live: String = redis::cmd("HGET")
+    let recorded: String = redis::cmd("HGET")
         .arg(&bed.pending.grants)
         .arg(&served.event_id)
         .query_async(&mut redis)
         .await
         .unwrap();
+    let live = recorded.split(':').next().unwrap().to_owned();
     for (what, domain, key, value) in [
         ("an invented grant", &dom_a, &key_a, "0123.4567".to_owned()),
         (
@@ -627,6 +645,10 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
         .await
         .unwrap();
     assert!(exists, "A's pending request survives B's attempt");
+    // Exactly two reports per fallback (the first pass's 503/429, the second pass's usage) and
+    // none for the refusals: no instance reported a request twice.
+    let all = events(&bed.topic, 5, 5).await;
+    assert_eq!(all.len(), 4, "{all:?}");
 
     bed.finish().await;
 }

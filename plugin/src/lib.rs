@@ -492,8 +492,9 @@ impl HttpContext for Request {
                 }
                 // For a fallback redirect (Envoy's custom_response, configured by the operator):
                 // the request's event id and grant in filter state, which the redirect copies
-                // into `x-aigw-fallback` for authz to admit the second pass on; and the client's
-                // path, which the redirect restores (ai-proxy rewrites `:path` for its provider).
+                // into `x-aigw-fallback` for authz to admit the second pass on. (The client's
+                // host and path for the redirect are ai-proxy's: it keeps them in
+                // `x-envoy-original-host/-path` when it rewrites them.)
                 if let Some(grant) = self.get_http_request_header(headers::GRANT) {
                     self.set_http_request_header(headers::GRANT, None);
                     if let Some(id) = self.get_http_request_header(headers::EVENT_ID) {
@@ -505,9 +506,6 @@ impl HttpContext for Request {
                         );
                     }
                 }
-                if let Some(path) = self.get_http_request_header(":path") {
-                    self.set_http_request_header(headers::ORIGINAL_PATH, Some(&path));
-                }
                 if config.reports() {
                     self.report = self.pending();
                     self.local_only = true;
@@ -516,6 +514,11 @@ impl HttpContext for Request {
             Mode::Report => {
                 // Only requests authz admitted carry a tenant; anything else is not billed here.
                 self.report = self.pending();
+                if self.report.is_some() {
+                    // Tells the credentials instance (earlier in the chain) that this request's
+                    // report is taken care of here.
+                    let _ = hostcalls::set_property(vec![headers::REPORTING_STATE], Some(b"1"));
+                }
             }
         }
         Action::Continue
@@ -563,14 +566,19 @@ impl HttpContext for Request {
 
     fn on_log(&mut self) {
         if self.local_only {
-            // Envoy sets `upstream.address` once it picked an upstream host: from then on the
-            // report instance saw the request and reports it. Without it the request was answered
-            // inside the gateway (or the client left first): reported here, billed at nothing.
-            let upstream = hostcalls::get_property(vec!["upstream", "address"])
-                .ok()
-                .flatten()
-                .is_some_and(|a| !a.is_empty());
-            if upstream {
+            // Reported here, billed at nothing, only when both say the request was not served:
+            // the report instance (the last plugin before the router) never took it on, and
+            // Envoy picked no upstream host (`upstream.address`). Either alone could be wrong —
+            // a report instance that failed to configure, or a retry whose second attempt had
+            // not connected yet when the client left — and the report of a served request must
+            // never be replaced by "not served".
+            let present = |path: Vec<&str>| {
+                hostcalls::get_property(path)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|v| !v.is_empty())
+            };
+            if present(vec![headers::REPORTING_STATE]) || present(vec!["upstream", "address"]) {
                 self.report = None;
             }
             self.report(true);

@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -36,7 +37,7 @@ use serde_json::Value;
 use crate::higress::delivered_config;
 use crate::{
     fallback::CustomResponses,
-    host::{Error, Headers, Host, ROOT, Result, Shared, header},
+    host::{Error, Headers, Host, ROOT, Result, Shared, StreamState, header},
 };
 
 /// A plugin module by the name in its `WasmPlugin` URL (`oci://…/ai-proxy:1.0` → `ai-proxy`).
@@ -314,6 +315,8 @@ pub struct Gateway {
     pub upstreams: Vec<Upstream>,
     /// Envoy's `custom_response` per route, from the `EnvoyFilter`s ([`Gateway::with_envoy_filters`]).
     pub custom_responses: CustomResponses,
+    /// The current stream's filter state, shared by every plugin VM.
+    stream_state: StreamState,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -381,6 +384,10 @@ impl Gateway {
             });
         }
         filters.sort_by_key(|f| (f.phase, std::cmp::Reverse(f.priority)));
+        let stream_state = Arc::new(Mutex::new(HashMap::new()));
+        for f in &mut filters {
+            f.host.state().stream_state = Some(stream_state.clone());
+        }
         let mut routes = Vec::new();
         for ing in ingresses {
             routes.extend(ingress_routes(ing)?);
@@ -396,6 +403,7 @@ impl Gateway {
             shared,
             upstreams: Vec::new(),
             custom_responses: CustomResponses::new(),
+            stream_state,
         })
     }
 
@@ -406,14 +414,15 @@ impl Gateway {
     }
 
     /// The filter state the stream's plugins set (`wasm.<name>`).
-    fn filter_state(&mut self) -> HashMap<String, String> {
-        let mut out = HashMap::new();
-        for f in &mut self.filters {
-            for (k, v) in &f.host.state().filter_state {
-                out.insert(format!("wasm.{k}"), String::from_utf8_lossy(v).into_owned());
-            }
-        }
-        out
+    fn filter_state(&self) -> HashMap<String, String> {
+        self.stream_state
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (format!("wasm.{k}"), String::from_utf8_lossy(v).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Forgets the previous stream's filter state (Envoy's lives as long as its stream).
@@ -424,6 +433,9 @@ impl Gateway {
             for k in keys {
                 state.properties.remove(&k);
             }
+        }
+        if let Ok(mut m) = self.stream_state.lock() {
+            m.clear();
         }
     }
 
@@ -604,8 +616,18 @@ impl Gateway {
                 first_status = Some(response.status);
             }
             let state = self.filter_state();
-            headers =
+            let next =
                 crate::fallback::redirected(&policy, final_headers, &|k| state.get(k).cloned())?;
+            // Envoy matches a route on the redirected headers before it recreates the stream,
+            // and does not redirect when none matches ("no route").
+            if self.route(&next).is_none() {
+                if let Some(status) = first_status {
+                    response.status = status;
+                }
+                response.redirects = redirects - 1;
+                return Ok(response);
+            }
+            headers = next;
             body = if policy.use_original_request_body {
                 req.body.clone()
             } else {

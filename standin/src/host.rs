@@ -98,6 +98,9 @@ pub struct LocalResponse {
     pub headers: Headers,
 }
 
+/// A stream's filter state, shared by the VMs of every plugin on the stream: path → value.
+pub type StreamState = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+
 /// Data shared by every VM of the process (`proxy_get/set_shared_data`): value and CAS.
 pub type Shared = Arc<Mutex<HashMap<String, (Vec<u8>, u32)>>>;
 
@@ -117,6 +120,10 @@ pub struct State {
     /// as the stream's filter state (`wasm.<path>`), gone with the stream. Also in `properties`,
     /// where the plugin reads it back.
     pub filter_state: HashMap<String, Vec<u8>>,
+    /// The stream's filter state as every plugin of the stream sees it (Envoy's is per stream,
+    /// not per VM): what any plugin set, read by `proxy_get_property` when the VM's own
+    /// properties do not have the path. Set by the gateway; none for a VM on its own.
+    pub stream_state: Option<StreamState>,
     pub logs: Vec<(i32, String)>,
     pub calls: Vec<HttpCall>,
     pub metrics: Vec<(String, i64)>,
@@ -486,7 +493,14 @@ fn link_proxy(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             let path = read_str(&mut c, pp, ps)?
                 .trim_end_matches('\0')
                 .replace('\0', ".");
-            let Some(value) = c.data().properties.get(&path).cloned() else {
+            let own = c.data().properties.get(&path).cloned();
+            let shared = || {
+                c.data()
+                    .stream_state
+                    .as_ref()
+                    .and_then(|s| s.lock().ok()?.get(&path).cloned())
+            };
+            let Some(value) = own.or_else(shared) else {
                 return Ok(NOT_FOUND);
             };
             hand_over(&mut c, &value, ret_ptr, ret_size)
@@ -500,6 +514,11 @@ fn link_proxy(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 .trim_end_matches('\0')
                 .replace('\0', ".");
             let value = read(&mut c, vp, vs)?;
+            if let Some(shared) = &c.data().stream_state
+                && let Ok(mut m) = shared.lock()
+            {
+                m.insert(path.clone(), value.clone());
+            }
             c.data_mut()
                 .filter_state
                 .insert(path.clone(), value.clone());

@@ -157,17 +157,6 @@ impl Tokens {
     fn first(&self, hash: &str) -> Option<Arc<TokenRecord>> {
         self.by_hash.get(hash).and_then(|c| c.first()).cloned()
     }
-
-    /// The token with MySQL id `id` and its key hash, if it is its hash's first owner (the one a
-    /// key lookup answers with). A scan: used only for the rare fallback second pass.
-    fn by_id(&self, id: i64) -> Option<(String, Arc<TokenRecord>)> {
-        self.by_hash.iter().find_map(|(hash, claims)| {
-            claims
-                .first()
-                .filter(|r| r.token_id == id)
-                .map(|r| (hash.clone(), r.clone()))
-        })
-    }
 }
 
 /// The index key of a token: `namespace/name`.
@@ -220,11 +209,6 @@ impl Index {
     /// The token with this key hash.
     pub fn token(&self, hash: &str) -> Option<Arc<TokenRecord>> {
         read(&self.tokens).first(hash)
-    }
-
-    /// The token with MySQL id `id`, with its key hash (see [`Tokens::by_id`]).
-    pub fn token_by_id(&self, id: i64) -> Option<(String, Arc<TokenRecord>)> {
-        read(&self.tokens).by_id(id)
     }
 
     /// Whether a serving `generic` channel offers `model`. ai-proxy adds no

@@ -267,11 +267,11 @@ const RETIRED_TTL_SECS: u64 = 7 * 24 * 3600;
 async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow, Denial> {
     let now = Timestamp::now().as_millisecond();
     // Who first (an unknown key learns nothing about endpoints), then what is asked for.
-    let admitted = match header(headers, headers::FALLBACK) {
-        Some(value) => fallback(authz, headers, value, now).await?,
-        None => decide::check(&authz.index, headers, now)?,
+    let (admitted, second_pass) = match header(headers, headers::FALLBACK) {
+        Some(value) => (fallback(authz, headers, value, now).await?, true),
+        None => (decide::check(&authz.index, headers, now)?, false),
     };
-    admit(authz, admitted, headers, body, now).await
+    admit(authz, admitted, headers, body, now, second_pass).await
 }
 
 /// The second pass of a request Envoy's fallback redirect sent to the next tier: admitted on the
@@ -291,8 +291,14 @@ async fn fallback(
 ) -> Result<decide::Admitted, Denial> {
     let (first, grant) = value.split_once('.').ok_or(Denial::InvalidKey)?;
     let mut conn = authz.redis.clone();
-    let pending: Option<String> = redis::cmd("HGET")
+    // The pending event names tenant and token; the grant record holds the grant and the key
+    // hash the first pass was admitted under (`<grant>:<hash>`).
+    let (pending, recorded): (Option<String>, Option<String>) = redis::pipe()
+        .cmd("HGET")
         .arg(&authz.settings.pending.events)
+        .arg(first)
+        .cmd("HGET")
+        .arg(&authz.settings.pending.grants)
         .arg(first)
         .query_async(&mut conn)
         .await
@@ -304,18 +310,24 @@ async fn fallback(
     let event = pending
         .and_then(|p| UsageEvent::parse(p.as_bytes()).ok())
         .ok_or(Denial::InvalidKey)?;
-    let token_id: i64 = event.token.parse().map_err(|_| Denial::InvalidKey)?;
-    let (hash, token) = authz
+    let recorded = recorded.ok_or(Denial::InvalidKey)?;
+    let hash = match recorded.split_once(':') {
+        Some((g, h)) if g == grant => h.to_owned(),
+        _ => return Err(Denial::InvalidKey),
+    };
+    let token = authz
         .index
-        .token_by_id(token_id)
+        .token(&hash)
+        .filter(|t| t.token_id.to_string() == event.token)
         .ok_or(Denial::InvalidKey)?;
     let tenant = authz
         .index
         .tenant(&token.tenant)
         .filter(|t| t.id.to_string() == event.tenant)
         .ok_or(Denial::InvalidKey)?;
-    // Never on another tenant's domain (a real second pass carries the client's host, restored
-    // by the redirect, or the provider's, which no tenant serves).
+    // Never on another tenant's domain. (A real second pass usually carries the top tier's
+    // provider host: ai-proxy's `x-envoy-original-host` is removed at the router. The grant's
+    // secrecy is the control; this only stops a grant used on another tenant's domain.)
     if let Some(host) = decide::host(headers)
         && !tenant.serves(&host)
         && authz.index.any_tenant_serves(&host)
@@ -335,7 +347,7 @@ async fn fallback(
         .key(&authz.settings.pending.grants)
         .arg(first)
         .arg(RETIRED_TTL_SECS)
-        .arg(grant)
+        .arg(&recorded)
         .invoke_async(&mut conn)
         .await
         .map_err(|e| {
@@ -358,6 +370,7 @@ async fn admit(
     headers: &HeaderMap,
     body: &[u8],
     now: i64,
+    second_pass: bool,
 ) -> Result<Allow, Denial> {
     let shape = request::shape(
         header(headers, "x-forwarded-uri"),
@@ -417,7 +430,8 @@ async fn admit(
         .key(&authz.settings.pending.set)
         .key(&authz.settings.pending.events)
         .key(&authz.settings.pending.grants)
-        .arg(token.rate_limit)
+        // A fallback's second pass is the same request: its first pass took the RPM slot.
+        .arg(if second_pass { 0 } else { token.rate_limit })
         .arg(quota)
         .arg(estimate)
         .arg(authz.settings.reservation_ttl_ms)
@@ -425,7 +439,7 @@ async fn admit(
         .arg(authz.settings.max_in_flight)
         .arg(&pending)
         .arg(token.used_floor)
-        .arg(&grant);
+        .arg(format!("{grant}:{}", admitted.hash));
     let mut conn = authz.redis.clone();
     let reservation = match invocation.invoke_async::<(i64, i64)>(&mut conn).await {
         Ok((0, _)) => reservation_if_held,

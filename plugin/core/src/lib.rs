@@ -159,10 +159,6 @@ pub mod headers {
     pub const ORIGINAL_AUTH: &str = "x-hi-original-auth";
     /// Where Envoy keeps the client's `:authority` when a plugin rewrites it (the tenant's domain).
     pub const ORIGINAL_HOST: &str = "x-envoy-original-host";
-    /// The client's `:path`, which Higress's fallback redirect (`use_original_request_uri`) puts
-    /// back for the second pass. Our credentials instance sets it (overwriting any client copy)
-    /// before ai-proxy rewrites the path for its provider.
-    pub const ORIGINAL_PATH: &str = "x-envoy-original-path";
     /// The fallback grant authz issues with each admitted request: a random value, recorded with
     /// the pending event, that admits the request's second pass if Envoy redirects it to a
     /// fallback tier. The credentials instance moves it from the request into filter state
@@ -178,6 +174,9 @@ pub mod headers {
     /// The filter-state property (`wasm.<name>` in Envoy) where the credentials instance keeps
     /// `<event id>.<grant>` of the admitted request for the fallback redirect to read.
     pub const FALLBACK_STATE: &str = "aigw_fallback";
+    /// The filter-state property the report instance sets when it takes a request on: the
+    /// credentials instance then leaves the request's report to it.
+    pub const REPORTING_STATE: &str = "aigw_reporting";
 
     /// The value of [`FALLBACK`] in the redirect policy: Envoy's formatter for the filter state
     /// the credentials instance set, evaluated on the first pass when it redirects.
@@ -193,10 +192,12 @@ pub mod headers {
     /// `x-api-key: <key>`, where authz reads a client's key otherwise.
     pub const API_KEY: &str = "x-api-key";
 
-    /// Request headers that must never reach a provider: the gateway's own (authz's answers, the
-    /// routing model) and the tenant's key and domain. The operator has every LLM route remove
-    /// them upstream (`higress.io/request-header-control-remove`, applied by Envoy's router after
-    /// every plugin ran).
+    /// Request headers that must never reach a provider: the gateway's own (authz's answers) and
+    /// the tenant's key and domain. The operator has every LLM route remove them upstream
+    /// (`higress.io/request-header-control-remove`, applied by Envoy's router after every plugin
+    /// ran). Not the model header ([`MODEL`]): the router removes from the stream's own header
+    /// map, and Envoy's fallback redirect routes on that map — without the model header no
+    /// fallback route matches and Envoy does not redirect. It names the model the body names.
     pub const NOT_UPSTREAM: &[&str] = &[
         TENANT,
         USER,
@@ -205,7 +206,6 @@ pub mod headers {
         EVENT_ID,
         CONSUMER,
         ESTIMATE,
-        MODEL,
         ORIGINAL_AUTH,
         ORIGINAL_HOST,
         GRANT,
