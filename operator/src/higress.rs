@@ -7,10 +7,11 @@
 //! registry and one ai-proxy provider entry.
 //!
 //! Priority tiers and fallback: an Ingress routes a model group to the channels of its highest
-//! priority tier, weighted (`higress.io/destination`), with Envoy's next-upstream retries across
-//! that tier (`proxy-next-upstream`; `proxy-next-upstream-tries` is the tier's largest `maxRetry`,
-//! since Higress turns it into Istio's `retries.attempts`, a count of retries after the first
-//! try). Retries are Envoy's alone: ai-proxy's own `retryOnFailure` is never enabled, because it
+//! priority tier, weighted (`higress.io/destination`), with Envoy's retries (`proxy-next-upstream`;
+//! `proxy-next-upstream-tries` is the tier's largest `maxRetry`, since Higress turns it into
+//! Istio's `retries.attempts`, a count of retries after the first try). Envoy draws the weighted
+//! channel once per request, so its retries go to the same channel; another tier is reached only
+//! by the fallback below. Retries are Envoy's alone: ai-proxy's own `retryOnFailure` is never enabled, because it
 //! answers with a local reply after the plugins after it saw the failed answer (the reporter
 //! would bill the failure and miss the retried success). When lower tiers
 //! exist, a 5xx or 429 from the top tier is redirected internally (an `EnvoyFilter` with Envoy's

@@ -145,6 +145,36 @@ async fn a_chat_completion_flows_key_to_route_to_provider_to_usage() {
     );
     assert_ne!(evs[0].event_id, evs[1].event_id);
 
+    // The provider dies mid-stream, before the chunk with the usage: the client gets what had
+    // arrived and a reset; the report says truncated, and billing charges the admission estimate
+    // for what is missing — never 0.
+    bed.provider.cut_next(600);
+    let r = send(&gw, chat(&domain, &key, &body)).await;
+    assert!(
+        r.reset,
+        "the stream was cut: {} {}",
+        r.details,
+        r.body.len()
+    );
+    assert!(
+        !r.body.is_empty() && r.body.len() <= 600,
+        "{}",
+        r.body.len()
+    );
+    let evs = events(&bed.topic, 3, 30).await;
+    assert_eq!(evs.len(), 3, "{evs:?}");
+    let cut = &evs[2];
+    assert_eq!(cut.outcome, aigw_plugin_core::Outcome::Truncated, "{cut:?}");
+    let charged = aigw_billing::worker::charged_usage(cut)
+        .unwrap()
+        .expect("a cut stream is charged");
+    let estimate = cut.estimate.clone().unwrap();
+    assert_eq!(
+        charged.completion_tokens, estimate.completion_tokens,
+        "{cut:?}"
+    );
+    assert!(charged.prompt_tokens.unwrap_or(0) > 0, "{charged:?}");
+
     bed.finish().await;
 }
 
@@ -383,7 +413,7 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
     // carry the top tier's key, path or body shape.
     bed.channel_keyed(
         &format!("top-{sfx}"),
-        json!({"provider": "claude", "models": ["gpt-4o"], "priority": 10}),
+        json!({"provider": "claude", "models": ["gpt-4o"], "priority": 10, "maxRetry": 1}),
         key_top,
     )
     .await;
@@ -461,15 +491,39 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
     let recorded: Value =
         serde_json::from_slice(&load_recording("openai-chat-nonstream-cached").unwrap().0).unwrap();
 
-    // The top tier answers 503: the next tier serves the same request.
     let error = br#"{"error":{"message":"overloaded","type":"server_error"}}"#.to_vec();
-    bed.provider.script(Scripted {
-        status: 503,
+    let fail = |status: u16| Scripted {
+        status,
         content_type: "application/json".into(),
         body: error.clone(),
-    });
+    };
     let body =
         json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "fall back, please"}]});
+
+    // One 503: Envoy retries it on the same channel (`maxRetry` 1), which serves; no fallback.
+    bed.provider.script(fail(503));
+    let r = send(&gw, chat(&dom_a, &key_a, &body)).await;
+    assert_eq!(r.status, 200, "{} {}", r.details, logs(&gw));
+    assert_eq!(r.redirects, 0, "a retried 503 is not a fallback");
+    let seen = bed.provider.received();
+    assert_eq!(seen.len(), 2, "first try and one retry: {seen:?}");
+    assert!(
+        seen.iter()
+            .all(|up| up.header("x-api-key") == Some(key_top))
+    );
+    let retried = events(&bed.topic, 1, 30).await;
+    assert_eq!(
+        retried.len(),
+        1,
+        "one report for the retried request: {retried:?}"
+    );
+    assert_eq!(retried[0].status, 200);
+    let skip = seen.len();
+    gw.lock().unwrap().upstreams.clear();
+
+    // The top tier answers 503 on the try and the retry: the next tier serves the same request.
+    bed.provider.script(fail(503));
+    bed.provider.script(fail(503));
     let r = send(&gw, chat(&dom_a, &key_a, &body)).await;
     assert_eq!(
         r.status,
@@ -485,8 +539,10 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
         got["usage"], recorded["usage"],
         "the fallback tier's answer"
     );
-    let seen = bed.provider.received();
-    assert_eq!(seen.len(), 2, "two passes: {seen:?}");
+    let seen = bed.provider.received()[skip..].to_vec();
+    assert_eq!(seen.len(), 3, "try, retry, then the next tier: {seen:?}");
+    assert_eq!(seen[0].uri, seen[1].uri, "the retry is the same request");
+    let seen = seen[1..].to_vec();
     assert!(seen[0].uri.contains("/v1/messages"), "{}", seen[0].uri);
     assert_eq!(seen[0].header("x-api-key"), Some(key_top));
     assert_eq!(
@@ -528,15 +584,18 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
         .map(|u| u.cluster.clone())
         .collect();
     assert!(
-        clusters[0].contains(&format!("aigw-top-{sfx}"))
-            && clusters[1].contains(&format!("aigw-low-{sfx}")),
+        clusters.len() == 3
+            && clusters[..2]
+                .iter()
+                .all(|c| c.contains(&format!("aigw-top-{sfx}")))
+            && clusters[2].contains(&format!("aigw-low-{sfx}")),
         "{clusters:?}"
     );
 
     // Billed once: the first pass reported its 503 (no usage) and is retired — its reservation
     // released, never swept, its report marked applied so the worker drops it; the second pass
     // carries the usage and the only reservation.
-    let evs = events(&bed.topic, 2, 30).await;
+    let evs = events(&bed.topic, 3, 30).await[1..].to_vec();
     assert_eq!(evs.len(), 2, "{evs:?}\n{}", logs(&gw));
     let failed = evs
         .iter()
@@ -582,23 +641,26 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    let held: i64 = served
-        .reservation
-        .rsplit_once(':')
-        .and_then(|(_, n)| n.parse().ok())
-        .unwrap();
-    assert_eq!(reserved, held, "only the second pass holds quota");
+    let held = |e: &aigw_plugin_core::UsageEvent| -> i64 {
+        e.reservation
+            .rsplit_once(':')
+            .and_then(|(_, n)| n.parse().ok())
+            .unwrap()
+    };
+    // Nothing settles here (no billing worker): the retried request and the second pass hold
+    // their reservations; the first pass holds none.
+    assert_eq!(
+        reserved,
+        held(&retried[0]) + held(served),
+        "only the second pass holds quota"
+    );
 
-    // 429 from the top tier falls back too.
-    bed.provider.script(Scripted {
-        status: 429,
-        content_type: "application/json".into(),
-        body: error,
-    });
+    // 429 from the top tier is not retried (Envoy retries 5xx only) and falls back at once.
+    bed.provider.script(fail(429));
     let r = send(&gw, chat(&dom_a, &key_a, &body)).await;
     assert_eq!(r.status, 200, "{} {}", r.details, logs(&gw));
     assert_eq!(r.redirects, 1);
-    assert_eq!(bed.provider.received().len(), 4);
+    assert_eq!(bed.provider.received().len(), skip + 3 + 2);
 
     // The gateway's own refusal (authz: quota) is answered as is, never tried on another tier.
     let before = bed.provider.received().len();
@@ -645,10 +707,10 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
         .await
         .unwrap();
     assert!(exists, "A's pending request survives B's attempt");
-    // Exactly two reports per fallback (the first pass's 503/429, the second pass's usage) and
-    // none for the refusals: no instance reported a request twice.
-    let all = events(&bed.topic, 5, 5).await;
-    assert_eq!(all.len(), 4, "{all:?}");
+    // One report for the retried request, exactly two per fallback (the first pass's 503/429,
+    // the second pass's usage) and none for the refusals: no instance reported a request twice.
+    let all = events(&bed.topic, 6, 5).await;
+    assert_eq!(all.len(), 5, "{all:?}");
 
     bed.finish().await;
 }

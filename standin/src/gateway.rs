@@ -82,6 +82,71 @@ pub struct Route {
     /// (service, port, weight)
     pub destinations: Vec<(String, u16, u32)>,
     remove_headers: Vec<String>,
+    /// Envoy's retries of the route, from Higress's `proxy-next-upstream*` annotations.
+    pub retry: Retry,
+}
+
+/// A route's retry policy as Higress writes it for Istio (`annotations/retry.go`): `attempts`
+/// retries after the first try, on any 5xx and connect failure when the conditions name
+/// `error`, `timeout` or `invalid_header`, and on the listed `http_<code>`s. Envoy retries on the
+/// cluster it picked for the route (weighted destinations are drawn once).
+#[derive(Debug, Clone, Default)]
+pub struct Retry {
+    pub attempts: u32,
+    pub any_5xx: bool,
+    pub codes: Vec<u16>,
+}
+
+impl Retry {
+    /// The policy of an Ingress's annotations; none without any retry annotation.
+    fn from_annotations(ann: &Value) -> Result<Self> {
+        let get = |k: &str| ann[format!("higress.io/{k}")].as_str();
+        let (tries, timeout, on) = (
+            get("proxy-next-upstream-tries"),
+            get("proxy-next-upstream-timeout"),
+            get("proxy-next-upstream"),
+        );
+        if tries.is_none() && timeout.is_none() && on.is_none() {
+            return Ok(Self::default());
+        }
+        let mut retry = Self {
+            attempts: match tries {
+                Some(t) => t
+                    .trim()
+                    .parse()
+                    .map_err(|e| Error(format!("proxy-next-upstream-tries {t:?}: {e}")))?,
+                None => 3,
+            },
+            any_5xx: true,
+            codes: Vec::new(),
+        };
+        if let Some(on) = on {
+            let conditions: Vec<&str> = on
+                .split([',', ' '])
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect();
+            if conditions.contains(&"off") {
+                retry.attempts = 0;
+            }
+            retry.any_5xx = conditions
+                .iter()
+                .any(|c| matches!(*c, "error" | "timeout" | "invalid_header"));
+            retry.codes = conditions
+                .iter()
+                .filter_map(|c| c.strip_prefix("http_")?.parse().ok())
+                .collect();
+        }
+        Ok(retry)
+    }
+
+    /// Whether an answer (`None`: the connection failed) is retried.
+    fn retries(&self, status: Option<u16>) -> bool {
+        match status {
+            None => self.any_5xx,
+            Some(s) => (self.any_5xx && s >= 500) || self.codes.contains(&s),
+        }
+    }
 }
 
 impl Route {
@@ -180,6 +245,7 @@ pub fn ingress_routes(ingress: &Value) -> Result<Vec<Route>> {
             );
         }
     }
+    let retry = Retry::from_annotations(ann).map_err(|e| Error(format!("{name}: {}", e.0)))?;
     let mut routes = Vec::new();
     for rule in ingress["spec"]["rules"].as_array().into_iter().flatten() {
         let hosts: Vec<String> = rule["host"]
@@ -196,6 +262,7 @@ pub fn ingress_routes(ingress: &Value) -> Result<Vec<Route>> {
                 regex_headers: regex_headers.clone(),
                 destinations: dest.clone(),
                 remove_headers: remove_headers.clone(),
+                retry: retry.clone(),
             });
         }
     }
@@ -257,6 +324,9 @@ pub struct Response {
     pub chunks: Vec<Vec<u8>>,
     /// How many times a fallback redirect sent the request through again.
     pub redirects: u32,
+    /// The upstream connection ended before the body did: Envoy resets the downstream stream,
+    /// and the plugins never see the body's end.
+    pub reset: bool,
 }
 
 impl Response {
@@ -274,16 +344,16 @@ enum RouteCache {
     /// Not computed yet, or cleared by a plugin.
     Empty,
     /// Computed: the route, or none.
-    Computed(Option<Route>),
+    Computed(Option<Box<Route>>),
 }
 
 impl RouteCache {
     fn get(&mut self, compute: impl FnOnce() -> Option<Route>) -> Option<Route> {
         if let Self::Empty = self {
-            *self = Self::Computed(compute());
+            *self = Self::Computed(compute().map(Box::new));
         }
         match self {
-            Self::Computed(r) => r.clone(),
+            Self::Computed(r) => r.as_deref().cloned(),
             Self::Empty => None,
         }
     }
@@ -569,6 +639,7 @@ impl Gateway {
             route: None,
             chunks: Vec::new(),
             redirects: 0,
+            reset: false,
         })
     }
 
@@ -697,7 +768,7 @@ impl Gateway {
             r
         } else {
             let route = cached.get(|| self.route(&headers).cloned());
-            self.forward(route, &mut headers, &body)?
+            self.forward(route, &mut headers, &body)
         };
         self.set_properties(&[("response.code_details", Some(response.details.clone()))]);
         if response.status != 0 {
@@ -711,49 +782,68 @@ impl Gateway {
     }
 
     /// The router: the route of the final headers, its header removal, the upstream call.
-    fn forward(
-        &mut self,
-        route: Option<Route>,
-        headers: &mut Headers,
-        body: &[u8],
-    ) -> Result<Response> {
+    fn forward(&mut self, route: Option<Route>, headers: &mut Headers, body: &[u8]) -> Response {
         let Some(route) = route else {
-            return Ok(Response {
+            return Response {
                 status: 404,
                 details: "route_not_found".into(),
                 ..Response::default()
-            });
+            };
         };
         headers.retain(|(k, _)| !route.remove_headers.contains(k));
         let Some(cluster) = route.cluster() else {
-            return Ok(Response {
+            return Response {
                 status: 503,
                 details: "no_healthy_upstream".into(),
                 route: Some(route.name),
                 ..Response::default()
-            });
+            };
         };
         let Some((addr, intended)) = self.resolve(&cluster) else {
-            return Ok(Response {
+            return Response {
                 status: 503,
                 details: "cluster_not_found".into(),
                 route: Some(route.name),
                 ..Response::default()
-            });
+            };
         };
-        self.upstreams.push(Upstream {
-            cluster: cluster.clone(),
-            intended,
-        });
         // Envoy's `upstream.address` attribute: set once the router picked an upstream host.
         self.set_properties(&[("upstream.address", Some(addr.to_string()))]);
-        let (mut rh, rb) = send(addr, headers, body, 30_000)?;
+        // The first try and the route's retries, on the same cluster; the plugins see only the
+        // answer of the last one.
+        let mut attempt = 0;
+        let (mut rh, rb, complete) = loop {
+            self.upstreams.push(Upstream {
+                cluster: cluster.clone(),
+                intended: intended.clone(),
+            });
+            let answer = send_full(addr, headers, body, 30_000).ok();
+            let status = answer
+                .as_ref()
+                .and_then(|(h, _, _)| header(h, ":status")?.parse().ok());
+            if attempt < route.retry.attempts && route.retry.retries(status) {
+                attempt += 1;
+                continue;
+            }
+            match answer {
+                Some((h, b, complete)) => break (h, b, complete),
+                None => {
+                    return Response {
+                        status: 503,
+                        details: "upstream_reset_before_response_started{connection_failure}"
+                            .into(),
+                        route: Some(route.name),
+                        ..Response::default()
+                    };
+                }
+            }
+        };
         let status = header(&rh, ":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(502);
         // Envoy drops hop-by-hop framing; the plugins see the body whole, in chunks.
         rh.retain(|(k, _)| k != "transfer-encoding" && k != "connection");
-        Ok(Response {
+        Response {
             status,
             headers: rh,
             body: rb,
@@ -761,7 +851,8 @@ impl Gateway {
             route: Some(route.name),
             chunks: Vec::new(),
             redirects: 0,
-        })
+            reset: !complete,
+        }
     }
 
     /// The response through the plugins, in reverse order; body chunks buffered while a plugin
@@ -781,13 +872,13 @@ impl Gateway {
         for &(i, ctx) in contexts.iter().rev() {
             let host = &mut self.filters[i].host;
             host.state().response_headers.clone_from(&headers);
-            host.on_response_headers(ctx, chunks.is_empty())?;
+            host.on_response_headers(ctx, chunks.is_empty() && !response.reset)?;
             headers.clone_from(&host.state().response_headers);
             let n = chunks.len();
             let mut out = Vec::new();
             let mut buffered: Vec<u8> = Vec::new();
             for (k, chunk) in chunks.into_iter().enumerate() {
-                let end = k + 1 == n;
+                let end = k + 1 == n && !response.reset;
                 buffered.extend(chunk);
                 let host = &mut self.filters[i].host;
                 host.state().response_chunk = std::mem::take(&mut buffered);
@@ -831,6 +922,17 @@ pub fn send(
     body: &[u8],
     timeout_ms: u32,
 ) -> Result<(Headers, Vec<u8>)> {
+    send_full(addr, headers, body, timeout_ms).map(|(h, b, _)| (h, b))
+}
+
+/// [`send`], and whether the answer's body arrived whole (false: the connection ended or was
+/// reset before the body's end).
+pub fn send_full(
+    addr: SocketAddr,
+    headers: &[(String, String)],
+    body: &[u8],
+    timeout_ms: u32,
+) -> Result<(Headers, Vec<u8>, bool)> {
     let io = |e: std::io::Error| Error(format!("{addr}: {e}"));
     let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
@@ -854,7 +956,12 @@ pub fn send(
     stream.write_all(head.as_bytes()).map_err(io)?;
     stream.write_all(body).map_err(io)?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io)?;
+    // A reset after part of the answer keeps the part (the body is then incomplete).
+    if let Err(e) = stream.read_to_end(&mut raw)
+        && raw.is_empty()
+    {
+        return Err(io(e));
+    }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -872,18 +979,25 @@ pub fn send(
         }
     }
     let mut rest = raw[split + 4..].to_vec();
-    if header(&out, "transfer-encoding").is_some_and(|t| t.contains("chunked")) {
-        rest = dechunk(&rest)?;
-    }
+    let complete = if header(&out, "transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        let (body, complete) = dechunk(&rest)?;
+        rest = body;
+        complete
+    } else {
+        header(&out, "content-length")
+            .and_then(|l| l.parse::<usize>().ok())
+            .is_none_or(|l| rest.len() >= l)
+    };
     out.retain(|(k, _)| k != "content-length");
-    Ok((out, rest))
+    Ok((out, rest, complete))
 }
 
-fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
+/// The body of a chunked answer, and whether its last (empty) chunk arrived.
+fn dechunk(mut raw: &[u8]) -> Result<(Vec<u8>, bool)> {
     let mut out = Vec::new();
     loop {
         let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
-            return Ok(out);
+            return Ok((out, false));
         };
         let size = usize::from_str_radix(
             String::from_utf8_lossy(&raw[..eol])
@@ -895,12 +1009,14 @@ fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
         )
         .map_err(|e| Error(format!("chunk size: {e}")))?;
         if size == 0 {
-            return Ok(out);
+            return Ok((out, true));
         }
         let start = eol + 2;
-        let chunk = raw
-            .get(start..start + size)
-            .ok_or_else(|| Error("truncated chunk".into()))?;
+        let Some(chunk) = raw.get(start..start + size) else {
+            // Cut inside a chunk: what arrived of it.
+            out.extend_from_slice(raw.get(start..).unwrap_or_default());
+            return Ok((out, false));
+        };
         out.extend_from_slice(chunk);
         raw = raw.get(start + size + 2..).unwrap_or_default();
     }

@@ -1,6 +1,7 @@
 //! The provider stand-in: an HTTP server answering as OpenAI, Anthropic and Gemini do, by
 //! replaying recorded response bodies — upstream LLM providers cannot run here. It records every
-//! request it receives, and fails on demand (a scripted status, e.g. 503 or 429).
+//! request it receives, and fails on demand (a scripted status, e.g. 503 or 429, or a connection
+//! reset mid-answer).
 //!
 //! The recordings are read in place from `AIGW_LLM_RESPONSES`, by default
 //! `../shared/reference/llm-responses/` next to the project (other projects' recordings, never
@@ -44,10 +45,18 @@ pub struct Scripted {
     pub body: Vec<u8>,
 }
 
+/// What the next request gets instead of its plain recording.
+#[derive(Debug, Clone)]
+enum Next {
+    Answer(Scripted),
+    /// The recording, with the connection reset after this many bytes of body.
+    Cut(usize),
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     received: Vec<Received>,
-    script: VecDeque<Scripted>,
+    script: VecDeque<Next>,
 }
 
 /// A running provider stand-in.
@@ -147,7 +156,15 @@ impl Provider {
     /// Queues an answer served instead of the next recording.
     pub fn script(&self, answer: Scripted) {
         if let Ok(mut i) = self.inner.lock() {
-            i.script.push_back(answer);
+            i.script.push_back(Next::Answer(answer));
+        }
+    }
+
+    /// Queues a provider that dies mid-answer: the next request gets its recording, and the
+    /// connection is reset after `bytes` bytes of its body.
+    pub fn cut_next(&self, bytes: usize) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.script.push_back(Next::Cut(bytes));
         }
     }
 }
@@ -180,9 +197,13 @@ fn answer(
         i.received.push(received);
         i.script.pop_front()
     });
+    let cut = match &scripted {
+        Some(Next::Cut(n)) => Some(*n),
+        _ => None,
+    };
     let (status, content_type, bytes) = match scripted {
-        Some(s) => (s.status, s.content_type, s.body),
-        None => match recording(&path, &body).map(load_recording) {
+        Some(Next::Answer(s)) => (s.status, s.content_type, s.body),
+        Some(Next::Cut(_)) | None => match recording(&path, &body).map(load_recording) {
             Some(Ok((bytes, meta))) => (
                 200,
                 meta["content_type"]
@@ -199,9 +220,31 @@ fn answer(
             ),
         },
     };
+    let body = match cut {
+        // A body that fails after `n` bytes: hyper then closes the connection without ending
+        // the chunked body, as a provider crashing mid-stream does.
+        Some(n) => {
+            use futures::StreamExt as _;
+            let first = Bytes::from(bytes[..n.min(bytes.len())].to_vec());
+            // The part is sent and flushed first (hyper drops unflushed data when the body
+            // fails); then the failure.
+            Body::from_stream(futures::stream::iter([true, false]).then(move |part| {
+                let first = first.clone();
+                async move {
+                    if part {
+                        Ok(first)
+                    } else {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        Err(std::io::Error::other("provider reset mid-answer"))
+                    }
+                }
+            }))
+        }
+        None => Body::from(bytes),
+    };
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header("content-type", content_type)
-        .body(Body::from(bytes))
+        .body(body)
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
