@@ -1021,3 +1021,36 @@ fn dechunk(mut raw: &[u8]) -> Result<(Vec<u8>, bool)> {
         raw = raw.get(start + size + 2..).unwrap_or_default();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn retries_follow_higress_annotation_mapping() {
+        let ours = Retry::from_annotations(&json!({
+            "higress.io/proxy-next-upstream-tries": "2",
+            "higress.io/proxy-next-upstream": "error,timeout,http_502,http_503",
+        }))
+        .unwrap();
+        assert_eq!(ours.attempts, 2);
+        // error/timeout become Envoy's 5xx: any 5xx and connect failures.
+        assert!(ours.retries(Some(500)) && ours.retries(Some(503)) && ours.retries(None));
+        assert!(!ours.retries(Some(429)) && !ours.retries(Some(200)));
+        let codes_only = Retry::from_annotations(&json!({
+            "higress.io/proxy-next-upstream": "http_502",
+        }))
+        .unwrap();
+        assert_eq!(codes_only.attempts, 3, "Higress's default count");
+        assert!(codes_only.retries(Some(502)) && !codes_only.retries(Some(500)));
+        assert!(!codes_only.retries(None));
+        let off =
+            Retry::from_annotations(&json!({"higress.io/proxy-next-upstream": "off"})).unwrap();
+        assert_eq!(off.attempts, 0);
+        assert_eq!(Retry::from_annotations(&json!({})).unwrap().attempts, 0);
+        assert!(
+            Retry::from_annotations(&json!({"higress.io/proxy-next-upstream-tries": "x"})).is_err()
+        );
+    }
+}
