@@ -538,9 +538,14 @@ fn fallback_filter(route: &Route, config: &Config) -> Result<DynamicObject> {
             "input": input(format!("status_{c}"), "envoy.type.matcher.v3.HttpResponseStatusCodeMatchInput"),
             "value_match": {"exact": c}}}, "on_match": {"action": redirect}})
     };
+    // `with_request_body` (Higress's build): the filter buffers the request body up to this
+    // size, so the original body can be sent again; the bound authz reads.
     let custom_response = typed_struct(
         "envoy.extensions.filters.http.custom_response.v3.CustomResponse",
-        &json!({"custom_response_matcher": {"matcher_list": {"matchers": [class("5xx"), code("429")]}}}),
+        &json!({
+            "custom_response_matcher": {"matcher_list": {"matchers": [class("5xx"), code("429")]}},
+            "with_request_body": {"max_request_bytes": AUTHZ_MAX_BODY_BYTES},
+        }),
     );
     let ar = envoy_filter_resource();
     Ok(serde_json::from_value(json!({

@@ -27,7 +27,7 @@ use aigw_standin::{
     provider::{Provider, Received, Scripted, load_recording},
 };
 use common::eventually;
-use dataplane_bed::{Bed, INGEST_SECRET, PROVIDER_KEY, chat, events, logs, send, sha};
+use dataplane_bed::{Bed, INGEST_SECRET, PROVIDER_KEY, advance, chat, events, logs, send, sha};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
@@ -62,9 +62,19 @@ async fn a_chat_completion_flows_key_to_route_to_provider_to_usage() {
         );
     }
 
-    // Not streamed.
+    // Not streamed. The client also sends Envoy's own headers (which Envoy obeys from peers it
+    // takes for internal: retries of a served answer, the path a fallback restores): dropped.
     let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
-    let r = send(&gw, chat(&domain, &key, &body)).await;
+    let mut req = chat(&domain, &key, &body);
+    for (k, v) in [
+        ("x-envoy-retry-on", "retriable-status-codes"),
+        ("x-envoy-retriable-status-codes", "200"),
+        ("x-envoy-max-retries", "10"),
+        ("x-envoy-original-path", "/api/v1/tenants"),
+    ] {
+        req.headers.push((k.into(), v.into()));
+    }
+    let r = send(&gw, req).await;
     let (recorded, meta) = load_recording("openai-chat-nonstream-cached").unwrap();
     assert_eq!(
         r.status,
@@ -106,6 +116,19 @@ async fn a_chat_completion_flows_key_to_route_to_provider_to_usage() {
     );
     let sent: Value = serde_json::from_slice(&up.body).unwrap();
     assert_eq!(sent["model"], "gpt-4o");
+    let envoy: Vec<&(String, String)> = up
+        .headers
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("x-envoy-retr")
+                || k == "x-envoy-max-retries"
+                || k == "x-envoy-original-path"
+        })
+        .collect();
+    assert!(
+        envoy.is_empty(),
+        "client-sent Envoy headers survived: {envoy:?}"
+    );
 
     let evs = events(&bed.topic, 1, 30).await;
     assert_eq!(evs.len(), 1, "one usage event: {evs:?}\n{}", logs(&gw));
@@ -425,9 +448,10 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
     .await;
     let (a, b) = (format!("fa-{sfx}"), format!("fb-{sfx}"));
     let (dom_a, dom_b) = (format!("api.{a}.example"), format!("api.{b}.example"));
-    let (key_a, key_tiny, key_b) = (
+    let (key_a, key_tiny, key_rpm1, key_b) = (
         format!("sk-a-{sfx}"),
         format!("sk-tiny-{sfx}"),
+        format!("sk-slow-{sfx}"),
         format!("sk-b-{sfx}"),
     );
     let (tenant_a, _) = bed
@@ -437,6 +461,7 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
             &[
                 ("main", &key_a, &["gpt-4o"], json!({})),
                 ("tiny", &key_tiny, &["gpt-4o"], json!({"quota": 10})),
+                ("slow", &key_rpm1, &["gpt-4o"], json!({"rateLimit": 1})),
             ],
         )
         .await;
@@ -595,6 +620,15 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
     // Billed once: the first pass reported its 503 (no usage) and is retired — its reservation
     // released, never swept, its report marked applied so the worker drops it; the second pass
     // carries the usage and the only reservation.
+    // The failed first pass's report waits in the reporter's outbox (so authz can retire the
+    // first pass before the worker forgets it): only the second pass's is out at once.
+    let early = events(&bed.topic, 3, 3).await;
+    assert_eq!(
+        early.len(),
+        2,
+        "the 503 report was not held back: {early:?}"
+    );
+    advance(&gw, 5_200).await;
     let evs = events(&bed.topic, 3, 30).await[1..].to_vec();
     assert_eq!(evs.len(), 2, "{evs:?}\n{}", logs(&gw));
     let failed = evs
@@ -662,6 +696,23 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
     assert_eq!(r.redirects, 1);
     assert_eq!(bed.provider.received().len(), skip + 3 + 2);
 
+    // A key allowed one request per minute: its fallback is one request (the second pass takes
+    // no RPM slot), and its next request is over the limit.
+    bed.provider.script(fail(429));
+    let r = send(&gw, chat(&dom_a, &key_rpm1, &body)).await;
+    assert_eq!(
+        r.status,
+        200,
+        "{} {}",
+        r.details,
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.redirects, 1);
+    let before = bed.provider.received().len();
+    let r = send(&gw, chat(&dom_a, &key_rpm1, &body)).await;
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    refused("over the RPM limit", &r, &bed.provider, before);
+
     // The gateway's own refusal (authz: quota) is answered as is, never tried on another tier.
     let before = bed.provider.received().len();
     let r = send(&gw, chat(&dom_a, &key_tiny, &body)).await;
@@ -707,10 +758,12 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
         .await
         .unwrap();
     assert!(exists, "A's pending request survives B's attempt");
-    // One report for the retried request, exactly two per fallback (the first pass's 503/429,
-    // the second pass's usage) and none for the refusals: no instance reported a request twice.
-    let all = events(&bed.topic, 6, 5).await;
-    assert_eq!(all.len(), 5, "{all:?}");
+    // One report for the retried request, exactly two per fallback (three fallbacks: the first
+    // pass's 503/429, the second pass's usage) and none for the refusals: no instance reported a
+    // request twice.
+    advance(&gw, 5_200).await;
+    let all = events(&bed.topic, 8, 5).await;
+    assert_eq!(all.len(), 7, "{all:?}");
 
     bed.finish().await;
 }
@@ -880,6 +933,7 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
         String::from_utf8_lossy(&r.body)
     );
     assert_eq!(p.received().len(), before, "the provider saw it");
+    advance(&gw, 5_200).await;
     let evs = events(&bed.topic, cases.len() + 1, 30).await;
     assert_eq!(evs.len(), cases.len() + 1, "{evs:?}\n{}", logs(&gw));
     let ev = evs.last().unwrap();
@@ -928,6 +982,19 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
         meta["expected"]["prompt_tokens"].as_u64(),
         "{ev:?}"
     );
+
+    // The reporter took the request on, but no upstream was picked (the channel's cluster is
+    // gone): one report, the reporter's; the credentials instance leaves the request to it.
+    gw.lock()
+        .unwrap()
+        .registries
+        .retain(|r| !r.service.contains(&format!("gen-{sfx}")));
+    let r = send(&gw, chat(&domain, &key, &explicit)).await;
+    assert_eq!((r.status, r.details.as_str()), (503, "cluster_not_found"));
+    advance(&gw, 5_200).await;
+    let evs = events(&bed.topic, cases.len() + 4, 5).await;
+    assert_eq!(evs.len(), cases.len() + 3, "one report: {evs:?}");
+    assert_eq!(evs.last().unwrap().status, 503);
     bed.finish().await;
 }
 

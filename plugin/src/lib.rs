@@ -23,7 +23,7 @@ use std::{
 
 use aigw_plugin_core::{
     EVENT_VERSION, Framing, INGEST_SECRET_HEADER, Mode, PluginConfig, UsageEvent, UsageParser,
-    channel_from_cluster, headers, is_gateway_header,
+    channel_from_cluster, headers, is_envoy_header, is_gateway_header,
     rules::{RequestKeys, RuleSet},
 };
 use proxy_wasm::{
@@ -47,6 +47,9 @@ const TICK: Duration = Duration::from_millis(200);
 const DRAIN: Duration = Duration::from_secs(30);
 
 /// The wait before try `attempt + 1`: 200 ms doubling, at most 10 s.
+/// How long the report of a failed answer (5xx, 429) waits before it is sent (see `report`).
+const FAILED_REPORT_DELAY: Duration = Duration::from_secs(5);
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(200u64.saturating_mul(1 << attempt.saturating_sub(1).min(6)))
         .min(Duration::from_secs(10))
@@ -436,12 +439,21 @@ impl Request {
             count(outbox.dropped);
             return;
         }
+        // A failed answer (5xx, 429) may be the first pass of a fallback: its report waits a
+        // few seconds, so authz retires the first pass (on the second pass's grant) before the
+        // worker bills and forgets it — which would take the grant with it. It carries no usage,
+        // so nothing is billed later for the wait.
+        let due = if self.status >= 500 || self.status == 429 {
+            ended_at + FAILED_REPORT_DELAY
+        } else {
+            ended_at
+        };
         outbox.waiting.push_back(Retry {
             config,
             body,
             event_id: event.event_id,
             attempt: 0,
-            due: ended_at,
+            due,
         });
     }
 }
@@ -477,9 +489,13 @@ impl HttpContext for Request {
         match config.mode {
             Mode::Scrub => {
                 // Drop client-sent copies of the headers only the gateway may set; ext-auth, which
-                // runs after this instance, adds the real ones.
+                // runs after this instance, adds the real ones. Also every `x-envoy-*`: Envoy
+                // obeys `x-envoy-retry-on`/`-max-retries` and friends from peers it takes for
+                // internal (a private address behind a load balancer), and a client could have a
+                // served answer retried — provider work the plugins never see — or choose the
+                // path a fallback redirect restores (`x-envoy-original-path`).
                 for (name, _) in self.get_http_request_headers() {
-                    if is_gateway_header(&name) {
+                    if is_gateway_header(&name) || is_envoy_header(&name) {
                         self.set_http_request_header(&name, None);
                     }
                 }

@@ -41,9 +41,10 @@ const typedStruct = "type.googleapis.com/udpa.type.v1.TypedStruct"
 type fieldKind int
 
 const (
-	boolValue   fieldKind = iota // google.protobuf.BoolValue: a JSON bool
-	uint32Value                  // google.protobuf.UInt32Value: a non-negative JSON integer
-	stringField                  // a JSON string
+	boolValue      fieldKind = iota // google.protobuf.BoolValue: a JSON bool
+	uint32Value                     // google.protobuf.UInt32Value: a non-negative JSON integer
+	stringField                     // a JSON string
+	bufferSettings                  // {max_request_bytes, allow_partial_message, pack_as_bytes}
 )
 
 // Fields Higress's Envoy build adds to upstream messages, with how it reads them
@@ -56,6 +57,11 @@ var higressFields = map[string]map[string]fieldKind{
 		"use_original_request_body":   boolValue,
 		"only_redirect_upstream_code": boolValue,
 		"uri_from_response_header":    stringField,
+	},
+	// Buffers the request body so a redirect can send it again (the filter's config.cc and
+	// decodeData in Higress's build; the Higress console writes it).
+	"envoy.extensions.filters.http.custom_response.v3.CustomResponse": {
+		"with_request_body": bufferSettings,
 	},
 }
 
@@ -103,6 +109,23 @@ func (c *checker) higress(at, name string, obj map[string]any) bool {
 			n, isNum := v.(float64)
 			if !isNum || n < 0 || n != float64(uint32(n)) {
 				c.fail(at, "%s.%s must be a uint32, is %v", name, k, v)
+			}
+		case bufferSettings:
+			b, isObj := v.(map[string]any)
+			n, isNum := b["max_request_bytes"].(float64)
+			if !isObj || !isNum || n <= 0 || n != float64(uint32(n)) {
+				c.fail(at, "%s.%s must be {max_request_bytes: uint32 > 0, …}, is %v", name, k, v)
+			}
+			for bk, bv := range b {
+				switch bk {
+				case "max_request_bytes":
+				case "allow_partial_message", "pack_as_bytes":
+					if _, isBool := bv.(bool); !isBool {
+						c.fail(at, "%s.%s.%s must be a bool", name, k, bk)
+					}
+				default:
+					c.fail(at, "%s.%s has unknown field %q", name, k, bk)
+				}
 			}
 		case stringField:
 			s, isStr := v.(string)

@@ -356,6 +356,11 @@ async fn fallback(
             Denial::Unavailable
         })?;
     if retired == 1 {
+        tracing::info!(
+            first_pass = first,
+            token = admitted.token.token_id,
+            "fallback: second pass admitted, first pass retired"
+        );
         Ok(admitted)
     } else {
         // Retired by another second pass a moment ago, or billed: the grant is used up.

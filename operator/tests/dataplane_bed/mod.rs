@@ -395,6 +395,20 @@ pub async fn send(gw: &Arc<Mutex<Gateway>>, req: Request) -> Response {
     .unwrap()
 }
 
+/// Runs the plugins' timers over `ms` of their clock (200 ms ticks): e.g. the reporter's
+/// outbox, which holds a failed answer's report for a few seconds.
+pub async fn advance(gw: &Arc<Mutex<Gateway>>, ms: u64) {
+    let gw = gw.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut gw = gw.lock().unwrap();
+        for _ in 0..ms.div_ceil(200) {
+            gw.tick(200).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// Every plugin's log lines, for a failure message.
 pub fn logs(gw: &Arc<Mutex<Gateway>>) -> String {
     let mut gw = gw.lock().unwrap();

@@ -244,6 +244,15 @@ pub fn is_gateway_header(name: &str) -> bool {
     (lower.starts_with("x-aigw-") && lower != headers::FALLBACK) || lower == headers::CONSUMER
 }
 
+/// Whether a request header is one of Envoy's own (`x-envoy-*`), which a client must not send:
+/// Envoy acts on some of them (retry policy, timeouts, the original path of a redirect).
+pub fn is_envoy_header(name: &str) -> bool {
+    name.len() > 8
+        && name
+            .get(..8)
+            .is_some_and(|p| p.eq_ignore_ascii_case("x-envoy-"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +294,8 @@ mod tests {
         ] {
             assert!(!is_gateway_header(h), "{h}");
         }
+        assert!(is_envoy_header("X-Envoy-Retry-On") && is_envoy_header("x-envoy-original-path"));
+        assert!(!is_envoy_header("x-envoy") && !is_envoy_header("x-envoyz"));
     }
 
     #[test]
