@@ -365,6 +365,14 @@ fn an_upstream_error_is_reported_with_its_status_and_requests_not_admitted_are_n
     host.response_headers(other, &[(":status", "200")], true);
     host.finish(other);
     host.tick();
+    // A failed answer's report waits 5 s (it may be a fallback's first pass, which authz
+    // retires when the second pass arrives), then goes.
+    assert!(host.state().calls.is_empty(), "sent at once");
+    host.advance_ms(4_800);
+    host.tick();
+    assert!(host.state().calls.is_empty(), "sent before 5 s");
+    host.advance_ms(250);
+    host.tick();
 
     let calls = host.state().calls.clone();
     assert_eq!(calls.len(), 1);
