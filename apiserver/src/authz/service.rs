@@ -274,15 +274,15 @@ async fn decide(authz: &Authz, headers: &HeaderMap, body: &[u8]) -> Result<Allow
     admit(authz, admitted, headers, body, now, second_pass).await
 }
 
-/// The second pass of a request Envoy's fallback redirect sent to the next tier: admitted on the
-/// first pass's event id ([`headers::FALLBACK`]), which names the token authz admitted then (the
-/// client's key is gone: ai-proxy put the provider's in `Authorization`). The token and tenant
-/// must still be in good standing; the domain is not checked again (the second pass may carry
-/// the provider's host, and the first pass checked the client's). The first pass is retired in
-/// the same step — reservation released, never swept, its report dropped — so the request is
-/// billed once, as the second pass. The id is known only inside the gateway (authz's answer,
-/// removed before the provider), and it is good for one second pass while its first is pending:
-/// a client-sent value names nothing and is refused like an unknown key.
+/// The second pass of a request Envoy's fallback redirect sent to the next tier, admitted on its
+/// first pass's `<event id>.<grant>` ([`headers::FALLBACK`]): the client's key is gone by then
+/// (ai-proxy put the provider's in `Authorization`). The grant record gives the key hash, the
+/// pending event the token; both must agree, and token and tenant must still be in good
+/// standing. The host is only checked not to be another tenant's domain (the second pass usually
+/// carries the provider's host). The first pass is retired in the same Redis script —
+/// reservation released, never swept, its report dropped — so the request is billed once, as the
+/// second pass. The grant is random, appears nowhere outside the gateway, and is good once while
+/// its first pass is pending: a client-sent value is refused like an unknown key.
 async fn fallback(
     authz: &Authz,
     headers: &HeaderMap,
