@@ -34,14 +34,11 @@ use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_completion_flows_key_to_route_to_provider_to_usage() {
-    if !aigw_standin::plugins::reference_available(
-        "a_chat_completion_flows_key_to_route_to_provider_to_usage",
-    )
-    .unwrap()
-    {
+    let Some(mut bed) =
+        Bed::for_test("a_chat_completion_flows_key_to_route_to_provider_to_usage").await
+    else {
         return;
-    }
-    let mut bed = Bed::start().await;
+    };
     let sfx = bed.h.sfx.clone();
     bed.channel(
         &format!("oai-{sfx}"),
@@ -219,12 +216,9 @@ fn refused(what: &str, r: &Response, provider: &Provider, before: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_requests_never_reach_the_provider() {
-    if !aigw_standin::plugins::reference_available("refused_requests_never_reach_the_provider")
-        .unwrap()
-    {
+    let Some(mut bed) = Bed::for_test("refused_requests_never_reach_the_provider").await else {
         return;
-    }
-    let mut bed = Bed::start().await;
+    };
     let sfx = bed.h.sfx.clone();
     bed.channel(
         &format!("oai-{sfx}"),
@@ -422,14 +416,11 @@ fn leaks<'a>(up: &'a Received, client_key: &str) -> Vec<&'a (String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
-    if !aigw_standin::plugins::reference_available(
-        "a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once",
-    )
-    .unwrap()
-    {
+    let Some(mut bed) =
+        Bed::for_test("a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once").await
+    else {
         return;
-    }
-    let mut bed = Bed::start().await;
+    };
     let sfx = bed.h.sfx.clone();
     let (key_top, key_low) = ("sk-provider-top-tier-key", "sk-provider-low-tier-key");
     // The top tier speaks Anthropic's protocol, the next OpenAI's: the second pass must not
@@ -467,7 +458,7 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
         .await;
     bed.tenant(&b, &dom_b, &key_b, &["gpt-4o"]).await;
     let filters = eventually("the operator writes the fallback EnvoyFilter", || async {
-        let (_, _, _, filters) = bed.read_back().await;
+        let filters = bed.read_back().await.envoy_filters;
         (!filters.is_empty()).then_some(filters)
     })
     .await;
@@ -770,14 +761,10 @@ async fn a_failing_top_tier_falls_back_with_the_same_body_and_is_billed_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_provider_family_is_served_in_its_own_protocol() {
-    if !aigw_standin::plugins::reference_available(
-        "each_provider_family_is_served_in_its_own_protocol",
-    )
-    .unwrap()
-    {
+    let Some(mut bed) = Bed::for_test("each_provider_family_is_served_in_its_own_protocol").await
+    else {
         return;
-    }
-    let mut bed = Bed::start().await;
+    };
     let sfx = bed.h.sfx.clone();
     bed.channel_keyed(
         &format!("ant-{sfx}"),
@@ -1110,14 +1097,10 @@ async fn served_certificate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_tenant_domain_is_served_its_own_certificate() {
-    if !aigw_standin::plugins::reference_available(
-        "each_tenant_domain_is_served_its_own_certificate",
-    )
-    .unwrap()
-    {
+    let Some(mut bed) = Bed::for_test("each_tenant_domain_is_served_its_own_certificate").await
+    else {
         return;
-    }
-    let mut bed = Bed::start().await;
+    };
     let sfx = bed.h.sfx.clone();
     let (a, b) = (format!("ta-{sfx}"), format!("tb-{sfx}"));
     let (dom_a, dom_b) = (format!("api.{a}.example"), format!("api.{b}.example"));

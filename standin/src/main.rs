@@ -25,6 +25,7 @@ use std::{
 use aigw_standin::{
     gateway::{Gateway, Request},
     host::Error,
+    objects::{Objects, read},
     plugins,
     provider::Provider,
 };
@@ -36,112 +37,17 @@ use axum::{
     response::Response,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::{
-    Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
-};
+use kube::{Api, Client};
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
-use serde_json::Value;
 
 const DEFAULT_SERVICES: &str = "outbound|8081||aigw-apiserver.aigw-system.svc.cluster.local=127.0.0.1:8081,\
      outbound|8090||aigw-ingest.aigw-system.svc.cluster.local=127.0.0.1:8090";
 
 fn env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-/// The objects a gateway is built from, and their resource versions (to see changes).
-struct Objects {
-    plugins: Vec<Value>,
-    ingresses: Vec<Value>,
-    bridge: Value,
-    envoy_filters: Vec<Value>,
-    versions: Vec<String>,
-}
-
-async fn list(
-    client: &Client,
-    ns: &str,
-    group: &str,
-    version: &str,
-    kind: &str,
-    plural: &str,
-) -> Result<Vec<Value>, kube::Error> {
-    let ar =
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
-    Ok(api
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|o| serde_json::to_value(o).ok())
-        .collect())
-}
-
-async fn read(client: &Client, ns: &str) -> Result<Objects, kube::Error> {
-    let plugins = list(
-        client,
-        ns,
-        "extensions.higress.io",
-        "v1alpha1",
-        "WasmPlugin",
-        "wasmplugins",
-    )
-    .await?;
-    let ingresses = list(
-        client,
-        ns,
-        "networking.k8s.io",
-        "v1",
-        "Ingress",
-        "ingresses",
-    )
-    .await?;
-    let bridges = list(
-        client,
-        ns,
-        "networking.higress.io",
-        "v1",
-        "McpBridge",
-        "mcpbridges",
-    )
-    .await?;
-    let bridge = bridges
-        .into_iter()
-        .find(|b| b["metadata"]["name"] == "default")
-        .unwrap_or(Value::Null);
-    let envoy_filters = list(
-        client,
-        ns,
-        "networking.istio.io",
-        "v1alpha3",
-        "EnvoyFilter",
-        "envoyfilters",
-    )
-    .await?;
-    let versions = plugins
-        .iter()
-        .chain(&ingresses)
-        .chain(&envoy_filters)
-        .chain(std::iter::once(&bridge))
-        .map(|o| {
-            format!(
-                "{}@{}",
-                o["metadata"]["name"], o["metadata"]["resourceVersion"]
-            )
-        })
-        .collect();
-    Ok(Objects {
-        plugins,
-        ingresses,
-        bridge,
-        envoy_filters,
-        versions,
-    })
 }
 
 fn reporter() -> Result<&'static [u8], Error> {

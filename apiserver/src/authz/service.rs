@@ -302,11 +302,7 @@ async fn fallback(
         .arg(first)
         .query_async(&mut conn)
         .await
-        .map_err(|e| {
-            authz.metrics.redis_errors.inc();
-            tracing::warn!(error = %e, "redis unreachable during a fallback's authz");
-            Denial::Unavailable
-        })?;
+        .map_err(|e| redis_down(authz, &e))?;
     let event = pending
         .and_then(|p| UsageEvent::parse(p.as_bytes()).ok())
         .ok_or(Denial::InvalidKey)?;
@@ -350,11 +346,7 @@ async fn fallback(
         .arg(&recorded)
         .invoke_async(&mut conn)
         .await
-        .map_err(|e| {
-            authz.metrics.redis_errors.inc();
-            tracing::warn!(error = %e, "redis unreachable during a fallback's authz");
-            Denial::Unavailable
-        })?;
+        .map_err(|e| redis_down(authz, &e))?;
     if retired == 1 {
         tracing::info!(
             first_pass = first,
@@ -366,6 +358,14 @@ async fn fallback(
         // Retired by another second pass a moment ago, or billed: the grant is used up.
         Err(Denial::InvalidKey)
     }
+}
+
+/// A fallback's second pass when Redis cannot be reached: refused (it has no key to fall open
+/// on), and counted.
+fn redis_down(authz: &Authz, e: &redis::RedisError) -> Denial {
+    authz.metrics.redis_errors.inc();
+    tracing::warn!(error = %e, "redis unreachable during a fallback's authz");
+    Denial::Unavailable
 }
 
 /// What is asked for (endpoint, model, size), then rate, quota and the pending record in Redis.

@@ -19,18 +19,18 @@ use aigw_apiserver::authz::{
 };
 use aigw_common::{ops, quota::PendingKeys, shutdown::Shutdown};
 use aigw_crds::{Channel, Tenant, Token, labels};
-use aigw_operator::higress;
 use aigw_plugin_core::UsageEvent;
 use aigw_standin::{
     gateway::{Gateway, Request, Response},
+    objects::{self, Objects},
     plugins,
     provider::Provider,
 };
 use aigw_testkit::Testbed;
-use k8s_openapi::api::{core::v1::Secret, networking::v1::Ingress};
+use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api,
-    api::{DeleteParams, DynamicObject, ListParams, PostParams},
+    api::{DeleteParams, PostParams},
 };
 use rdkafka::{
     ClientConfig, Message,
@@ -64,6 +64,17 @@ pub fn sha(key: &str) -> String {
 }
 
 impl Bed {
+    /// [`Bed::start`] for the test `name`, if Higress's plugin builds and the recorded responses
+    /// are there (`aigw_standin::plugins::reference_available`: a message and `None` outside CI
+    /// without them, a failure under CI).
+    pub async fn for_test(name: &str) -> Option<Self> {
+        if aigw_standin::plugins::reference_available(name).unwrap() {
+            Some(Self::start().await)
+        } else {
+            None
+        }
+    }
+
     pub async fn start() -> Self {
         let h = Harness::new().await;
         let (_ctx, shutdown, operator) = h.start_configured(|c| {
@@ -255,53 +266,8 @@ impl Bed {
     }
 
     /// The Higress objects as the operator wrote them, read back from the kube-apiserver.
-    pub async fn read_back(&self) -> (Vec<Value>, Vec<Value>, Value, Vec<Value>) {
-        let plugins: Api<DynamicObject> = Api::namespaced_with(
-            self.h.client.clone(),
-            &self.h.hns,
-            &higress::wasm_plugin_resource(),
-        );
-        let plugins = plugins
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|p| serde_json::to_value(p).unwrap())
-            .collect();
-        let ingresses: Api<Ingress> = Api::namespaced(self.h.client.clone(), &self.h.hns);
-        let ingresses = ingresses
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|i| serde_json::to_value(i).unwrap())
-            .collect();
-        let bridges: Api<DynamicObject> = Api::namespaced_with(
-            self.h.client.clone(),
-            &self.h.hns,
-            &higress::mcp_bridge_resource(),
-        );
-        let bridge = bridges
-            .get_opt("default")
-            .await
-            .unwrap()
-            .map_or(Value::Null, |b| serde_json::to_value(b).unwrap());
-        let filters: Api<DynamicObject> = Api::namespaced_with(
-            self.h.client.clone(),
-            &self.h.hns,
-            &higress::envoy_filter_resource(),
-        );
-        let filters = filters
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .map(|f| serde_json::to_value(f).unwrap())
-            .collect();
-        (plugins, ingresses, bridge, filters)
+    pub async fn read_back(&self) -> Objects {
+        objects::read(&self.h.client, &self.h.hns).await.unwrap()
     }
 
     /// Waits until the operator's route Ingresses name every model of `models`, then builds the
@@ -313,12 +279,11 @@ impl Bed {
     /// [`Bed::gateway`], counting every wasm instruction with `fuel`.
     pub async fn gateway_metered(&self, models: &[&str], fuel: bool) -> Arc<Mutex<Gateway>> {
         eventually("the operator routes every model", || async {
-            let (_, ingresses, _, _) = self.read_back().await;
-            let text = serde_json::to_string(&ingresses).unwrap();
+            let text = serde_json::to_string(&self.read_back().await.ingresses).unwrap();
             models.iter().all(|m| text.contains(m)).then_some(())
         })
         .await;
-        let (plugins, ingresses, bridge, filters) = self.read_back().await;
+        let o = self.read_back().await;
         let provider = self.provider.addr;
         let (authz, ingest) = (self.authz, self.ingest);
         let gw = tokio::task::spawn_blocking(move || {
@@ -326,10 +291,17 @@ impl Bed {
                 "aigw-plugin" => plugins::reporter(),
                 other => plugins::higress(other),
             };
-            let mut gw = Gateway::metered(&plugins, &ingresses, &bridge, &modules, provider, fuel)
-                .unwrap()
-                .with_envoy_filters(&filters)
-                .unwrap();
+            let mut gw = Gateway::metered(
+                &o.plugins,
+                &o.ingresses,
+                &o.bridge,
+                &modules,
+                provider,
+                fuel,
+            )
+            .unwrap()
+            .with_envoy_filters(&o.envoy_filters)
+            .unwrap();
             gw.services.insert(
                 "outbound|8081||aigw-apiserver.aigw-system.svc.cluster.local".into(),
                 authz,
