@@ -63,11 +63,12 @@ generate: ## regenerate committed artefacts: crds/crds.yaml from the CRD types
 	mv crds/crds.yaml.tmp crds/crds.yaml
 
 .PHONY: bench
-bench: toolchain testbed migrate crds ## benchmarks: usage parser, billing pipeline, authz load, operator scale, data-plane plugin cost (numbers: docs/benchmarks.md)
+bench: toolchain testbed migrate crds ## benchmarks: usage parser, billing pipeline, authz load, sign-in cost and token verification, operator scale, data-plane plugin cost (numbers: docs/benchmarks.md)
 	cargo bench -p aigw-plugin --bench parser
 	cargo build --release -p aigw-billing
 	cargo bench -p aigw-billing --bench pipeline
 	cargo bench -p aigw-apiserver --bench authz
+	cargo bench -p aigw-apiserver --bench sso
 	cargo build --release -p aigw-operator
 	cargo bench -p aigw-operator --bench scale
 	cargo bench -p aigw-operator --bench dataplane

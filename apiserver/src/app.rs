@@ -1,19 +1,32 @@
-//! The REST router. Every error is a JSON body `{"error": {"code": …, "message": …}}` with a 4xx/5xx
-//! status, the shape resellers' scripts can rely on.
+//! The REST listener: the identity provider (`/oauth/*`, [`crate::sso::web`]) and the reseller
+//! API (`/api/v1/*`; today only invitations). Errors of `/api` are RFC 9457 problem details.
 
-use axum::{Json, Router, http::StatusCode, response::IntoResponse};
-use serde_json::json;
+use axum::{Router, http::StatusCode, response::Response};
 
-/// The REST API router (no routes yet: every path is a JSON 404).
-pub fn router() -> Router {
-    Router::new().fallback(not_found)
+use crate::sso::{Sso, web::problem};
+
+/// The REST router. Without signing keys (`None`) the identity provider answers 503.
+pub fn router(sso: Option<Sso>) -> Router {
+    match sso {
+        Some(sso) => crate::sso::web::router(sso).fallback(not_found),
+        None => Router::new()
+            .route("/oauth/{*rest}", axum::routing::any(no_sso))
+            .fallback(not_found),
+    }
 }
 
-async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
-    (
+async fn not_found(uri: axum::http::Uri) -> Response {
+    problem(
         StatusCode::NOT_FOUND,
-        Json(
-            json!({"error": {"code": "not_found", "message": format!("no route for {}", uri.path())}}),
-        ),
+        "Not found",
+        &format!("no route for {}", uri.path()),
+    )
+}
+
+async fn no_sso() -> Response {
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Sign-in not configured",
+        "this apiserver has no OIDC signing keys (--oidc-keys-dir)",
     )
 }

@@ -1,8 +1,9 @@
-//! `aigw-apiserver`: the REST API resellers use (`/api/*`, `/oauth/*`) and the authz listener Higress
-//! `ext-auth` calls on every LLM request (see `docs/architecture.md`). The REST API is a JSON 404 for
-//! every path until its issue lands.
+//! `aigw-apiserver`: the identity provider and REST API resellers use (`/oauth/*`, `/api/*`) and
+//! the authz listener Higress `ext-auth` calls on every LLM request (see `docs/architecture.md`).
+//! Subcommands: `keygen` (an OIDC signing key), `client` (register an OIDC client), `bootstrap-owner`
+//! (invite a tenant's first owner).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use aigw_apiserver::{
     app,
@@ -10,14 +11,18 @@ use aigw_apiserver::{
         index::Index,
         service::{self, Authz, Settings},
     },
+    sso::{self, Sso},
 };
 use aigw_common::{OpsArgs, init_tracing, ops, probe, shutdown::Shutdown};
 use clap::{Parser, ValueEnum};
 use prometheus_client::registry::Registry;
 
-/// AIGateway REST API and authorisation endpoint.
+/// AIGateway REST API, identity provider and authorisation endpoint.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "One-shot commands (each with its own --help): keygen, client, bootstrap-owner."
+)]
 struct Cli {
     #[command(flatten)]
     ops: OpsArgs,
@@ -57,6 +62,119 @@ struct Cli {
     /// `--instance`).
     #[arg(long, env = "AIGW_INSTANCE")]
     instance: Option<String>,
+    /// Directory of the OIDC signing keys (`<kid>.pem`, Ed25519 PKCS#8; e.g. a mounted Secret),
+    /// re-read every minute. Without it `/oauth/*` answers 503.
+    #[arg(long, env = "AIGW_OIDC_KEYS_DIR")]
+    oidc_keys_dir: Option<PathBuf>,
+    /// Scheme of the issuer and links (`https` behind Higress with TLS).
+    #[arg(long, env = "AIGW_PUBLIC_SCHEME", value_enum, default_value = "https")]
+    public_scheme: PublicScheme,
+    /// Where mail goes: `log` (logged), `log:<dir>` (also written as .eml files), or an SMTP URL
+    /// (`smtp://relay:587?tls=required`, with `user:pass@` if the relay wants them).
+    #[arg(
+        long,
+        env = "AIGW_MAIL_URL",
+        default_value = "log",
+        hide_env_values = true
+    )]
+    mail_url: String,
+    /// Sender address of invitation mails.
+    #[arg(
+        long,
+        env = "AIGW_MAIL_FROM",
+        default_value = "AIGateway <noreply@aigateway.local>"
+    )]
+    mail_from: String,
+    /// Lifetime of access and ID tokens, in seconds.
+    #[arg(long, env = "AIGW_ACCESS_TOKEN_TTL", default_value_t = 600)]
+    access_token_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PublicScheme {
+    Https,
+    Http,
+}
+
+impl From<PublicScheme> for sso::Scheme {
+    fn from(s: PublicScheme) -> Self {
+        match s {
+            PublicScheme::Https => sso::Scheme::Https,
+            PublicScheme::Http => sso::Scheme::Http,
+        }
+    }
+}
+
+/// The one-shot commands, parsed on their own (the server's required options do not apply).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Tool {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Write a new OIDC signing key `<dir>/<kid>.pem` (Ed25519).
+    Keygen {
+        /// The keys directory.
+        #[arg(long, env = "AIGW_OIDC_KEYS_DIR")]
+        dir: PathBuf,
+        /// Key id; keys named by date sort in rotation order.
+        #[arg(long)]
+        kid: Option<String>,
+    },
+    /// Register an OIDC client of a tenant; prints its id and (confidential clients) its secret.
+    Client {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// The Tenant CR name.
+        #[arg(long)]
+        tenant: String,
+        /// Name shown on the login page ("Sign in to …").
+        #[arg(long)]
+        name: String,
+        /// Exact redirect URI (repeatable).
+        #[arg(long = "redirect-uri", required = true)]
+        redirect_uris: Vec<String>,
+        /// Exact post-logout redirect URI (repeatable).
+        #[arg(long = "post-logout-redirect-uri")]
+        post_logout_redirect_uris: Vec<String>,
+        /// A confidential client (gets a secret); default: public, PKCE required.
+        #[arg(long)]
+        confidential: bool,
+    },
+    /// Invite the first owner of a tenant (refused once it has one): prints the invitation link
+    /// and mails it. There is no default password anywhere.
+    BootstrapOwner {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// The Tenant CR name (e.g. the platform tenant).
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        email: String,
+        /// The domain in the link (default: the tenant's first domain).
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long, env = "AIGW_PUBLIC_SCHEME", value_enum, default_value = "https")]
+        public_scheme: PublicScheme,
+        #[arg(
+            long,
+            env = "AIGW_MAIL_URL",
+            default_value = "log",
+            hide_env_values = true
+        )]
+        mail_url: String,
+        #[arg(
+            long,
+            env = "AIGW_MAIL_FROM",
+            default_value = "AIGateway <noreply@aigateway.local>"
+        )]
+        mail_from: String,
+    },
 }
 
 /// Listeners a process runs.
@@ -72,6 +190,13 @@ enum Role {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if matches!(
+        std::env::args().nth(1).as_deref(),
+        Some("keygen" | "client" | "bootstrap-owner")
+    ) {
+        init_tracing(aigw_common::LogFormat::Text, "warn")?;
+        return run_command(Tool::parse().command).await;
+    }
     let cli = Cli::parse();
     init_tracing(cli.ops.log_format, &cli.ops.log)?;
 
@@ -85,13 +210,50 @@ async fn main() -> anyhow::Result<()> {
     let pool = sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(8)
         .connect_lazy(&cli.database_url)?;
-    probe::mysql(&readiness, shutdown.clone(), pool);
+    probe::mysql(&readiness, shutdown.clone(), pool.clone());
     let redis = redis::Client::open(cli.redis_url.as_str())?;
     probe::redis(&readiness, shutdown.clone(), redis.clone());
 
+    // Tokens and Tenants: authz decides on them; sign-in finds the tenant of a domain in them.
+    let index = Index::default();
+    let selector = Some(aigw_crds::instance_selector(cli.instance.as_deref()));
+    tokio::spawn(index.clone().run(client.clone(), selector));
+    mark_ready_when_synced(&readiness, index.clone(), shutdown.clone());
+    let manager = redis::aio::ConnectionManager::new_lazy_with_config(
+        redis.clone(),
+        redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1))),
+    )?;
+
     let mut tasks = Vec::new();
     if cli.role != Role::Authz {
-        let (addr, task) = ops::serve(cli.listen_addr, app::router(), shutdown.clone()).await?;
+        let sso = if let Some(dir) = &cli.oidc_keys_dir {
+            let keys = sso::keys::Keys::load(dir).map_err(anyhow::Error::msg)?;
+            keys.spawn_reload(Duration::from_mins(1), shutdown.clone());
+            let settings = sso::Settings {
+                scheme: cli.public_scheme.into(),
+                access_ttl: Duration::from_secs(cli.access_token_ttl_secs),
+                ..sso::Settings::default()
+            };
+            let mailer = sso::mail::Mailer::from_url(&cli.mail_url, &cli.mail_from)
+                .map_err(anyhow::Error::msg)?;
+            Some(
+                Sso::new(
+                    settings,
+                    index.clone(),
+                    pool.clone(),
+                    manager.clone(),
+                    keys,
+                    mailer,
+                )
+                .map_err(anyhow::Error::msg)?,
+            )
+        } else {
+            tracing::warn!("no --oidc-keys-dir: sign-in (/oauth/*) answers 503");
+            None
+        };
+        let (addr, task) = ops::serve(cli.listen_addr, app::router(sso), shutdown.clone()).await?;
         tracing::info!(api = %addr, "REST API listening");
         tasks.push(task);
     }
@@ -108,16 +270,6 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(anyhow::Error::msg)?;
         }
-        let index = Index::default();
-        let selector = Some(aigw_crds::instance_selector(cli.instance.as_deref()));
-        tokio::spawn(index.clone().run(client.clone(), selector));
-        mark_ready_when_synced(&readiness, index.clone(), shutdown.clone());
-        let manager = redis::aio::ConnectionManager::new_lazy_with_config(
-            redis,
-            redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(1)))
-                .set_response_timeout(Some(Duration::from_secs(1))),
-        )?;
         let settings = Settings {
             reserve_estimate: cli.reserve_estimate,
             max_in_flight: cli.max_in_flight,
@@ -165,4 +317,77 @@ fn mark_ready_when_synced(readiness: &ops::Readiness, index: Index, shutdown: Sh
         tracing::info!(tokens = index.len(), "authz index synced");
         readiness.set("authz-index", true);
     });
+}
+
+/// The one-shot subcommands.
+async fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Keygen { dir, kid } => {
+            let kid = kid.unwrap_or_else(|| {
+                k8s_openapi::jiff::Timestamp::now()
+                    .strftime("%Y%m%dT%H%M%SZ")
+                    .to_string()
+            });
+            let path = sso::keys::generate(&dir, &kid).map_err(anyhow::Error::msg)?;
+            println!("{}", path.display());
+        }
+        Command::Client {
+            database_url,
+            tenant,
+            name,
+            redirect_uris,
+            post_logout_redirect_uris,
+            confidential,
+        } => {
+            let db = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(1)
+                .connect(&database_url)
+                .await?;
+            let tenant_id = sso::store::tenant_id(&db, &tenant).await?.ok_or_else(|| {
+                anyhow::anyhow!("no tenant {tenant:?} in MySQL (is its Tenant CR Ready?)")
+            })?;
+            let (id, secret) = sso::store::register_client(
+                &db,
+                tenant_id,
+                &name,
+                &redirect_uris,
+                &post_logout_redirect_uris,
+                confidential,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            println!("client_id={id}");
+            if let Some(secret) = secret {
+                println!("client_secret={secret}");
+            }
+        }
+        Command::BootstrapOwner {
+            database_url,
+            tenant,
+            username,
+            email,
+            domain,
+            public_scheme,
+            mail_url,
+            mail_from,
+        } => {
+            let db = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(1)
+                .connect(&database_url)
+                .await?;
+            let link = sso::bootstrap_owner(
+                &db,
+                &tenant,
+                &username,
+                &email,
+                domain.as_deref(),
+                public_scheme.into(),
+                &sso::mail::Mailer::from_url(&mail_url, &mail_from).map_err(anyhow::Error::msg)?,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            println!("{link}");
+        }
+    }
+    Ok(())
 }

@@ -1,5 +1,5 @@
-//! The apiserver binary starts for real against the test bed: ops endpoints, a JSON 404 on the
-//! REST listener, and a clean exit on SIGTERM.
+//! The apiserver binary starts for real against the test bed: ops endpoints, a problem+json 404
+//! on the REST listener, and a clean exit on SIGTERM.
 
 // Test code: a failed unwrap is a failed test with its message.
 #![allow(clippy::unwrap_used)]
@@ -27,11 +27,12 @@ fn serves_json_errors_becomes_ready_and_stops_on_sigterm() {
     let (status, body) = http_get(api.parse().unwrap(), "/api/v1/nothing-here").unwrap();
     assert_eq!(status, 404);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(json["error"]["code"], "not_found");
-    assert_eq!(
-        json["error"]["message"],
-        "no route for /api/v1/nothing-here"
-    );
+    assert_eq!(json["status"], 404);
+    assert_eq!(json["detail"], "no route for /api/v1/nothing-here");
+    // Without signing keys, sign-in says so instead of pretending to be absent.
+    let (status, body) = http_get(api.parse().unwrap(), "/oauth/jwks").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("--oidc-keys-dir"), "{body}");
 
     assert!(svc.terminate(10).unwrap().success());
 }

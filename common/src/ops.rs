@@ -114,9 +114,14 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let handle = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.wait().await })
-            .await
+        // The peer address is available to handlers (`ConnectInfo`): the sign-in throttle keys on
+        // it when no gateway put the client's address in a header.
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await
     });
     Ok((local, handle))
 }

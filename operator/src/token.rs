@@ -353,16 +353,17 @@ async fn mirror(
             .bind(spec.rate_limit)
             .bind(expires.clone())
             .bind(i8::from(phase == TokenPhase::Active))
+            .bind(spec.owner.clone())
     };
     let query = match id {
         Some(id) => common(sqlx::query(
             "UPDATE tokens SET tenant_id = ?, user_id = ?, name = ?, key_hash = ?, key_prefix = ?, \
-             models = ?, quota = ?, rate_limit = ?, expires_at = ?, status = ? WHERE id = ?",
+             models = ?, quota = ?, rate_limit = ?, expires_at = ?, status = ?, owner = ? WHERE id = ?",
         ))
         .bind(id),
         None => common(sqlx::query(
             "INSERT INTO tokens (tenant_id, user_id, name, key_hash, key_prefix, models, quota, \
-             rate_limit, expires_at, status, namespace, cr_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             rate_limit, expires_at, status, owner, namespace, cr_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ))
         .bind(ns.clone())
         .bind(token.name_any()),

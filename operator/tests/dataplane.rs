@@ -1216,3 +1216,220 @@ async fn each_tenant_domain_is_served_its_own_certificate() {
     .await;
     bed.finish().await;
 }
+
+/// Sign-in as Higress routes it: `/oauth/*` on a tenant's domain reaches the apiserver through
+/// the gateway built from the operator's objects, with the tenant's `Host`, the client's
+/// `Authorization` (ext-auth and the credential strip act on LLM routes only) and the cookie
+/// intact; the tokens it issues name the tenant's domain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_goes_through_the_gateway_to_the_apiserver() {
+    use aigw_apiserver::sso::{self, Sso};
+    use base64::Engine;
+    let Some(mut bed) = Bed::for_test("sign_in_goes_through_the_gateway_to_the_apiserver").await
+    else {
+        return;
+    };
+    let sfx = bed.h.sfx.clone();
+    bed.channel(
+        &format!("oai-{sfx}"),
+        json!({"provider": "openai", "models": ["gpt-4o"]}),
+    )
+    .await;
+    let tenant = format!("sso-{sfx}");
+    let domain = format!("api.{tenant}.example");
+    let (tenant_id, _) = bed
+        .tenant(&tenant, &domain, &format!("sk-client-{sfx}"), &["gpt-4o"])
+        .await;
+    // The identity provider, as the apiserver's REST listener runs it.
+    let dir = std::env::temp_dir().join(format!("aigw-dp-sso-{sfx}"));
+    sso::keys::generate(&dir.join("keys"), "k1").unwrap();
+    let prefix = format!("test:{sfx}:sso:");
+    let idp = Sso::new(
+        sso::Settings {
+            redis_prefix: prefix.clone(),
+            ..sso::Settings::default()
+        },
+        bed.index.clone(),
+        bed.h.db.clone(),
+        redis::aio::ConnectionManager::new(bed.redis.clone())
+            .await
+            .unwrap(),
+        sso::keys::Keys::load(&dir.join("keys")).unwrap(),
+        sso::mail::Mailer::from_url("log", "AIGateway <noreply@aigateway.local>").unwrap(),
+    )
+    .unwrap();
+    let (rest, _) = aigw_common::ops::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        aigw_apiserver::app::router(Some(idp)),
+        bed.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let phc = sso::password::hash("correct horse battery staple").unwrap();
+    let user: u64 = sqlx::query(
+        "INSERT INTO users (tenant_id, username, email, password) VALUES (?, 'olga', 'olga@example.com', ?)",
+    )
+    .bind(tenant_id)
+    .bind(phc)
+    .execute(&bed.h.db)
+    .await
+    .unwrap()
+    .last_insert_id();
+    sqlx::query("INSERT INTO user_roles (user_id, tenant_id, role) VALUES (?, ?, 'owner')")
+        .bind(user)
+        .bind(tenant_id)
+        .execute(&bed.h.db)
+        .await
+        .unwrap();
+    let callback = "https://portal.example.com/cb";
+    let (client_id, secret) = sso::store::register_client(
+        &bed.h.db,
+        tenant_id,
+        "Portal",
+        &[callback.to_owned()],
+        &[],
+        true,
+    )
+    .await
+    .unwrap();
+    let secret = secret.unwrap();
+
+    let gw = bed.gateway(&["gpt-4o"]).await;
+    gw.lock().unwrap().services.insert(
+        "outbound|8080||aigw-apiserver.aigw-system.svc.cluster.local".into(),
+        rest,
+    );
+    let req = |method: &str, path: &str, headers: Vec<(String, String)>, body: &str| Request {
+        method: method.into(),
+        authority: domain.clone(),
+        path: path.into(),
+        headers,
+        body: body.as_bytes().to_vec(),
+    };
+    let r = send(
+        &gw,
+        req("GET", "/oauth/.well-known/openid-configuration", vec![], ""),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        200,
+        "{} {}",
+        r.details,
+        String::from_utf8_lossy(&r.body)
+    );
+    let doc: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(doc["issuer"], format!("https://{domain}/oauth"));
+
+    // The login form posted through the gateway: a code for the client.
+    let form = serde_urlencoded::to_string([
+        ("response_type", "code"),
+        ("client_id", client_id.as_str()),
+        ("redirect_uri", callback),
+        ("scope", "openid"),
+        ("state", "s"),
+        ("username", "olga"),
+        ("password", "correct horse battery staple"),
+    ])
+    .unwrap();
+    let form_type = (
+        "content-type".to_owned(),
+        "application/x-www-form-urlencoded".to_owned(),
+    );
+    let r = send(
+        &gw,
+        req("POST", "/oauth/authorize", vec![form_type.clone()], &form),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        303,
+        "{} {}",
+        r.details,
+        String::from_utf8_lossy(&r.body)
+    );
+    let location = r
+        .headers
+        .iter()
+        .find(|(k, _)| k == "location")
+        .unwrap()
+        .1
+        .clone();
+    let cookie = r
+        .headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .unwrap()
+        .1
+        .clone();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    let code = location
+        .split("code=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap()
+        .to_owned();
+
+    // The token endpoint with HTTP Basic client authentication through the gateway.
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{client_id}:{secret}"));
+    let body = serde_urlencoded::to_string([
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("redirect_uri", callback),
+    ])
+    .unwrap();
+    let r = send(
+        &gw,
+        req(
+            "POST",
+            "/oauth/token",
+            vec![
+                form_type,
+                ("authorization".into(), format!("Basic {basic}")),
+            ],
+            &body,
+        ),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        200,
+        "{} {}",
+        r.details,
+        String::from_utf8_lossy(&r.body)
+    );
+    let tokens: Value = serde_json::from_slice(&r.body).unwrap();
+    let access = tokens["access_token"].as_str().unwrap();
+
+    // The bearer token reaches userinfo; on another tenant's domain it is refused.
+    let bearer = vec![("authorization".to_owned(), format!("Bearer {access}"))];
+    let r = send(&gw, req("GET", "/oauth/userinfo", bearer.clone(), "")).await;
+    assert_eq!(
+        r.status,
+        200,
+        "{} {}",
+        r.details,
+        String::from_utf8_lossy(&r.body)
+    );
+    let info: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(info["tenant"]["id"], tenant_id);
+    assert_eq!(info["roles"], json!(["owner"]));
+
+    let mut conn = bed.redis.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    bed.finish().await;
+}

@@ -886,3 +886,98 @@ async fn a_price_list_in_another_currency_than_the_platforms_is_refused() {
     shutdown.trigger();
     task.await.unwrap();
 }
+
+/// A Token's `spec.owner` is a username of the token's own tenant: its MySQL row (which usage
+/// rows take their `user_id` from) carries that user's id, never the id of a namesake in another
+/// tenant; a token naming a user who does not exist yet carries 0 until that user accepts an
+/// invitation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_owner_is_a_user_of_its_own_tenant() {
+    let h = Harness::new().await;
+    let (_ctx, shutdown, task) = h.start();
+    let (a, b) = (format!("oa-{}", h.sfx), format!("ob-{}", h.sfx));
+    h.tenant(&a, &[&format!("api.{a}.example")]).await;
+    h.tenant(&b, &[&format!("api.{b}.example")]).await;
+    let tenants: Api<Tenant> = Api::all(h.client.clone());
+    let a_id = h
+        .ready(&tenants, &a)
+        .await
+        .status
+        .unwrap()
+        .tenant_id
+        .unwrap();
+    let b_id = h
+        .ready(&tenants, &b)
+        .await
+        .status
+        .unwrap()
+        .tenant_id
+        .unwrap();
+    let nina_a: i64 = {
+        let done = sqlx::query("INSERT INTO users (tenant_id, username) VALUES (?, 'nina')")
+            .bind(a_id)
+            .execute(&h.db)
+            .await
+            .unwrap();
+        i64::try_from(done.last_insert_id()).unwrap()
+    };
+    let mut ids = Vec::new();
+    for (tenant, key) in [(&a, "sk-owner-a"), (&b, "sk-owner-b")] {
+        let ns = format!("aigw-{tenant}");
+        let api: Api<Token> = Api::namespaced(h.client.clone(), &ns);
+        api.create(
+            &PostParams::default(),
+            &h.token_doc(&ns, "ninas", &json!({"owner": "nina", "keyHash": sha(&format!("{key}-{}", h.sfx)), "keyPrefix": "sk-owne"})),
+        )
+        .await
+        .unwrap();
+        ids.push(
+            h.ready(&api, "ninas")
+                .await
+                .status
+                .unwrap()
+                .token_id
+                .unwrap(),
+        );
+    }
+    let row = |id: i64| {
+        let db = h.db.clone();
+        async move {
+            sqlx::query_as::<_, (i64, String)>("SELECT user_id, owner FROM tokens WHERE id = ?")
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(row(ids[0]).await, (nina_a, "nina".to_owned()));
+    assert_eq!(
+        row(ids[1]).await,
+        (0, "nina".to_owned()),
+        "A's nina is not B's"
+    );
+
+    // B's nina accepts an invitation: B's token is hers from then on; A's is untouched.
+    let invitation = aigw_apiserver::sso::store::Invitation {
+        tenant_id: b_id,
+        email: "nina@example.com".into(),
+        username: "nina".into(),
+        roles: vec![aigw_apiserver::sso::Role::User],
+        sales_id: None,
+    };
+    let secret = aigw_apiserver::sso::store::create_invitation(&h.db, &invitation, None, 60)
+        .await
+        .unwrap();
+    let (nina_b, _) =
+        aigw_apiserver::sso::store::accept_invitation(&h.db, b_id, &secret, "$argon2id$unused")
+            .await
+            .unwrap();
+    assert_ne!(nina_b, nina_a);
+    assert_eq!(row(ids[1]).await.0, nina_b);
+    assert_eq!(row(ids[0]).await.0, nina_a);
+
+    h.delete_tenants(&[&a, &b]).await;
+    h.finish().await;
+    shutdown.trigger();
+    task.await.unwrap();
+}

@@ -12,8 +12,8 @@
 //! Environment: `KUBECONFIG`; `AIGW_STANDIN_ADDR` (default `127.0.0.1:8000`);
 //! `AIGW_HIGRESS_NAMESPACE` (default `higress-system`); `AIGW_STANDIN_SERVICES`, the Kubernetes
 //! Service clusters and where they listen here, `cluster=addr` separated by commas (default: the
-//! operator's default authz and ingest clusters → `127.0.0.1:8081` and `127.0.0.1:8090`, where
-//! `make dev` runs them); `AIGW_REPORTER_WASM`, our plugin's module (default: the workspace's
+//! operator's default apiserver REST, authz and ingest clusters → `127.0.0.1:8080`,
+//! `127.0.0.1:8081` and `127.0.0.1:8090`, where `make dev` runs them); `AIGW_REPORTER_WASM`, our plugin's module (default: the workspace's
 //! `make wasm` output); `AIGW_HIGRESS_PLUGINS`, `AIGW_LLM_RESPONSES` (see the library).
 
 use std::{
@@ -43,7 +43,8 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-const DEFAULT_SERVICES: &str = "outbound|8081||aigw-apiserver.aigw-system.svc.cluster.local=127.0.0.1:8081,\
+const DEFAULT_SERVICES: &str = "outbound|8080||aigw-apiserver.aigw-system.svc.cluster.local=127.0.0.1:8080,\
+     outbound|8081||aigw-apiserver.aigw-system.svc.cluster.local=127.0.0.1:8081,\
      outbound|8090||aigw-ingest.aigw-system.svc.cluster.local=127.0.0.1:8090";
 
 fn env(name: &str, default: &str) -> String {

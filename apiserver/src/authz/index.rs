@@ -13,7 +13,9 @@ use std::{
     },
 };
 
-use aigw_crds::{Channel, Provider, TENANT_NAMESPACE_PREFIX, Tenant, Token, TokenPhase};
+use aigw_crds::{
+    Branding, Channel, Provider, TENANT_NAMESPACE_PREFIX, Tenant, TenantType, Token, TokenPhase,
+};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::{
@@ -54,6 +56,12 @@ pub struct TenantRecord {
     /// The domains the tenant serves (its status, i.e. without conflicting claims).
     pub domains: Vec<String>,
     pub suspended: bool,
+    /// Platform or reseller (which roles its users may hold).
+    pub kind: TenantType,
+    /// Name shown on the login page.
+    pub display_name: String,
+    /// Login-page branding.
+    pub branding: Option<Branding>,
 }
 
 impl TenantRecord {
@@ -117,6 +125,9 @@ pub fn tenant_record(tenant: &Tenant) -> Option<TenantRecord> {
         id: status.tenant_id?,
         domains: status.domains.clone(),
         suspended: tenant.spec.suspended,
+        kind: tenant.spec.tenant_type,
+        display_name: tenant.spec.display_name.clone(),
+        branding: tenant.spec.branding.clone(),
     })
 }
 
@@ -223,6 +234,17 @@ impl Index {
     /// Whether some tenant serves `host`.
     pub fn any_tenant_serves(&self, host: &str) -> bool {
         read(&self.tenants).values().any(|t| t.serves(host))
+    }
+
+    /// The tenant serving `host` (lowercase, no port) and its name: an exact domain before a
+    /// wildcard. The operator gives a domain to one tenant only (`status.domains`).
+    pub fn tenant_for_host(&self, host: &str) -> Option<(String, Arc<TenantRecord>)> {
+        let tenants = read(&self.tenants);
+        tenants
+            .iter()
+            .find(|(_, t)| t.domains.iter().any(|d| d == host))
+            .or_else(|| tenants.iter().find(|(_, t)| t.serves(host)))
+            .map(|(name, t)| (name.clone(), t.clone()))
     }
 
     /// The tenant with this name.
@@ -435,6 +457,9 @@ mod tests {
             id: 1,
             domains: vec!["api.acme.example".into(), "*.acme.dev".into()],
             suspended: false,
+            kind: TenantType::Reseller,
+            display_name: "Acme".into(),
+            branding: None,
         };
         assert!(t.serves("api.acme.example"));
         assert!(t.serves("eu.acme.dev") && t.serves("a.b.acme.dev"));
