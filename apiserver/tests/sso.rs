@@ -347,6 +347,11 @@ async fn requests_that_must_be_refused() {
     let loc = r.headers()["location"].to_str().unwrap().to_owned();
     assert_eq!(param(&loc, "error").as_deref(), Some("invalid_request"));
     assert_eq!(param(&loc, "state").as_deref(), Some("s1"));
+    assert_eq!(
+        param(&loc, "iss").as_deref(),
+        Some(iss.as_str()),
+        "RFC 9207: errors carry iss"
+    );
     let plain = format!(
         "{no_pkce}&code_challenge={}&code_challenge_method=plain",
         "a".repeat(43)
@@ -368,6 +373,49 @@ async fn requests_that_must_be_refused() {
         param(&loc, "error").as_deref(),
         Some("unsupported_response_type")
     );
+
+    // An authorization request a client POSTs is an authorization request, not a failed login.
+    let (url, _, _, _) = authorize(&client);
+    let query = openidconnect::url::Url::parse(&url)
+        .unwrap()
+        .query()
+        .unwrap()
+        .to_owned();
+    let r = http
+        .post(format!("{iss}/authorize"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(query)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.text().await.unwrap().contains("id=\"sign-in\""));
+    // A login form posted from another site is refused before any password check.
+    let page = http.get(&url).send().await.unwrap().text().await.unwrap();
+    let mut form = idp::hidden_fields(&page);
+    form.push(("username".into(), "carol".into()));
+    form.push(("password".into(), PASSWORD.into()));
+    for (name, value) in [
+        ("origin", "https://evil.example.com"),
+        ("origin", "null"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let r = http
+            .post(format!("{iss}/authorize"))
+            .header(name, value)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{name}: {value}");
+    }
+    // The Host as clients may send it: any case, a trailing dot, the scheme's default port.
+    let odd = format!("{}.:443", a.domain.to_uppercase());
+    assert_eq!(
+        idp.sso.site(&odd).unwrap().issuer(),
+        format!("https://{}/oauth", a.domain)
+    );
+    assert!(idp.sso.site(&format!("{}:notaport", a.domain)).is_none());
 
     // Code reuse: the second exchange fails and revokes what the first issued.
     let (url, state, _, verifier) = authorize(&client);
@@ -776,7 +824,7 @@ async fn an_unknown_user_and_a_wrong_password_look_alike_in_answer_and_timing() 
 async fn repeated_failures_are_throttled_per_account_and_per_address() {
     let idp = Idp::start(|s| {
         s.account_failures = 3;
-        s.address_failures = 5;
+        s.address_failures = 8;
     })
     .await;
     let a = idp
@@ -815,9 +863,20 @@ async fn repeated_failures_are_throttled_per_account_and_per_address() {
         body.contains("Too many failed sign-in attempts. Try again in 15 minutes."),
         "{body}"
     );
+    // The same account in other spellings: another case is the same account (throttled); an
+    // accented one is not a username at all and never reaches frank's password.
+    assert_eq!(
+        sign_in(&idp.http(&[&a]), &url, "FRANK", PASSWORD).await.0,
+        429
+    );
+    assert_eq!(
+        sign_in(&idp.http(&[&a]), &url, "fránk", PASSWORD).await.0,
+        401
+    );
     // Another account from the same address still signs in…
     assert_eq!(sign_in(&http, &url, "grace", PASSWORD).await.0, 303);
-    // …until the address has failed 5 times in all (a client without grace's session cookie).
+    // …until the address has made 8 failed attempts in all (frank's 5 and fránk's 1 count; grace's
+    // success does not), so 2 more (a client without grace's session cookie).
     for _ in 0..2 {
         assert_eq!(
             sign_in(&idp.http(&[&a]), &url, "grace", "guess").await.0,
@@ -845,7 +904,7 @@ async fn repeated_failures_are_throttled_per_account_and_per_address() {
             .build()
             .unwrap()
     };
-    for i in 0..5 {
+    for i in 0..8 {
         let who = format!("nobody{i}");
         assert_eq!(
             sign_in(
@@ -881,6 +940,16 @@ async fn repeated_failures_are_throttled_per_account_and_per_address() {
         .0,
         303
     );
+    // A burst: 10 parallel attempts at one account are counted before any password is checked,
+    // so no more than the limit get a password check.
+    let burst = via_gateway("127.0.0.1", "198.51.100.20");
+    let attempts = (0..10).map(|_| {
+        let (c, u) = (burst.clone(), url.clone());
+        async move { sign_in(&c, &u, "frank2", "guess").await.0 }
+    });
+    let mut codes = futures::future::join_all(attempts).await;
+    codes.sort_unstable();
+    assert_eq!(codes, [401, 401, 401, 429, 429, 429, 429, 429, 429, 429]);
     idp.cleanup().await;
 }
 
@@ -1153,6 +1222,118 @@ async fn invitations_set_a_password_once_and_follow_the_role_matrix() {
     .await
     .unwrap();
     assert_eq!(bound, sales);
+
+    let accept = |to: &'static str| {
+        let link = link_for(&idp, to);
+        let token = param(&link, "token").unwrap();
+        let http = http.clone();
+        let url = format!("{}/invite", idp.issuer(&a));
+        async move {
+            let r = http
+                .post(url)
+                .form(&[
+                    ("token", token.as_str()),
+                    ("password", PASSWORD),
+                    ("confirm", PASSWORD),
+                ])
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    // Repeated roles are one role.
+    let (status, body) = invite(
+        &idp,
+        &a,
+        &owner,
+        json!({"username": "sam", "email": "sam@example.com", "roles": ["user", "user"]}),
+    )
+    .await;
+    assert_eq!((status, body["roles"].clone()), (201, json!(["user"])));
+    assert_eq!(accept("sam@example.com").await.0, 200);
+    // One pending invitation per username: a second could be accepted first by someone else.
+    let (status, _) = invite(
+        &idp,
+        &a,
+        &owner,
+        json!({"username": "quinn", "email": "q1@example.com", "roles": ["user"]}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, body) = invite(
+        &idp,
+        &a,
+        &owner,
+        json!({"username": "quinn", "email": "q2@example.com", "roles": ["user"]}),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    // A name a token of the tenant names as owner: not for a sales person to claim as their
+    // customer (with that token's usage); an owner may invite it.
+    sqlx::query(
+        "INSERT INTO tokens (tenant_id, user_id, namespace, cr_name, key_hash, key_prefix, owner) \
+         VALUES (?, 0, ?, 'ritas', ?, 'sk-rita', 'rita')",
+    )
+    .bind(a.id)
+    .bind(format!("aigw-{}", a.name))
+    .bind(format!("{:064x}", a.id))
+    .execute(&idp.db)
+    .await
+    .unwrap();
+    let (status, body) = invite(
+        &idp,
+        &a,
+        &judy,
+        json!({"username": "rita", "email": "judy+rita@example.com", "roles": ["user"]}),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = invite(
+        &idp,
+        &a,
+        &owner,
+        json!({"username": "rita", "email": "rita@example.com", "roles": ["user"]}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(accept("rita@example.com").await.0, 200);
+    let (user_id, rita): (i64, i64) = sqlx::query_as(
+        "SELECT t.user_id, u.id FROM tokens t JOIN users u ON u.tenant_id = t.tenant_id AND u.username = 'rita' \
+         WHERE t.tenant_id = ? AND t.cr_name = 'ritas'",
+    )
+    .bind(a.id)
+    .fetch_one(&idp.db)
+    .await
+    .unwrap();
+    assert_eq!(user_id, rita, "the token now bills to rita");
+    // An invitation dies with its sender's right to send it.
+    let (status, _) = invite(
+        &idp,
+        &a,
+        &owner,
+        json!({"username": "pat", "email": "pat@example.com", "roles": ["finance"]}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let ivan: i64 =
+        sqlx::query_scalar("SELECT id FROM users WHERE tenant_id = ? AND username = 'ivan'")
+            .bind(a.id)
+            .fetch_one(&idp.db)
+            .await
+            .unwrap();
+    idp.sso
+        .assign_roles(
+            aigw_crds::TenantType::Reseller,
+            a.id,
+            ivan,
+            &[Role::Finance],
+        )
+        .await
+        .unwrap();
+    let (status, body) = accept("pat@example.com").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("withdrawn"), "{body}");
     idp.cleanup().await;
 }
 

@@ -239,16 +239,22 @@ impl Sso {
         self.decode(site, token, Some(ACCESS_TYP), true)
     }
 
-    /// How long a deny-list entry must live: past the last moment a token it names, or the
-    /// session it names, could be accepted.
-    fn deny_ttl(&self) -> u64 {
+    /// How long a deny-list entry must live: past the last moment a token it names could be
+    /// accepted — an access token for `jti` and `nbf`; for a family or a session, also any
+    /// refresh token of it (the refresh lifetime), so the deny-list alone refuses them even if a
+    /// MySQL revocation raced with their issue.
+    fn deny_ttl(&self, kind: &str) -> u64 {
         let s = self.settings();
-        s.access_ttl.max(s.session_ttl).as_secs() + LEEWAY_SECS + 1
+        let span = match kind {
+            "fam" | "sid" => s.access_ttl.max(s.session_ttl).max(s.refresh_ttl),
+            _ => s.access_ttl,
+        };
+        span.as_secs() + LEEWAY_SECS + 1
     }
 
     /// Deny-lists one kind of id (`jti`, `fam`, `sid`).
     pub async fn deny(&self, kind: &str, id: &str) -> Result<(), redis::RedisError> {
-        let ttl = self.deny_ttl();
+        let ttl = self.deny_ttl(kind);
         self.redis()
             .set_ex::<_, _, ()>(self.key(&format!("deny:{kind}:{id}")), 1, ttl)
             .await
@@ -268,7 +274,7 @@ impl Sso {
         tenant_id: i64,
         user_id: i64,
     ) -> Result<(), redis::RedisError> {
-        let ttl = self.deny_ttl();
+        let ttl = self.deny_ttl("nbf");
         self.redis()
             .set_ex::<_, _, ()>(
                 self.key(&format!("nbf:{tenant_id}:{user_id}")),

@@ -103,7 +103,14 @@ struct Inner {
     /// against, so the answer takes as long as for a known one.
     dummy_hash: String,
     pages: pages::Pages,
+    /// Password hashes running at once: one per core. argon2id takes 19 MiB and ~20 ms of a core
+    /// each; unbounded, a burst of sign-ins would take the blocking pool's 512 threads and
+    /// gigabytes of memory.
+    hashing: tokio::sync::Semaphore,
 }
+
+/// How long a sign-in waits for a free hashing slot before it is answered 503.
+const HASH_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// The tenant a request is for, from its `Host`.
 #[derive(Debug, Clone)]
@@ -156,6 +163,9 @@ impl Sso {
                 mailer,
                 dummy_hash,
                 pages: pages::Pages::new()?,
+                hashing: tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+                ),
             }),
         })
     }
@@ -188,37 +198,53 @@ impl Sso {
         &self.inner.dummy_hash
     }
 
+    /// A slot to hash a password in; `None` when every slot stayed busy for 5 s (the caller
+    /// answers 503).
+    pub async fn hashing_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        tokio::time::timeout(HASH_QUEUE_WAIT, self.inner.hashing.acquire())
+            .await
+            .ok()?
+            .ok()
+    }
+
     /// Redis key `<prefix><rest>`.
     pub fn key(&self, rest: &str) -> String {
         format!("{}{rest}", self.inner.settings.redis_prefix)
     }
 
     /// The site of a request whose `Host` is `host`; `None` for a domain no (active) tenant
-    /// serves, or a malformed `Host`.
+    /// serves, or a malformed `Host`. The name is compared lowercase without a trailing dot; the
+    /// scheme's default port is dropped (`x:443` is `x` on https), any other port is kept in the
+    /// issuer, as the client reached it.
     pub fn site(&self, host: &str) -> Option<Site> {
-        let authority = host.trim().to_ascii_lowercase();
-        if authority.is_empty()
-            || authority.len() > 260
-            || !authority
+        let raw = host.trim().to_ascii_lowercase();
+        if raw.is_empty()
+            || raw.len() > 260
+            || !raw
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b':')
         {
             return None;
         }
-        let name = match authority.rsplit_once(':') {
-            Some((name, port)) if port.parse::<u16>().is_ok() => name,
-            Some(_) => return None,
-            None => authority.as_str(),
+        let (name, port) = match raw.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port.parse::<u16>().ok()?)),
+            None => (raw.as_str(), None),
+        };
+        let name = name.strip_suffix('.').unwrap_or(name);
+        let scheme = self.inner.settings.scheme;
+        let authority = match (scheme, port) {
+            (_, None) | (Scheme::Https, Some(443)) | (Scheme::Http, Some(80)) => name.to_owned(),
+            (_, Some(p)) => format!("{name}:{p}"),
         };
         let (tenant_name, tenant) = self.inner.index.tenant_for_host(name)?;
         if tenant.suspended {
             return None;
         }
         Some(Site {
-            authority: authority.clone(),
+            authority,
             name: tenant_name,
             tenant,
-            scheme: self.inner.settings.scheme,
+            scheme,
         })
     }
 }

@@ -73,8 +73,9 @@ pub async fn roles(db: &MySqlPool, tenant_id: i64, user_id: i64) -> Result<Vec<R
     Ok(roles)
 }
 
-/// Replaces the user's roles (the caller has checked they are available to the tenant).
-pub async fn set_roles(
+/// Replaces the user's roles (the caller has checked they are available to the tenant, and
+/// deny-lists the user's older tokens: `Sso::assign_roles`).
+pub(crate) async fn set_roles(
     db: &MySqlPool,
     tenant_id: i64,
     user_id: i64,
@@ -312,19 +313,21 @@ pub enum Rotation {
 }
 
 /// Rotates a refresh token in one transaction (the row is locked, so two concurrent uses of one
-/// token cannot both succeed: the second sees it used and revokes the family).
+/// token cannot both succeed: the second sees it used and revokes the family). The new token
+/// expires when the old one would have: a family lives at most the refresh lifetime from its
+/// authorization, however often it rotates.
 pub async fn rotate_refresh(
     db: &MySqlPool,
     token: &str,
     tenant_id: i64,
     client_id: &str,
-    ttl_secs: i64,
 ) -> Result<Rotation, sqlx::Error> {
     let hash = digest(token);
     let mut tx = db.begin().await?;
     let row = sqlx::query(
         "SELECT family, sid, tenant_id, user_id, client_id, scope, auth_time, \
-                expires_at < NOW() AS expired, used_at IS NOT NULL AS used, revoked_at IS NOT NULL AS revoked \
+                expires_at < NOW() AS expired, used_at IS NOT NULL AS used, revoked_at IS NOT NULL AS revoked, \
+                TIMESTAMPDIFF(SECOND, NOW(), expires_at) AS remaining \
          FROM oauth_refresh_tokens WHERE token_hash = ? FOR UPDATE",
     )
     .bind(&hash)
@@ -361,7 +364,8 @@ pub async fn rotate_refresh(
         .bind(&hash)
         .execute(&mut *tx)
         .await?;
-    let token = issue_refresh(&mut *tx, &r, ttl_secs).await?;
+    let remaining: i64 = row.try_get("remaining")?;
+    let token = issue_refresh(&mut *tx, &r, remaining).await?;
     tx.commit().await?;
     Ok(Rotation::Rotated { refresh: r, token })
 }
@@ -372,6 +376,12 @@ async fn revoke_family_in(tx: &mut sqlx::MySqlConnection, family: &str) -> Resul
         .execute(tx)
         .await?;
     Ok(())
+}
+
+/// Revokes a refresh family.
+pub async fn revoke_family(db: &MySqlPool, family: &str) -> Result<(), sqlx::Error> {
+    let mut conn = db.acquire().await?;
+    revoke_family_in(&mut conn, family).await
 }
 
 /// Revokes the refresh family of `token` if it is the client's (RFC 7009); returns the family.
@@ -455,6 +465,36 @@ pub fn check_email(email: &str) -> Result<(), String> {
     }
 }
 
+/// Whether the tenant has an unused, unexpired invitation for `username` (a second one could be
+/// accepted first by someone else).
+pub async fn username_pending(
+    db: &MySqlPool,
+    tenant_id: i64,
+    username: &str,
+) -> Result<bool, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM invitations WHERE tenant_id = ? AND username = ? AND used_at IS NULL AND expires_at > NOW()",
+    )
+    .bind(tenant_id)
+    .bind(username)
+    .fetch_one(db)
+    .await?;
+    Ok(n > 0)
+}
+
+/// How many of the tenant's tokens name `username` as their owner.
+pub async fn tokens_owned_by(
+    db: &MySqlPool,
+    tenant_id: i64,
+    username: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM tokens WHERE tenant_id = ? AND owner = ?")
+        .bind(tenant_id)
+        .bind(username)
+        .fetch_one(db)
+        .await
+}
+
 /// Stores an invitation; returns the secret of its link.
 pub async fn create_invitation(
     db: &MySqlPool,
@@ -518,6 +558,10 @@ pub enum AcceptError {
         "the username {0:?} is taken in this tenant; ask for a new invitation with another name"
     )]
     Taken(String),
+    #[error(
+        "this invitation was withdrawn: the person who sent it may no longer invite for these roles"
+    )]
+    Withdrawn,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -542,7 +586,7 @@ pub async fn accept_invitation(
     if used.rows_affected() != 1 {
         return Err(AcceptError::Gone);
     }
-    let row = sqlx::query("SELECT email, username, CAST(roles AS CHAR) AS roles, sales_id FROM invitations WHERE token_hash = ?")
+    let row = sqlx::query("SELECT email, username, CAST(roles AS CHAR) AS roles, sales_id, invited_by FROM invitations WHERE token_hash = ?")
         .bind(digest(token))
         .fetch_one(&mut *tx)
         .await?;
@@ -555,6 +599,31 @@ pub async fn accept_invitation(
         roles: names.iter().filter_map(|n| n.parse().ok()).collect(),
         sales_id: row.try_get("sales_id")?,
     };
+    // The inviter must still be active and still hold a role that may invite every role of the
+    // invitation (a demoted operator's or a disabled sales person's links die with their rights).
+    if let Some(inviter) = row.try_get::<Option<i64>, _>("invited_by")? {
+        let active: Option<i8> =
+            sqlx::query_scalar("SELECT status FROM users WHERE id = ? AND tenant_id = ?")
+                .bind(inviter)
+                .bind(tenant_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT role FROM user_roles WHERE user_id = ? AND tenant_id = ?")
+                .bind(inviter)
+                .bind(tenant_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let theirs: Vec<Role> = names.iter().filter_map(|n| n.parse().ok()).collect();
+        let allowed = active == Some(1)
+            && inv
+                .roles
+                .iter()
+                .all(|granted| theirs.iter().any(|r| r.may_invite(*granted)));
+        if !allowed {
+            return Err(AcceptError::Withdrawn);
+        }
+    }
     let inserted = sqlx::query(
         "INSERT INTO users (tenant_id, username, email, password, status) VALUES (?, ?, ?, ?, 1)",
     )
@@ -579,7 +648,8 @@ pub async fn accept_invitation(
             .execute(&mut *tx)
             .await?;
     }
-    // The tenant's tokens whose `spec.owner` names the new user bill to them from now on.
+    // The tenant's tokens whose `spec.owner` names the new user bill to them from now on. (A
+    // sales person may not invite a name a token already names: `tokens_owned_by`.)
     sqlx::query("UPDATE tokens SET user_id = ? WHERE tenant_id = ? AND owner = ? AND user_id = 0")
         .bind(user_id)
         .bind(tenant_id)

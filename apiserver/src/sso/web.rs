@@ -19,7 +19,7 @@ use axum::{
     Extension, Form, Json, Router,
     extract::{ConnectInfo, Query, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::{IntoResponse, Redirect, Response},
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use base64::{
@@ -57,7 +57,22 @@ pub fn router(sso: Sso) -> Router {
         .route("/oauth/logout", get(logout_get).post(logout_post))
         .route("/oauth/invite", get(invite_get).post(invite_post))
         .route("/api/v1/invitations", post(create_invitation))
+        .layer(axum::middleware::map_request(host_from_authority))
         .with_state(sso)
+}
+
+/// HTTP/2 carries the host in `:authority`, which hyper leaves in the URI: give it to the
+/// handlers as `Host`, which they read.
+async fn host_from_authority(mut req: axum::extract::Request) -> axum::extract::Request {
+    if !req.headers().contains_key(header::HOST)
+        && let Some(value) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, value);
+    }
+    req
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -71,7 +86,8 @@ fn host(headers: &HeaderMap) -> &str {
 }
 
 /// An HTML page with the headers every sign-in page carries: no scripts can run, no framing, no
-/// caching, no referrer (the query holds codes and states).
+/// caching, no referrer to other sites (the query holds codes and states; `same-origin` keeps the
+/// `Origin` of our own form posts, which `no-referrer` would turn into `null`).
 fn page(status: StatusCode, html: String) -> Response {
     let mut resp = (status, html).into_response();
     let h = resp.headers_mut();
@@ -147,6 +163,16 @@ pub fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
     resp
 }
 
+/// 503 problem details for a store that failed (the cause is logged, not shown).
+fn unavailable_problem(e: &dyn std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "identity store unavailable");
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable",
+        "the identity store is unavailable; try again",
+    )
+}
+
 /// An OAuth error of the token, revocation or userinfo endpoints (RFC 6749 §5.2).
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     let mut resp = (
@@ -176,8 +202,11 @@ fn with_query(uri: &str, params: &[(&str, &str)]) -> String {
 }
 
 fn see_other(location: &str) -> Response {
-    let mut resp = Redirect::to(location).into_response();
-    *resp.status_mut() = StatusCode::SEE_OTHER;
+    let Ok(value) = HeaderValue::from_str(location) else {
+        return (StatusCode::BAD_REQUEST, "the redirect URI cannot be used").into_response();
+    };
+    let mut resp = StatusCode::SEE_OTHER.into_response();
+    resp.headers_mut().insert(header::LOCATION, value);
     no_store(resp.headers_mut());
     resp
 }
@@ -188,15 +217,19 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// The cookie `name`; none when it is sent twice (a sibling domain may have planted one with a
+/// wider `Domain` or narrower `Path` to pin a victim to the attacker's session).
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
+    let mut found = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned());
+    let first = found.next();
+    if found.next().is_some() { None } else { first }
 }
 
 /// The client's address for throttling: the last `X-Forwarded-For` entry, which the gateway
@@ -283,6 +316,7 @@ struct AuthParams {
     code_challenge: Option<String>,
     code_challenge_method: Option<String>,
     prompt: Option<String>,
+    max_age: Option<String>,
 }
 
 impl AuthParams {
@@ -308,10 +342,10 @@ impl AuthParams {
 struct LoginForm {
     #[serde(flatten)]
     params: AuthParams,
-    #[serde(default)]
-    username: String,
-    #[serde(default)]
-    password: String,
+    /// Absent in an authorization request a client POSTs (OpenID Connect Core 3.1.2.1); present
+    /// when the login form is submitted.
+    username: Option<String>,
+    password: Option<String>,
 }
 
 /// A request that is not answered with a code.
@@ -355,6 +389,27 @@ struct Session {
     auth_time: i64,
 }
 
+/// An error sent back to the client's redirect URI, with `state` and `iss` (RFC 9207: in error
+/// responses too, since discovery announces it).
+fn error_redirect(
+    site: &Site,
+    redirect_uri: &str,
+    error: &str,
+    description: &str,
+    state: Option<&str>,
+) -> String {
+    let iss = site.issuer();
+    let mut q = vec![
+        ("error", error),
+        ("error_description", description),
+        ("iss", iss.as_str()),
+    ];
+    if let Some(s) = state {
+        q.push(("state", s));
+    }
+    with_query(redirect_uri, &q)
+}
+
 fn is_b64url(s: &str) -> bool {
     s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
@@ -389,11 +444,13 @@ async fn validate(sso: &Sso, site: &Site, p: &AuthParams) -> Result<Valid, Rejec
     };
     let state = p.state.clone();
     let fail = |error: &str, description: &str| {
-        let mut q = vec![("error", error), ("error_description", description)];
-        if let Some(s) = &state {
-            q.push(("state", s));
-        }
-        Reject::Redirect(with_query(&redirect_uri, &q))
+        Reject::Redirect(error_redirect(
+            site,
+            &redirect_uri,
+            error,
+            description,
+            state.as_deref(),
+        ))
     };
     if p.response_type.as_deref() != Some("code") {
         return Err(fail(
@@ -405,7 +462,10 @@ async fn validate(sso: &Sso, site: &Site, p: &AuthParams) -> Result<Valid, Rejec
     if let Some(bad) = scope.split_whitespace().find(|s| !SCOPES.contains(s)) {
         return Err(fail("invalid_scope", &format!("unknown scope {bad:?}")));
     }
-    let scope = scope.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut scopes: Vec<&str> = scope.split_whitespace().collect();
+    scopes.sort_unstable();
+    scopes.dedup();
+    let scope = scopes.join(" ");
     let challenge = match (
         p.code_challenge.as_deref(),
         p.code_challenge_method.as_deref(),
@@ -541,33 +601,64 @@ async fn authorize_get(
     headers: HeaderMap,
     Query(p): Query<AuthParams>,
 ) -> Response {
-    let Some(site) = sso.site(host(&headers)) else {
-        return unknown_site(&sso);
+    authorize_start(&sso, &headers, &p).await
+}
+
+/// An authorization request (a GET, or a POST from the client): a code at once for a live sign-in
+/// session that is recent enough (`max_age`) unless `prompt=login`; `login_required` for
+/// `prompt=none`; else the login form.
+async fn authorize_start(sso: &Sso, headers: &HeaderMap, p: &AuthParams) -> Response {
+    let Some(site) = sso.site(host(headers)) else {
+        return unknown_site(sso);
     };
     let brand = Brand::of(&site);
-    let v = match validate(&sso, &site, &p).await {
+    let v = match validate(sso, &site, p).await {
         Ok(v) => v,
-        Err(r) => return reject(&sso, &brand, r),
+        Err(r) => return reject(sso, &brand, r),
     };
     let prompt = p.prompt.as_deref().unwrap_or("");
+    let max_age = match p.max_age.as_deref().map(str::parse::<i64>) {
+        None => None,
+        Some(Ok(n)) if n >= 0 => Some(n),
+        Some(_) => {
+            return see_other(&error_redirect(
+                &site,
+                &v.redirect_uri,
+                "invalid_request",
+                "max_age must be a number of seconds",
+                v.state.as_deref(),
+            ));
+        }
+    };
     if !prompt.split(' ').any(|x| x == "login")
-        && let Some(s) = current_session(&sso, &site, &headers).await
+        && let Some(s) = current_session(sso, &site, headers).await
+        && max_age.is_none_or(|m| now_secs() - s.auth_time <= m)
     {
-        return issue_code(&sso, &site, &v, s.user_id, &s.sid, s.auth_time)
+        return issue_code(sso, &site, &v, s.user_id, &s.sid, s.auth_time)
             .await
-            .unwrap_or_else(|e| unavailable(&sso, &brand, "code", &e));
+            .unwrap_or_else(|e| unavailable(sso, &brand, "code", &e));
     }
     if prompt.split(' ').any(|x| x == "none") {
-        let mut q = vec![
-            ("error", "login_required"),
-            ("error_description", "no sign-in session"),
-        ];
-        if let Some(s) = &v.state {
-            q.push(("state", s));
-        }
-        return see_other(&with_query(&v.redirect_uri, &q));
+        return see_other(&error_redirect(
+            &site,
+            &v.redirect_uri,
+            "login_required",
+            "no recent sign-in session",
+            v.state.as_deref(),
+        ));
     }
-    login_page(&sso, &brand, StatusCode::OK, &p, &v.client.name, "", None)
+    login_page(sso, &brand, StatusCode::OK, p, &v.client.name, "", None)
+}
+
+/// Refuses a form posted from another site (login CSRF). `Sec-Fetch-Site` decides where the
+/// browser sends it (every current browser does); else `Origin` must be this site's.
+fn cross_site(headers: &HeaderMap, site: &Site) -> bool {
+    let value = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    match value(header::HeaderName::from_static("sec-fetch-site")) {
+        Some(fetch) => !matches!(fetch, "same-origin" | "none"),
+        None => value(header::ORIGIN)
+            .is_some_and(|o| o != format!("{}://{}", site.scheme.as_str(), site.authority)),
+    }
 }
 
 async fn authorize_post(
@@ -576,33 +667,51 @@ async fn authorize_post(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     Form(form): Form<LoginForm>,
 ) -> Response {
+    let (Some(username), Some(given)) = (form.username.as_deref(), form.password.as_deref()) else {
+        return authorize_start(&sso, &headers, &form.params).await;
+    };
     let Some(site) = sso.site(host(&headers)) else {
         return unknown_site(&sso);
     };
     let brand = Brand::of(&site);
+    if cross_site(&headers, &site) {
+        return message_page(
+            &sso,
+            &brand,
+            StatusCode::FORBIDDEN,
+            "Cannot sign in",
+            "A sign-in form posted from another site is refused.",
+        );
+    }
     let v = match validate(&sso, &site, &form.params).await {
         Ok(v) => v,
         Err(r) => return reject(&sso, &brand, r),
     };
     let address = source_address(&headers, peer.as_ref().map(|e| &e.0));
-    let username = form.username.trim();
-    let attempt = sso.attempt(site.tenant.id, username, &address);
-    match sso.throttled(&attempt).await {
+    let username = username.trim();
+    // Usernames are ASCII (invitations allow nothing else), so what the throttle counts and what
+    // MySQL's case- and accent-insensitive comparison finds are the same account.
+    let valid = store::check_username(username).is_ok();
+    let attempt = sso.attempt(site.tenant.id, valid.then_some(username), &address);
+    let fail = |status: StatusCode, text: &str| {
+        login_page(
+            &sso,
+            &brand,
+            status,
+            &form.params,
+            &v.client.name,
+            username,
+            Some(text),
+        )
+    };
+    match sso.count_attempt(&attempt).await {
         Ok(Some(wait)) => {
             let minutes = (wait + 59) / 60;
             let text = format!(
                 "Too many failed sign-in attempts. Try again in {minutes} minute{}.",
                 if minutes == 1 { "" } else { "s" }
             );
-            let mut resp = login_page(
-                &sso,
-                &brand,
-                StatusCode::TOO_MANY_REQUESTS,
-                &form.params,
-                &v.client.name,
-                username,
-                Some(&text),
-            );
+            let mut resp = fail(StatusCode::TOO_MANY_REQUESTS, &text);
             if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
@@ -611,9 +720,13 @@ async fn authorize_post(
         Ok(None) => {}
         Err(e) => return unavailable(&sso, &brand, "throttle", &e),
     }
-    let user = match store::user_by_name(sso.db(), site.tenant.id, username).await {
-        Ok(u) => u,
-        Err(e) => return unavailable(&sso, &brand, "users", &e),
+    let user = if valid {
+        match store::user_by_name(sso.db(), site.tenant.id, username).await {
+            Ok(u) => u,
+            Err(e) => return unavailable(&sso, &brand, "users", &e),
+        }
+    } else {
+        None
     };
     // The same argon2id work whether or not the user exists, is active, or has a password.
     let usable = user
@@ -623,23 +736,16 @@ async fn authorize_post(
     let phc = usable
         .clone()
         .unwrap_or_else(|| sso.dummy_hash().to_owned());
-    let matches = password::verify_async(form.password.clone(), phc).await;
+    let Some(slot) = sso.hashing_slot().await else {
+        return unavailable(&sso, &brand, "hashing", &"every hashing slot busy");
+    };
+    let matches = password::verify_async(given.to_owned(), phc).await;
+    drop(slot);
     let user = match user {
         Some(u) if matches && usable.is_some() => u,
         _ => {
-            if let Err(e) = sso.failed(&attempt).await {
-                return unavailable(&sso, &brand, "throttle", &e);
-            }
             tracing::info!(tenant = %site.name, address, "sign-in failed");
-            return login_page(
-                &sso,
-                &brand,
-                StatusCode::UNAUTHORIZED,
-                &form.params,
-                &v.client.name,
-                username,
-                Some("Wrong username or password."),
-            );
+            return fail(StatusCode::UNAUTHORIZED, "Wrong username or password.");
         }
     };
     if let Err(e) = sso.succeeded(&attempt).await {
@@ -892,11 +998,8 @@ async fn code_grant(sso: &Sso, site: &Site, client: &Client, form: &TokenForm) -
         if let Ok(Some(family)) = sso.redis().get::<_, Option<String>>(&used_key).await {
             tracing::warn!(tenant = %site.name, family, "authorization code reused; its tokens are revoked");
             let _ = sso.deny("fam", &family).await;
-            if let Ok(mut conn) = sso.db().acquire().await {
-                let _ = sqlx::query("UPDATE oauth_refresh_tokens SET revoked_at = NOW() WHERE family = ? AND revoked_at IS NULL")
-                    .bind(&family)
-                    .execute(&mut *conn)
-                    .await;
+            if let Err(e) = store::revoke_family(sso.db(), &family).await {
+                tracing::error!(error = %e, family, "reused code: family not revoked in MySQL (the deny-list still refuses it)");
             }
         }
         return invalid_grant("the code is unknown, expired or already used");
@@ -930,6 +1033,15 @@ async fn code_grant(sso: &Sso, site: &Site, client: &Client, form: &TokenForm) -
         scope: record.scope.clone(),
         auth_time: record.auth_time,
     };
+    if sso.denied("sid", &r.sid).await.unwrap_or(true) {
+        return invalid_grant("the sign-in session has ended");
+    }
+    let refresh = match store::issue_refresh(sso.db(), &r, secs(sso.settings().refresh_ttl)).await {
+        Ok(t) => t,
+        Err(e) => return store_error(&e),
+    };
+    // Only now that the family exists can a reuse of this code revoke it; and a logout that ran
+    // between the check above and the insert is caught by the check below.
     if let Err(e) = sso
         .redis()
         .set_ex::<_, _, ()>(&used_key, &r.family, 600)
@@ -938,12 +1050,9 @@ async fn code_grant(sso: &Sso, site: &Site, client: &Client, form: &TokenForm) -
         return store_error(&e);
     }
     if sso.denied("sid", &r.sid).await.unwrap_or(true) {
+        let _ = store::revoke_session(sso.db(), site.tenant.id, &r.sid).await;
         return invalid_grant("the sign-in session has ended");
     }
-    let refresh = match store::issue_refresh(sso.db(), &r, secs(sso.settings().refresh_ttl)).await {
-        Ok(t) => t,
-        Err(e) => return store_error(&e),
-    };
     respond_tokens(sso, site, client, &r, record.nonce, refresh).await
 }
 
@@ -955,13 +1064,11 @@ async fn refresh_grant(sso: &Sso, site: &Site, client: &Client, form: &TokenForm
             "refresh_token is required",
         );
     };
-    let ttl = secs(sso.settings().refresh_ttl);
     let (mut r, new) = match store::rotate_refresh(
         sso.db(),
         token,
         site.tenant.id,
         &client.client_id,
-        ttl,
     )
     .await
     {
@@ -1061,8 +1168,10 @@ async fn userinfo(State(sso): State<Sso>, headers: HeaderMap) -> Response {
     if claims.has_scope("profile") {
         body["preferred_username"] = json!(user.username);
     }
-    if claims.has_scope("email") {
-        body["email"] = json!(user.email);
+    if claims.has_scope("email")
+        && let Some(email) = &user.email
+    {
+        body["email"] = json!(email);
     }
     let mut resp = Json(body).into_response();
     no_store(resp.headers_mut());
@@ -1278,6 +1387,15 @@ async fn invite_post(
         return unknown_site(&sso);
     };
     let brand = Brand::of(&site);
+    if cross_site(&headers, &site) {
+        return message_page(
+            &sso,
+            &brand,
+            StatusCode::FORBIDDEN,
+            "Invitation not accepted",
+            "A form posted from another site is refused.",
+        );
+    }
     let inv = match store::invitation(sso.db(), site.tenant.id, &f.token).await {
         Ok(Some(inv)) => inv,
         Ok(None) => return gone(&sso, &brand),
@@ -1298,10 +1416,14 @@ async fn invite_post(
             ),
         );
     }
+    let Some(slot) = sso.hashing_slot().await else {
+        return unavailable(&sso, &brand, "hashing", &"every hashing slot busy");
+    };
     let phc = match password::hash_async(f.password).await {
         Ok(h) => h,
         Err(e) => return unavailable(&sso, &brand, "hash", &e),
     };
+    drop(slot);
     match store::accept_invitation(sso.db(), site.tenant.id, &f.token, &phc).await {
         Ok((user_id, inv)) => {
             tracing::info!(tenant = %site.name, user_id, username = %inv.username, roles = ?inv.roles, "invitation accepted");
@@ -1352,6 +1474,11 @@ fn check_invitation(
         }
     };
     let granted: Result<Vec<Role>, String> = req.roles.iter().map(|r| r.parse()).collect();
+    let granted = granted.map(|mut g| {
+        g.sort();
+        g.dedup();
+        g
+    });
     let granted = match granted {
         Ok(g) if !g.is_empty() => g,
         Ok(_) => {
@@ -1396,6 +1523,56 @@ fn check_invitation(
         )));
     }
     Ok((req, granted))
+}
+
+/// Whether `username` may be invited in the site's tenant: no user and no pending invitation
+/// of that name, and — for a sales person's invitation — no token naming it as owner.
+async fn check_name_free(
+    sso: &Sso,
+    site: &Site,
+    username: &str,
+    by_sales: bool,
+) -> Result<(), Box<Response>> {
+    // A sales person's invitee becomes their customer, with the usage of every token naming that
+    // username as owner: such a name is for an owner or operator to invite.
+    if by_sales {
+        match store::tokens_owned_by(sso.db(), site.tenant.id, username).await {
+            Ok(0) => {}
+            Ok(_) => {
+                return Err(Box::new(problem(
+                    StatusCode::CONFLICT,
+                    "Username owns tokens",
+                    &format!(
+                        "tokens of this tenant name {username:?} as their owner; an owner or operator must invite them"
+                    ),
+                )));
+            }
+            Err(e) => return Err(Box::new(unavailable_problem(&e))),
+        }
+    }
+    match store::username_pending(sso.db(), site.tenant.id, username).await {
+        Ok(true) => {
+            return Err(Box::new(problem(
+                StatusCode::CONFLICT,
+                "Invitation pending",
+                &format!("{username:?} has a pending invitation in this tenant"),
+            )));
+        }
+        Ok(false) => {}
+        Err(e) => return Err(Box::new(unavailable_problem(&e))),
+    }
+    match store::user_by_name(sso.db(), site.tenant.id, username).await {
+        Ok(Some(_)) => {
+            return Err(Box::new(problem(
+                StatusCode::CONFLICT,
+                "Username taken",
+                &format!("{username:?} already exists in this tenant"),
+            )));
+        }
+        Ok(None) => {}
+        Err(e) => return Err(Box::new(unavailable_problem(&e))),
+    }
+    Ok(())
 }
 
 async fn create_invitation(
@@ -1445,16 +1622,8 @@ async fn create_invitation(
         .iter()
         .any(|r| matches!(r, Role::Owner | Role::Operator)))
     .then_some(me);
-    match store::user_by_name(sso.db(), site.tenant.id, &req.username).await {
-        Ok(Some(_)) => {
-            return problem(
-                StatusCode::CONFLICT,
-                "Username taken",
-                &format!("{:?} already exists in this tenant", req.username),
-            );
-        }
-        Ok(None) => {}
-        Err(e) => return store_error(&e),
+    if let Err(resp) = check_name_free(&sso, &site, &req.username, sales_id.is_some()).await {
+        return *resp;
     }
     let inv = store::Invitation {
         tenant_id: site.tenant.id,
@@ -1468,7 +1637,7 @@ async fn create_invitation(
             .await
         {
             Ok(s) => s,
-            Err(e) => return store_error(&e),
+            Err(e) => return unavailable_problem(&e),
         };
     tracing::info!(actor = me, tenant = %site.name, action = "invite", object = %inv.username, roles = ?inv.roles, "audit");
     if let Err(e) = super::mail::send_invitation(

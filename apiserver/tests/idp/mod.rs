@@ -254,6 +254,7 @@ impl Idp {
                 "oauth_refresh_tokens",
                 "invitations",
                 "customer_bindings",
+                "tokens",
             ] {
                 sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = ?"))
                     .bind(id)
