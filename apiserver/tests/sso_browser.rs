@@ -116,6 +116,33 @@ impl Browser {
         v[ELEMENT].as_str().unwrap().to_owned()
     }
 
+    /// Waits (up to 10 s) until an element matches: a click that submits a form returns before
+    /// the next page may have loaded.
+    async fn wait_for(&self, css: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v: Value = self
+                .http
+                .post(format!("{}/element", self.base))
+                .json(&json!({"using": "css selector", "value": css}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["value"].get(ELEMENT).is_some() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let url = self.url().await;
+                let source = self.source().await;
+                panic!("no {css} on {url}:\n{source}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn text(&self, css: &str) -> String {
         let e = self.find(css).await;
         self.call(reqwest::Method::GET, &format!("/element/{e}/text"), None)
@@ -327,6 +354,7 @@ async fn each_tenant_domain_shows_its_own_login_page_and_signs_in_without_javasc
         browser.type_into("#username", user).await;
         browser.type_into("#password", "not the password").await;
         browser.click("#sign-in").await;
+        browser.wait_for("#error").await;
         assert_eq!(browser.text("#error").await, "Wrong username or password.");
         assert_eq!(browser.text("#tenant-name").await, display);
 
