@@ -66,9 +66,19 @@ struct Cli {
     /// re-read every minute. Without it `/oauth/*` answers 503.
     #[arg(long, env = "AIGW_OIDC_KEYS_DIR")]
     oidc_keys_dir: Option<PathBuf>,
+    #[command(flatten)]
+    mail: MailArgs,
+    /// Lifetime of access and ID tokens, in seconds.
+    #[arg(long, env = "AIGW_ACCESS_TOKEN_TTL", default_value_t = 600)]
+    access_token_ttl_secs: u64,
+}
+
+/// Where links point and how mail goes: the server and `bootstrap-owner` take the same.
+#[derive(Debug, clap::Args)]
+struct MailArgs {
     /// Scheme of the issuer and links (`https` behind Higress with TLS).
     #[arg(long, env = "AIGW_PUBLIC_SCHEME", value_enum, default_value = "https")]
-    public_scheme: PublicScheme,
+    public_scheme: sso::Scheme,
     /// Where mail goes: `log` (logged), `log:<dir>` (also written as .eml files), or an SMTP URL
     /// (`smtp://relay:587?tls=required`, with `user:pass@` if the relay wants them).
     #[arg(
@@ -85,23 +95,11 @@ struct Cli {
         default_value = "AIGateway <noreply@aigateway.local>"
     )]
     mail_from: String,
-    /// Lifetime of access and ID tokens, in seconds.
-    #[arg(long, env = "AIGW_ACCESS_TOKEN_TTL", default_value_t = 600)]
-    access_token_ttl_secs: u64,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum PublicScheme {
-    Https,
-    Http,
-}
-
-impl From<PublicScheme> for sso::Scheme {
-    fn from(s: PublicScheme) -> Self {
-        match s {
-            PublicScheme::Https => sso::Scheme::Https,
-            PublicScheme::Http => sso::Scheme::Http,
-        }
+impl MailArgs {
+    fn mailer(&self) -> anyhow::Result<sso::mail::Mailer> {
+        sso::mail::Mailer::from_url(&self.mail_url, &self.mail_from).map_err(anyhow::Error::msg)
     }
 }
 
@@ -159,21 +157,8 @@ enum Command {
         /// The domain in the link (default: the tenant's first domain).
         #[arg(long)]
         domain: Option<String>,
-        #[arg(long, env = "AIGW_PUBLIC_SCHEME", value_enum, default_value = "https")]
-        public_scheme: PublicScheme,
-        #[arg(
-            long,
-            env = "AIGW_MAIL_URL",
-            default_value = "log",
-            hide_env_values = true
-        )]
-        mail_url: String,
-        #[arg(
-            long,
-            env = "AIGW_MAIL_FROM",
-            default_value = "AIGateway <noreply@aigateway.local>"
-        )]
-        mail_from: String,
+        #[command(flatten)]
+        mail: MailArgs,
     },
 }
 
@@ -232,12 +217,11 @@ async fn main() -> anyhow::Result<()> {
             let keys = sso::keys::Keys::load(dir).map_err(anyhow::Error::msg)?;
             keys.spawn_reload(Duration::from_mins(1), shutdown.clone());
             let settings = sso::Settings {
-                scheme: cli.public_scheme.into(),
+                scheme: cli.mail.public_scheme,
                 access_ttl: Duration::from_secs(cli.access_token_ttl_secs),
                 ..sso::Settings::default()
             };
-            let mailer = sso::mail::Mailer::from_url(&cli.mail_url, &cli.mail_from)
-                .map_err(anyhow::Error::msg)?;
+            let mailer = cli.mail.mailer()?;
             Some(
                 Sso::new(
                     settings,
@@ -367,9 +351,7 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             username,
             email,
             domain,
-            public_scheme,
-            mail_url,
-            mail_from,
+            mail,
         } => {
             let db = sqlx::mysql::MySqlPoolOptions::new()
                 .max_connections(1)
@@ -381,8 +363,8 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
                 &username,
                 &email,
                 domain.as_deref(),
-                public_scheme.into(),
-                &sso::mail::Mailer::from_url(&mail_url, &mail_from).map_err(anyhow::Error::msg)?,
+                mail.public_scheme,
+                &mail.mailer()?,
             )
             .await
             .map_err(anyhow::Error::msg)?;

@@ -1047,6 +1047,29 @@ async fn invite(idp: &Idp, t: &T, token: &str, body: Value) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// Posts the invitation form of `link` (its page's form): the link's secret, a password and its
+/// confirmation. Returns the status and the page.
+async fn set_password(
+    http: &reqwest::Client,
+    link: &str,
+    password: &str,
+    confirm: &str,
+) -> (u16, String) {
+    let url = link.split('?').next().unwrap();
+    let token = param(link, "token").unwrap();
+    let r = http
+        .post(url)
+        .form(&[
+            ("token", token.as_str()),
+            ("password", password),
+            ("confirm", confirm),
+        ])
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
 /// The invitation link in the newest mail to `to`.
 fn link_for(idp: &Idp, to: &str) -> String {
     let mail = idp
@@ -1102,24 +1125,8 @@ async fn invitations_set_a_password_once_and_follow_the_role_matrix() {
         http.get(&elsewhere).send().await.unwrap().status().as_u16(),
         410
     );
-    let token = param(&link, "token").unwrap();
     let post = |password: &'static str, confirm: &'static str| {
-        let http = http.clone();
-        let url = format!("{}/invite", idp.issuer(&a));
-        let token = token.clone();
-        async move {
-            let r = http
-                .post(url)
-                .form(&[
-                    ("token", token.as_str()),
-                    ("password", password),
-                    ("confirm", confirm),
-                ])
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        }
+        set_password(&http, &link, password, confirm)
     };
     let (status, body) = post("short", "short").await;
     assert_eq!(status, 400);
@@ -1200,18 +1207,7 @@ async fn invitations_set_a_password_once_and_follow_the_role_matrix() {
     .await;
     assert_eq!(status, 201, "{body}");
     let link = link_for(&idp, "mallory@example.com");
-    let token = param(&link, "token").unwrap();
-    let r = http
-        .post(format!("{}/invite", idp.issuer(&a)))
-        .form(&[
-            ("token", token.as_str()),
-            ("password", PASSWORD),
-            ("confirm", PASSWORD),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(set_password(&http, &link, PASSWORD, PASSWORD).await.0, 200);
     let bound: i64 = sqlx::query_scalar(
         "SELECT b.sales_id FROM customer_bindings b JOIN users u ON u.id = b.customer_id \
          WHERE b.tenant_id = ? AND u.tenant_id = ? AND u.username = 'mallory'",
@@ -1225,22 +1221,8 @@ async fn invitations_set_a_password_once_and_follow_the_role_matrix() {
 
     let accept = |to: &'static str| {
         let link = link_for(&idp, to);
-        let token = param(&link, "token").unwrap();
         let http = http.clone();
-        let url = format!("{}/invite", idp.issuer(&a));
-        async move {
-            let r = http
-                .post(url)
-                .form(&[
-                    ("token", token.as_str()),
-                    ("password", PASSWORD),
-                    ("confirm", PASSWORD),
-                ])
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        }
+        async move { set_password(&http, &link, PASSWORD, PASSWORD).await }
     };
     // Repeated roles are one role.
     let (status, body) = invite(
@@ -1393,19 +1375,12 @@ async fn the_first_owner_comes_from_a_one_time_command() {
         "{link}"
     );
     assert_eq!(link, link_for(&idp, "root@example.com"), "mailed too");
-    let token = param(&link, "token").unwrap();
-    let r = idp
-        .http(&[&t])
-        .post(format!("{}/invite", idp.issuer(&t)))
-        .form(&[
-            ("token", token.as_str()),
-            ("password", PASSWORD),
-            ("confirm", PASSWORD),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        set_password(&idp.http(&[&t]), &link, PASSWORD, PASSWORD)
+            .await
+            .0,
+        200
+    );
     let (public, _) = idp.client(&t, REDIRECT, false).await;
     let root = access_token(&idp, &t, &public, "root").await;
     assert_eq!(payload(&root)["roles"], json!(["owner"]));

@@ -82,12 +82,18 @@ impl Browser {
         }
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    /// A WebDriver command; the whole answer (`value` may be an error).
+    async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let v: Value = req.send().await.unwrap().json().await.unwrap();
+        req.send().await.unwrap().json().await.unwrap()
+    }
+
+    /// A WebDriver command that must succeed; its `value`.
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let v = self.request(method, path, body).await;
         assert!(v["value"].get("error").is_none(), "WebDriver {path}: {v}");
         v["value"].clone()
     }
@@ -121,16 +127,13 @@ impl Browser {
     async fn wait_for(&self, css: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let v: Value = self
-                .http
-                .post(format!("{}/element", self.base))
-                .json(&json!({"using": "css selector", "value": css}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = self
+                .request(
+                    reqwest::Method::POST,
+                    "/element",
+                    Some(json!({"using": "css selector", "value": css})),
+                )
+                .await;
             if v["value"].get(ELEMENT).is_some() {
                 return;
             }

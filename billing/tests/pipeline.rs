@@ -365,3 +365,58 @@ async fn ingest_answers_503_when_kafka_cannot_take_the_event() {
     assert_eq!(json["error"]["code"], "unavailable");
     assert!(ingest.terminate(15).unwrap().success());
 }
+
+/// A token whose owner has no account yet is billed to user 0; once the owner accepts an
+/// invitation (the identity provider's own transaction sets the id on the tokens naming them),
+/// the worker's next directory refresh bills their usage to them.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_is_billed_to_the_tokens_owner_once_they_have_an_account() {
+    let bed = Bed::new("billing_owner").await;
+    // The mirror as the operator writes it for a Token with `spec.owner: nina` and no user nina.
+    sqlx::query("UPDATE tokens SET user_id = 0, owner = 'nina' WHERE id = 11")
+        .execute(&bed.db)
+        .await
+        .unwrap();
+    let worker = bed.start_worker_with(100, &[("AIGW_REFRESH_SECS", "1")]);
+    let usage = TokenUsage {
+        prompt_tokens: Some(10),
+        completion_tokens: Some(1),
+        ..TokenUsage::default()
+    };
+    let user_of = |id: String| {
+        let ch = bed.ch.clone();
+        async move {
+            ch.query("SELECT user_id FROM usage_logs FINAL WHERE event_id = ?")
+                .bind(id)
+                .fetch_one::<u64>()
+                .await
+                .unwrap()
+        }
+    };
+    let first = event("own-1", "1", 11, "gpt-4o", usage.clone());
+    bed.produce(&[message(&first)]).await;
+    bed.drained(60).await;
+    assert_eq!(user_of(first.event_id).await, 0);
+
+    let invitation = aigw_apiserver::sso::store::Invitation {
+        tenant_id: 1,
+        email: "nina@example.com".into(),
+        username: "nina".into(),
+        roles: vec![aigw_apiserver::sso::Role::User],
+        sales_id: None,
+    };
+    let secret = aigw_apiserver::sso::store::create_invitation(&bed.db, &invitation, None, 60)
+        .await
+        .unwrap();
+    let (nina, _) =
+        aigw_apiserver::sso::store::accept_invitation(&bed.db, 1, &secret, "$argon2id$unused")
+            .await
+            .unwrap();
+    // Past the worker's 1 s directory refresh.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let second = event("own-2", "1", 11, "gpt-4o", usage);
+    bed.produce(&[message(&second)]).await;
+    bed.drained(60).await;
+    assert_eq!(user_of(second.event_id).await, u64::try_from(nina).unwrap());
+    assert!(worker.terminate(15).unwrap().success());
+}

@@ -985,87 +985,22 @@ async fn each_provider_family_is_served_in_its_own_protocol() {
     bed.finish().await;
 }
 
-/// A CA and one certificate per domain, made with the `openssl` CLI in a scratch directory;
-/// returns the CA's DER and, per domain, (cert PEM, key PEM, cert DER).
-/// A certificate: PEM, key PEM, DER.
+/// A CA and one certificate per domain (`aigw_testkit::tls`); returns the CA's DER and, per
+/// domain, (cert PEM, key PEM, cert DER).
 type Issued = (Vec<u8>, Vec<u8>, Vec<u8>);
 
 fn certificates(domains: &[&str]) -> (Vec<u8>, Vec<Issued>) {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let dir = std::env::temp_dir().join(aigw_testkit::unique_name("aigw-tls"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .current_dir(&dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-subj",
-        "/CN=aigw test CA",
-        "-days",
-        "2",
-    ]);
-    run(&ca);
-    let mut out = Vec::new();
-    for (i, d) in domains.iter().enumerate() {
-        let (key, csr, crt, ext) = (
-            format!("{i}.key"),
-            format!("{i}.csr"),
-            format!("{i}.crt"),
-            format!("{i}.ext"),
-        );
-        std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{d}\n")).unwrap();
-        let mut req = vec!["req"];
-        req.extend(ec);
-        let subj = format!("/CN={d}");
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-        run(&req);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &crt,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ]);
-        let pem = std::fs::read(dir.join(&crt)).unwrap();
-        let der = CertificateDer::from_pem_slice(&pem).unwrap().to_vec();
-        out.push((pem, std::fs::read(dir.join(&key)).unwrap(), der));
-    }
-    let ca_der = CertificateDer::from_pem_file(dir.join("ca.crt"))
-        .unwrap()
-        .to_vec();
-    let _ = std::fs::remove_dir_all(&dir);
-    (ca_der, out)
+    let der = |pem: &[u8]| CertificateDer::from_pem_slice(pem).unwrap().to_vec();
+    let (ca, issued) = aigw_testkit::tls::certificates(domains).unwrap();
+    let out = issued
+        .into_iter()
+        .map(|i| {
+            let d = der(&i.cert_pem);
+            (i.cert_pem, i.key_pem, d)
+        })
+        .collect();
+    (der(&ca), out)
 }
 
 /// The certificate a real TLS client gets for `domain` from the server at `addr` (SNI = domain),
@@ -1417,19 +1352,9 @@ async fn sign_in_goes_through_the_gateway_to_the_apiserver() {
     assert_eq!(info["tenant"]["id"], tenant_id);
     assert_eq!(info["roles"], json!(["owner"]));
 
-    let mut conn = bed.redis.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut conn)
+    aigw_testkit::delete_redis_prefix(&bed.redis, &prefix)
         .await
         .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
     let _ = std::fs::remove_dir_all(&dir);
     bed.finish().await;
 }

@@ -8,6 +8,7 @@
 //! A test bed that is not up is an error (a failing test), never a silent skip.
 
 pub mod process;
+pub mod tls;
 
 use std::{collections::HashMap, path::PathBuf};
 
@@ -145,6 +146,22 @@ impl Testbed {
             .await?;
         Ok(server.with_database(name))
     }
+}
+
+/// Deletes every Redis key under `prefix` (what one test wrote under its own prefix).
+pub async fn delete_redis_prefix(client: &redis::Client, prefix: &str) -> Result<(), Error> {
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await?;
+    if !keys.is_empty() {
+        redis::cmd("DEL")
+            .arg(&keys)
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Creates a fresh namespace `<purpose>-<8 hex>` and returns its name.

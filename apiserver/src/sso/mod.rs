@@ -28,7 +28,7 @@ pub use jwt::{AccessClaims, AuthError, TenantClaim};
 pub use roles::Role;
 
 /// How the public URLs are written: behind Higress with TLS, `https`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scheme {
     Https,
     Http,

@@ -61,7 +61,10 @@ pub async fn user_by_id(
 }
 
 /// The user's roles in the tenant, sorted; unknown role names in the table are skipped.
-pub async fn roles(db: &MySqlPool, tenant_id: i64, user_id: i64) -> Result<Vec<Role>, sqlx::Error> {
+pub async fn roles<'e, E>(db: E, tenant_id: i64, user_id: i64) -> Result<Vec<Role>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::MySql>,
+{
     let names: Vec<String> =
         sqlx::query_scalar("SELECT role FROM user_roles WHERE tenant_id = ? AND user_id = ?")
             .bind(tenant_id)
@@ -521,30 +524,45 @@ pub async fn create_invitation(
     Ok(token)
 }
 
+/// The columns an [`Invitation`] is read from (and `invited_by`).
+const INVITATION_COLUMNS: &str =
+    "email, username, CAST(roles AS CHAR) AS roles, sales_id, invited_by";
+
+/// An invitation of `tenant_id` from a row of [`INVITATION_COLUMNS`], and who sent it.
+fn invitation_row(
+    r: &sqlx::mysql::MySqlRow,
+    tenant_id: i64,
+) -> Result<(Invitation, Option<i64>), sqlx::Error> {
+    let roles: String = r.try_get("roles")?;
+    let names: Vec<String> = serde_json::from_str(&roles).unwrap_or_default();
+    Ok((
+        Invitation {
+            tenant_id,
+            email: r.try_get("email")?,
+            username: r.try_get("username")?,
+            roles: names.iter().filter_map(|n| n.parse().ok()).collect(),
+            sales_id: r.try_get("sales_id")?,
+        },
+        r.try_get("invited_by")?,
+    ))
+}
+
 /// The unused, unexpired invitation of the tenant with this link secret.
 pub async fn invitation(
     db: &MySqlPool,
     tenant_id: i64,
     token: &str,
 ) -> Result<Option<Invitation>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT tenant_id, email, username, CAST(roles AS CHAR) AS roles, sales_id FROM invitations \
-         WHERE token_hash = ? AND tenant_id = ? AND used_at IS NULL AND expires_at > NOW()",
-    )
+    let row = sqlx::query(&format!(
+        "SELECT {INVITATION_COLUMNS} FROM invitations \
+         WHERE token_hash = ? AND tenant_id = ? AND used_at IS NULL AND expires_at > NOW()"
+    ))
     .bind(digest(token))
     .bind(tenant_id)
     .fetch_optional(db)
     .await?;
-    let Some(r) = row else { return Ok(None) };
-    let roles: String = r.try_get("roles")?;
-    let names: Vec<String> = serde_json::from_str(&roles).unwrap_or_default();
-    Ok(Some(Invitation {
-        tenant_id: r.try_get("tenant_id")?,
-        email: r.try_get("email")?,
-        username: r.try_get("username")?,
-        roles: names.iter().filter_map(|n| n.parse().ok()).collect(),
-        sales_id: r.try_get("sales_id")?,
-    }))
+    row.map(|r| invitation_row(&r, tenant_id).map(|(inv, _)| inv))
+        .transpose()
 }
 
 /// Why an invitation could not be accepted.
@@ -586,35 +604,23 @@ pub async fn accept_invitation(
     if used.rows_affected() != 1 {
         return Err(AcceptError::Gone);
     }
-    let row = sqlx::query("SELECT email, username, CAST(roles AS CHAR) AS roles, sales_id, invited_by FROM invitations WHERE token_hash = ?")
-        .bind(digest(token))
-        .fetch_one(&mut *tx)
-        .await?;
-    let roles: String = row.try_get("roles")?;
-    let names: Vec<String> = serde_json::from_str(&roles).unwrap_or_default();
-    let inv = Invitation {
-        tenant_id,
-        email: row.try_get("email")?,
-        username: row.try_get("username")?,
-        roles: names.iter().filter_map(|n| n.parse().ok()).collect(),
-        sales_id: row.try_get("sales_id")?,
-    };
+    let row = sqlx::query(&format!(
+        "SELECT {INVITATION_COLUMNS} FROM invitations WHERE token_hash = ?"
+    ))
+    .bind(digest(token))
+    .fetch_one(&mut *tx)
+    .await?;
+    let (inv, invited_by) = invitation_row(&row, tenant_id)?;
     // The inviter must still be active and still hold a role that may invite every role of the
     // invitation (a demoted operator's or a disabled sales person's links die with their rights).
-    if let Some(inviter) = row.try_get::<Option<i64>, _>("invited_by")? {
+    if let Some(inviter) = invited_by {
         let active: Option<i8> =
             sqlx::query_scalar("SELECT status FROM users WHERE id = ? AND tenant_id = ?")
                 .bind(inviter)
                 .bind(tenant_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-        let names: Vec<String> =
-            sqlx::query_scalar("SELECT role FROM user_roles WHERE user_id = ? AND tenant_id = ?")
-                .bind(inviter)
-                .bind(tenant_id)
-                .fetch_all(&mut *tx)
-                .await?;
-        let theirs: Vec<Role> = names.iter().filter_map(|n| n.parse().ok()).collect();
+        let theirs = roles(&mut *tx, tenant_id, inviter).await?;
         let allowed = active == Some(1)
             && inv
                 .roles

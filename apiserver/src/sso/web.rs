@@ -190,6 +190,13 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     resp
 }
 
+/// A JSON answer that holds tokens or personal data: never cached.
+fn json_no_store(body: serde_json::Value) -> Response {
+    let mut resp = Json(body).into_response();
+    no_store(resp.headers_mut());
+    resp
+}
+
 fn no_store(h: &mut HeaderMap) {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
@@ -781,17 +788,22 @@ async fn start_session(sso: &Sso, site: &Site, brand: &Brand, v: &Valid, user_id
         Ok(r) => r,
         Err(e) => return unavailable(sso, brand, "code", &e),
     };
+    set_session_cookie(&mut resp, site, &cookie_value, ttl);
+    resp
+}
+
+/// Sets (or, with an empty value and age 0, clears) the host-only sign-in session cookie.
+fn set_session_cookie(resp: &mut Response, site: &Site, value: &str, max_age: u64) {
     let secure = if site.scheme == super::Scheme::Https {
         "; Secure"
     } else {
         ""
     };
     if let Ok(c) = HeaderValue::from_str(&format!(
-        "{COOKIE}={cookie_value}; Path=/oauth; HttpOnly; SameSite=Lax; Max-Age={ttl}{secure}"
+        "{COOKIE}={value}; Path=/oauth; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
     )) {
         resp.headers_mut().insert(header::SET_COOKIE, c);
     }
-    resp
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -865,6 +877,15 @@ async fn authenticate(
         return Err(invalid());
     }
     Ok(client)
+}
+
+/// The token and revocation endpoints' answer on a domain no tenant serves.
+fn no_site_oauth() -> Response {
+    oauth_error(
+        StatusCode::NOT_FOUND,
+        "invalid_request",
+        "no tenant serves this domain",
+    )
 }
 
 fn invalid_grant(description: &str) -> Response {
@@ -943,9 +964,7 @@ async fn respond_tokens(
             Err(e) => return store_error(&e),
         }
     }
-    let mut resp = Json(body).into_response();
-    no_store(resp.headers_mut());
-    resp
+    json_no_store(body)
 }
 
 async fn token(
@@ -954,11 +973,7 @@ async fn token(
     Form(form): Form<TokenForm>,
 ) -> Response {
     let Some(site) = sso.site(host(&headers)) else {
-        return oauth_error(
-            StatusCode::NOT_FOUND,
-            "invalid_request",
-            "no tenant serves this domain",
-        );
+        return no_site_oauth();
     };
     let client = match authenticate(&sso, &site, &headers, &form).await {
         Ok(c) => c,
@@ -1173,9 +1188,7 @@ async fn userinfo(State(sso): State<Sso>, headers: HeaderMap) -> Response {
     {
         body["email"] = json!(email);
     }
-    let mut resp = Json(body).into_response();
-    no_store(resp.headers_mut());
-    resp
+    json_no_store(body)
 }
 
 async fn revoke(
@@ -1184,11 +1197,7 @@ async fn revoke(
     Form(form): Form<TokenForm>,
 ) -> Response {
     let Some(site) = sso.site(host(&headers)) else {
-        return oauth_error(
-            StatusCode::NOT_FOUND,
-            "invalid_request",
-            "no tenant serves this domain",
-        );
+        return no_site_oauth();
     };
     let client = match authenticate(&sso, &site, &headers, &form).await {
         Ok(c) => c,
@@ -1313,16 +1322,7 @@ async fn logout(sso: Sso, headers: HeaderMap, p: LogoutParams) -> Response {
             "You are signed out.",
         )
     });
-    let secure = if site.scheme == super::Scheme::Https {
-        "; Secure"
-    } else {
-        ""
-    };
-    if let Ok(c) = HeaderValue::from_str(&format!(
-        "{COOKIE}=; Path=/oauth; HttpOnly; SameSite=Lax; Max-Age=0{secure}"
-    )) {
-        resp.headers_mut().insert(header::SET_COOKIE, c);
-    }
+    set_session_cookie(&mut resp, &site, "", 0);
     resp
 }
 

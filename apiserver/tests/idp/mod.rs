@@ -69,7 +69,7 @@ impl Idp {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let scratch = std::env::temp_dir().join(&instance);
-        let (ca, server_config) = tls(&scratch.join("tls"));
+        let (ca, server_config) = tls();
         let keys_dir = scratch.join("keys");
         let mail_dir = scratch.join("mail");
         sso::keys::generate(&keys_dir, "k1").unwrap();
@@ -263,94 +263,22 @@ impl Idp {
                     .unwrap();
             }
         }
-        let mut conn = self.redis.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query_async(&mut conn)
+        aigw_testkit::delete_redis_prefix(&self.redis, &self.prefix)
             .await
             .unwrap();
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
         let _ = std::fs::remove_dir_all(self.keys_dir.parent().unwrap());
     }
 }
 
-/// A test CA and a certificate it signed for `*.sso.test` (openssl, as the test bed makes its
-/// own); the CA's PEM and a rustls server configuration.
-fn tls(dir: &std::path::Path) -> (Vec<u8>, std::sync::Arc<rustls::ServerConfig>) {
+/// A test CA and a certificate it signed for `*.sso.test` (`aigw_testkit::tls`); the CA's PEM and
+/// a rustls server configuration.
+fn tls() -> (Vec<u8>, std::sync::Arc<rustls::ServerConfig>) {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    std::fs::create_dir_all(dir).unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-subj",
-        "/CN=aigw sso test CA",
-        "-days",
-        "2",
-    ]);
-    run(&ca);
-    let mut csr = vec!["req"];
-    csr.extend(ec);
-    csr.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=*.sso.test",
-    ]);
-    run(&csr);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:*.sso.test\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
-        .unwrap()
+    let (ca, issued) = aigw_testkit::tls::certificates(&["*.sso.test"]).unwrap();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&issued[0].cert_pem)
         .map(Result::unwrap)
         .collect();
-    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&issued[0].key_pem).unwrap();
     let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -359,10 +287,7 @@ fn tls(dir: &std::path::Path) -> (Vec<u8>, std::sync::Arc<rustls::ServerConfig>)
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .unwrap();
-    (
-        std::fs::read(dir.join("ca.crt")).unwrap(),
-        std::sync::Arc::new(config),
-    )
+    (ca, std::sync::Arc::new(config))
 }
 
 /// Serves `router` over TLS on a local port until `shutdown`, with the peer address in each
