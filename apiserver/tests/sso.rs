@@ -409,6 +409,22 @@ async fn requests_that_must_be_refused() {
             .unwrap();
         assert_eq!(r.status().as_u16(), 403, "{name}: {value}");
     }
+    // From the site itself (`Origin` of our own pages, no `Sec-Fetch-Site`, as browsers on
+    // plain http send it) the form signs in; the pages keep that `Origin` by their referrer policy.
+    assert_eq!(
+        http.get(&url).send().await.unwrap().headers()["referrer-policy"],
+        "same-origin"
+    );
+    let own = format!("https://{}:{}", a.domain, idp.addr.port());
+    let r = idp
+        .http(&[&a])
+        .post(format!("{iss}/authorize"))
+        .header("origin", own)
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
     // The Host as clients may send it: any case, a trailing dot, the scheme's default port.
     let odd = format!("{}.:443", a.domain.to_uppercase());
     assert_eq!(
@@ -1289,6 +1305,28 @@ async fn invitations_set_a_password_once_and_follow_the_role_matrix() {
     .await
     .unwrap();
     assert_eq!(user_id, rita, "the token now bills to rita");
+    // A sales invitation pending when a token comes to name its username cannot take the token.
+    let (status, _) = invite(
+        &idp,
+        &a,
+        &judy,
+        json!({"username": "tess", "email": "judy+tess@example.com", "roles": ["user"]}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    sqlx::query(
+        "INSERT INTO tokens (tenant_id, user_id, namespace, cr_name, key_hash, key_prefix, owner) \
+         VALUES (?, 0, ?, 'tess', ?, 'sk-tess', 'tess')",
+    )
+    .bind(a.id)
+    .bind(format!("aigw-{}", a.name))
+    .bind(format!("{:064x}", a.id + 1))
+    .execute(&idp.db)
+    .await
+    .unwrap();
+    let (status, body) = accept("judy+tess@example.com").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("now name"), "{body}");
     // An invitation dies with its sender's right to send it.
     let (status, _) = invite(
         &idp,

@@ -106,7 +106,7 @@ struct Inner {
     /// Password hashes running at once: one per core. argon2id takes 19 MiB and ~20 ms of a core
     /// each; unbounded, a burst of sign-ins would take the blocking pool's 512 threads and
     /// gigabytes of memory.
-    hashing: tokio::sync::Semaphore,
+    hashing: Arc<tokio::sync::Semaphore>,
 }
 
 /// How long a sign-in waits for a free hashing slot before it is answered 503.
@@ -163,9 +163,9 @@ impl Sso {
                 mailer,
                 dummy_hash,
                 pages: pages::Pages::new()?,
-                hashing: tokio::sync::Semaphore::new(
+                hashing: Arc::new(tokio::sync::Semaphore::new(
                     std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
-                ),
+                )),
             }),
         })
     }
@@ -200,8 +200,8 @@ impl Sso {
 
     /// A slot to hash a password in; `None` when every slot stayed busy for 5 s (the caller
     /// answers 503).
-    pub async fn hashing_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        tokio::time::timeout(HASH_QUEUE_WAIT, self.inner.hashing.acquire())
+    pub async fn hashing_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout(HASH_QUEUE_WAIT, self.inner.hashing.clone().acquire_owned())
             .await
             .ok()?
             .ok()

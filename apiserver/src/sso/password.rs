@@ -3,6 +3,8 @@
 //! runs against a dummy hash of the same parameters, so an answer's timing does not tell whether
 //! the user exists. Hashing runs on the blocking pool: it takes tens of milliseconds of CPU.
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use argon2::{
     Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version,
     password_hash::{SaltString, rand_core::OsRng},
@@ -38,18 +40,28 @@ pub fn verify(password: &str, phc: &str) -> bool {
     hasher().is_ok_and(|h| h.verify_password(password.as_bytes(), &parsed).is_ok())
 }
 
-/// [`hash`] on the blocking pool.
-pub async fn hash_async(password: String) -> Result<String, String> {
-    tokio::task::spawn_blocking(move || hash(&password))
-        .await
-        .map_err(|e| e.to_string())?
+/// [`hash`] on the blocking pool, holding `slot` until the hash is done — even when the request
+/// that asked goes away (dropping the caller does not stop a blocking task).
+pub async fn hash_async(password: String, slot: OwnedSemaphorePermit) -> Result<String, String> {
+    tokio::task::spawn_blocking(move || {
+        let out = hash(&password);
+        drop(slot);
+        out
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
-/// [`verify`] on the blocking pool; `phc` is the user's hash or the dummy one.
-pub async fn verify_async(password: String, phc: String) -> bool {
-    tokio::task::spawn_blocking(move || verify(&password, &phc))
-        .await
-        .unwrap_or(false)
+/// [`verify`] on the blocking pool (`phc`: the user's hash or the dummy one), holding `slot` as
+/// [`hash_async`] does.
+pub async fn verify_async(password: String, phc: String, slot: OwnedSemaphorePermit) -> bool {
+    tokio::task::spawn_blocking(move || {
+        let out = verify(&password, &phc);
+        drop(slot);
+        out
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Checks a new password's length (NIST 800-63B: length, no composition rules).

@@ -329,8 +329,7 @@ pub async fn rotate_refresh(
     let mut tx = db.begin().await?;
     let row = sqlx::query(
         "SELECT family, sid, tenant_id, user_id, client_id, scope, auth_time, \
-                expires_at < NOW() AS expired, used_at IS NOT NULL AS used, revoked_at IS NOT NULL AS revoked, \
-                TIMESTAMPDIFF(SECOND, NOW(), expires_at) AS remaining \
+                expires_at < NOW() AS expired, used_at IS NOT NULL AS used, revoked_at IS NOT NULL AS revoked \
          FROM oauth_refresh_tokens WHERE token_hash = ? FOR UPDATE",
     )
     .bind(&hash)
@@ -367,8 +366,18 @@ pub async fn rotate_refresh(
         .bind(&hash)
         .execute(&mut *tx)
         .await?;
-    let remaining: i64 = row.try_get("remaining")?;
-    let token = issue_refresh(&mut *tx, &r, remaining).await?;
+    // The successor is a copy of the row with a new secret: same family, session, user, client,
+    // scope and, above all, the same `expires_at`.
+    let token = secret();
+    sqlx::query(
+        "INSERT INTO oauth_refresh_tokens (token_hash, family, sid, tenant_id, user_id, client_id, scope, auth_time, expires_at) \
+         SELECT ?, family, sid, tenant_id, user_id, client_id, scope, auth_time, expires_at \
+         FROM oauth_refresh_tokens WHERE token_hash = ?",
+    )
+    .bind(digest(&token))
+    .bind(&hash)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(Rotation::Rotated { refresh: r, token })
 }
@@ -486,11 +495,14 @@ pub async fn username_pending(
 }
 
 /// How many of the tenant's tokens name `username` as their owner.
-pub async fn tokens_owned_by(
-    db: &MySqlPool,
+pub async fn tokens_owned_by<'e, E>(
+    db: E,
     tenant_id: i64,
     username: &str,
-) -> Result<i64, sqlx::Error> {
+) -> Result<i64, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::MySql>,
+{
     sqlx::query_scalar("SELECT COUNT(*) FROM tokens WHERE tenant_id = ? AND owner = ?")
         .bind(tenant_id)
         .bind(username)
@@ -580,6 +592,10 @@ pub enum AcceptError {
         "this invitation was withdrawn: the person who sent it may no longer invite for these roles"
     )]
     Withdrawn,
+    #[error(
+        "tokens of this tenant now name {0:?} as their owner; an owner or operator must invite them"
+    )]
+    OwnsTokens(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -629,6 +645,11 @@ pub async fn accept_invitation(
         if !allowed {
             return Err(AcceptError::Withdrawn);
         }
+    }
+    // A sales person's invitee must not take over tokens that came to name them while the
+    // invitation was pending (the check at invitation time could not see those).
+    if inv.sales_id.is_some() && tokens_owned_by(&mut *tx, tenant_id, &inv.username).await? > 0 {
+        return Err(AcceptError::OwnsTokens(inv.username));
     }
     let inserted = sqlx::query(
         "INSERT INTO users (tenant_id, username, email, password, status) VALUES (?, ?, ?, ?, 1)",

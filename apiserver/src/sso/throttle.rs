@@ -18,6 +18,16 @@ if b == 1 then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
 return {a, b, redis.call('TTL', KEYS[1]), redis.call('TTL', KEYS[2])}
 ";
 
+/// `KEYS[1]` account, `KEYS[2]` address: a success clears the account's count and gives the
+/// address its attempt back — only while the window still runs (a `DECR` on an expired key
+/// would leave a counter without expiry).
+const SUCCEEDED: &str = r"
+redis.call('DEL', KEYS[1])
+local b = tonumber(redis.call('GET', KEYS[2]) or '0')
+if b > 0 then redis.call('DECR', KEYS[2]) end
+return 0
+";
+
 /// The two counters of one attempt.
 #[derive(Debug, Clone)]
 pub struct Attempt {
@@ -28,6 +38,10 @@ pub struct Attempt {
 /// The address bucket: IPv4 as is, IPv6 by its /64 (one host usually has a whole /64).
 fn bucket(address: &str) -> String {
     match address.parse::<std::net::Ipv6Addr>() {
+        // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d: each is its own bucket.
+        Ok(v6) if v6.to_ipv4_mapped().is_some() => v6
+            .to_ipv4_mapped()
+            .map_or_else(String::new, |v4| v4.to_string()),
         Ok(v6) => {
             let s = v6.segments();
             format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
@@ -67,12 +81,12 @@ impl Sso {
 
     /// A successful sign-in: the account's count is cleared, the address's attempt given back.
     pub async fn succeeded(&self, a: &Attempt) -> Result<(), redis::RedisError> {
-        let mut conn = self.redis();
-        redis::pipe()
-            .del(&a.account)
-            .decr(&a.address, 1)
-            .query_async::<()>(&mut conn)
+        redis::Script::new(SUCCEEDED)
+            .key(&a.account)
+            .key(&a.address)
+            .invoke_async::<i64>(&mut self.redis())
             .await
+            .map(|_| ())
     }
 }
 
@@ -83,5 +97,7 @@ mod tests {
         assert_eq!(super::bucket("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
         assert_eq!(super::bucket("2001:db8:1:2:ffff::9"), "2001:db8:1:2::/64");
         assert_eq!(super::bucket("203.0.113.9"), "203.0.113.9");
+        assert_eq!(super::bucket("::ffff:203.0.113.9"), "203.0.113.9");
+        assert_eq!(super::bucket("::ffff:198.51.100.1"), "198.51.100.1");
     }
 }

@@ -105,7 +105,7 @@ fn page(status: StatusCode, html: String) -> Response {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     resp
 }
@@ -224,27 +224,26 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// The cookie `name`; none when it is sent twice (a sibling domain may have planted one with a
-/// wider `Domain` or narrower `Path` to pin a victim to the attacker's session).
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    let mut found = headers
+/// Every value of the cookie `name` the request carries.
+fn cookies(headers: &HeaderMap, name: &str) -> Vec<String> {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
         .filter(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned());
-    let first = found.next();
-    if found.next().is_some() { None } else { first }
+        .map(|(_, v)| v.to_owned())
+        .collect()
 }
 
-/// The client's address for throttling: the last `X-Forwarded-For` entry, which the gateway
-/// (Envoy, with `use_remote_address`) appends from the connection it accepted, so a client can
-/// only add entries before it; else the peer of this connection. (`x-envoy-external-address`
-/// would say the same, but the header scrub removes every `x-envoy-*` before a route sees it.)
-/// Only the gateway may reach this listener (the chart's NetworkPolicy), or the header could be
-/// chosen freely.
+/// The cookie `name`; none when it is sent twice (a sibling domain may have planted one with a
+/// wider `Domain` or narrower `Path` to pin a victim to the attacker's session).
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut all = cookies(headers, name);
+    if all.len() == 1 { all.pop() } else { None }
+}
+
 fn source_address(headers: &HeaderMap, peer: Option<&ConnectInfo<SocketAddr>>) -> String {
     headers
         .get_all("x-forwarded-for")
@@ -746,8 +745,7 @@ async fn authorize_post(
     let Some(slot) = sso.hashing_slot().await else {
         return unavailable(&sso, &brand, "hashing", &"every hashing slot busy");
     };
-    let matches = password::verify_async(given.to_owned(), phc).await;
-    drop(slot);
+    let matches = password::verify_async(given.to_owned(), phc, slot).await;
     let user = match user {
         Some(u) if matches && usable.is_some() => u,
         _ => {
@@ -1266,7 +1264,8 @@ async fn logout(sso: Sso, headers: HeaderMap, p: LogoutParams) -> Response {
     };
     let brand = Brand::of(&site);
     let mut sids = Vec::new();
-    if let Some(value) = cookie(&headers, COOKIE) {
+    // Every session cookie sent ends (one planted beside the real one must not shield it).
+    for value in cookies(&headers, COOKIE) {
         let key = sso.key(&format!("session:{}", digest(&value)));
         let raw: Option<String> = redis::cmd("GETDEL")
             .arg(&key)
@@ -1419,11 +1418,10 @@ async fn invite_post(
     let Some(slot) = sso.hashing_slot().await else {
         return unavailable(&sso, &brand, "hashing", &"every hashing slot busy");
     };
-    let phc = match password::hash_async(f.password).await {
+    let phc = match password::hash_async(f.password, slot).await {
         Ok(h) => h,
         Err(e) => return unavailable(&sso, &brand, "hash", &e),
     };
-    drop(slot);
     match store::accept_invitation(sso.db(), site.tenant.id, &f.token, &phc).await {
         Ok((user_id, inv)) => {
             tracing::info!(tenant = %site.name, user_id, username = %inv.username, roles = ?inv.roles, "invitation accepted");
