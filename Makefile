@@ -58,17 +58,20 @@ fmt: ## format the code
 	cargo fmt --all
 
 .PHONY: generate
-generate: ## regenerate committed artefacts: crds/crds.yaml from the CRD types
+generate: ## regenerate committed artefacts: crds/crds.yaml from the CRD types, apiserver/openapi.json from the handlers
 	cargo run --quiet -p aigw-crds --bin crdgen > crds/crds.yaml.tmp
 	mv crds/crds.yaml.tmp crds/crds.yaml
+	cargo run --quiet -p aigw-apiserver -- openapi > apiserver/openapi.json.tmp
+	mv apiserver/openapi.json.tmp apiserver/openapi.json
 
 .PHONY: bench
-bench: toolchain testbed migrate crds ## benchmarks: usage parser, billing pipeline, authz load, sign-in cost and token verification, operator scale, data-plane plugin cost (numbers: docs/benchmarks.md)
+bench: toolchain testbed migrate crds ## benchmarks: usage parser, billing pipeline, authz load, sign-in cost and token verification, REST lists, operator scale, data-plane plugin cost (numbers: docs/benchmarks.md)
 	cargo bench -p aigw-plugin --bench parser
 	cargo build --release -p aigw-billing
 	cargo bench -p aigw-billing --bench pipeline
 	cargo bench -p aigw-apiserver --bench authz
 	cargo bench -p aigw-apiserver --bench sso
+	cargo bench -p aigw-apiserver --bench api
 	cargo build --release -p aigw-operator
 	cargo bench -p aigw-operator --bench scale
 	cargo bench -p aigw-operator --bench dataplane

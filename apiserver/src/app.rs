@@ -1,16 +1,20 @@
 //! The REST listener: the identity provider (`/oauth/*`, [`crate::sso::web`]) and the reseller
-//! API (`/api/v1/*`; today only invitations). Errors of `/api` are RFC 9457 problem details.
+//! API (`/api/v1/*`, [`crate::api`]). Errors of `/api` are RFC 9457 problem details.
 
 use axum::{Router, http::StatusCode, response::Response};
 
-use crate::sso::{Sso, web::problem};
+use crate::{api::backend::Backend, sso::web::problem};
 
-/// The REST router. Without signing keys (`None`) the identity provider answers 503.
-pub fn router(sso: Option<Sso>) -> Router {
-    match sso {
-        Some(sso) => crate::sso::web::router(sso).fallback(not_found),
+/// The REST router. Without signing keys (`None`) there is no sign-in, so no token to call the
+/// API with: `/oauth/*` and `/api/*` answer 503.
+pub fn router(api: Option<Backend>) -> Router {
+    match api {
+        Some(backend) => crate::sso::web::router(backend.sso().clone())
+            .merge(crate::api::router(backend))
+            .fallback(not_found),
         None => Router::new()
             .route("/oauth/{*rest}", axum::routing::any(no_sso))
+            .route("/api/{*rest}", axum::routing::any(no_sso))
             .fallback(not_found),
     }
 }

@@ -6,6 +6,7 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use aigw_apiserver::{
+    api::backend::{Backend, Settings as BackendSettings},
     app,
     authz::{
         index::Index,
@@ -21,7 +22,7 @@ use prometheus_client::registry::Registry;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "One-shot commands (each with its own --help): keygen, client, bootstrap-owner."
+    after_help = "One-shot commands (each with its own --help): keygen, client, bootstrap-owner, openapi."
 )]
 struct Cli {
     #[command(flatten)]
@@ -71,6 +72,24 @@ struct Cli {
     /// Lifetime of access and ID tokens, in seconds.
     #[arg(long, env = "AIGW_ACCESS_TOKEN_TTL", default_value_t = 600)]
     access_token_ttl_secs: u64,
+    /// ClickHouse HTTP URL, for usage reports and settlement (without it those answer 503).
+    #[arg(long, env = "CLICKHOUSE_URL")]
+    clickhouse_url: Option<String>,
+    /// ClickHouse database.
+    #[arg(long, env = "CLICKHOUSE_DATABASE", default_value = "aigateway")]
+    clickhouse_database: String,
+    /// Kafka bootstrap servers for `tenant.events` of REST writes; events are off when unset (the
+    /// audit log line stays).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// The namespace channel key Secrets are written to (the operator's
+    /// `--credentials-namespace`).
+    #[arg(
+        long,
+        env = "AIGW_CREDENTIALS_NAMESPACE",
+        default_value = "aigw-system"
+    )]
+    credentials_namespace: String,
 }
 
 /// Where links point and how mail goes: the server and `bootstrap-owner` take the same.
@@ -113,6 +132,8 @@ struct Tool {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Print the REST API's OpenAPI document (committed as apiserver/openapi.json).
+    Openapi,
     /// Write a new OIDC signing key `<dir>/<kid>.pem` (Ed25519).
     Keygen {
         /// The keys directory.
@@ -177,7 +198,7 @@ enum Role {
 async fn main() -> anyhow::Result<()> {
     if matches!(
         std::env::args().nth(1).as_deref(),
-        Some("keygen" | "client" | "bootstrap-owner")
+        Some("keygen" | "client" | "bootstrap-owner" | "openapi")
     ) {
         init_tracing(aigw_common::LogFormat::Text, "warn")?;
         return run_command(Tool::parse().command).await;
@@ -222,17 +243,42 @@ async fn main() -> anyhow::Result<()> {
                 ..sso::Settings::default()
             };
             let mailer = cli.mail.mailer()?;
-            Some(
-                Sso::new(
-                    settings,
-                    index.clone(),
-                    pool.clone(),
-                    manager.clone(),
-                    keys,
-                    mailer,
-                )
-                .map_err(anyhow::Error::msg)?,
+            let sso = Sso::new(
+                settings,
+                index.clone(),
+                pool.clone(),
+                manager.clone(),
+                keys,
+                mailer,
             )
+            .map_err(anyhow::Error::msg)?;
+            let clickhouse = cli.clickhouse_url.as_ref().map(|url| {
+                clickhouse::Client::default()
+                    .with_url(url)
+                    .with_database(&cli.clickhouse_database)
+                    // ClickHouse 18.16 (the test server) lacks what validation needs.
+                    .with_validation(false)
+            });
+            let events = match &cli.kafka_brokers {
+                Some(brokers) => Some(
+                    rdkafka::ClientConfig::new()
+                        .set("bootstrap.servers", brokers)
+                        .set("enable.idempotence", "true")
+                        .create::<rdkafka::producer::FutureProducer>()?,
+                ),
+                None => None,
+            };
+            Some(Backend::new(
+                sso,
+                index.clone(),
+                client.clone(),
+                clickhouse,
+                events,
+                BackendSettings {
+                    credentials_namespace: cli.credentials_namespace.clone(),
+                    instance: cli.instance.clone(),
+                },
+            ))
         } else {
             tracing::warn!("no --oidc-keys-dir: sign-in (/oauth/*) answers 503");
             None
@@ -306,6 +352,7 @@ fn mark_ready_when_synced(readiness: &ops::Readiness, index: Index, shutdown: Sh
 /// The one-shot subcommands.
 async fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Openapi => println!("{}", aigw_apiserver::api::doc::document()),
         Command::Keygen { dir, kid } => {
             let kid = kid.unwrap_or_else(|| {
                 k8s_openapi::jiff::Timestamp::now()

@@ -24,15 +24,18 @@ fn serves_json_errors_becomes_ready_and_stops_on_sigterm() {
     .unwrap();
     assert_eq!(svc.wait_for_status("/readyz", 200, 30).unwrap(), "ready\n");
 
-    let (status, body) = http_get(api.parse().unwrap(), "/api/v1/nothing-here").unwrap();
+    let (status, body) = http_get(api.parse().unwrap(), "/nothing-here").unwrap();
     assert_eq!(status, 404);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["status"], 404);
-    assert_eq!(json["detail"], "no route for /api/v1/nothing-here");
-    // Without signing keys, sign-in says so instead of pretending to be absent.
-    let (status, body) = http_get(api.parse().unwrap(), "/oauth/jwks").unwrap();
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("--oidc-keys-dir"), "{body}");
+    assert_eq!(json["detail"], "no route for /nothing-here");
+    // Without signing keys there is no sign-in and so no token for the API: both say so instead
+    // of pretending to be absent.
+    for path in ["/oauth/jwks", "/api/v1/keys"] {
+        let (status, body) = http_get(api.parse().unwrap(), path).unwrap();
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(body.contains("--oidc-keys-dir"), "{body}");
+    }
 
     assert!(svc.terminate(10).unwrap().success());
 }

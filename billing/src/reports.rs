@@ -130,3 +130,30 @@ pub async fn totals(
         })
         .collect()
 }
+
+/// Requests and failures of one channel over a recent window (platform monitoring).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, clickhouse::Row)]
+pub struct ChannelHealth {
+    pub channel_id: u64,
+    pub requests: u64,
+    pub errors: u64,
+    /// The newest failure's message (empty when none failed).
+    pub last_error: String,
+}
+
+/// Per channel, requests and failures (status other than `success`) since `since` (Unix
+/// seconds), across all tenants, ordered by channel id.
+pub async fn channel_health(
+    ch: &clickhouse::Client,
+    since: u32,
+) -> Result<Vec<ChannelHealth>, ReportError> {
+    Ok(ch
+        .query(
+            "SELECT channel_id, count() AS requests, countIf(status != 'success') AS errors, \
+             argMaxIf(error_msg, created_at, status != 'success') AS last_error \
+             FROM usage_logs FINAL WHERE created_at >= toDateTime(?) GROUP BY channel_id ORDER BY channel_id",
+        )
+        .bind(since)
+        .fetch_all::<ChannelHealth>()
+        .await?)
+}

@@ -50,8 +50,17 @@ pub enum SettlementError {
     Sql(#[from] sqlx::Error),
     #[error("period is empty: {from} is not before {to}")]
     Period { from: NaiveDate, to: NaiveDate },
-    #[error("a withdrawal amount must be positive, got {0}")]
+    #[error("a withdrawal amount must be positive with at most 6 decimals, got {0}")]
     Amount(Decimal),
+    #[error("{from} to {to} overlaps the settled period {start} to {end}")]
+    Overlap {
+        from: NaiveDate,
+        to: NaiveDate,
+        start: NaiveDate,
+        end: NaiveDate,
+    },
+    #[error("the balance is {balance}; {amount} cannot be withdrawn")]
+    Insufficient { balance: Decimal, amount: Decimal },
 }
 
 /// Computes a reseller's statement for a period (read-only).
@@ -91,6 +100,9 @@ const SELECT: &str = "SELECT id, tenant_id, kind, period_start, period_end, reve
                       margin, amount, created_by, note FROM settlements";
 
 /// Records the settlement of a period; if it was recorded before, returns that record unchanged.
+/// A period that overlaps another settled one is refused, so no usage is settled (and its margin
+/// counted in the balance) twice. The tenant's settlement rows are locked while it is checked and
+/// written.
 pub async fn settle(
     db: &MySqlPool,
     ch: &clickhouse::Client,
@@ -99,10 +111,43 @@ pub async fn settle(
     to: NaiveDate,
     by: &str,
 ) -> Result<Record, SettlementError> {
+    let select_period = format!(
+        "{SELECT} WHERE tenant_id = ? AND kind = 'settlement' AND period_start = ? AND period_end = ?"
+    );
     let s = statement(ch, tenant_id, from, to).await?;
-    // INSERT IGNORE: the unique (tenant, kind, period) key keeps the first record.
+    let mut tx = db.begin().await?;
+    sqlx::query("SELECT id FROM settlements WHERE tenant_id = ? FOR UPDATE")
+        .bind(tenant_id)
+        .fetch_all(&mut *tx)
+        .await?;
+    if let Some(first) = sqlx::query_as::<_, Record>(&select_period)
+        .bind(tenant_id)
+        .bind(from)
+        .bind(to)
+        .fetch_optional(&mut *tx)
+        .await?
+    {
+        return Ok(first);
+    }
+    let overlap: Option<(NaiveDate, NaiveDate)> = sqlx::query_as(
+        "SELECT period_start, period_end FROM settlements WHERE tenant_id = ? AND kind = 'settlement' \
+         AND period_start < ? AND period_end > ? LIMIT 1",
+    )
+    .bind(tenant_id)
+    .bind(to)
+    .bind(from)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((start, end)) = overlap {
+        return Err(SettlementError::Overlap {
+            from,
+            to,
+            start,
+            end,
+        });
+    }
     sqlx::query(
-        "INSERT IGNORE INTO settlements (tenant_id, kind, period_start, period_end, revenue, \
+        "INSERT INTO settlements (tenant_id, kind, period_start, period_end, revenue, \
          platform_cost, margin, amount, created_by) VALUES (?, 'settlement', ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(tenant_id)
@@ -113,19 +158,36 @@ pub async fn settle(
     .bind(s.margin)
     .bind(s.platform_cost)
     .bind(by)
-    .execute(db)
+    .execute(&mut *tx)
     .await?;
-    Ok(sqlx::query_as::<_, Record>(&format!(
-        "{SELECT} WHERE tenant_id = ? AND kind = 'settlement' AND period_start = ? AND period_end = ?"
-    ))
-    .bind(tenant_id)
-    .bind(from)
-    .bind(to)
-    .fetch_one(db)
-    .await?)
+    let record = sqlx::query_as::<_, Record>(&select_period)
+        .bind(tenant_id)
+        .bind(from)
+        .bind(to)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(record)
 }
 
-/// Records money paid out to a reseller.
+/// What a tenant may still withdraw: the margin of its settled periods less what was withdrawn.
+pub async fn balance<'e, E>(db: E, tenant_id: u64) -> Result<Decimal, SettlementError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::MySql>,
+{
+    let (settled, withdrawn): (Option<Decimal>, Option<Decimal>) = sqlx::query_as(
+        "SELECT SUM(CASE WHEN kind = 'settlement' THEN margin ELSE 0 END), \
+         SUM(CASE WHEN kind = 'withdrawal' THEN amount ELSE 0 END) FROM settlements WHERE tenant_id = ?",
+    )
+    .bind(tenant_id)
+    .fetch_one(db)
+    .await?;
+    Ok(settled.unwrap_or_default() - withdrawn.unwrap_or_default())
+}
+
+/// Records money paid out to a reseller: at most its [`balance`]. The balance is read with the
+/// tenant's settlement rows locked (`FOR UPDATE` takes the index range of the tenant), so two
+/// withdrawals at once cannot both spend the same balance.
 pub async fn withdraw(
     db: &MySqlPool,
     tenant_id: u64,
@@ -133,8 +195,17 @@ pub async fn withdraw(
     by: &str,
     note: &str,
 ) -> Result<Record, SettlementError> {
-    if amount <= Decimal::ZERO {
+    if amount <= Decimal::ZERO || amount.scale() > 6 {
         return Err(SettlementError::Amount(amount));
+    }
+    let mut tx = db.begin().await?;
+    sqlx::query("SELECT id FROM settlements WHERE tenant_id = ? FOR UPDATE")
+        .bind(tenant_id)
+        .fetch_all(&mut *tx)
+        .await?;
+    let balance = balance(&mut *tx, tenant_id).await?;
+    if amount > balance {
+        return Err(SettlementError::Insufficient { balance, amount });
     }
     let id = sqlx::query(
         "INSERT INTO settlements (tenant_id, kind, amount, created_by, note) VALUES (?, 'withdrawal', ?, ?, ?)",
@@ -143,15 +214,15 @@ pub async fn withdraw(
     .bind(amount)
     .bind(by)
     .bind(note)
-    .execute(db)
+    .execute(&mut *tx)
     .await?
     .last_insert_id();
-    Ok(
-        sqlx::query_as::<_, Record>(&format!("{SELECT} WHERE id = ?"))
-            .bind(id)
-            .fetch_one(db)
-            .await?,
-    )
+    let record = sqlx::query_as::<_, Record>(&format!("{SELECT} WHERE id = ?"))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(record)
 }
 
 /// A tenant's records, oldest first.

@@ -191,6 +191,15 @@ async fn reports_settlement_and_retention() {
             .await
             .is_err()
     );
+    // The balance is the settled margin less withdrawals: 1.500168 - 1.5.
+    assert_eq!(
+        settlement::balance(&bed.db, 1).await.unwrap(),
+        dec("0.000168")
+    );
+    assert!(matches!(
+        settlement::withdraw(&bed.db, 1, dec("0.000169"), "x", "").await,
+        Err(settlement::SettlementError::Insufficient { .. })
+    ));
     let records = settlement::records(&bed.db, 1).await.unwrap();
     assert_eq!(records.len(), 2);
     assert!(settlement::records(&bed.db, 2).await.unwrap().is_empty());

@@ -6,6 +6,7 @@
 //!   never queue behind product traffic.
 //! - [`shutdown`]: a future that resolves on SIGTERM or Ctrl-C, for graceful shutdown.
 
+pub mod events;
 pub mod logfmt;
 pub mod ops;
 pub mod probe;

@@ -58,3 +58,16 @@ pub struct PricingStatus {
     #[serde(flatten)]
     pub common: CommonStatus,
 }
+
+/// The name of the Pricing in effect among `all` (one namespace's): the oldest, then by name — a
+/// tenant has one price list. `deleting` says whether Pricings being deleted count. The one rule,
+/// used by the operator's mirror and the REST API.
+pub fn in_effect(all: &[Pricing], deleting: bool) -> Option<String> {
+    all.iter()
+        .filter(|p| deleting || p.metadata.deletion_timestamp.is_none())
+        .min_by(|a, b| {
+            (&a.metadata.creation_timestamp, a.metadata.name.as_ref())
+                .cmp(&(&b.metadata.creation_timestamp, b.metadata.name.as_ref()))
+        })
+        .and_then(|p| p.metadata.name.clone())
+}

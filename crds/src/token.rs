@@ -123,3 +123,32 @@ pub struct TokenStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_quota: Option<i64>,
 }
+
+/// Characters of a generated key after `sk-`: 48 alphanumerics ≈ 285 bits of entropy.
+pub const KEY_LEN: usize = 48;
+/// How much of a key is shown for recognition (`sk-` + 4).
+pub const PREFIX_LEN: usize = 7;
+
+/// A new API key: `sk-` followed by 48 random alphanumerics from the OS-seeded CSPRNG. The one
+/// key generator: the operator's (a Token without `keyHash`) and the REST API's.
+pub fn generate_api_key() -> String {
+    use rand::{Rng, distr::Alphanumeric};
+    let body: String = rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(KEY_LEN)
+        .map(char::from)
+        .collect();
+    format!("sk-{body}")
+}
+
+/// SHA-256 of a key as 64 lowercase hex characters: what `keyHash`, MySQL and authz hold. The one
+/// hash rule, used by the operator, the REST API and authz.
+pub fn hash_api_key(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// The display prefix of a key (`keyPrefix`).
+pub fn key_prefix(key: &str) -> String {
+    key.chars().take(PREFIX_LEN).collect()
+}

@@ -5,35 +5,12 @@ use aes_gcm::{
     Aes256Gcm, KeyInit, Nonce,
     aead::{Aead, Payload},
 };
-use rand::{Rng, distr::Alphanumeric};
-use sha2::{Digest, Sha256};
+
+use rand::Rng;
 
 use crate::error::{Error, Result};
 
-/// Characters of a generated key after `sk-`: 48 alphanumerics ≈ 285 bits of entropy.
-const KEY_LEN: usize = 48;
-/// How much of a key is shown for recognition (`sk-` + 4).
-pub const PREFIX_LEN: usize = 7;
-
-/// A new API key: `sk-` followed by 48 random alphanumerics from the OS-seeded CSPRNG.
-pub fn generate_api_key() -> String {
-    let body: String = rand::rng()
-        .sample_iter(Alphanumeric)
-        .take(KEY_LEN)
-        .map(char::from)
-        .collect();
-    format!("sk-{body}")
-}
-
-/// SHA-256 of a key as 64 lowercase hex characters — what Tokens, MySQL and authz store.
-pub fn hash_api_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
-
-/// The display prefix of a key.
-pub fn key_prefix(key: &str) -> String {
-    key.chars().take(PREFIX_LEN).collect()
-}
+pub use aigw_crds::token::{KEY_LEN, PREFIX_LEN, generate_api_key, hash_api_key, key_prefix};
 
 /// Seals upstream keys for the MySQL mirror with AES-256-GCM. The key comes from config; it is
 /// never logged (Debug is redacted).

@@ -99,17 +99,7 @@ async fn pricing_tenant(ctx: &Ctx, ns: &str) -> Result<Option<i64>> {
     Ok(tenant.status.and_then(|s| s.tenant_id))
 }
 
-/// The name of the Pricing in effect among `all` (one namespace's): the oldest, then by name.
-/// `deleting` says whether Pricings being deleted count. Pure.
-pub fn in_effect(all: &[Pricing], deleting: bool) -> Option<String> {
-    all.iter()
-        .filter(|p| deleting || p.metadata.deletion_timestamp.is_none())
-        .min_by(|a, b| {
-            (&a.metadata.creation_timestamp, a.metadata.name.as_ref())
-                .cmp(&(&b.metadata.creation_timestamp, b.metadata.name.as_ref()))
-        })
-        .and_then(|p| p.metadata.name.clone())
-}
+pub use aigw_crds::pricing::in_effect;
 
 async fn apply_pricing(pricing: &Pricing, ctx: &Ctx) -> Result<Action> {
     let ns = pricing

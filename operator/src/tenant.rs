@@ -445,9 +445,15 @@ async fn publish(
     let Some(producer) = &ctx.events else {
         return Ok(());
     };
-    let payload =
-        json!({"event": event, "tenant": tenant, "tenantId": id, "generation": generation})
-            .to_string();
+    let payload = aigw_common::events::TenantEvent {
+        event: event.to_owned(),
+        tenant: tenant.to_owned(),
+        tenant_id: id,
+        generation,
+        actor: None,
+        object: None,
+    }
+    .to_json();
     producer
         .send(
             FutureRecord::to(TENANT_EVENTS)
@@ -461,7 +467,7 @@ async fn publish(
 }
 
 /// Topic of tenant lifecycle events.
-pub const TENANT_EVENTS: &str = "tenant.events";
+pub use aigw_common::events::TENANT_EVENTS;
 
 #[cfg(test)]
 mod tests {

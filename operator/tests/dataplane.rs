@@ -1193,9 +1193,21 @@ async fn sign_in_goes_through_the_gateway_to_the_apiserver() {
         sso::mail::Mailer::from_url("log", "AIGateway <noreply@aigateway.local>").unwrap(),
     )
     .unwrap();
+    // The REST API on the same listener, serving this test's instance.
+    let backend = aigw_apiserver::api::backend::Backend::new(
+        idp,
+        bed.index.clone(),
+        bed.h.client.clone(),
+        None,
+        None,
+        aigw_apiserver::api::backend::Settings {
+            credentials_namespace: "aigw-system".into(),
+            instance: Some(bed.h.instance.clone()),
+        },
+    );
     let (rest, _) = aigw_common::ops::serve(
         "127.0.0.1:0".parse().unwrap(),
-        aigw_apiserver::app::router(Some(idp)),
+        aigw_apiserver::app::router(Some(backend)),
         bed.shutdown.clone(),
     )
     .await
@@ -1351,6 +1363,80 @@ async fn sign_in_goes_through_the_gateway_to_the_apiserver() {
     let info: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(info["tenant"]["id"], tenant_id);
     assert_eq!(info["roles"], json!(["owner"]));
+
+    // A key created through the REST API, through the gateway: shown once, only its hash in the
+    // Token; it authorises on the tenant's domain once the operator has mirrored it, and never on
+    // another tenant's domain.
+    let other = format!("sso-other-{sfx}");
+    let other_domain = format!("api.{other}.example");
+    bed.tenant(
+        &other,
+        &other_domain,
+        &format!("sk-other-{sfx}"),
+        &["gpt-4o"],
+    )
+    .await;
+    let mut json_bearer = bearer.clone();
+    json_bearer.push(("content-type".into(), "application/json".into()));
+    let r = send(
+        &gw,
+        req(
+            "POST",
+            "/api/v1/keys",
+            json_bearer,
+            r#"{"displayName": "laptop", "models": ["gpt-4o"], "quota": 100000}"#,
+        ),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        201,
+        "{} {}",
+        r.details,
+        String::from_utf8_lossy(&r.body)
+    );
+    let created_at = std::time::Instant::now();
+    let created: Value = serde_json::from_slice(&r.body).unwrap();
+    let api_key = created["apiKey"].as_str().unwrap().to_owned();
+    let name = created["name"].as_str().unwrap().to_owned();
+    assert_eq!(created["owner"], "olga");
+    let tokens: Api<aigw_crds::Token> =
+        Api::namespaced(bed.h.client.clone(), &format!("aigw-{tenant}"));
+    let cr = tokens.get(&name).await.unwrap();
+    assert_eq!(cr.spec.key_hash.as_deref(), Some(sha(&api_key).as_str()));
+    assert!(
+        !serde_json::to_string(&cr).unwrap().contains(&api_key),
+        "the key itself is stored nowhere in the CR"
+    );
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let served = eventually("the API-created key authorises", || async {
+        let r = send(&gw, chat(&domain, &api_key, &body)).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(served.status, 200);
+    eprintln!(
+        "API-created key authorised {} ms after its create answer",
+        created_at.elapsed().as_millis()
+    );
+    let r = send(&gw, chat(&other_domain, &api_key, &body)).await;
+    assert_eq!(
+        r.status,
+        401,
+        "a key of one tenant on another tenant's domain: {} {}",
+        r.details,
+        String::from_utf8_lossy(&r.body)
+    );
+    // The bearer token of this tenant creates nothing on the other tenant's domain.
+    let r = send(
+        &gw,
+        Request {
+            authority: other_domain.clone(),
+            ..req("GET", "/api/v1/keys", bearer.clone(), "")
+        },
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
 
     aigw_testkit::delete_redis_prefix(&bed.redis, &prefix)
         .await

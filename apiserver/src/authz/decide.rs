@@ -3,7 +3,6 @@
 
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use super::index::{Index, TenantRecord, TokenRecord};
 
@@ -202,9 +201,9 @@ pub fn host(headers: &HeaderMap) -> Option<String> {
     Some(no_port.to_ascii_lowercase())
 }
 
-/// SHA-256 of a key, lowercase hex.
+/// SHA-256 of a key, lowercase hex (the one rule: [`aigw_crds::token::hash_api_key`]).
 pub fn hash(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
+    aigw_crds::token::hash_api_key(key)
 }
 
 /// An admitted request before the Redis checks.

@@ -53,16 +53,13 @@ impl Role {
         }
     }
 
-    /// Whether a holder of `self` may invite someone who will hold `granted`: owners invite
-    /// anyone; operators anyone but an owner (role assignment is the owner's); sales invite
-    /// customers (`user`), who are then bound to them.
+    /// Whether a holder of `self` may invite someone who will hold `granted`, as the role
+    /// matrix says ([`crate::api::matrix::may_invite`]): owners invite anyone; operators anyone
+    /// but an owner (role assignment is the owner's); sales invite customers (`user`), who are
+    /// then bound to them. Whether the tenant may grant `granted` at all is
+    /// [`check_available`]'s question.
     pub fn may_invite(self, granted: Role) -> bool {
-        match self {
-            Role::Owner => true,
-            Role::Operator => granted != Role::Owner,
-            Role::Sales => granted == Role::User,
-            Role::Finance | Role::Tech | Role::User => false,
-        }
+        crate::api::matrix::may_invite(TenantType::Platform, &[self], granted)
     }
 }
 

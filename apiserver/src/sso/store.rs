@@ -101,6 +101,76 @@ pub(crate) async fn set_roles(
     tx.commit().await
 }
 
+/// A change to a member that must leave the tenant an active owner.
+#[derive(Debug, Clone, Copy)]
+pub enum OwnerSafe<'a> {
+    /// Replace the member's roles.
+    Roles(&'a [Role]),
+    /// Enable or disable the member.
+    Active(bool),
+}
+
+/// Applies `change` to member `user_id` unless it would leave the tenant without an active owner
+/// (then `Ok(false)`, nothing changed). The tenant's role rows are locked (`FOR UPDATE`) while the
+/// owners are counted and the change is written, so two owners demoting or disabling each other
+/// at once cannot both succeed.
+pub async fn change_keeping_an_owner(
+    db: &MySqlPool,
+    tenant_id: i64,
+    user_id: i64,
+    change: OwnerSafe<'_>,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let owners: Vec<(i64, i8)> = sqlx::query_as(
+        "SELECT r.user_id, u.status FROM user_roles r JOIN users u ON u.tenant_id = r.tenant_id AND u.id = r.user_id \
+         WHERE r.tenant_id = ? AND r.role = 'owner' FOR UPDATE",
+    )
+    .bind(tenant_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let target_is_owner = owners
+        .iter()
+        .any(|(id, status)| *id == user_id && *status == 1);
+    let others = owners
+        .iter()
+        .filter(|(id, status)| *id != user_id && *status == 1)
+        .count();
+    let loses_owner = match change {
+        OwnerSafe::Roles(roles) => !roles.contains(&Role::Owner),
+        OwnerSafe::Active(active) => !active,
+    };
+    if target_is_owner && loses_owner && others == 0 {
+        return Ok(false);
+    }
+    match change {
+        OwnerSafe::Roles(roles) => {
+            sqlx::query("DELETE FROM user_roles WHERE tenant_id = ? AND user_id = ?")
+                .bind(tenant_id)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            for role in roles {
+                sqlx::query("INSERT INTO user_roles (user_id, tenant_id, role) VALUES (?, ?, ?)")
+                    .bind(user_id)
+                    .bind(tenant_id)
+                    .bind(role.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        OwnerSafe::Active(active) => {
+            sqlx::query("UPDATE users SET status = ? WHERE tenant_id = ? AND id = ?")
+                .bind(i8::from(active))
+                .bind(tenant_id)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
 /// Enables or disables the user.
 pub async fn set_active(
     db: &MySqlPool,

@@ -13,6 +13,7 @@ use std::{
 };
 
 use aigw_apiserver::{
+    api::backend::{self, Backend},
     app,
     authz::index::Index,
     sso::{self, Sso, keys::Keys, mail::Mailer},
@@ -41,6 +42,11 @@ pub struct Idp {
     pub keys_dir: PathBuf,
     pub mail_dir: PathBuf,
     pub shutdown: Shutdown,
+    /// The REST API's stores (a scratch ClickHouse database with the usage table).
+    pub backend: Backend,
+    pub clickhouse: clickhouse::Client,
+    /// The namespace channel key Secrets go to.
+    pub credentials_namespace: String,
     tenants: Mutex<Vec<(String, i64)>>,
 }
 
@@ -92,9 +98,25 @@ impl Idp {
             .await
             .unwrap();
         let sso = Sso::new(settings, index.clone(), db.clone(), manager, keys, mailer).unwrap();
+        let clickhouse = tb.scratch_clickhouse("api").await.unwrap();
+        aigw_migrations::run_clickhouse(&clickhouse).await.unwrap();
+        let credentials_namespace = aigw_testkit::scratch_namespace(&client, "cred")
+            .await
+            .unwrap();
+        let backend = Backend::new(
+            sso.clone(),
+            index.clone(),
+            client.clone(),
+            Some(clickhouse.clone()),
+            None,
+            backend::Settings {
+                credentials_namespace: credentials_namespace.clone(),
+                instance: Some(instance.clone()),
+            },
+        );
         let shutdown = Shutdown::new();
         let addr = serve_tls(
-            app::router(Some(sso.clone())),
+            app::router(Some(backend.clone())),
             server_config,
             shutdown.clone(),
         )
@@ -112,6 +134,9 @@ impl Idp {
             keys_dir,
             mail_dir,
             shutdown,
+            backend,
+            clickhouse,
+            credentials_namespace,
             tenants: Mutex::new(Vec::new()),
         }
     }
@@ -263,6 +288,9 @@ impl Idp {
                     .unwrap();
             }
         }
+        let _ = Api::<Namespace>::all(self.client.clone())
+            .delete(&self.credentials_namespace, &DeleteParams::default())
+            .await;
         aigw_testkit::delete_redis_prefix(&self.redis, &self.prefix)
             .await
             .unwrap();
