@@ -230,8 +230,10 @@ async fn fixture(idp: &Idp, prefix: &str, kind: TenantType) -> Fixture {
 }
 
 /// The status an allowed call of `method path` answers in the sweep.
-fn success(method: &str, path: &str) -> u16 {
+fn success(kind: TenantType, method: &str, path: &str) -> u16 {
     match (method, path) {
+        // A reseller has no resellers of its own to bind.
+        ("PUT", "/api/v1/resellers/{name}/sales") if kind == TenantType::Reseller => 404,
         ("POST", "/api/v1/withdrawals") => 422, // allowed, but there is no balance to withdraw
         ("POST", _) => 201,
         ("DELETE", _) => 204,
@@ -243,6 +245,7 @@ fn success(method: &str, path: &str) -> u16 {
 async fn request(
     idp: &Idp,
     f: &Fixture,
+    other: &Fixture,
     path: &str,
     method: &str,
     n: usize,
@@ -283,6 +286,16 @@ async fn request(
             ),
         ),
         ("PATCH", "/api/v1/tenant") => (p, Some(json!({}))),
+        (_, "/api/v1/resellers/{name}/sales") => {
+            let sales = f.members.iter().find(|m| m.role == Role::Sales).unwrap().id;
+            // On the platform, the other (reseller) tenant; a reseller has no resellers at all.
+            let name = if f.kind == TenantType::Platform {
+                other.t.name.clone()
+            } else {
+                "no-such-reseller".to_owned()
+            };
+            (p.replace("{name}", &name), Some(json!({"salesId": sales})))
+        }
         ("PATCH", _) => (p, Some(json!({"active": true}))),
         ("PUT", "/api/v1/members/{id}/roles") => (p, Some(json!({"roles": ["finance"]}))),
         ("PUT", "/api/v1/pricing") => (
@@ -312,6 +325,13 @@ async fn the_role_matrix_holds_for_every_endpoint_role_and_tenant() {
     let b = fixture(&idp, "sweep-b", TenantType::Reseller).await;
     let p = fixture(&idp, "sweep-p", TenantType::Platform).await;
     kubectl_channel(&idp, &format!("{}-fix", idp.instance)).await;
+    let platform_sales = p.members.iter().find(|m| m.role == Role::Sales).unwrap().id;
+    sqlx::query("INSERT INTO reseller_bindings (reseller_id, sales_id) VALUES (?, ?)")
+        .bind(a.t.id)
+        .bind(platform_sales)
+        .execute(&idp.db)
+        .await
+        .unwrap();
     let http = idp.http(&[&a.t, &b.t, &p.t]);
     // Wait until the token cache has the fixtures (lists read it).
     let owner_a = a.members.iter().find(|m| m.role == Role::Owner).unwrap();
@@ -346,9 +366,9 @@ async fn the_role_matrix_holds_for_every_endpoint_role_and_tenant() {
                 let expected = if access == Access::No {
                     403
                 } else {
-                    success(e.method, e.path)
+                    success(f.kind, e.method, e.path)
                 };
-                let (path, body) = request(&idp, f, e.path, e.method, n).await;
+                let (path, body) = request(&idp, f, other, e.path, e.method, n).await;
                 let (status, value, _) = call(
                     &http,
                     &idp,
@@ -392,7 +412,7 @@ async fn the_role_matrix_holds_for_every_endpoint_role_and_tenant() {
                     _ => None,
                 };
                 if let Some(cross) = cross {
-                    let (_, body) = request(&idp, f, e.path, e.method, n).await;
+                    let (_, body) = request(&idp, f, other, e.path, e.method, n).await;
                     let (status, value, _) = call(
                         &http,
                         &idp,
@@ -420,7 +440,11 @@ async fn the_role_matrix_holds_for_every_endpoint_role_and_tenant() {
                     let (status, value, _) =
                         call(&http, &idp, &f.t, &m.token, "GET", &q, None, &[]).await;
                     checked += 1;
-                    let want = if f.kind == TenantType::Platform && access == Access::All {
+                    // Platform staff read any tenant; a platform sales person their bound
+                    // resellers (reseller A is bound to the platform's sales1).
+                    let bound = e.path == "/api/v1/usage" && m.role == Role::Sales;
+                    let want = if f.kind == TenantType::Platform && (access == Access::All || bound)
+                    {
                         200
                     } else {
                         403
@@ -464,6 +488,199 @@ async fn the_role_matrix_holds_for_every_endpoint_role_and_tenant() {
     );
 
     delete_channels(&idp).await;
+    sqlx::query("DELETE FROM reseller_bindings WHERE reseller_id IN (?, ?)")
+        .bind(a.t.id)
+        .bind(b.t.id)
+        .execute(&idp.db)
+        .await
+        .unwrap();
+    idp.cleanup().await;
+}
+
+/// The platform's sales people have whole resellers as customers (the seed's Alice): each sees
+/// and reads the usage of exactly the resellers bound to them; a reseller bound to one cannot be
+/// taken by another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_sales_have_resellers_as_customers() {
+    let idp = Idp::start(|_| {}).await;
+    let p = idp
+        .tenant("psales", "platform", "Platform", Value::Null)
+        .await;
+    let r1 = idp.tenant("r1", "reseller", "R1", Value::Null).await;
+    let r2 = idp.tenant("r2", "reseller", "R2", Value::Null).await;
+    let r3 = idp.tenant("r3", "reseller", "R3", Value::Null).await;
+    let owner = idp.user(&p, "root", "x", &["owner"]).await;
+    let alice = idp.user(&p, "alice", "x", &["sales"]).await;
+    let bob = idp.user(&p, "bob", "x", &["sales"]).await;
+    let fin = idp.user(&p, "fin", "x", &["finance"]).await;
+    let r1_sales = idp.user(&r1, "rs", "x", &["sales"]).await;
+    let http = idp.http(&[&p, &r1]);
+    let (towner, talice, tbob, tfin) = (
+        mint(&idp, &p, owner, &[Role::Owner]),
+        mint(&idp, &p, alice, &[Role::Sales]),
+        mint(&idp, &p, bob, &[Role::Sales]),
+        mint(&idp, &p, fin, &[Role::Finance]),
+    );
+    let put = |token: String, r: &T, sales: i64| {
+        let (http, idp, p, path) = (
+            http.clone(),
+            &idp,
+            &p,
+            format!("/api/v1/resellers/{}/sales", r.name),
+        );
+        async move {
+            call(
+                &http,
+                idp,
+                p,
+                &token,
+                "PUT",
+                &path,
+                Some(&json!({"salesId": sales})),
+                &[],
+            )
+            .await
+        }
+    };
+    // The owner binds r1 to alice; bob takes the unbound r2; alice cannot take bob's r2, and
+    // bob cannot bind anything to alice.
+    assert_eq!(put(towner.clone(), &r1, alice).await.0, 200);
+    assert_eq!(put(tbob.clone(), &r2, bob).await.0, 200);
+    assert_eq!(put(talice.clone(), &r2, alice).await.0, 403);
+    assert_eq!(put(tbob.clone(), &r3, alice).await.0, 403);
+    assert_eq!(
+        put(tfin.clone(), &r3, fin).await.0,
+        403,
+        "finance reads customers only"
+    );
+    assert_eq!(
+        put(towner.clone(), &r3, fin).await.0,
+        422,
+        "finance is no sales person"
+    );
+    let names = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, v, _) = call(
+        &http,
+        &idp,
+        &p,
+        &talice,
+        "GET",
+        "/api/v1/resellers",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(names(&v), vec![r1.name.clone()]);
+    let (_, v, _) = call(
+        &http,
+        &idp,
+        &p,
+        &tfin,
+        "GET",
+        "/api/v1/resellers",
+        None,
+        &[],
+    )
+    .await;
+    let mut all = vec![r1.name.clone(), r2.name.clone(), r3.name.clone()];
+    all.sort();
+    assert_eq!(names(&v), all);
+    assert_eq!(
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["salesId"] == bob)
+            .count(),
+        1
+    );
+    // A reseller's own sales person has no resellers.
+    let trs = mint(&idp, &r1, r1_sales, &[Role::Sales]);
+    let (s, v, _) = call(
+        &http,
+        &idp,
+        &r1,
+        &trs,
+        "GET",
+        "/api/v1/resellers",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!((s, names(&v).len()), (200, 0));
+
+    // Usage: alice reads r1's, as the platform sees it (what r1 owes), and nothing else.
+    let now = chrono::Utc::now().timestamp();
+    for (i, t) in [&r1, &r2, &r3].iter().enumerate() {
+        idp.clickhouse
+            .query(&format!(
+                "INSERT INTO usage_logs (event_id, trace_id, tenant_id, user_id, token_id, channel_id, model, \
+                 prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens, cost, platform_cost, \
+                 upstream_cost, latency_ms, status, created_at, currency) VALUES \
+                 ('p{i}', 't', {}, 1, 1, 1, 'gpt-4o', 10, 1, 0, 0, 11, {}, 1, 0.5, 5, 'success', {now}, 'USD')",
+                t.id,
+                i + 2
+            ))
+            .execute()
+            .await
+            .unwrap();
+    }
+    let (s, v, _) = call(
+        &http,
+        &idp,
+        &p,
+        &talice,
+        "GET",
+        "/api/v1/usage?tenant=*&groupBy=tenant",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{v}");
+    assert_eq!(items[0]["key"], r1.id.to_string());
+    assert_eq!(items[0]["platformCost"], "1.000000");
+    assert!(items[0].get("upstreamCost").is_none(), "{v}");
+    let (s, _, _) = call(
+        &http,
+        &idp,
+        &p,
+        &talice,
+        "GET",
+        &format!("/api/v1/usage?tenant={}", r2.name),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(s, 403, "another sales person's reseller");
+    let (s, v, _) = call(
+        &http,
+        &idp,
+        &p,
+        &towner,
+        "GET",
+        "/api/v1/usage?tenant=*&groupBy=tenant",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!((s, v["items"].as_array().unwrap().len()), (200, 3), "{v}");
+
+    sqlx::query("DELETE FROM reseller_bindings WHERE reseller_id IN (?, ?, ?)")
+        .bind(r1.id)
+        .bind(r2.id)
+        .bind(r3.id)
+        .execute(&idp.db)
+        .await
+        .unwrap();
     idp.cleanup().await;
 }
 
@@ -1169,7 +1386,7 @@ async fn bad_input_gets_problem_details() {
         .await
         .unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
-    assert_eq!(doc["paths"].as_object().unwrap().len(), 17);
+    assert_eq!(doc["paths"].as_object().unwrap().len(), 19);
     idp.cleanup().await;
 }
 

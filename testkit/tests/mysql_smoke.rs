@@ -35,6 +35,7 @@ async fn migrations_create_the_seed_tables_and_are_idempotent() {
             "oauth_clients",
             "oauth_refresh_tokens",
             "pricing",
+            "reseller_bindings",
             "settlements",
             "tenant_domains",
             "tenants",

@@ -107,6 +107,12 @@ impl Backend {
         self.inner.index.tenant(name)
     }
 
+    /// Every served tenant (for [`super::scope::Authorized::bound_resellers`] and the platform's
+    /// reseller list).
+    pub(super) fn served_tenants(&self) -> Vec<(String, Arc<TenantRecord>)> {
+        self.inner.index.tenants()
+    }
+
     /// The `aigateway.io/instance` label objects created through the API carry.
     pub fn instance(&self) -> Option<&str> {
         self.inner.instance.as_deref()
@@ -601,6 +607,93 @@ impl Db<'_> {
             .not_before_now(self.tenant_id, id)
             .await
             .map_err(|e| ApiError::unavailable("the token store", e))
+    }
+
+    /// Ids of the resellers bound to the platform sales person `sales` (none outside the
+    /// platform tenant).
+    pub async fn resellers_of(&self, sales: i64) -> Result<Vec<i64>, ApiError> {
+        if self.kind != aigw_crds::TenantType::Platform {
+            return Ok(Vec::new());
+        }
+        Ok(
+            sqlx::query_scalar("SELECT reseller_id FROM reseller_bindings WHERE sales_id = ?")
+                .bind(sales)
+                .fetch_all(self.pool())
+                .await?,
+        )
+    }
+
+    /// Reseller id → the platform sales person bound to it (none outside the platform tenant).
+    pub async fn reseller_sales(&self) -> Result<std::collections::HashMap<i64, i64>, ApiError> {
+        if self.kind != aigw_crds::TenantType::Platform {
+            return Ok(std::collections::HashMap::new());
+        }
+        let rows: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT reseller_id, sales_id FROM reseller_bindings")
+                .fetch_all(self.pool())
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Binds reseller `reseller` to the platform sales person `sales`. With `only_from`, only if
+    /// the reseller is unbound or bound to that person (a sales person taking a reseller);
+    /// `Ok(false)` when it is someone else's. `sales` must be an active platform member holding
+    /// the `sales` role (422 otherwise).
+    pub async fn bind_reseller(
+        &self,
+        reseller: i64,
+        sales: i64,
+        only_from: Option<i64>,
+    ) -> Result<bool, ApiError> {
+        if self.kind != aigw_crds::TenantType::Platform {
+            return Ok(false);
+        }
+        let is_sales: Option<i64> = sqlx::query_scalar(
+            "SELECT u.id FROM users u JOIN user_roles r ON r.tenant_id = u.tenant_id AND r.user_id = u.id \
+             WHERE u.tenant_id = ? AND u.id = ? AND u.status = 1 AND r.role = 'sales'",
+        )
+        .bind(self.tenant_id)
+        .bind(sales)
+        .fetch_optional(self.pool())
+        .await?;
+        if is_sales.is_none() {
+            return Err(ApiError::Unprocessable(format!(
+                "member {sales} is not an active sales person of the platform"
+            )));
+        }
+        let done = match only_from {
+            None => {
+                sqlx::query(
+                    "INSERT INTO reseller_bindings (reseller_id, sales_id) VALUES (?, ?) \
+                     ON DUPLICATE KEY UPDATE sales_id = VALUES(sales_id)",
+                )
+                .bind(reseller)
+                .bind(sales)
+                .execute(self.pool())
+                .await?;
+                true
+            }
+            Some(me) => {
+                // Takes an unbound reseller, or keeps one already the caller's; never another's.
+                sqlx::query(
+                    "INSERT INTO reseller_bindings (reseller_id, sales_id) VALUES (?, ?) \
+                     ON DUPLICATE KEY UPDATE sales_id = IF(sales_id = ?, VALUES(sales_id), sales_id)",
+                )
+                .bind(reseller)
+                .bind(sales)
+                .bind(me)
+                .execute(self.pool())
+                .await?;
+                let now: Option<i64> = sqlx::query_scalar(
+                    "SELECT sales_id FROM reseller_bindings WHERE reseller_id = ?",
+                )
+                .bind(reseller)
+                .fetch_optional(self.pool())
+                .await?;
+                now == Some(sales)
+            }
+        };
+        Ok(done)
     }
 
     /// Whether the user `username` exists in the tenant; their id.

@@ -59,6 +59,8 @@ impl Modify for Bearer {
         people::put_roles,
         people::list_customers,
         people::patch_customer,
+        people::list_resellers,
+        people::bind_reseller,
         keys::list,
         keys::create,
         keys::get,

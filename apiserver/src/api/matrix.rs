@@ -173,6 +173,13 @@ pub const ENDPOINTS: &[Endpoint] = &[
         Op::Write,
     ),
     ep("GET", "/api/v1/customers", Function::CustomerList, Op::Read),
+    ep("GET", "/api/v1/resellers", Function::CustomerList, Op::Read),
+    ep(
+        "PUT",
+        "/api/v1/resellers/{name}/sales",
+        Function::Customers,
+        Op::Write,
+    ),
     ep(
         "PATCH",
         "/api/v1/customers/{id}",

@@ -51,6 +51,11 @@ pub fn router(backend: Backend) -> Router {
             axum::routing::put(people::put_roles),
         )
         .route("/api/v1/customers", get(people::list_customers))
+        .route("/api/v1/resellers", get(people::list_resellers))
+        .route(
+            "/api/v1/resellers/{name}/sales",
+            axum::routing::put(people::bind_reseller),
+        )
         .route(
             "/api/v1/customers/{id}",
             axum::routing::patch(people::patch_customer),

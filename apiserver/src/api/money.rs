@@ -118,22 +118,49 @@ pub async fn usage(
         ),
         Access::All | Access::ReadOnly | Access::No => None,
     };
-    let other;
-    let scope = match (q.tenant.as_deref(), auth.platform()) {
-        (Some("*"), Some(p)) => UsageScope::AllTenants(p),
-        (Some("*"), None) => {
-            return Err(ApiError::Forbidden(
-                "only platform staff may read every tenant's usage".into(),
-            ));
+    // The caller's own tenant, or — for platform staff and a platform sales person's bound
+    // resellers — the tenants the `tenant` parameter names.
+    let own = q.tenant.as_deref().is_none_or(|t| t == auth.scope().name());
+    let users = if own { users } else { None };
+    let lines = match auth.usage_tenants(&backend, q.tenant.as_deref()).await? {
+        None => {
+            let p = auth.platform().ok_or_else(|| {
+                ApiError::Forbidden("only platform staff may read every tenant's usage".into())
+            })?;
+            backend
+                .usage(UsageScope::AllTenants(p), users, from, to, by)
+                .await?
         }
-        (t, _) => {
-            other = auth.tenant_param(&backend, t)?;
-            UsageScope::Tenant(&other)
+        Some(scopes) => {
+            let mut merged: std::collections::BTreeMap<String, aigw_billing::reports::Line> =
+                std::collections::BTreeMap::new();
+            for s in &scopes {
+                for l in backend
+                    .usage(UsageScope::Tenant(s), users.clone(), from, to, by)
+                    .await?
+                {
+                    match merged.get_mut(&l.key) {
+                        Some(m) => {
+                            m.requests += l.requests;
+                            m.prompt_tokens += l.prompt_tokens;
+                            m.completion_tokens += l.completion_tokens;
+                            m.cost += l.cost;
+                            m.platform_cost += l.platform_cost;
+                            m.upstream_cost += l.upstream_cost;
+                        }
+                        None => {
+                            merged.insert(l.key.clone(), l);
+                        }
+                    }
+                }
+            }
+            merged.into_values().collect()
         }
     };
-    let tenant_wide = auth.access == Access::All;
-    let platform = tenant_wide && auth.scope().kind() == TenantType::Platform;
-    let lines = backend.usage(scope, users, from, to, by).await?;
+    // What a tenant owes the platform: tenant-wide readers, and a platform sales person for the
+    // resellers bound to them (their customers' spend with the platform).
+    let tenant_wide = auth.access == Access::All || (!own && auth.access == Access::Bound);
+    let platform = auth.access == Access::All && auth.scope().kind() == TenantType::Platform;
     let items: Vec<UsageLine> = lines
         .into_iter()
         .map(|l| UsageLine {

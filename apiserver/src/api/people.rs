@@ -283,3 +283,133 @@ pub async fn patch_customer(
         .ok_or_else(|| ApiError::NotFound(format!("customer {id}")))?;
     Ok(json(StatusCode::OK, None, &customer))
 }
+
+/// A reseller as a platform customer.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reseller {
+    /// The Tenant CR name.
+    pub name: String,
+    pub id: i64,
+    pub display_name: String,
+    pub suspended: bool,
+    /// The platform sales person the reseller is bound to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sales_id: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/api/v1/resellers", tag = "customers", params(Page),
+    responses((status = 200, description = "The platform's resellers, by name: all of them, or a platform sales person's bound ones (empty on a reseller's domain)", body = List<Reseller>),
+        (status = 403, body = super::doc::Problem)),
+    security(("bearer" = [])))]
+pub async fn list_resellers(
+    State(backend): State<Backend>,
+    Extension(auth): Extension<Authorized>,
+    Query(page): Query<Page>,
+) -> Result<Response, ApiError> {
+    let limit = page.limit()? as usize;
+    let after = page.after()?;
+    let bindings = backend.db(auth.scope()).reseller_sales().await?;
+    let mut items: Vec<Reseller> = if auth.scope().kind() != aigw_crds::TenantType::Platform {
+        Vec::new()
+    } else if auth.access == Access::Bound {
+        auth.bound_resellers(&backend)
+            .await?
+            .into_iter()
+            .map(|s| (s.name().to_owned(), s.record().clone()))
+            .map(|(name, r)| reseller(name, &r, &bindings))
+            .collect()
+    } else {
+        auth.platform_resellers(&backend)
+            .into_iter()
+            .map(|(name, r)| reseller(name, &r, &bindings))
+            .collect()
+    };
+    items.retain(|r| r.name.as_str() > after.as_str());
+    items.sort_by(|a, b| a.name.cmp(&b.name));
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next_cursor = more
+        .then(|| items.last().map(|r| cursor(&r.name)))
+        .flatten();
+    Ok(json(StatusCode::OK, None, &List { items, next_cursor }))
+}
+
+fn reseller(
+    name: String,
+    r: &crate::authz::index::TenantRecord,
+    bindings: &std::collections::HashMap<i64, i64>,
+) -> Reseller {
+    Reseller {
+        name,
+        id: r.id,
+        display_name: r.display_name.clone(),
+        suspended: r.suspended,
+        sales_id: bindings.get(&r.id).copied(),
+    }
+}
+
+/// The platform sales person a reseller is bound to.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SalesBinding {
+    /// User id of a platform member holding the `sales` role (a sales person may name only
+    /// themselves).
+    pub sales_id: i64,
+}
+
+#[utoipa::path(put, path = "/api/v1/resellers/{name}/sales", tag = "customers", request_body = SalesBinding,
+    params(("name" = String, Path, description = "The reseller's Tenant name")),
+    responses((status = 200, description = "The reseller with its sales person", body = Reseller),
+        (status = 403, description = "A sales person binding someone else, or a reseller bound to another", body = super::doc::Problem),
+        (status = 404, description = "No such reseller of the platform (always, on a reseller's domain)", body = super::doc::Problem),
+        (status = 422, body = super::doc::Problem)),
+    security(("bearer" = [])))]
+pub async fn bind_reseller(
+    State(backend): State<Backend>,
+    Extension(auth): Extension<Authorized>,
+    Path(name): Path<String>,
+    bytes: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: SalesBinding = body(&bytes)?;
+    let (_, record) = auth
+        .platform_resellers(&backend)
+        .into_iter()
+        .chain(if auth.access == Access::Bound {
+            auth.any_reseller(&backend, &name)
+        } else {
+            None
+        })
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| ApiError::NotFound(format!("reseller {name:?}")))?;
+    let db = backend.db(auth.scope());
+    let only_from = if auth.access == Access::Bound {
+        if req.sales_id != auth.caller.user_id {
+            return Err(ApiError::Forbidden(
+                "a sales person binds resellers to themselves only".into(),
+            ));
+        }
+        Some(auth.caller.user_id)
+    } else {
+        None
+    };
+    if !db.bind_reseller(record.id, req.sales_id, only_from).await? {
+        return Err(ApiError::Forbidden(format!(
+            "{name:?} is bound to another sales person"
+        )));
+    }
+    backend
+        .audit(
+            auth.scope(),
+            auth.caller.user_id,
+            "reseller.bound",
+            &format!("tenant/{name}"),
+        )
+        .await;
+    let bindings = db.reseller_sales().await?;
+    Ok(json(
+        StatusCode::OK,
+        None,
+        &reseller(name, &record, &bindings),
+    ))
+}

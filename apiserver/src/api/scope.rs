@@ -135,6 +135,103 @@ impl Authorized {
     }
 }
 
+impl Authorized {
+    /// The resellers a platform sales person (access `Bound` on the platform tenant) has as
+    /// customers (`reseller_bindings`), as scopes; empty for anyone else.
+    pub async fn bound_resellers(&self, backend: &Backend) -> Result<Vec<TenantScope>, ApiError> {
+        if self.scope.kind != TenantType::Platform || self.access != Access::Bound {
+            return Ok(Vec::new());
+        }
+        let ids = backend
+            .db(&self.scope)
+            .resellers_of(self.caller.user_id)
+            .await?;
+        Ok(backend
+            .served_tenants()
+            .into_iter()
+            .filter(|(_, r)| r.kind == TenantType::Reseller && ids.contains(&r.id))
+            .map(|(name, record)| TenantScope {
+                id: record.id,
+                name,
+                kind: record.kind,
+                record,
+            })
+            .collect())
+    }
+
+    /// Every reseller of the platform, for a platform caller with `All` or `ReadOnly` access
+    /// (its customer list); empty for anyone else.
+    pub fn platform_resellers(&self, backend: &Backend) -> Vec<(String, Arc<TenantRecord>)> {
+        if self.scope.kind != TenantType::Platform
+            || !matches!(self.access, Access::All | Access::ReadOnly)
+        {
+            return Vec::new();
+        }
+        backend
+            .served_tenants()
+            .into_iter()
+            .filter(|(_, r)| r.kind == TenantType::Reseller)
+            .collect()
+    }
+
+    /// The reseller `name`, for a platform sales person about to take it; `None` for anyone
+    /// else.
+    pub fn any_reseller(
+        &self,
+        backend: &Backend,
+        name: &str,
+    ) -> Option<(String, Arc<TenantRecord>)> {
+        if self.scope.kind != TenantType::Platform || self.access != Access::Bound {
+            return None;
+        }
+        backend
+            .tenant_record(name)
+            .filter(|r| r.kind == TenantType::Reseller)
+            .map(|r| (name.to_owned(), r))
+    }
+
+    /// The tenants whose usage `tenant` (the `tenant` query parameter) names for this caller:
+    /// their own tenant when absent; for platform staff with `All` any tenant or `*` (every
+    /// tenant: `None`); for a platform sales person their bound resellers (`*`: all of them).
+    pub async fn usage_tenants(
+        &self,
+        backend: &Backend,
+        tenant: Option<&str>,
+    ) -> Result<Option<Vec<TenantScope>>, ApiError> {
+        match tenant {
+            None => Ok(Some(vec![self.scope.clone()])),
+            Some(t) if t == self.scope.name => Ok(Some(vec![self.scope.clone()])),
+            Some(t) if self.platform.is_some() => {
+                if t == "*" {
+                    Ok(None)
+                } else {
+                    self.tenant_param(backend, Some(t)).map(|s| Some(vec![s]))
+                }
+            }
+            Some(t) => {
+                let bound = self.bound_resellers(backend).await?;
+                if bound.is_empty()
+                    && !(self.scope.kind == TenantType::Platform && self.access == Access::Bound)
+                {
+                    return Err(ApiError::Forbidden(
+                        "only platform staff may name another tenant".into(),
+                    ));
+                }
+                if t == "*" {
+                    return Ok(Some(bound));
+                }
+                bound
+                    .into_iter()
+                    .find(|s| s.name == t)
+                    .map(|s| Some(vec![s]))
+                    .ok_or_else(|| {
+                        ApiError::Forbidden(format!("{t:?} is not a reseller bound to you"))
+                    })
+            }
+        }
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;

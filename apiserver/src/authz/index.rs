@@ -247,6 +247,16 @@ impl Index {
             .map(|(name, t)| (name.clone(), t.clone()))
     }
 
+    /// Every served tenant, by name.
+    pub fn tenants(&self) -> Vec<(String, Arc<TenantRecord>)> {
+        let mut all: Vec<_> = read(&self.tenants)
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// The tenant with this name.
     pub fn tenant(&self, name: &str) -> Option<Arc<TenantRecord>> {
         read(&self.tenants).get(name).cloned()
