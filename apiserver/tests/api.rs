@@ -545,8 +545,22 @@ async fn platform_sales_have_resellers_as_customers() {
     // The owner binds r1 to alice; bob takes the unbound r2; alice cannot take bob's r2, and
     // bob cannot bind anything to alice.
     assert_eq!(put(towner.clone(), &r1, alice).await.0, 200);
-    assert_eq!(put(tbob.clone(), &r2, bob).await.0, 200);
-    assert_eq!(put(talice.clone(), &r2, alice).await.0, 403);
+    assert_eq!(put(towner.clone(), &r2, bob).await.0, 200);
+    assert_eq!(
+        put(tbob.clone(), &r2, bob).await.0,
+        200,
+        "bob confirms his own"
+    );
+    assert_eq!(
+        put(talice.clone(), &r2, alice).await.0,
+        404,
+        "bob's reseller is not alice's to see"
+    );
+    assert_eq!(
+        put(talice.clone(), &r3, alice).await.0,
+        404,
+        "nor an unbound one to take"
+    );
     assert_eq!(put(tbob.clone(), &r3, alice).await.0, 403);
     assert_eq!(
         put(tfin.clone(), &r3, fin).await.0,

@@ -116,10 +116,7 @@ pub async fn settle(
     );
     let s = statement(ch, tenant_id, from, to).await?;
     let mut tx = db.begin().await?;
-    sqlx::query("SELECT id FROM settlements WHERE tenant_id = ? FOR UPDATE")
-        .bind(tenant_id)
-        .fetch_all(&mut *tx)
-        .await?;
+    lock_tenant(&mut tx, tenant_id).await?;
     if let Some(first) = sqlx::query_as::<_, Record>(&select_period)
         .bind(tenant_id)
         .bind(from)
@@ -170,6 +167,24 @@ pub async fn settle(
     Ok(record)
 }
 
+/// Serialises a tenant's settlement writes: its `tenants` row (a tenant with no settlement rows
+/// yet has only a gap to lock, and two gap locks do not exclude each other), then its settlement
+/// rows.
+async fn lock_tenant(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    tenant_id: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT id FROM tenants WHERE id = ? FOR UPDATE")
+        .bind(tenant_id)
+        .fetch_all(&mut **tx)
+        .await?;
+    sqlx::query("SELECT id FROM settlements WHERE tenant_id = ? FOR UPDATE")
+        .bind(tenant_id)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// What a tenant may still withdraw: the margin of its settled periods less what was withdrawn.
 pub async fn balance<'e, E>(db: E, tenant_id: u64) -> Result<Decimal, SettlementError>
 where
@@ -199,10 +214,7 @@ pub async fn withdraw(
         return Err(SettlementError::Amount(amount));
     }
     let mut tx = db.begin().await?;
-    sqlx::query("SELECT id FROM settlements WHERE tenant_id = ? FOR UPDATE")
-        .bind(tenant_id)
-        .fetch_all(&mut *tx)
-        .await?;
+    lock_tenant(&mut tx, tenant_id).await?;
     let balance = balance(&mut *tx, tenant_id).await?;
     if amount > balance {
         return Err(SettlementError::Insufficient { balance, amount });

@@ -424,6 +424,10 @@ async fn cleanup(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
                 .execute(&mut *tx)
                 .await?;
         }
+        sqlx::query("DELETE FROM reseller_bindings WHERE reseller_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM tenants WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)

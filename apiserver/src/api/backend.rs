@@ -635,65 +635,36 @@ impl Db<'_> {
         Ok(rows.into_iter().collect())
     }
 
-    /// Binds reseller `reseller` to the platform sales person `sales`. With `only_from`, only if
-    /// the reseller is unbound or bound to that person (a sales person taking a reseller);
-    /// `Ok(false)` when it is someone else's. `sales` must be an active platform member holding
-    /// the `sales` role (422 otherwise).
-    pub async fn bind_reseller(
-        &self,
-        reseller: i64,
-        sales: i64,
-        only_from: Option<i64>,
-    ) -> Result<bool, ApiError> {
+    /// Binds reseller `reseller` to the platform sales person `sales` (an active platform member
+    /// holding the `sales` role, else 422), in one transaction with that check.
+    pub async fn bind_reseller(&self, reseller: i64, sales: i64) -> Result<(), ApiError> {
         if self.kind != aigw_crds::TenantType::Platform {
-            return Ok(false);
+            return Err(ApiError::NotFound("reseller".into()));
         }
+        let mut tx = self.pool().begin().await?;
         let is_sales: Option<i64> = sqlx::query_scalar(
             "SELECT u.id FROM users u JOIN user_roles r ON r.tenant_id = u.tenant_id AND r.user_id = u.id \
-             WHERE u.tenant_id = ? AND u.id = ? AND u.status = 1 AND r.role = 'sales'",
+             WHERE u.tenant_id = ? AND u.id = ? AND u.status = 1 AND r.role = 'sales' FOR UPDATE",
         )
         .bind(self.tenant_id)
         .bind(sales)
-        .fetch_optional(self.pool())
+        .fetch_optional(&mut *tx)
         .await?;
         if is_sales.is_none() {
             return Err(ApiError::Unprocessable(format!(
                 "member {sales} is not an active sales person of the platform"
             )));
         }
-        let done = match only_from {
-            None => {
-                sqlx::query(
-                    "INSERT INTO reseller_bindings (reseller_id, sales_id) VALUES (?, ?) \
-                     ON DUPLICATE KEY UPDATE sales_id = VALUES(sales_id)",
-                )
-                .bind(reseller)
-                .bind(sales)
-                .execute(self.pool())
-                .await?;
-                true
-            }
-            Some(me) => {
-                // Takes an unbound reseller, or keeps one already the caller's; never another's.
-                sqlx::query(
-                    "INSERT INTO reseller_bindings (reseller_id, sales_id) VALUES (?, ?) \
-                     ON DUPLICATE KEY UPDATE sales_id = IF(sales_id = ?, VALUES(sales_id), sales_id)",
-                )
-                .bind(reseller)
-                .bind(sales)
-                .bind(me)
-                .execute(self.pool())
-                .await?;
-                let now: Option<i64> = sqlx::query_scalar(
-                    "SELECT sales_id FROM reseller_bindings WHERE reseller_id = ?",
-                )
-                .bind(reseller)
-                .fetch_optional(self.pool())
-                .await?;
-                now == Some(sales)
-            }
-        };
-        Ok(done)
+        sqlx::query(
+            "INSERT INTO reseller_bindings (reseller_id, sales_id) VALUES (?, ?) \
+             ON DUPLICATE KEY UPDATE sales_id = VALUES(sales_id)",
+        )
+        .bind(reseller)
+        .bind(sales)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Whether the user `username` exists in the tenant; their id.

@@ -121,6 +121,11 @@ pub async fn usage(
     // The caller's own tenant, or — for platform staff and a platform sales person's bound
     // resellers — the tenants the `tenant` parameter names.
     let own = q.tenant.as_deref().is_none_or(|t| t == auth.scope().name());
+    if !own && auth.access == Access::Bound && by == GroupBy::User {
+        return Err(ApiError::Forbidden(
+            "a reseller's usage by user is the reseller's and the platform staff's".into(),
+        ));
+    }
     let users = if own { users } else { None };
     let lines = match auth.usage_tenants(&backend, q.tenant.as_deref()).await? {
         None => {
@@ -334,9 +339,12 @@ pub async fn settle(
     let p: Period = body(&bytes)?;
     let scope = auth.tenant_param(&backend, p.tenant.as_deref())?;
     let (from, to) = period(Some(p.from), Some(p.to))?;
-    if to > chrono::Utc::now().date_naive() {
+    // Late usage (a reservation settled by the pending sweep, a late correction) still arrives
+    // for a while after a period ends, and a settled period never changes: a day's grace.
+    let today = chrono::Utc::now().date_naive();
+    if to > today.pred_opt().unwrap_or(today) {
         return Err(ApiError::Unprocessable(
-            "only a period that has ended can be settled".into(),
+            "only a period that ended at least a day ago can be settled".into(),
         ));
     }
     let by = format!("{}@{}", auth.caller.username, auth.scope().name());
@@ -440,6 +448,16 @@ pub async fn withdraw(
                     )
                     .await;
             }
+            if let Ok(r) = &result {
+                backend
+                    .audit(
+                        &scope,
+                        auth.caller.user_id,
+                        "withdrawal.recorded",
+                        &format!("settlement/{}", r.id),
+                    )
+                    .await;
+            }
             (result, answer)
         })
     };
@@ -447,14 +465,6 @@ pub async fn withdraw(
         .await
         .map_err(|e| ApiError::unavailable("the withdrawal", e))?;
     let r = result?;
-    backend
-        .audit(
-            &scope,
-            auth.caller.user_id,
-            "withdrawal.recorded",
-            &format!("settlement/{}", r.id),
-        )
-        .await;
     Ok(json(
         StatusCode::CREATED,
         None,

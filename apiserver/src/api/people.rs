@@ -354,15 +354,15 @@ fn reseller(
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SalesBinding {
     /// User id of a platform member holding the `sales` role (a sales person may name only
-    /// themselves).
+    /// themselves, for a reseller already theirs).
     pub sales_id: i64,
 }
 
 #[utoipa::path(put, path = "/api/v1/resellers/{name}/sales", tag = "customers", request_body = SalesBinding,
     params(("name" = String, Path, description = "The reseller's Tenant name")),
     responses((status = 200, description = "The reseller with its sales person", body = Reseller),
-        (status = 403, description = "A sales person binding someone else, or a reseller bound to another", body = super::doc::Problem),
-        (status = 404, description = "No such reseller of the platform (always, on a reseller's domain)", body = super::doc::Problem),
+        (status = 403, description = "A sales person naming someone else", body = super::doc::Problem),
+        (status = 404, description = "No such reseller of the platform, or (for a sales person) not one bound to them; always on a reseller's domain", body = super::doc::Problem),
         (status = 422, body = super::doc::Problem)),
     security(("bearer" = [])))]
 pub async fn bind_reseller(
@@ -372,32 +372,27 @@ pub async fn bind_reseller(
     bytes: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: SalesBinding = body(&bytes)?;
-    let (_, record) = auth
-        .platform_resellers(&backend)
-        .into_iter()
-        .chain(if auth.access == Access::Bound {
-            auth.any_reseller(&backend, &name)
-        } else {
-            None
-        })
-        .find(|(n, _)| *n == name)
-        .ok_or_else(|| ApiError::NotFound(format!("reseller {name:?}")))?;
     let db = backend.db(auth.scope());
-    let only_from = if auth.access == Access::Bound {
+    // A sales person reaches only the resellers already bound to them (binding is the owner's or
+    // an operator's): another's, an unbound one and a missing one all answer 404.
+    let found = if auth.access == Access::Bound {
         if req.sales_id != auth.caller.user_id {
             return Err(ApiError::Forbidden(
                 "a sales person binds resellers to themselves only".into(),
             ));
         }
-        Some(auth.caller.user_id)
+        auth.bound_resellers(&backend)
+            .await?
+            .into_iter()
+            .find(|s| s.name() == name)
+            .map(|s| (s.name().to_owned(), std::sync::Arc::new(s.record().clone())))
     } else {
-        None
+        auth.platform_resellers(&backend)
+            .into_iter()
+            .find(|(n, _)| *n == name)
     };
-    if !db.bind_reseller(record.id, req.sales_id, only_from).await? {
-        return Err(ApiError::Forbidden(format!(
-            "{name:?} is bound to another sales person"
-        )));
-    }
+    let (_, record) = found.ok_or_else(|| ApiError::NotFound(format!("reseller {name:?}")))?;
+    db.bind_reseller(record.id, req.sales_id).await?;
     backend
         .audit(
             auth.scope(),
