@@ -1410,3 +1410,97 @@ fn every_endpoint_is_in_the_sweep() {
     // write endpoints are all there (a route dropped from the table would not be swept).
     assert!(ENDPOINTS.iter().filter(|e| e.op == Op::Write).count() >= 13);
 }
+
+/// Every REST write is a `tenant.events` record (the one `TenantEvent` shape the operator's
+/// records have), keyed by the tenant, naming the actor and the object; read back from Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_tenant_events_on_kafka() {
+    use rdkafka::{
+        ClientConfig, Message, Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let idp = Idp::start(|_| {}).await;
+    let t = idp
+        .tenant("events", "reseller", "Events Co", Value::Null)
+        .await;
+    ensure_namespace(&idp, &t).await;
+    let owner = idp.user(&t, "boss", "x", &["owner"]).await;
+    let token = mint(&idp, &t, owner, &[Role::Owner]);
+    let http = idp.http(&[&t]);
+
+    // Read every partition from its current end: only what follows counts.
+    let tb = aigw_testkit::Testbed::load().unwrap();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", tb.kafka_brokers().unwrap())
+        .set("group.id", aigw_testkit::unique_name("api-events"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let topic = aigw_common::events::TENANT_EVENTS;
+    let meta = consumer
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in meta.topics()[0].partitions() {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p.id(), std::time::Duration::from_secs(10))
+            .unwrap();
+        tpl.add_partition_offset(topic, p.id(), Offset::Offset(high))
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+
+    let (s, created, _) = call(
+        &http,
+        &idp,
+        &t,
+        &token,
+        "POST",
+        "/api/v1/keys",
+        Some(&json!({"displayName": "ev"})),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    let name = created["name"].as_str().unwrap().to_owned();
+    let (s, _, _) = call(
+        &http,
+        &idp,
+        &t,
+        &token,
+        "DELETE",
+        &format!("/api/v1/keys/{name}"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(s, 204);
+
+    let mut seen: Vec<aigw_common::events::TenantEvent> = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while seen.len() < 2 && std::time::Instant::now() < deadline {
+        let Some(msg) =
+            tokio::task::block_in_place(|| consumer.poll(std::time::Duration::from_millis(200)))
+        else {
+            continue;
+        };
+        let msg = msg.unwrap();
+        if msg.key() != Some(t.name.as_bytes()) {
+            continue;
+        }
+        seen.push(serde_json::from_slice(msg.payload().unwrap()).unwrap());
+    }
+    let object = format!("token/{name}");
+    let got: Vec<(&str, Option<i64>, Option<&str>, i64)> = seen
+        .iter()
+        .map(|e| (e.event.as_str(), e.actor, e.object.as_deref(), e.tenant_id))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("key.created", Some(owner), Some(object.as_str()), t.id),
+            ("key.deleted", Some(owner), Some(object.as_str()), t.id)
+        ]
+    );
+    idp.cleanup().await;
+}

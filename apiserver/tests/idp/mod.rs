@@ -103,12 +103,18 @@ impl Idp {
         let credentials_namespace = aigw_testkit::scratch_namespace(&client, "cred")
             .await
             .unwrap();
+        // REST writes go to the test bed's `tenant.events`, keyed by each test's own tenants.
+        let events = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", tb.kafka_brokers().unwrap())
+            .set("enable.idempotence", "true")
+            .create::<rdkafka::producer::FutureProducer>()
+            .unwrap();
         let backend = Backend::new(
             sso.clone(),
             index.clone(),
             client.clone(),
             Some(clickhouse.clone()),
-            None,
+            Some(events),
             backend::Settings {
                 credentials_namespace: credentials_namespace.clone(),
                 instance: Some(instance.clone()),
