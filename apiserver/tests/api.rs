@@ -741,9 +741,10 @@ async fn sales_see_only_their_bound_customers() {
                  prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens, cost, platform_cost, \
                  upstream_cost, latency_ms, status, created_at, currency) VALUES \
                  ('e{i}', 't', {tenant}, {user}, 1, 1, 'gpt-4o', 10, 1, 0, 0, 11, {c}, {h}, {q}, 5, 'success', {now}, 'USD')",
-                c = f64::from(*cost) / 1e6,
-                h = f64::from(*cost) / 2e6,
-                q = f64::from(*cost) / 4e6,
+                // Exact decimals from whole millionths, as the worker writes them.
+                c = rust_decimal::Decimal::new(i64::from(*cost), 6),
+                h = rust_decimal::Decimal::new(i64::from(*cost) / 2, 6),
+                q = rust_decimal::Decimal::new(i64::from(*cost) / 4, 6),
             ))
             .execute()
             .await
