@@ -3,13 +3,17 @@
 # checker (standin/envoy-check) from the Go module proxy into a version-keyed cache outside the
 # repo, so a second run is instant.
 #
-# usage: scripts/build-go-tools.sh [kube|etcd|helm|envoy-check|all]
-#   envoy-check also prints the checker's path on stdout.
+# usage: scripts/build-go-tools.sh [kube|etcd|helm|envoy-check|promtool|third-party-crds|all]
+#   envoy-check and third-party-crds also print the path they made on stdout.
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.35.4}"
 ETCD_VERSION="${ETCD_VERSION:-v3.5.35}"
 HELM_VERSION="${HELM_VERSION:-v3.19.5}"
+PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v0.316.0}"
+KEDA_VERSION="${KEDA_VERSION:-v2.21.0}"
+PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
+ARGOCD_VERSION="${ARGOCD_VERSION:-v3.5.7}" # v3.6 needs Go 1.27
 CACHE="${AIGW_CACHE:-$HOME/.cache/aigateway}"
 export GOFLAGS=-mod=mod
 export CGO_ENABLED=0
@@ -118,6 +122,45 @@ GOMOD
     mv "$out/helm.tmp" "$out/helm")
 }
 
+# promtool (`promtool test rules` checks the chart's PrometheusRule), from the Prometheus module.
+build_promtool() {
+  local out="$CACHE/prometheus-$PROMETHEUS_VERSION/bin"
+  if [[ -x "$out/promtool" ]]; then return 0; fi
+  local src="$CACHE/prometheus-$PROMETHEUS_VERSION/src"
+  mkdir -p "$src" "$out"
+  log "building promtool $PROMETHEUS_VERSION (cold: a few minutes)"
+  cat >"$src/go.mod" <<GOMOD
+module aigateway.local/testbed-promtool
+
+go 1.25
+
+require github.com/prometheus/prometheus $PROMETHEUS_VERSION
+GOMOD
+  (cd "$src" && quiet "$src/build.log" go get "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" &&
+    quiet "$src/build.log" go build -trimpath -o "$out/promtool.tmp" github.com/prometheus/prometheus/cmd/promtool &&
+    mv "$out/promtool.tmp" "$out/promtool")
+}
+
+# The CRDs of the projects our chart and examples write objects for (KEDA, the Prometheus
+# Operator, Argo CD), copied out of their Go modules into one directory per version set.
+fetch_third_party_crds() {
+  local out="$CACHE/crds-keda-$KEDA_VERSION-promop-$PROMETHEUS_OPERATOR_VERSION-argocd-$ARGOCD_VERSION"
+  if [[ -s "$out/done" ]]; then THIRD_PARTY_CRDS=$out; return 0; fi
+  mkdir -p "$out"
+  log "fetching the CRDs of KEDA $KEDA_VERSION, Prometheus Operator $PROMETHEUS_OPERATOR_VERSION, Argo CD $ARGOCD_VERSION"
+  local mv dir
+  for mv in "github.com/kedacore/keda/v2@$KEDA_VERSION:config/crd/bases" \
+    "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION:example/prometheus-operator-crd" \
+    "github.com/argoproj/argo-cd/v3@$ARGOCD_VERSION:manifests/crds"; do
+    dir=$(cd "$out" && go mod download -json "${mv%%:*}" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
+    [[ -d "$dir/${mv#*:}" ]] || { log "could not download ${mv%%:*}"; return 1; }
+    find "$dir/${mv#*:}" -maxdepth 1 -name '*.yaml' ! -name kustomization.yaml -exec cp {} "$out/" \;
+  done
+  chmod u+w "$out"/*.yaml
+  echo ok >"$out/done"
+  THIRD_PARTY_CRDS=$out
+}
+
 # The checker of the Envoy configs in our EnvoyFilters (standin/envoy-check), keyed by its sources.
 build_envoy_check() {
   local src
@@ -139,6 +182,8 @@ case "${1:-all}" in
   etcd) build_etcd ;;
   helm) build_helm ;;
   envoy-check) build_envoy_check; echo "$ENVOY_CHECK" ;;
-  all) build_etcd; build_kube; build_helm; build_envoy_check ;;
-  *) echo "usage: $0 [kube|etcd|helm|envoy-check|all]" >&2; exit 2 ;;
+  promtool) build_promtool ;;
+  third-party-crds) fetch_third_party_crds; echo "$THIRD_PARTY_CRDS" ;;
+  all) build_etcd; build_kube; build_helm; build_envoy_check; build_promtool; fetch_third_party_crds ;;
+  *) echo "usage: $0 [kube|etcd|helm|envoy-check|promtool|third-party-crds|all]" >&2; exit 2 ;;
 esac

@@ -10,4 +10,5 @@ pub mod reports;
 pub mod retention;
 pub mod settlement;
 pub mod status;
+pub mod topics;
 pub mod worker;

@@ -1,5 +1,6 @@
-//! `aigw-billing`: `ingest` (HTTP usage events from the plugin → Kafka `usage.events`) and `worker`
-//! (Kafka → pricing → ClickHouse + Redis + MySQL). See `docs/architecture.md` §6.
+//! `aigw-billing`: `ingest` (HTTP usage events from the plugin → Kafka `usage.events`), `worker`
+//! (Kafka → pricing → ClickHouse + Redis + MySQL) and `topics` (creates and keeps the Kafka topics,
+//! the chart's hook Job). See `docs/architecture.md` §6.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,7 +13,7 @@ use rdkafka::{
     producer::{FutureProducer, Producer},
 };
 
-/// AIGateway usage ingest and billing worker.
+/// AIGateway usage ingest and billing worker (and `aigw-billing topics --help`: the Kafka topics).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -97,8 +98,46 @@ enum Role {
     },
 }
 
+/// `aigw-billing topics`: parsed on its own (the servers' required options do not apply).
+#[derive(Debug, Parser)]
+#[command(version, name = "aigw-billing topics")]
+struct TopicsCli {
+    /// Kafka bootstrap servers (`host:port,…`).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    kafka_brokers: String,
+    /// A topic to create or keep: `name:partitions:replicationFactor:retentionMs` (repeat).
+    #[arg(long = "topic", required = true)]
+    topics: Vec<aigw_billing::topics::TopicSpec>,
+    /// How long Kafka may take for each operation.
+    #[arg(long, default_value_t = 30)]
+    timeout_secs: u64,
+}
+
+/// Creates or updates the topics (the chart's hook Job) and prints one line per topic.
+async fn topics() -> anyhow::Result<()> {
+    let cli = TopicsCli::parse_from(std::env::args().skip(1));
+    let report = aigw_billing::topics::ensure(
+        &cli.kafka_brokers,
+        &cli.topics,
+        Duration::from_secs(cli.timeout_secs),
+    )
+    .await?;
+    for (topic, changes) in report {
+        if changes.is_empty() {
+            println!("{topic}: as asked");
+        }
+        for change in changes {
+            println!("{topic}: {change}");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("topics") {
+        return topics().await;
+    }
     let cli = Cli::parse();
     init_tracing(cli.ops.log_format, &cli.ops.log)?;
 

@@ -85,6 +85,28 @@ struct Step {
     step: &'static str,
 }
 
+/// Labels of the per-tenant request counter: bounded (tenants are), never by token or user.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+    /// `usage_logs.status`: `success`, `error`, `no_usage`, `truncated`, `unreported`, `estimated`, …
+    status: String,
+}
+
+/// Labels of the per-channel request counter (a channel the mirror does not know is `unknown`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelLabels {
+    channel: String,
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenKind {
+    tenant: String,
+    /// prompt or completion.
+    kind: &'static str,
+}
+
 fn step_histogram() -> Histogram {
     Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0])
 }
@@ -104,9 +126,44 @@ pub struct Metrics {
     batch_seconds: Histogram,
     step_seconds: Family<Step, Histogram, fn() -> Histogram>,
     lag: Gauge,
+    requests: Family<TenantLabels, Counter>,
+    channel_requests: Family<ChannelLabels, Counter>,
+    tokens: Family<TokenKind, Counter>,
 }
 
 impl Metrics {
+    /// Counts one billed event by tenant, channel and tokens.
+    fn count(&self, b: &Billed, channel_known: bool) {
+        let status = b.row.status.clone();
+        self.requests
+            .get_or_create(&TenantLabels {
+                tenant: b.event.tenant.clone(),
+                status: status.clone(),
+            })
+            .inc();
+        self.channel_requests
+            .get_or_create(&ChannelLabels {
+                channel: if channel_known {
+                    b.event.channel.clone()
+                } else {
+                    "unknown".to_owned()
+                },
+                status,
+            })
+            .inc();
+        for (kind, n) in [
+            ("prompt", b.row.prompt_tokens),
+            ("completion", b.row.completion_tokens),
+        ] {
+            self.tokens
+                .get_or_create(&TokenKind {
+                    tenant: b.event.tenant.clone(),
+                    kind,
+                })
+                .inc_by(u64::from(n));
+        }
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             consumed: Counter::default(),
@@ -123,7 +180,25 @@ impl Metrics {
             ]),
             step_seconds: Family::new_with_constructor(step_histogram),
             lag: Gauge::default(),
+            requests: Family::default(),
+            channel_requests: Family::default(),
+            tokens: Family::default(),
         };
+        registry.register(
+            "requests",
+            "Billed requests by tenant and usage_logs status (the dashboards' and alerts' error rate)",
+            m.requests.clone(),
+        );
+        registry.register(
+            "channel_requests",
+            "Billed requests by upstream channel and status (channel success rate)",
+            m.channel_requests.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Billed tokens by tenant and kind (prompt, completion)",
+            m.tokens.clone(),
+        );
         registry.register(
             "worker_consumed",
             "Messages read from usage.events",
@@ -732,6 +807,10 @@ impl Worker {
         self.metrics.unknown_token.inc_by(unknown as u64);
         let no_cost = billed.iter().filter(|b| !b.upstream_known).count();
         self.metrics.upstream_cost_missing.inc_by(no_cost as u64);
+        for b in &billed {
+            self.metrics
+                .count(b, self.dir.channel(&b.event.channel).is_some());
+        }
         // 10. Token CR status, off the hot path and rate-limited by the writer.
         self.report_status(&billed).await;
         Ok(())

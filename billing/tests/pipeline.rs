@@ -98,6 +98,24 @@ async fn an_event_delivered_three_times_is_counted_once_and_poison_is_dead_lette
     // Another copy in a later batch, then one more after a restart.
     bed.produce(&[message(&a)]).await;
     bed.drained(30).await;
+    // Per tenant and per channel, counted once per billed event (copies are not requests).
+    let metrics = aigw_testkit::process::http_get(worker.ops_addr, "/metrics")
+        .unwrap()
+        .1;
+    for line in [
+        "aigw_billing_requests_total{tenant=\"1\",status=\"success\"} 1\n",
+        "aigw_billing_requests_total{tenant=\"globex\",status=\"success\"} 1\n",
+        "aigw_billing_tokens_total{tenant=\"1\",kind=\"prompt\"} 1000\n",
+        "aigw_billing_tokens_total{tenant=\"globex\",kind=\"prompt\"} 10\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    let by_channel: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("aigw_billing_channel_requests_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(by_channel, 2, "{metrics}");
     assert!(worker.terminate(15).unwrap().success());
     bed.produce(&[message(&a)]).await;
     let worker = bed.start_worker(100);

@@ -50,6 +50,23 @@ pub struct Config {
     pub credentials_namespace: String,
     /// How tenant domains get certificates (`crate::tls`).
     pub tls: crate::tls::Settings,
+    /// The operator's own rights in each tenant namespace (its key Secrets), granted by a
+    /// `RoleBinding` it writes there; `None` when it runs with cluster-wide rights (a developer's
+    /// kubeconfig).
+    pub tenant_grant: Option<TenantGrant>,
+}
+
+/// Who the operator is in the cluster, so it can bind its tenant-namespace role to itself: the
+/// chart's `ClusterRole` grants Secrets in no namespace but the credentials one, and lets the
+/// operator `bind` only this one role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantGrant {
+    /// The `ClusterRole` bound in each tenant namespace (`aigw-operator-tenant`).
+    pub cluster_role: String,
+    /// The operator's `ServiceAccount`.
+    pub service_account: String,
+    /// Its namespace.
+    pub namespace: String,
 }
 
 impl Config {
@@ -71,6 +88,7 @@ impl Config {
             model_router_image: "oci://registry.example/model-router:2.0.1".into(),
             credentials_namespace: "aigw-system".into(),
             tls: crate::tls::Settings::default(),
+            tenant_grant: None,
         }
     }
 

@@ -283,9 +283,6 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
         lean_stream(Api::<Token>::all(client.clone()), cfg.clone(), token_writer),
         token_store,
     )
-    .owns_stream(metadata_stream(Api::<PartialObjectMeta<Secret>>::all(
-        client.clone(),
-    )))
     .with_config(controller_config())
     .graceful_shutdown_on(stop())
     .run(

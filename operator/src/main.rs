@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use aigw_common::{OpsArgs, init_tracing, ops, probe, shutdown::Shutdown};
 use aigw_operator::{
-    context::{Config, Ctx, Metrics},
+    context::{Config, Ctx, Metrics, TenantGrant},
     keys::Sealer,
     leader::{self, Elector, Timing},
 };
@@ -114,6 +114,31 @@ struct Cli {
         default_value = "oci://higress-registry.cn-hangzhou.cr.aliyuncs.com/plugins/ext-auth:2.0.0"
     )]
     ext_auth_image: String,
+    /// The operator's `ServiceAccount` (the chart sets it from the pod spec). When set, the
+    /// operator binds `--tenant-cluster-role` to it in each tenant namespace it creates: its
+    /// only rights on Secrets there.
+    #[arg(long, env = "AIGW_SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// The `ClusterRole` bound to the operator in each tenant namespace.
+    #[arg(
+        long,
+        env = "AIGW_TENANT_CLUSTER_ROLE",
+        default_value = "aigw-operator-tenant"
+    )]
+    tenant_cluster_role: String,
+}
+
+/// The `tenant.events` producer, when Kafka is configured.
+fn tenant_events(brokers: Option<&str>) -> anyhow::Result<Option<FutureProducer>> {
+    Ok(match brokers {
+        Some(brokers) => Some(
+            ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .set("enable.idempotence", "true")
+                .create::<FutureProducer>()?,
+        ),
+        None => None,
+    })
 }
 
 #[tokio::main]
@@ -139,15 +164,7 @@ async fn main() -> anyhow::Result<()> {
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy(&cli.database_url)?;
     probe::mysql(&readiness, shutdown.clone(), pool.clone());
-    let events = match &cli.kafka_brokers {
-        Some(brokers) => Some(
-            ClientConfig::new()
-                .set("bootstrap.servers", brokers)
-                .set("enable.idempotence", "true")
-                .create::<FutureProducer>()?,
-        ),
-        None => None,
-    };
+    let events = tenant_events(cli.kafka_brokers.as_deref())?;
     let config = Config {
         higress_namespace: cli.higress_namespace,
         instance: cli.instance,
@@ -162,6 +179,11 @@ async fn main() -> anyhow::Result<()> {
         ext_auth_image: cli.ext_auth_image,
         model_router_image: cli.model_router_image,
         credentials_namespace: cli.credentials_namespace,
+        tenant_grant: cli.service_account.map(|sa| TenantGrant {
+            cluster_role: cli.tenant_cluster_role,
+            service_account: sa,
+            namespace: cli.leader_election_namespace.clone(),
+        }),
         tls: aigw_operator::tls::Settings {
             mode: cli.tls_mode,
             acme_email: cli.acme_email,

@@ -252,8 +252,13 @@ fn triggers(ctx: &Ctx) -> futures::stream::BoxStream<'static, ()> {
         |ar: &kube::api::ApiResource| Api::<DynamicObject>::namespaced_with(client.clone(), ns, ar);
     stream::select_all(vec![
         tick(watcher(Api::<Channel>::all(client.clone()), channels_cfg)),
+        // Channel credentials: the only Secrets the upstream config reads, in the one namespace
+        // where the operator's role lets it watch Secrets.
         tick(watcher(
-            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            Api::<PartialObjectMeta<Secret>>::namespaced(
+                client.clone(),
+                &ctx.config.credentials_namespace,
+            ),
             watcher::Config::default(),
         )),
         tick(watcher(

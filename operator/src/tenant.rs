@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 use aigw_crds::{
     FINALIZER, MANAGED_BY, Tenant, TenantStatus, TenantType, labels, tenant_namespace,
 };
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::{core::v1::Namespace, rbac::v1::RoleBinding};
 use kube::{
     Api, Resource, ResourceExt,
     api::{Patch, PatchParams, PostParams},
@@ -102,6 +102,44 @@ pub fn namespace_refusal(
     })
 }
 
+/// Name of the `RoleBinding` that gives the operator its rights in a tenant namespace.
+pub const GRANT_BINDING: &str = "aigw-operator";
+
+/// The operator's own `RoleBinding` in a tenant namespace: its `ServiceAccount` bound to the
+/// tenant-namespace `ClusterRole` (key Secrets there), owned by the Tenant like the namespace.
+///
+/// # Errors
+/// When the Tenant has no uid yet.
+pub fn grant_binding(
+    tenant: &Tenant,
+    namespace: &str,
+    grant: &crate::context::TenantGrant,
+) -> Result<RoleBinding> {
+    let owner = tenant
+        .controller_owner_ref(&())
+        .ok_or(Error::Missing("metadata.uid"))?;
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {
+            "name": GRANT_BINDING,
+            "namespace": namespace,
+            "labels": {labels::MANAGED_BY: MANAGED_BY, labels::TENANT: tenant.name_any()},
+            "ownerReferences": [owner],
+        },
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": grant.cluster_role,
+        },
+        "subjects": [{
+            "kind": "ServiceAccount",
+            "name": grant.service_account,
+            "namespace": grant.namespace,
+        }],
+    }))?)
+}
+
 async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
     let name = tenant.name_any();
     let desired = build(tenant)?;
@@ -126,6 +164,11 @@ async fn apply_tenant(tenant: &Tenant, ctx: &Ctx) -> Result<Action> {
         }
     } else {
         apply_over(ctx, &ns_api, &ns_name, &desired.namespace, live.as_ref()).await?;
+    }
+    if let Some(grant) = &ctx.config.tenant_grant {
+        let binding = grant_binding(tenant, &ns_name, grant)?;
+        let api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &ns_name);
+        crate::apply::apply(ctx, &api, GRANT_BINDING, &binding).await?;
     }
 
     let tenant_id = mirror_tenant(tenant, ctx).await?;

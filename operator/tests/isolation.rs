@@ -94,7 +94,7 @@ impl Harness {
     async fn tenant_admin(&self, ns: &str, user: &str) -> Client {
         let tb = Testbed::load().unwrap();
         let path = format!(
-            "{}/../deploy/rbac/tenant-admin.yaml",
+            "{}/../charts/aigateway/files/tenant-admin.yaml",
             env!("CARGO_MANIFEST_DIR")
         );
         let role: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
