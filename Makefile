@@ -85,3 +85,12 @@ fuzz: toolchain ## mutation-fuzz the usage parser for AIGW_FUZZ_SECS seconds (de
 .PHONY: down
 down: ## stop the test bed
 	$(TESTBED) down
+
+.PHONY: images
+images: toolchain ## OCI image layouts of the four binaries and the usage reporter's Wasm image in target/images (push with skopeo or crane)
+	cargo build --release --workspace --bins
+	$(MAKE) wasm
+	rm -rf target/images
+	for b in aigw-operator aigw-apiserver aigw-billing aigw-migrate; do \
+	  python3 scripts/oci-image.py binary --name $$b --binary target/release/$$b --out target/images/$$b; done
+	python3 scripts/oci-image.py wasm --name aigw-plugin --wasm target/wasm32-wasip1/wasm/aigw_plugin.wasm --out target/images/aigw-plugin

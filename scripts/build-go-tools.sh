@@ -3,8 +3,8 @@
 # checker (standin/envoy-check) from the Go module proxy into a version-keyed cache outside the
 # repo, so a second run is instant.
 #
-# usage: scripts/build-go-tools.sh [kube|etcd|helm|envoy-check|promtool|third-party-crds|all]
-#   envoy-check and third-party-crds also print the path they made on stdout.
+# usage: scripts/build-go-tools.sh [kube|etcd|helm|envoy-check|promtool|third-party-crds|oci-check|all]
+#   envoy-check, oci-check and third-party-crds also print the path they made on stdout.
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-v1.35.4}"
@@ -161,6 +161,22 @@ fetch_third_party_crds() {
   THIRD_PARTY_CRDS=$out
 }
 
+# The reader of our OCI image layouts (standin/oci-check, go-containerregistry), keyed by its sources.
+build_oci_check() {
+  local src
+  src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/standin/oci-check"
+  local key
+  key=$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-16)
+  local out="$CACHE/oci-check-$key"
+  if [[ ! -x "$out/oci-check" ]]; then
+    mkdir -p "$out"
+    log "building oci-check (go-containerregistry)"
+    (cd "$src" && quiet "$out/build.log" go build -trimpath -o "$out/oci-check.tmp" . &&
+      mv "$out/oci-check.tmp" "$out/oci-check")
+  fi
+  OCI_CHECK="$out/oci-check"
+}
+
 # The checker of the Envoy configs in our EnvoyFilters (standin/envoy-check), keyed by its sources.
 build_envoy_check() {
   local src
@@ -183,7 +199,8 @@ case "${1:-all}" in
   helm) build_helm ;;
   envoy-check) build_envoy_check; echo "$ENVOY_CHECK" ;;
   promtool) build_promtool ;;
+  oci-check) build_oci_check; echo "$OCI_CHECK" ;;
   third-party-crds) fetch_third_party_crds; echo "$THIRD_PARTY_CRDS" ;;
-  all) build_etcd; build_kube; build_helm; build_envoy_check; build_promtool; fetch_third_party_crds ;;
-  *) echo "usage: $0 [kube|etcd|helm|envoy-check|promtool|third-party-crds|all]" >&2; exit 2 ;;
+  all) build_etcd; build_kube; build_helm; build_envoy_check; build_promtool; fetch_third_party_crds; build_oci_check ;;
+  *) echo "usage: $0 [kube|etcd|helm|envoy-check|promtool|third-party-crds|oci-check|all]" >&2; exit 2 ;;
 esac

@@ -30,9 +30,9 @@ struct Cli {
     /// Address of the REST API listener.
     #[arg(long, env = "AIGW_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     listen_addr: SocketAddr,
-    /// MySQL URL (`mysql://user:pass@host:port/db`).
+    /// MySQL URL (`mysql://user:pass@host:port/db`); not used (nor needed) by `--role authz`.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    database_url: Option<String>,
     /// Redis URL (`redis://host:port/`).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis_url: String,
@@ -213,10 +213,20 @@ async fn main() -> anyhow::Result<()> {
 
     let client = kube::Client::try_default().await?;
     probe::kube(&readiness, shutdown.clone(), client.clone());
-    let pool = sqlx::mysql::MySqlPoolOptions::new()
-        .max_connections(8)
-        .connect_lazy(&cli.database_url)?;
-    probe::mysql(&readiness, shutdown.clone(), pool.clone());
+    // Authz decides from the index and Redis only: it gets no database credentials, and a MySQL
+    // outage does not take it out of service.
+    let pool = if cli.role == Role::Authz {
+        None
+    } else {
+        let url = cli.database_url.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("--database-url (DATABASE_URL) is required unless --role authz")
+        })?;
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(8)
+            .connect_lazy(url)?;
+        probe::mysql(&readiness, shutdown.clone(), pool.clone());
+        Some(pool)
+    };
     let redis = redis::Client::open(cli.redis_url.as_str())?;
     probe::redis(&readiness, shutdown.clone(), redis.clone());
 
@@ -233,7 +243,7 @@ async fn main() -> anyhow::Result<()> {
     )?;
 
     let mut tasks = Vec::new();
-    if cli.role != Role::Authz {
+    if let Some(pool) = pool {
         let sso = if let Some(dir) = &cli.oidc_keys_dir {
             let keys = sso::keys::Keys::load(dir).map_err(anyhow::Error::msg)?;
             keys.spawn_reload(Duration::from_mins(1), shutdown.clone());

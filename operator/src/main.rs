@@ -69,7 +69,7 @@ struct Cli {
     #[arg(
         long,
         env = "AIGW_USAGE_REPORTER_IMAGE",
-        default_value = "oci://registry.example/aigateway/aigw-plugin:0.1.0"
+        default_value = "oci://ghcr.io/aigateway/aigw-plugin:0.1.0"
     )]
     usage_reporter_image: String,
     /// Image of the Higress ai-proxy plugin.

@@ -202,6 +202,8 @@ async fn helm_lint_passes_and_the_apiserver_accepts_every_rendered_object() {
             "monitoring.prometheusRule.enabled=true,monitoring.dashboards.enabled=true",
             "--set",
             &datastore,
+            "--set",
+            &format!("credentials.namespace={stores},credentials.createNamespace=false"),
             // The CRDs (crds/ links to the generated crds/crds.yaml: one definition).
             "--include-crds",
         ],
@@ -217,9 +219,11 @@ async fn helm_lint_passes_and_the_apiserver_accepts_every_rendered_object() {
         ("ScaledObject", 1),
         ("NetworkPolicy", 7),
         ("Job", 2),
-        ("ClusterRole", 5),
+        ("ClusterRole", 6),
+        ("ValidatingAdmissionPolicy", 3),
+        ("ValidatingAdmissionPolicyBinding", 3),
         ("CustomResourceDefinition", 4),
-        ("Role", 3),
+        ("Role", 4),
         ("ServiceMonitor", 1),
         ("PrometheusRule", 1),
     ] {
@@ -273,6 +277,11 @@ fn bad_values_are_refused_with_a_message_naming_them() {
         ("kafka.brokers=kafka", "/kafka/brokers"),
         ("apiserver.authz.replicas=two", "/apiserver/authz/replicas"),
         ("sercrets.databaseUrl=x", "sercrets"),
+        ("mail.url=log:/var/mail", "/mail/url"),
+        (
+            "billing.worker.keda.minReplicas=0",
+            "/billing/worker/keda/minReplicas",
+        ),
     ] {
         let (ok, _, err) = template(&tb, "aigw-system", &["--set", set]);
         assert!(!ok, "{set} was accepted");
@@ -402,8 +411,12 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
     let base = tb.var("DATABASE_URL").unwrap();
     let database_url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
 
-    // Install as a user would (hooks aside), taking over the tenant-admin role an earlier test
-    // applied from the same file.
+    // Install as a user would, taking over the tenant-admin role an earlier test applied from the
+    // same file. No kubelet runs the hook Jobs here, so hooks are skipped and the one hook object
+    // the pods need, the config Secret, is applied as helm would apply it.
+    let creds = unique_name("aigw-creds");
+    let mut values = base_values(&tb, &database_url, &h.hns);
+    values.extend(["--set".to_owned(), format!("credentials.namespace={creds}")]);
     let (ok, out, err) = run(tool(&tb, "HELM")
         .args([
             "install",
@@ -414,8 +427,27 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
             "--no-hooks",
             "--take-ownership",
         ])
-        .args(base_values(&tb, &database_url, &h.hns)));
+        .args(&values));
     assert!(ok, "helm install: {out}{err}");
+    let (ok, hook, err) = run(tool(&tb, "HELM")
+        .args(["template", "aigateway", CHART, "--namespace", &ns])
+        .args(["--kube-version", &server_version(&tb)])
+        .args(["--show-only", "templates/config-secret.yaml"])
+        .args(&values));
+    assert!(ok, "{err}");
+    let config: Secret = serde_yaml::from_str(&hook).unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &config)
+        .await
+        .unwrap();
+    assert!(
+        Api::<Namespace>::all(client.clone())
+            .get_opt(&creds)
+            .await
+            .unwrap()
+            .is_some(),
+        "the chart made the credentials namespace"
+    );
 
     // The operator as its Deployment runs it: the env and mounted Secret of the installed
     // object, the ServiceAccount's token. Test-only: the ops port on a free local address, and
@@ -565,6 +597,197 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
             .map(|_| ()),
         "operator lists Deployments",
     );
+    // What RBAC cannot say, the admission policies refuse (the operator holds `rolebindings
+    // create`, `bind` on its tenant role and `namespaces patch`, cluster-wide).
+    let refused = |r: Result<_, kube::Error>, what: &str, says: &str| match r {
+        Err(kube::Error::Api(e)) if e.message.contains(says) => {}
+        other => panic!("{what}: expected a refusal saying {says:?}, got {other:?}"),
+    };
+    let self_binding = |namespace: &str, name: &str, subject: &str| -> RoleBinding {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "aigw-operator-tenant"},
+            "subjects": [{"kind": "ServiceAccount", "name": subject, "namespace": ns}],
+        }))
+        .unwrap()
+    };
+    for (namespace, name, subject, says) in [
+        (
+            "default",
+            "aigw-operator",
+            "aigw-operator",
+            "tenant namespace it created",
+        ),
+        (
+            ns.as_str(),
+            "aigw-operator",
+            "aigw-operator",
+            "tenant namespace it created",
+        ),
+        (
+            creds.as_str(),
+            "aigw-operator",
+            "aigw-operator",
+            "tenant namespace it created",
+        ),
+        (tns.as_str(), "aigw-operator", "default", "only to itself"),
+        (
+            tns.as_str(),
+            "sneaky",
+            "aigw-operator",
+            "its own RoleBinding",
+        ),
+    ] {
+        refused(
+            Api::<RoleBinding>::namespaced(as_operator.clone(), namespace)
+                .create(
+                    &PostParams::default(),
+                    &self_binding(namespace, name, subject),
+                )
+                .await
+                .map(|_| ()),
+            &format!("operator binds its tenant role as {name} to {subject} in {namespace}"),
+            says,
+        );
+    }
+    let ns_api: Api<Namespace> = Api::all(as_operator.clone());
+    let label = |key: &str| json!({"metadata": {"labels": {key: "x"}}});
+    for (target, patch, says) in [
+        (
+            "default",
+            label("aigateway.io/tenant"),
+            "only aigw-<tenant> namespaces",
+        ),
+        (
+            h.hns.as_str(),
+            label("app.kubernetes.io/managed-by"),
+            "only aigw-<tenant> namespaces",
+        ),
+        (
+            tns.as_str(),
+            label("aigateway.io/tenant"),
+            "tenant label of its own name",
+        ),
+    ] {
+        refused(
+            ns_api
+                .patch(
+                    target,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .map(|_| ()),
+            &format!("operator relabels namespace {target}"),
+            says,
+        );
+    }
+    refused(
+        ns_api
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": unique_name("aigw-fake"),
+                    "labels": {"app.kubernetes.io/managed-by": "aigateway"}}}))
+                .unwrap(),
+            )
+            .await
+            .map(|_| ()),
+        "operator makes a namespace with no Tenant",
+        "tenant label of its own name",
+    );
+    // The REST API's Secret rights: an Opaque aigw-channel-* Secret in the credentials namespace,
+    // nothing else (no service-account token, no other name, no other namespace).
+    let api_kubeconfig = service_account_kubeconfig(&tb, &ns, "aigw-apiserver", dir.path());
+    let as_api = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&api_kubeconfig).unwrap(),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let creds_secrets: Api<Secret> = Api::namespaced(as_api.clone(), &creds);
+    let secret = |name: &str, kind: &str, annotations: Value| -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations},
+            "type": kind, "stringData": {"apiKey": "sk-test"},
+        }))
+        .unwrap()
+    };
+    let token_secret = secret(
+        "aigw-channel-token",
+        "kubernetes.io/service-account-token",
+        json!({"kubernetes.io/service-account.name": "default"}),
+    );
+    refused(
+        creds_secrets
+            .create(&PostParams::default(), &token_secret)
+            .await
+            .map(|_| ()),
+        "apiserver mints a service-account token",
+        "only Opaque Secrets",
+    );
+    refused(
+        creds_secrets
+            .create(
+                &PostParams::default(),
+                &secret("aigw-config", "Opaque", json!({})),
+            )
+            .await
+            .map(|_| ()),
+        "apiserver writes a Secret not named aigw-channel-*",
+        "aigw-channel-<channel>",
+    );
+    forbidden(
+        Api::<Secret>::namespaced(as_api.clone(), &ns)
+            .create(
+                &PostParams::default(),
+                &secret("aigw-channel-x", "Opaque", json!({})),
+            )
+            .await
+            .map(|_| ()),
+        "apiserver writes a Secret in the release namespace",
+    );
+    creds_secrets
+        .create(
+            &PostParams::default(),
+            &secret("aigw-channel-ok", "Opaque", json!({})),
+        )
+        .await
+        .unwrap();
+    // The tenant admin: no RoleBindings, no status, no Secret writes in its own namespace either.
+    forbidden(
+        Api::<RoleBinding>::namespaced(as_admin.clone(), &tns)
+            .create(
+                &PostParams::default(),
+                &self_binding(&tns, "escalate", "aigw-operator"),
+            )
+            .await
+            .map(|_| ()),
+        "tenant admin creates a RoleBinding",
+    );
+    forbidden(
+        Api::<Token>::namespaced(as_admin.clone(), &tns)
+            .patch_status(
+                &token_name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&json!({"status": {"usedQuota": 0}})),
+            )
+            .await
+            .map(|_| ()),
+        "tenant admin resets its Token's usedQuota",
+    );
+    forbidden(
+        Api::<Secret>::namespaced(as_admin.clone(), &tns)
+            .create(
+                &PostParams::default(),
+                &secret("planted", "Opaque", json!({})),
+            )
+            .await
+            .map(|_| ()),
+        "tenant admin writes a Secret",
+    );
 
     // The other workloads' roles, asked of the RBAC authorizer for each call they make
     // (docs/deployment.md lists them) and for what they must not do.
@@ -585,9 +808,23 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
             "",
             true,
         ),
-        ("aigw-apiserver", "patch", "secrets", ns.as_str(), true),
-        ("aigw-apiserver", "get", "secrets", ns.as_str(), false),
+        ("aigw-apiserver", "patch", "secrets", creds.as_str(), true),
+        ("aigw-apiserver", "get", "secrets", creds.as_str(), false),
+        ("aigw-apiserver", "patch", "secrets", ns.as_str(), false),
         ("aigw-apiserver", "create", "secrets", tns.as_str(), false),
+        ("aigw-authz", "watch", "tokens.aigateway.io", "", true),
+        ("aigw-authz", "watch", "tenants.aigateway.io", "", true),
+        ("aigw-authz", "watch", "channels.aigateway.io", "", true),
+        (
+            "aigw-authz",
+            "create",
+            "tokens.aigateway.io",
+            tns.as_str(),
+            false,
+        ),
+        ("aigw-authz", "update", "tenants.aigateway.io", "", false),
+        ("aigw-authz", "get", "secrets", creds.as_str(), false),
+        ("aigw-authz", "patch", "secrets", creds.as_str(), false),
         (
             "aigw-apiserver",
             "patch",
@@ -617,7 +854,9 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
             tns.as_str(),
             false,
         ),
-        ("aigw-migrate", "list", "secrets", ns.as_str(), false),
+        ("aigw-operator", "get", "secrets", creds.as_str(), true),
+        ("aigw-operator", "get", "secrets", ns.as_str(), false),
+        ("default", "list", "secrets", ns.as_str(), false),
     ] {
         let (resource, sub) = resource
             .split_once('/')
@@ -728,11 +967,14 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
     let (ok, out, err) =
         run(tool(&tb, "HELM").args(["uninstall", "aigateway", "--namespace", &ns]));
     assert!(ok, "{out}{err}");
-    // The signing keys are kept on uninstall by design; this test removes them with its namespace.
-    Api::<Namespace>::all(client.clone())
-        .delete(&ns, &DeleteParams::default())
-        .await
-        .unwrap();
+    // The signing keys, the config Secret (a hook) and the credentials namespace are kept on
+    // uninstall by design; this test removes them with their namespaces.
+    for n in [&ns, &creds] {
+        Api::<Namespace>::all(client.clone())
+            .delete(n, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
     h.finish().await;
 }
 

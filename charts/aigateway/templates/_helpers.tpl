@@ -82,3 +82,14 @@ startupProbe:
 {{- end -}}
 
 {{- define "aigw.ingestSecretPath" -}}/etc/aigw/ingest/secret{{- end -}}
+
+{{/* Where the Channels' upstream-key Secrets live: its own namespace by default, so the rights on
+     them cover nothing else of the release's. */}}
+{{- define "aigw.credentialsNamespace" -}}
+{{ .Values.credentials.namespace | default .Release.Namespace }}
+{{- end -}}
+
+{{/* Restarts the pods when the chart's config Secret changes (the ingest secret is read at start). */}}
+{{- define "aigw.configChecksum" -}}
+checksum/config: {{ include (print .Template.BasePath "/config-secret.yaml") . | sha256sum }}
+{{- end -}}
