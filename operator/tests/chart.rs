@@ -880,6 +880,76 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
         );
     }
 
+    // authz and the REST API as their Deployments run them, each as its own ServiceAccount (the
+    // same test-only overrides: listeners on free local ports, the instance label).
+    let domain = docs[0]["spec"]["domains"][0].as_str().unwrap().to_owned();
+    let key = String::from_utf8(key.clone()).unwrap();
+    let mut running = Vec::new();
+    for (deployment, sa, listen_var) in [
+        ("aigw-authz", "aigw-authz", "AIGW_AUTHZ_ADDR"),
+        ("aigw-apiserver", "aigw-apiserver", "AIGW_LISTEN_ADDR"),
+    ] {
+        let d: Deployment = Api::namespaced(client.clone(), &ns)
+            .get(deployment)
+            .await
+            .unwrap();
+        let pod = serde_json::to_value(d.spec.unwrap().template).unwrap();
+        assert_eq!(pod["spec"]["serviceAccountName"], sa);
+        let mut env = pod_env(&client, &ns, &pod, dir.path()).await;
+        if deployment == "aigw-authz" {
+            assert!(
+                env.iter().all(|(k, _)| k != "DATABASE_URL"),
+                "authz gets no database credentials"
+            );
+        }
+        let listen = aigw_testkit::process::free_addr().unwrap().to_string();
+        env.retain(|(k, _)| k != "AIGW_OPS_ADDR" && k != listen_var);
+        env.push((listen_var.into(), listen.clone()));
+        let kubeconfig = service_account_kubeconfig(&tb, &ns, sa, dir.path());
+        env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+        env.push(("AIGW_INSTANCE".into(), h.instance.clone()));
+        let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let bin = env!("CARGO_BIN_EXE_aigw-operator").replace("aigw-operator", "aigw-apiserver");
+        let svc = Service::start(Path::new(&bin), &[], &vars).unwrap();
+        svc.wait_for_status("/readyz", 200, 60)
+            .unwrap_or_else(|e| panic!("{deployment} from its Deployment: {e}"));
+        running.push((svc, listen));
+    }
+    // authz found the operator-generated key through its read-only watches; a wrong key is 401.
+    let authz: std::net::SocketAddr = running[0].1.parse().unwrap();
+    let ask = |k: &str| {
+        let auth = format!("Bearer {k}");
+        aigw_testkit::process::http_send(
+            authz,
+            "POST",
+            "/authz",
+            &[
+                ("x-forwarded-host", domain.as_str()),
+                ("x-forwarded-uri", "/v1/chat/completions"),
+                ("x-forwarded-method", "POST"),
+                ("content-type", "application/json"),
+                ("authorization", auth.as_str()),
+            ],
+            br#"{"model":"gpt-4o","max_tokens":16,"messages":[]}"#,
+        )
+        .unwrap()
+    };
+    let good = eventually("authz knows the generated key", || async {
+        let r = ask(&key);
+        (r.status != 401).then_some(r)
+    })
+    .await;
+    assert_eq!(good.status, 200, "{good:?}");
+    assert!(good.header("x-aigw-token").is_some(), "{good:?}");
+    assert_eq!(ask("sk-not-a-key-of-anyone-000000000000").status, 401);
+    // The REST API serves its document (its readiness already needed MySQL, Redis, the index).
+    let api: std::net::SocketAddr = running[1].1.parse().unwrap();
+    let doc = aigw_testkit::process::http_request(api, "GET", "/api/v1/openapi.json", &[]).unwrap();
+    assert_eq!(doc.status, 200);
+    for (svc, _) in running {
+        assert!(svc.terminate(15).unwrap().success());
+    }
+
     // The topics hook Job's own arguments, against the test bed's Kafka (fresh topic names).
     let prefix = unique_name("chart");
     let (ok, yaml, err) = template(
