@@ -1,6 +1,7 @@
 //! AIGateway billing: usage ingest (HTTP → Kafka), the billing worker (Kafka → ClickHouse, Redis,
 //! MySQL), the pure pricing the worker applies, settlement and reports.
 
+pub mod alerts;
 pub mod directory;
 pub mod ingest;
 pub mod ledger;

@@ -95,6 +95,9 @@ enum Role {
         /// Redis key under which authz records admitted requests (the same value as authz's).
         #[arg(long, env = "AIGW_PENDING_KEY", default_value = aigw_common::quota::PENDING)]
         pending_key: String,
+        /// Topic of quota and channel alerts.
+        #[arg(long, env = "AIGW_ALERT_TOPIC", default_value = aigw_common::events::ALERT_EVENTS)]
+        alert_topic: String,
     },
 }
 
@@ -264,6 +267,7 @@ fn start_worker(
         status_sync_secs,
         pending_grace_secs,
         pending_key,
+        alert_topic,
     } = role
     else {
         anyhow::bail!("not the worker role");
@@ -295,6 +299,7 @@ fn start_worker(
         group,
         topic: base.topic,
         dlq_topic: base.dlq_topic,
+        alert_topic,
         batch_size: batch_size.max(1),
         batch_wait: Duration::from_millis(batch_wait_ms),
         dedupe_ttl: Duration::from_secs(dedupe_ttl_secs),

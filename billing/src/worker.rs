@@ -22,6 +22,7 @@ use std::{
 };
 
 use aigw_common::{
+    events::{AlertEvent, TokenRef},
     quota::{Reservation, SETTLE, TokenKeys},
     shutdown::Shutdown,
 };
@@ -57,6 +58,8 @@ pub struct Settings {
     pub group: String,
     pub topic: String,
     pub dlq_topic: String,
+    /// Where quota and channel alerts go (`alert.events`, [`crate::alerts`]).
+    pub alert_topic: String,
     /// Most messages per batch.
     pub batch_size: usize,
     /// Longest wait for a batch to fill once its first message arrived.
@@ -100,6 +103,13 @@ struct ChannelLabels {
     status: String,
 }
 
+/// Labels of the quota alerts sent: by tenant (bounded), never by token.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuotaAlert {
+    tenant: String,
+    kind: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenKind {
     tenant: String,
@@ -129,9 +139,34 @@ pub struct Metrics {
     requests: Family<TenantLabels, Counter>,
     channel_requests: Family<ChannelLabels, Counter>,
     tokens: Family<TokenKind, Counter>,
+    quota_alerts: Family<QuotaAlert, Counter>,
 }
 
 impl Metrics {
+    /// The bounded usage families: per tenant, per channel, quota alerts.
+    fn register_usage(&self, registry: &mut Registry) {
+        registry.register(
+            "quota_alerts",
+            "Quota alerts sent to alert.events, by tenant and kind (quotaLow, quotaExhausted)",
+            self.quota_alerts.clone(),
+        );
+        registry.register(
+                "requests",
+                "Billed requests by tenant and usage_logs status (the dashboards' and alerts' error rate)",
+                self.requests.clone(),
+            );
+        registry.register(
+            "channel_requests",
+            "Billed requests by upstream channel and status (channel success rate)",
+            self.channel_requests.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Billed tokens by tenant and kind (prompt, completion)",
+            self.tokens.clone(),
+        );
+    }
+
     /// Counts one billed event by tenant, channel and tokens.
     fn count(&self, b: &Billed, channel_known: bool) {
         let status = b.row.status.clone();
@@ -183,22 +218,9 @@ impl Metrics {
             requests: Family::default(),
             channel_requests: Family::default(),
             tokens: Family::default(),
+            quota_alerts: Family::default(),
         };
-        registry.register(
-            "requests",
-            "Billed requests by tenant and usage_logs status (the dashboards' and alerts' error rate)",
-            m.requests.clone(),
-        );
-        registry.register(
-            "channel_requests",
-            "Billed requests by upstream channel and status (channel success rate)",
-            m.channel_requests.clone(),
-        );
-        registry.register(
-            "tokens",
-            "Billed tokens by tenant and kind (prompt, completion)",
-            m.tokens.clone(),
-        );
+        m.register_usage(registry);
         registry.register(
             "worker_consumed",
             "Messages read from usage.events",
@@ -251,7 +273,7 @@ impl Metrics {
         );
         registry.register(
             "worker_step_seconds",
-            "Time of each step of a batch (parse, dedupe, price, dead_letter, clickhouse, redis, mysql, seen, commit)",
+            "Time of each step of a batch (parse, dedupe, price, dead_letter, clickhouse, redis, mysql, alerts, seen, commit)",
             m.step_seconds.clone(),
         );
         registry.register(
@@ -553,6 +575,7 @@ pub struct Worker {
     dir_loaded: Instant,
     metrics: Metrics,
     status: Option<StatusSink>,
+    health: crate::alerts::ChannelHealth,
 }
 
 impl std::fmt::Debug for Worker {
@@ -595,6 +618,7 @@ impl Worker {
             dir_loaded: Instant::now(),
             metrics,
             status,
+            health: crate::alerts::ChannelHealth::default(),
         })
     }
 
@@ -780,7 +804,7 @@ impl Worker {
         self.lap(&mut clock, "clickhouse");
         // 6. Redis: settle reservations and deduct quota, once per event; the events are no
         // longer pending (the sweep would otherwise bill their estimate).
-        let missing = self.settle(&billed).await?;
+        let (missing, mut alerts) = self.settle(&billed).await?;
         crate::pending::forget(
             &mut self.redis.clone(),
             &self.settings.pending,
@@ -795,6 +819,9 @@ impl Worker {
             .context("mysql aggregates")?;
         self.lap(&mut clock, "mysql");
         self.reseed(&missing).await?;
+        alerts.extend(self.channel_alerts(&billed));
+        self.send_alerts(&alerts).await?;
+        self.lap(&mut clock, "alerts");
         // 8. Only now: the events count as seen.
         self.record_seen(&billed).await?;
         self.lap(&mut clock, "seen");
@@ -945,7 +972,7 @@ impl Worker {
 
     /// Settles the batch in Redis: one `SETTLE` call per token (all of its events), pipelined.
     /// Settles the batch's events in Redis; returns the tokens whose `used` counter was missing.
-    async fn settle(&self, billed: &[Billed]) -> anyhow::Result<Vec<u64>> {
+    async fn settle(&self, billed: &[Billed]) -> anyhow::Result<(Vec<u64>, Vec<AlertEvent>)> {
         let mut per_token: HashMap<u64, (&TokenRow, Vec<&Billed>)> = HashMap::new();
         for b in billed {
             if let Some(t) = &b.token {
@@ -957,7 +984,7 @@ impl Worker {
             }
         }
         if per_token.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut conn = self.redis.clone();
         let sha: String = redis::cmd("SCRIPT")
@@ -969,6 +996,7 @@ impl Worker {
         let ttl = self.settings.dedupe_ttl.as_secs().max(1);
         let calls: Vec<(&TokenRow, Vec<&Billed>)> = per_token.into_values().collect();
         let mut missing = Vec::new();
+        let mut alerts = Vec::new();
         for chunk in calls.chunks(200) {
             let mut pipe = redis::pipe();
             for (token, events) in chunk {
@@ -988,15 +1016,96 @@ impl Worker {
                 }
                 pipe.add_command(cmd);
             }
-            let results: Vec<(i64, i64, i64)> =
+            let results: Vec<(i64, i64, i64, i64, i64)> =
                 pipe.query_async(&mut conn).await.context("redis settle")?;
-            for ((token, _), (_, _, existed)) in chunk.iter().zip(results) {
+            for ((token, events), (_, _, existed, added, used)) in chunk.iter().zip(results) {
                 if existed == 0 {
                     missing.push(token.id);
                 }
+                for kind in crate::alerts::quota_crossings(token.quota, added, used) {
+                    let last = events
+                        .iter()
+                        .map(|b| b.event.ended_at_ms)
+                        .max()
+                        .unwrap_or(0);
+                    alerts.push(AlertEvent {
+                        id: format!("{}:{}:{}", kind.as_str(), token.id, token.quota),
+                        kind,
+                        tenant: events.first().map(|b| b.event.tenant.clone()),
+                        token: Some(TokenRef {
+                            namespace: token.namespace.clone(),
+                            name: token.cr_name.clone(),
+                        }),
+                        used: Some(used),
+                        quota: Some(token.quota),
+                        channel: None,
+                        requests: None,
+                        failures: None,
+                        at_ms: last,
+                    });
+                }
             }
         }
-        Ok(missing)
+        Ok((missing, alerts))
+    }
+
+    /// Counts the batch into the channels' windows and returns the channels whose state changed.
+    fn channel_alerts(&mut self, billed: &[Billed]) -> Vec<AlertEvent> {
+        for b in billed {
+            let failed = matches!(b.row.status.as_str(), "error" | "truncated");
+            self.health
+                .record(&b.event.channel, b.event.ended_at_ms, failed);
+        }
+        self.health
+            .evaluate()
+            .into_iter()
+            .map(|c| AlertEvent {
+                id: format!("{}:{}:{}", c.kind.as_str(), c.channel, c.minute),
+                kind: c.kind,
+                tenant: None,
+                token: None,
+                used: None,
+                quota: None,
+                channel: Some(c.channel),
+                requests: Some(c.requests),
+                failures: Some(c.failures),
+                at_ms: c.minute.saturating_mul(60_000),
+            })
+            .collect()
+    }
+
+    /// Sends `alerts` to the alert topic and waits for Kafka's acknowledgements.
+    async fn send_alerts(&self, alerts: &[AlertEvent]) -> anyhow::Result<()> {
+        let mut pending = Vec::with_capacity(alerts.len());
+        for a in alerts {
+            let payload = a.to_json();
+            let record = FutureRecord::to(&self.settings.alert_topic)
+                .key(a.key())
+                .payload(&payload);
+            pending.push(
+                self.producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e)
+                    .context("alert enqueue")?,
+            );
+            tracing::warn!(kind = a.kind.as_str(), id = %a.id, tenant = a.tenant.as_deref().unwrap_or(""), channel = a.channel.as_deref().unwrap_or(""), "alert");
+            if let Some(tenant) = &a.tenant {
+                self.metrics
+                    .quota_alerts
+                    .get_or_create(&QuotaAlert {
+                        tenant: tenant.clone(),
+                        kind: a.kind.as_str(),
+                    })
+                    .inc();
+            }
+        }
+        for p in pending {
+            p.await
+                .context("alert producer gone")?
+                .map_err(|(e, _)| e)
+                .context("alert produce")?;
+        }
+        Ok(())
     }
 
     /// Re-seeds the `used` counters a settle found missing (Redis lost them) from MySQL's

@@ -297,13 +297,16 @@ return 1
 /// KEYS: tat, used, reserved, resv, resv:exp, then one settle marker per event.
 /// ARGV: marker ttl (s), then per event (in KEYS order) its reservation id (or `none`) and its
 /// actual amount.
-/// Returns `{settled, released}`: how many events were settled now (an event whose marker exists
-/// was settled before and changes nothing) and the sum of the reservations they released (0 for an
-/// expired reservation or none).
+/// Returns `{settled, released, existed, added, used}`: how many events were settled now (an event
+/// whose marker exists was settled before and changes nothing), the sum of the reservations they
+/// released (0 for an expired reservation or none), whether `used` existed before the call, how
+/// much the call added to `used`, and `used` after it (so `used - added` is the value before: the
+/// quota alerts' crossings are exact).
 pub const SETTLE: &str = r"
 local ttl = tonumber(ARGV[1])
 local settled = 0
 local released = 0
+local added = 0
 local existed = redis.call('EXISTS', KEYS[2])
 for i = 6, #KEYS do
   local id = ARGV[2 + (i - 6) * 2]
@@ -320,9 +323,10 @@ for i = 6, #KEYS do
       end
     end
     redis.call('INCRBY', KEYS[2], actual)
+    added = added + actual
   end
 end
-return {settled, released, existed}
+return {settled, released, existed, added, tonumber(redis.call('GET', KEYS[2]) or '0')}
 ";
 
 /// Raises a token's `used` counter to at least ARGV[1] (KEYS[1]: `used`). Billing calls it with the

@@ -152,7 +152,7 @@ async fn settle_many(
     c: &mut MultiplexedConnection,
     k: &TokenKeys,
     events: &[(&str, &str, i64)],
-) -> (i64, i64) {
+) -> (i64, i64, i64, i64) {
     let script = Script::new(SETTLE);
     let mut inv = script.prepare_invoke();
     for key in k.all() {
@@ -163,7 +163,8 @@ async fn settle_many(
         inv.key(k.settled(marker)).arg(*reservation).arg(*actual);
     }
     let v: Vec<i64> = inv.invoke_async(c).await.unwrap();
-    (v[0], v[1])
+    // settled, released, added, used after (index 2 is `existed`).
+    (v[0], v[1], v[3], v[4])
 }
 
 #[tokio::test]
@@ -185,7 +186,7 @@ async fn a_batch_of_events_settles_each_event_once() {
             &[("e1", "r1", 10), ("e2", "r2", 20), ("e3", "none", 30)]
         )
         .await,
-        (3, 300)
+        (3, 300, 60, 60)
     );
     assert_eq!(
         (get(&mut c, &k.used).await, get(&mut c, &k.reserved).await),
@@ -194,7 +195,7 @@ async fn a_batch_of_events_settles_each_event_once() {
     // A replayed batch with one new event: only the new one counts.
     assert_eq!(
         settle_many(&mut c, &k, &[("e2", "r2", 20), ("e4", "none", 5)]).await,
-        (1, 0)
+        (1, 0, 5, 65)
     );
     assert_eq!(get(&mut c, &k.used).await, 65);
 }

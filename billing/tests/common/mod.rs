@@ -61,6 +61,8 @@ pub struct Bed {
     pub ch_db: String,
     pub topic: String,
     pub dlq: String,
+    /// This test's `alert.events`.
+    pub alerts: String,
     pub group: String,
     /// Key hashes of tokens 11 and 12 (tenant 1) and 21 (tenant 2), unique to this test.
     pub hashes: BTreeMap<u64, String>,
@@ -74,7 +76,7 @@ impl Drop for Bed {
     /// await, and the test's runtime cannot block: a thread with its own runtime does it.)
     fn drop(&mut self) {
         let brokers = self.tb.kafka_brokers().unwrap_or_default().to_owned();
-        let topics = [self.topic.clone(), self.dlq.clone()];
+        let topics = [self.topic.clone(), self.dlq.clone(), self.alerts.clone()];
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -124,6 +126,7 @@ impl Bed {
 
         let topic = unique_ident(&format!("{purpose}_usage"));
         let dlq = format!("{topic}_dlq");
+        let alerts = format!("{topic}_alerts");
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", tb.kafka_brokers().unwrap())
             .create()
@@ -133,6 +136,7 @@ impl Bed {
                 &[
                     NewTopic::new(&topic, PARTITIONS, TopicReplication::Fixed(1)),
                     NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
+                    NewTopic::new(&alerts, 1, TopicReplication::Fixed(1)),
                 ],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
             )
@@ -190,6 +194,7 @@ impl Bed {
             ch_db,
             topic,
             dlq,
+            alerts,
             pending_key: format!("test:{group}:pending"),
             group,
             hashes,
@@ -224,6 +229,7 @@ impl Bed {
             ("CLICKHOUSE_DATABASE", self.ch_db.as_str()),
             ("AIGW_USAGE_TOPIC", self.topic.as_str()),
             ("AIGW_DLQ_TOPIC", self.dlq.as_str()),
+            ("AIGW_ALERT_TOPIC", self.alerts.as_str()),
             ("AIGW_BILLING_GROUP", self.group.as_str()),
             ("AIGW_CONSUMER_INSTANCE", "worker-0"),
             ("AIGW_BATCH_SIZE", batch.as_str()),
@@ -314,21 +320,34 @@ impl Bed {
 
     /// The dead-letter topic's messages: (reason header, payload).
     pub fn dead_letters(&self, expect: usize) -> Vec<(String, String)> {
+        self.read(&self.dlq, "reason", expect, Duration::from_mins(1))
+    }
+
+    /// `topic`'s messages from the start: (the `header` header or else the key, payload), until
+    /// `expect` are read or `wait` has passed.
+    pub fn read(
+        &self,
+        topic: &str,
+        header: &str,
+        expect: usize,
+        wait: Duration,
+    ) -> Vec<(String, String)> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.tb.kafka_brokers().unwrap())
-            .set("group.id", unique_ident("dlq_reader"))
+            .set("group.id", unique_ident("reader"))
             .set("auto.offset.reset", "earliest")
             .create()
             .unwrap();
-        c.subscribe(&[&self.dlq]).unwrap();
+        c.subscribe(&[topic]).unwrap();
         let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_mins(1);
+        let deadline = Instant::now() + wait;
         while out.len() < expect && Instant::now() < deadline {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(500)) {
                 let reason = m
                     .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "reason"))
+                    .and_then(|h| h.iter().find(|h| h.key == header))
                     .and_then(|h| h.value)
+                    .or_else(|| m.key())
                     .map(|v| String::from_utf8_lossy(v).into_owned())
                     .unwrap_or_default();
                 let payload = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();

@@ -30,6 +30,12 @@ groups:
     annotations:
       summary: The billing worker is more than {{ $a.consumerLag | int64 }} usage events behind
       runbook: docs/deployment.md#aigatewayconsumerlag
+  - alert: AIGatewayQuotaLow
+    expr: sum by (tenant) (increase(aigw_billing_quota_alerts_total{kind="quotaLow"}[15m])) > 0
+    labels: {severity: warning}
+    annotations:
+      summary: 'A token of tenant {{ "{{" }} $labels.tenant {{ "}}" }} has 10% or less of its quota left'
+      runbook: docs/deployment.md#aigatewayquotalow
   - alert: AIGatewayDeadLetters
     expr: sum(increase(aigw_billing_worker_dead_lettered_total[10m])) > 0
     labels: {severity: warning}
