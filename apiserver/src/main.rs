@@ -200,11 +200,11 @@ async fn main() -> anyhow::Result<()> {
         std::env::args().nth(1).as_deref(),
         Some("keygen" | "client" | "bootstrap-owner" | "openapi")
     ) {
-        init_tracing(aigw_common::LogFormat::Text, "warn")?;
+        let _telemetry = init_tracing(aigw_common::LogFormat::Text, "warn")?;
         return run_command(Tool::parse().command).await;
     }
     let cli = Cli::parse();
-    init_tracing(cli.ops.log_format, &cli.ops.log)?;
+    let _telemetry = init_tracing(cli.ops.log_format, &cli.ops.log)?;
 
     let shutdown = Shutdown::new();
     shutdown.on_signal();

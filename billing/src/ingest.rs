@@ -5,6 +5,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use aigw_common::telemetry;
 use aigw_plugin_core::{INGEST_SECRET_HEADER, UsageEvent};
 use axum::{
     Json, Router,
@@ -26,6 +27,7 @@ use rdkafka::{
     util::Timeout,
 };
 use serde_json::json;
+use tracing::Instrument as _;
 
 /// Largest accepted event body.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -205,13 +207,37 @@ async fn accept(
             return error(StatusCode::BAD_REQUEST, "invalid_event", reason);
         }
     };
+    let mut event = event;
     let key = event.dedupe_key();
-    let payload = match serde_json::to_vec(&event) {
+    // The request's trace, continued: this span's context replaces the reporter's in the event,
+    // so the worker's span is this one's child (unchanged when traces are off).
+    let span = tracing::info_span!(
+        "ingest",
+        trace_id = tracing::field::Empty,
+        tenant_id = event.tenant.as_str(),
+        user_id = event.user.as_str(),
+    );
+    telemetry::set_parent(
+        &span,
+        telemetry::from_traceparent(event.trace_parent.as_deref()),
+    );
+    if let Some(own) = telemetry::traceparent(&span) {
+        event.trace_parent = Some(own);
+    }
+    if let Some(id) = event.trace_parent.as_deref().and_then(telemetry::trace_id) {
+        span.record("trace_id", id);
+    }
+    produce(&ingest, &key, &event).instrument(span).await
+}
+
+/// Appends the accepted event to the usage topic and answers the reporter.
+async fn produce(ingest: &Ingest, key: &str, event: &UsageEvent) -> Response {
+    let payload = match serde_json::to_vec(event) {
         Ok(p) => p,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     };
     let record = FutureRecord::to(&ingest.settings.topic)
-        .key(&key)
+        .key(key)
         .payload(&payload);
     match ingest
         .producer

@@ -142,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         return topics().await;
     }
     let cli = Cli::parse();
-    init_tracing(cli.ops.log_format, &cli.ops.log)?;
+    let _telemetry = init_tracing(cli.ops.log_format, &cli.ops.log)?;
 
     let shutdown = Shutdown::new();
     shutdown.on_signal();

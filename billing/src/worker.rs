@@ -405,6 +405,35 @@ pub struct Bill {
     pub charged: Option<TokenUsage>,
 }
 
+/// A `bill` span per event that carries a trace context, child of ingest's span (when traces
+/// are exported; none otherwise).
+fn trace_spans(billed: &[Billed]) -> Vec<tracing::Span> {
+    if !aigw_common::telemetry::enabled() {
+        return Vec::new();
+    }
+    billed
+        .iter()
+        .filter_map(|b| {
+            let parent = b.event.trace_parent.as_deref()?;
+            let span = tracing::info_span!(
+                "bill",
+                trace_id = b.row.trace_id.as_str(),
+                tenant_id = b.event.tenant.as_str(),
+                user_id = b.event.user.as_str(),
+                event_id = b.event.event_id.as_str(),
+                model = b.event.model.as_str(),
+                tokens = b.row.total_tokens,
+                status = b.row.status.as_str(),
+            );
+            aigw_common::telemetry::set_parent(
+                &span,
+                aigw_common::telemetry::from_traceparent(Some(parent)),
+            );
+            Some(span)
+        })
+        .collect()
+}
+
 /// The result of pricing one event.
 pub type Billing = Result<Bill, DeadLetter>;
 
@@ -470,7 +499,12 @@ pub fn bill(dir: &Directory, event: &UsageEvent) -> Billing {
         .unwrap_or(usage.prompt_tokens + usage.completion_tokens);
     let row = UsageLogRow {
         event_id: event.event_id.clone(),
-        trace_id: event.event_id.clone(),
+        // The request's trace (authz → reporter → ingest → here), else its event id.
+        trace_id: event
+            .trace_parent
+            .as_deref()
+            .and_then(aigw_common::telemetry::trace_id)
+            .unwrap_or_else(|| event.event_id.clone()),
         tenant_id,
         user_id: token.as_ref().map_or(0, |t| t.user_id),
         token_id: token
@@ -783,6 +817,8 @@ impl Worker {
             }
         }
         self.lap(&mut clock, "price");
+        // Each billed request's span, in its own trace, open until the batch is done.
+        let _spans = trace_spans(&billed);
         // 4. Dead letters are on Kafka before anything is committed.
         if !*dead_lettered {
             self.dead_letter(&dead_letters).await?;

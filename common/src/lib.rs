@@ -1,7 +1,8 @@
 //! What every AIGateway service binary shares.
 //!
 //! - [`OpsArgs`]: the flags (and env vars) every binary takes for logging and its ops listener.
-//! - [`init_tracing`]: JSON logs by default (the seed's log format), text for local development.
+//! - [`init_tracing`]: JSON logs by default (the seed's log format), text for local development;
+//!   OpenTelemetry traces over OTLP when an endpoint is configured ([`telemetry`]).
 //! - [`ops`]: `/healthz`, `/readyz` and `/metrics` on a separate listener, so probes and scrapes
 //!   never queue behind product traffic.
 //! - [`shutdown`]: a future that resolves on SIGTERM or Ctrl-C, for graceful shutdown.
@@ -14,6 +15,7 @@ pub mod probe;
 pub mod quota;
 pub mod secret;
 pub mod shutdown;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 
@@ -53,24 +55,39 @@ pub enum InitError {
     },
     #[error("a global tracing subscriber is already installed")]
     AlreadyInitialised,
+    #[error("traces: {0}")]
+    Telemetry(String),
 }
 
-/// Installs the global tracing subscriber.
-pub fn init_tracing(format: LogFormat, filter: &str) -> Result<(), InitError> {
+/// Installs the global tracing subscriber: logs in `format` filtered by `filter`, and, when an
+/// OTLP endpoint is configured, span export ([`telemetry`]). Keep the returned guard until the
+/// process ends: dropping it flushes the spans not yet sent.
+///
+/// # Errors
+/// A malformed filter, a subscriber already installed, or an exporter that cannot be built.
+pub fn init_tracing(format: LogFormat, filter: &str) -> Result<telemetry::Guard, InitError> {
     let env_filter = EnvFilter::try_new(filter).map_err(|source| InitError::LogFilter {
         filter: filter.to_owned(),
         source,
     })?;
-    let registry = tracing_subscriber::registry().with(env_filter);
+    let seed = logfmt::SeedJson::for_this_process();
+    let provider = if telemetry::enabled() {
+        Some(telemetry::provider(seed.service()).map_err(InitError::Telemetry)?)
+    } else {
+        None
+    };
+    let otel = provider.as_ref().map(telemetry::layer);
+    let registry = tracing_subscriber::registry().with(env_filter).with(otel);
     let result = match format {
         LogFormat::Json => registry
             .with(
                 fmt::layer()
                     .fmt_fields(fmt::format::JsonFields::new())
-                    .event_format(logfmt::SeedJson::for_this_process()),
+                    .event_format(seed),
             )
             .try_init(),
         LogFormat::Text => registry.with(fmt::layer().with_target(true)).try_init(),
     };
-    result.map_err(|_| InitError::AlreadyInitialised)
+    result.map_err(|_| InitError::AlreadyInitialised)?;
+    Ok(telemetry::guard(provider))
 }

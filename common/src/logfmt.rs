@@ -38,6 +38,11 @@ impl SeedJson {
             .unwrap_or_else(|| "aigw".to_owned());
         Self { svc }
     }
+
+    /// The service name on each line (the binary's name).
+    pub fn service(&self) -> &str {
+        &self.svc
+    }
 }
 
 /// Collects an event's fields as JSON values.

@@ -701,9 +701,9 @@ fn plugins(
             "timeout": 1000,
             // The body too (authz sizes the reservation from it and reads the model there), up to
             // the bound authz itself reads.
-            "authorization_request": {"allowed_headers": [{"exact": headers::AUTHORIZATION}, {"exact": headers::API_KEY}, {"exact": MODEL_HEADER}, {"exact": headers::FALLBACK}],
+            "authorization_request": {"allowed_headers": [{"exact": headers::AUTHORIZATION}, {"exact": headers::API_KEY}, {"exact": MODEL_HEADER}, {"exact": headers::FALLBACK}, {"exact": headers::TRACEPARENT}],
                                       "with_request_body": true, "max_request_body_bytes": AUTHZ_MAX_BODY_BYTES},
-            "authorization_response": {"allowed_upstream_headers": [{"prefix": "x-aigw-"}, {"exact": "x-mse-consumer"}]}
+            "authorization_response": {"allowed_upstream_headers": [{"prefix": "x-aigw-"}, {"exact": "x-mse-consumer"}, {"exact": headers::TRACEPARENT}]}
         },
         "failure_mode_allow": false,
         "status_on_error": 503

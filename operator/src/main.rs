@@ -144,7 +144,7 @@ fn tenant_events(brokers: Option<&str>) -> anyhow::Result<Option<FutureProducer>
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.ops.log_format, &cli.ops.log)?;
+    let _telemetry = init_tracing(cli.ops.log_format, &cli.ops.log)?;
     // Before anything else: without the secret every usage report would be refused.
     let ingest_secret = cli.ingest_secret.load()?;
     // The reporter's ingest cluster must be one Envoy (and its internal route) can name.

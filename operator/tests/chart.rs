@@ -201,6 +201,8 @@ async fn helm_lint_passes_and_the_apiserver_accepts_every_rendered_object() {
             "--set",
             "monitoring.prometheusRule.enabled=true,monitoring.dashboards.enabled=true",
             "--set",
+            "tracing.otlpEndpoint=http://otel-collector.monitoring:4318",
+            "--set",
             &datastore,
             "--set",
             &format!("credentials.namespace={stores},credentials.createNamespace=false"),
@@ -210,6 +212,13 @@ async fn helm_lint_passes_and_the_apiserver_accepts_every_rendered_object() {
     );
     assert!(ok, "{err}");
     let kinds = kinds(&yaml);
+    // Every workload exports traces to the collector (5 workloads: 4 Deployments, 1 StatefulSet).
+    assert_eq!(
+        yaml.matches("value: \"http://otel-collector.monitoring:4318\"")
+            .count(),
+        5,
+        "OTLP endpoint on every workload"
+    );
     for (kind, n) in [
         ("Deployment", 4),
         ("StatefulSet", 1),
@@ -278,6 +287,7 @@ fn bad_values_are_refused_with_a_message_naming_them() {
         ("apiserver.authz.replicas=two", "/apiserver/authz/replicas"),
         ("sercrets.databaseUrl=x", "sercrets"),
         ("mail.url=log:/var/mail", "/mail/url"),
+        ("tracing.sampleRatio=2", "/tracing/sampleRatio"),
         (
             "billing.worker.keda.minReplicas=0",
             "/billing/worker/keda/minReplicas",

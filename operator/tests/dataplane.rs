@@ -68,6 +68,13 @@ async fn a_chat_completion_flows_key_to_route_to_provider_to_usage() {
         ("x-envoy-retriable-status-codes", "200"),
         ("x-envoy-max-retries", "10"),
         ("x-envoy-original-path", "/api/v1/tenants"),
+        // The client's W3C trace context: authz answers with it (no tracer runs in this test,
+        // so its own context is the client's), ext-auth copies it onto the request, the
+        // reporter puts it in the usage event.
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
     ] {
         req.headers.push((k.into(), v.into()));
     }
@@ -133,6 +140,11 @@ async fn a_chat_completion_flows_key_to_route_to_provider_to_usage() {
     assert_eq!(ev.tenant, tenant_id.to_string(), "{ev:?}");
     assert_eq!(ev.token, token_id.to_string(), "{ev:?}");
     assert_eq!(ev.model, "gpt-4o", "{ev:?}");
+    assert_eq!(
+        ev.trace_parent.as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        "the trace context reaches the event: {ev:?}"
+    );
     let expected = &meta["expected"];
     assert_eq!(
         (ev.usage.prompt_tokens, ev.usage.completion_tokens),

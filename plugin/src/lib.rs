@@ -286,6 +286,8 @@ struct Pending {
     estimate: Option<aigw_plugin_core::TokenUsage>,
     started: SystemTime,
     stream: bool,
+    /// The request's W3C trace context (authz's span, copied on by ext-auth), when well formed.
+    trace_parent: Option<String>,
 }
 
 #[derive(Debug)]
@@ -351,6 +353,9 @@ impl Request {
                 .and_then(|v| aigw_plugin_core::estimate::parse(&v)),
             started,
             stream: false,
+            trace_parent: self
+                .get_http_request_header(headers::TRACEPARENT)
+                .filter(|v| aigw_plugin_core::is_traceparent(v)),
         })
     }
 
@@ -408,6 +413,7 @@ impl Request {
             error: extracted.error,
             started_at_ms: millis(p.started),
             ended_at_ms: millis(ended_at).max(millis(p.started)),
+            trace_parent: p.trace_parent,
         };
         let body = match serde_json::to_vec(&event) {
             Ok(b) => b,

@@ -3,7 +3,10 @@
 
 use std::{sync::Arc, time::Instant};
 
-use aigw_common::quota::{ADMIT, PendingKeys, RETIRE, Reservation, TokenKeys, seen_key};
+use aigw_common::{
+    quota::{ADMIT, PendingKeys, RETIRE, Reservation, TokenKeys, seen_key},
+    telemetry,
+};
 use aigw_plugin_core::{
     EVENT_VERSION, Outcome as UsageOutcome, TokenUsage, UsageEvent, estimate, headers,
 };
@@ -21,6 +24,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use redis::aio::ConnectionManager;
+use tracing::Instrument as _;
 
 use super::{
     decide::{self, Denial},
@@ -178,11 +182,45 @@ async fn models(State(authz): State<Authz>, mut headers: HeaderMap) -> Response 
 
 async fn handle(State(authz): State<Authz>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
-    let result = decide(&authz, &headers, &body).await;
+    // The request's trace (the client's `traceparent`, or a new one when traces are on); its
+    // fields go on every log line of the decision, and its context back to the gateway.
+    let span = tracing::info_span!(
+        "authz",
+        trace_id = tracing::field::Empty,
+        tenant_id = tracing::field::Empty,
+        user_id = tracing::field::Empty,
+    );
+    telemetry::set_parent(&span, telemetry::from_headers(&headers));
+    let traceparent = telemetry::traceparent(&span).or_else(|| {
+        header(&headers, aigw_plugin_core::headers::TRACEPARENT)
+            .filter(|v| aigw_plugin_core::is_traceparent(v))
+            .map(str::to_owned)
+    });
+    if let Some(id) = traceparent.as_deref().and_then(telemetry::trace_id) {
+        span.record("trace_id", id);
+    }
+    let result = decide(&authz, &headers, &body)
+        .instrument(span.clone())
+        .await;
+    if let Ok(allow) = &result {
+        span.record("tenant_id", allow.tenant.as_str());
+        span.record("user_id", allow.user.as_str());
+    }
     authz
         .metrics
         .latency
         .observe(started.elapsed().as_secs_f64());
+    let mut response = respond(&authz, result);
+    if let Some(v) = traceparent.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        response
+            .headers_mut()
+            .insert(aigw_plugin_core::headers::TRACEPARENT, v);
+    }
+    response
+}
+
+/// The answer to a decision, counted by outcome.
+fn respond(authz: &Authz, result: Result<Allow, Denial>) -> Response {
     match result {
         Ok(allow) => {
             authz
@@ -424,6 +462,8 @@ async fn admit(
         error: Some("no usage report arrived before the reservation expired".into()),
         started_at_ms: now,
         ended_at_ms: now,
+        // The sweep bills it in the request's own trace.
+        trace_parent: aigw_common::telemetry::traceparent(&tracing::Span::current()),
     };
     let pending = serde_json::to_string(&pending).unwrap_or_default();
     let keys = TokenKeys::new(&admitted.hash);

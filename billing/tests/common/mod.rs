@@ -400,6 +400,7 @@ pub fn event(id: &str, tenant: &str, token: u64, model: &str, usage: TokenUsage)
         error: None,
         started_at_ms: 1_790_000_000_000,
         ended_at_ms: 1_790_000_000_850,
+        trace_parent: None,
     }
 }
 
@@ -432,6 +433,15 @@ pub async fn clickhouse_sums(ch: &clickhouse::Client, tenant: u64, final_: bool)
 pub const SECRET: &str = "test-ingest-secret";
 
 pub fn start_ingest(bed: &Bed, brokers: Option<&str>) -> (Service, std::net::SocketAddr) {
+    start_ingest_with(bed, brokers, &[])
+}
+
+/// With extra environment (e.g. an OTLP endpoint).
+pub fn start_ingest_with(
+    bed: &Bed,
+    brokers: Option<&str>,
+    extra: &[(&str, &str)],
+) -> (Service, std::net::SocketAddr) {
     let listen = aigw_testkit::process::free_addr().unwrap();
     let listen_s = listen.to_string();
     let mut envs = bed.tb.vars();
@@ -446,6 +456,7 @@ pub fn start_ingest(bed: &Bed, brokers: Option<&str>) -> (Service, std::net::Soc
         ("AIGW_LISTEN_ADDR", listen_s.as_str()),
         ("AIGW_PRODUCE_TIMEOUT_MS", "1500"),
     ]);
+    envs.extend(extra.iter().copied());
     let svc = Service::start(bin(), &["ingest"], &envs).unwrap();
     svc.wait_for("/healthz", 30, |s, _| s == 200).unwrap();
     (svc, listen)

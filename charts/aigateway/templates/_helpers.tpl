@@ -79,6 +79,14 @@ startupProbe:
   value: "0.0.0.0:9090"
 - name: AIGW_LOG_FORMAT
   value: json
+{{- with .Values.tracing.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: parentbased_traceidratio
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $.Values.tracing.sampleRatio | quote }}
+{{- end }}
 {{- end -}}
 
 {{- define "aigw.ingestSecretPath" -}}/etc/aigw/ingest/secret{{- end -}}

@@ -115,6 +115,22 @@ pub struct UsageEvent {
     pub started_at_ms: i64,
     /// Response end, Unix milliseconds.
     pub ended_at_ms: i64,
+    /// The W3C trace context of the request (`traceparent`, authz's span): ingest and the worker
+    /// continue its trace. Absent when the gateway passed none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
+}
+
+/// Whether `value` is a well-formed W3C `traceparent` (version 00 layout, non-zero ids): only such
+/// a value is carried on, never a client's arbitrary header.
+pub fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    matches!(parts.as_slice(), [v, t, p, f]
+        if hex(v, 2) && *v != "ff" && hex(t, 32) && nonzero(t) && hex(p, 16) && nonzero(p) && hex(f, 2))
 }
 
 fn none() -> String {
@@ -134,6 +150,8 @@ pub enum EventError {
     Empty(&'static str),
     #[error("usage event field {0} is longer than {MAX_ID_LEN} bytes")]
     TooLong(&'static str),
+    #[error("usage event field traceParent is not a W3C traceparent")]
+    TraceParent,
     #[error("usage event ends before it starts (startedAtMs {start} > endedAtMs {end})")]
     Time { start: i64, end: i64 },
 }
@@ -175,6 +193,13 @@ impl UsageEvent {
             if value.len() > MAX_ID_LEN {
                 return Err(EventError::TooLong(name));
             }
+        }
+        if self
+            .trace_parent
+            .as_deref()
+            .is_some_and(|t| !is_traceparent(t))
+        {
+            return Err(EventError::TraceParent);
         }
         if self.started_at_ms > self.ended_at_ms {
             return Err(EventError::Time {
@@ -226,6 +251,32 @@ mod tests {
             error: None,
             started_at_ms: 1_000,
             ended_at_ms: 1_250,
+            trace_parent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        }
+    }
+
+    #[test]
+    fn only_a_well_formed_traceparent_is_accepted() {
+        assert!(is_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "",
+            "junk",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(!is_traceparent(bad), "{bad}");
+            let mut e = event();
+            e.trace_parent = Some(bad.to_owned());
+            assert!(
+                matches!(e.validate(), Err(EventError::TraceParent)),
+                "{bad}"
+            );
         }
     }
 

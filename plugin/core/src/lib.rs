@@ -11,7 +11,7 @@ pub mod event;
 pub mod rules;
 pub mod scan;
 pub mod usage;
-pub use event::{EVENT_VERSION, EventError, Outcome, TokenUsage, UsageEvent};
+pub use event::{EVENT_VERSION, EventError, Outcome, TokenUsage, UsageEvent, is_traceparent};
 pub use usage::{Extracted, Framing, UsageParser};
 
 /// The config version this build understands.
@@ -157,6 +157,10 @@ pub mod headers {
     /// Where Higress's ai-proxy keeps the client's `Authorization` after putting the provider's
     /// key in its place: the tenant's own key.
     pub const ORIGINAL_AUTH: &str = "x-hi-original-auth";
+    /// The W3C trace context. authz answers with its own span's (continuing the client's trace,
+    /// or starting one); ext-auth copies it onto the request; the reporter puts it in the usage
+    /// event, so ingest and the worker continue the same trace (`common/src/telemetry.rs`).
+    pub const TRACEPARENT: &str = "traceparent";
     /// Where Envoy keeps the client's `:authority` when a plugin rewrites it (the tenant's domain).
     pub const ORIGINAL_HOST: &str = "x-envoy-original-host";
     /// The fallback grant authz issues with each admitted request: a random value, recorded with
