@@ -5,12 +5,13 @@
 //!
 //! Quota crossings are exact: the settle script returns, atomically, how much it added and the
 //! counter after, so `before = after - added` is the value before this batch's events; a retried
-//! batch adds nothing (its events are marked settled) and so crosses nothing twice. A crash between
-//! settling and sending loses that crossing (alerts are notifications; the bill is exact either
-//! way, and the `AIGatewayQuotaLow` rule reads the counter of sent ones).
+//! batch adds nothing (its events are marked settled) and so crosses nothing twice, and the
+//! worker keeps what the first attempt found for the retries (`worker::BatchState`). A crash
+//! between settling and sending loses that crossing (alerts are notifications; the bill is exact
+//! either way). A counter Redis lost (re-seeded from MySQL) is not judged in that batch.
 //!
-//! Channel health is judged per worker on the events it bills, in one-minute buckets over the
-//! last five minutes, once a channel has at least [`MIN_REQUESTS`] there; each worker sees its
+//! Channel health is judged per worker on the events it bills ([`channel_failed`]), in one-minute
+//! buckets over the last five minutes, once a channel has at least [`MIN_REQUESTS`] there; each worker sees its
 //! partitions' share, so with several workers a channel can be reported by more than one of them
 //! (the record id names the minute, so consumers can dedupe).
 
@@ -29,6 +30,15 @@ pub const MIN_REQUESTS: u64 = 20;
 
 /// Minutes in the window.
 pub const WINDOW_MINUTES: i64 = 5;
+
+/// Whether a billed request counts against its channel: the upstream failed it — no answer, a
+/// 5xx, or 429 (the provider's own limit on our key). A client's bad request (another 4xx) and a
+/// cut stream (which a client's abort also causes) are not the channel's fault, so no tenant can
+/// make a shared channel look degraded with its own requests.
+pub fn channel_failed(outcome: aigw_plugin_core::Outcome, status: u16) -> bool {
+    outcome == aigw_plugin_core::Outcome::UpstreamError
+        && (status == 0 || status == 429 || status >= 500)
+}
 
 /// The quota alerts `added` units took a token across, going from `after - added` to `after`.
 /// A negative quota is unlimited.
@@ -125,6 +135,16 @@ mod tests {
     #[test]
     fn quota_crossings_fire_once_at_ten_percent_and_at_zero() {
         use AlertKind::{QuotaExhausted, QuotaLow};
+        use aigw_plugin_core::Outcome;
+        assert!(channel_failed(Outcome::UpstreamError, 502));
+        assert!(channel_failed(Outcome::UpstreamError, 0));
+        assert!(channel_failed(Outcome::UpstreamError, 429));
+        assert!(
+            !channel_failed(Outcome::UpstreamError, 400),
+            "the client's bad request"
+        );
+        assert!(!channel_failed(Outcome::Truncated, 200), "a cut stream");
+        assert!(!channel_failed(Outcome::Complete, 200));
         // quota 1000: low from 900 used.
         assert_eq!(quota_crossings(1000, 100, 899), vec![]);
         assert_eq!(quota_crossings(1000, 1, 900), vec![QuotaLow]);

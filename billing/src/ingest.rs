@@ -221,7 +221,10 @@ async fn accept(
         &span,
         telemetry::from_traceparent(event.trace_parent.as_deref()),
     );
-    if let Some(own) = telemetry::traceparent(&span) {
+    // (An event without a trace stays without: its row keeps its event id as trace id.)
+    if event.trace_parent.is_some()
+        && let Some(own) = telemetry::traceparent(&span)
+    {
         event.trace_parent = Some(own);
     }
     if let Some(id) = event.trace_parent.as_deref().and_then(telemetry::trace_id) {

@@ -22,7 +22,7 @@ use std::{
 };
 
 use aigw_common::{
-    events::{AlertEvent, TokenRef},
+    events::{AlertEvent, AlertKind, TokenRef},
     quota::{Reservation, SETTLE, TokenKeys},
     shutdown::Shutdown,
 };
@@ -100,7 +100,8 @@ struct TenantLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ChannelLabels {
     channel: String,
-    status: String,
+    /// `ok`, or `failed` when the upstream failed it ([`crate::alerts::channel_failed`]).
+    result: &'static str,
 }
 
 /// Labels of the quota alerts sent: by tenant (bounded), never by token.
@@ -157,7 +158,7 @@ impl Metrics {
             );
         registry.register(
             "channel_requests",
-            "Billed requests by upstream channel and status (channel success rate)",
+            "Billed requests by upstream channel and result (ok, or failed by the upstream: no answer, 5xx, 429)",
             self.channel_requests.clone(),
         );
         registry.register(
@@ -183,7 +184,11 @@ impl Metrics {
                 } else {
                     "unknown".to_owned()
                 },
-                status,
+                result: if crate::alerts::channel_failed(b.event.outcome, b.event.status) {
+                    "failed"
+                } else {
+                    "ok"
+                },
             })
             .inc();
         for (kind, n) in [
@@ -597,6 +602,56 @@ fn subscribe(settings: &Settings) -> anyhow::Result<StreamConsumer> {
     Ok(consumer)
 }
 
+/// What one batch has done so far, kept across its retries.
+#[derive(Debug, Default)]
+pub struct BatchState {
+    /// Its dead letters are on Kafka.
+    pub dead_lettered: bool,
+    /// Its events are counted in the channel windows.
+    pub health_counted: bool,
+    /// The alerts it found (quota crossings are found only by the attempt that settled them).
+    pub alerts: Vec<AlertEvent>,
+    /// Tokens whose counter Redis did not have (a new token, or a lost counter): judged from
+    /// MySQL's total once the batch is in it.
+    pub deferred: Vec<Deferred>,
+    /// They are on Kafka.
+    pub alerts_sent: bool,
+}
+
+/// A token settled without a Redis counter to judge its crossing by.
+#[derive(Debug, Clone)]
+pub struct Deferred {
+    token: TokenRow,
+    tenant: String,
+    added: i64,
+    at_ms: i64,
+}
+
+/// A quota alert record.
+fn quota_alert(
+    kind: AlertKind,
+    token: &TokenRow,
+    tenant: &str,
+    used: i64,
+    at_ms: i64,
+) -> AlertEvent {
+    AlertEvent {
+        id: format!("{}:{}:{}", kind.as_str(), token.id, token.quota),
+        kind,
+        tenant: Some(tenant.to_owned()),
+        token: Some(TokenRef {
+            namespace: token.namespace.clone(),
+            name: token.cr_name.clone(),
+        }),
+        used: Some(used),
+        quota: Some(token.quota),
+        channel: None,
+        requests: None,
+        failures: None,
+        at_ms,
+    }
+}
+
 /// The worker's connections and state.
 pub struct Worker {
     settings: Settings,
@@ -690,11 +745,12 @@ impl Worker {
                 continue;
             }
             // Dead letters are sent once per batch even when a later step fails and the batch is
-            // retried (after a crash they may repeat; they carry their source offset).
-            let mut dead_lettered = false;
+            // retried (after a crash they may repeat; they carry their source offset); alerts
+            // found on the first attempt are kept for the retries.
+            let mut state = BatchState::default();
             loop {
                 let started = Instant::now();
-                match self.apply(&batch, &mut dead_lettered).await {
+                match self.apply(&batch, &mut state).await {
                     Ok(()) => {
                         self.metrics
                             .batch_seconds
@@ -773,7 +829,7 @@ impl Worker {
     }
 
     /// Applies one batch; see the module docs for the order and why it is safe to repeat.
-    pub async fn apply(&mut self, batch: &[Msg], dead_lettered: &mut bool) -> anyhow::Result<()> {
+    pub async fn apply(&mut self, batch: &[Msg], state: &mut BatchState) -> anyhow::Result<()> {
         self.refresh(false).await?;
         // 1. Parse and dedupe inside the batch. 2. Drop events already fully applied.
         // (Duplicates are counted once the batch is committed, so a retry does not count twice.)
@@ -820,9 +876,9 @@ impl Worker {
         // Each billed request's span, in its own trace, open until the batch is done.
         let _spans = trace_spans(&billed);
         // 4. Dead letters are on Kafka before anything is committed.
-        if !*dead_lettered {
+        if !state.dead_lettered {
             self.dead_letter(&dead_letters).await?;
-            *dead_lettered = true;
+            state.dead_lettered = true;
         }
         self.lap(&mut clock, "dead_letter");
         // 5. ClickHouse.
@@ -840,7 +896,7 @@ impl Worker {
         self.lap(&mut clock, "clickhouse");
         // 6. Redis: settle reservations and deduct quota, once per event; the events are no
         // longer pending (the sweep would otherwise bill their estimate).
-        let (missing, mut alerts) = self.settle(&billed).await?;
+        let missing = self.settle(&billed, state).await?;
         crate::pending::forget(
             &mut self.redis.clone(),
             &self.settings.pending,
@@ -855,8 +911,16 @@ impl Worker {
             .context("mysql aggregates")?;
         self.lap(&mut clock, "mysql");
         self.reseed(&missing).await?;
-        alerts.extend(self.channel_alerts(&billed));
-        self.send_alerts(&alerts).await?;
+        self.deferred_alerts(state).await?;
+        if !state.health_counted {
+            let changes = self.channel_alerts(&billed);
+            state.alerts.extend(changes);
+            state.health_counted = true;
+        }
+        if !state.alerts_sent {
+            self.send_alerts(&state.alerts).await?;
+            state.alerts_sent = true;
+        }
         self.lap(&mut clock, "alerts");
         // 8. Only now: the events count as seen.
         self.record_seen(&billed).await?;
@@ -1008,7 +1072,7 @@ impl Worker {
 
     /// Settles the batch in Redis: one `SETTLE` call per token (all of its events), pipelined.
     /// Settles the batch's events in Redis; returns the tokens whose `used` counter was missing.
-    async fn settle(&self, billed: &[Billed]) -> anyhow::Result<(Vec<u64>, Vec<AlertEvent>)> {
+    async fn settle(&self, billed: &[Billed], state: &mut BatchState) -> anyhow::Result<Vec<u64>> {
         let mut per_token: HashMap<u64, (&TokenRow, Vec<&Billed>)> = HashMap::new();
         for b in billed {
             if let Some(t) = &b.token {
@@ -1020,7 +1084,7 @@ impl Worker {
             }
         }
         if per_token.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(Vec::new());
         }
         let mut conn = self.redis.clone();
         let sha: String = redis::cmd("SCRIPT")
@@ -1032,7 +1096,6 @@ impl Worker {
         let ttl = self.settings.dedupe_ttl.as_secs().max(1);
         let calls: Vec<(&TokenRow, Vec<&Billed>)> = per_token.into_values().collect();
         let mut missing = Vec::new();
-        let mut alerts = Vec::new();
         for chunk in calls.chunks(200) {
             let mut pipe = redis::pipe();
             for (token, events) in chunk {
@@ -1055,40 +1118,68 @@ impl Worker {
             let results: Vec<(i64, i64, i64, i64, i64)> =
                 pipe.query_async(&mut conn).await.context("redis settle")?;
             for ((token, events), (_, _, existed, added, used)) in chunk.iter().zip(results) {
+                let tenant = events
+                    .first()
+                    .map(|b| b.event.tenant.clone())
+                    .unwrap_or_default();
+                let at_ms = events
+                    .iter()
+                    .map(|b| b.event.ended_at_ms)
+                    .max()
+                    .unwrap_or(0);
                 if existed == 0 {
+                    // No counter (a new token, or Redis lost it): `used` is this batch alone
+                    // until the re-seed, so the crossing is judged from MySQL's total.
                     missing.push(token.id);
+                    if added > 0 {
+                        state.deferred.push(Deferred {
+                            token: (*token).clone(),
+                            tenant,
+                            added,
+                            at_ms,
+                        });
+                    }
+                    continue;
                 }
+                // Kept in the batch's state as soon as found: a later chunk or step that fails
+                // makes the retry settle nothing here (its events are marked), but the alert
+                // found now is still sent.
                 for kind in crate::alerts::quota_crossings(token.quota, added, used) {
-                    let last = events
-                        .iter()
-                        .map(|b| b.event.ended_at_ms)
-                        .max()
-                        .unwrap_or(0);
-                    alerts.push(AlertEvent {
-                        id: format!("{}:{}:{}", kind.as_str(), token.id, token.quota),
-                        kind,
-                        tenant: events.first().map(|b| b.event.tenant.clone()),
-                        token: Some(TokenRef {
-                            namespace: token.namespace.clone(),
-                            name: token.cr_name.clone(),
-                        }),
-                        used: Some(used),
-                        quota: Some(token.quota),
-                        channel: None,
-                        requests: None,
-                        failures: None,
-                        at_ms: last,
-                    });
+                    state
+                        .alerts
+                        .push(quota_alert(kind, token, &tenant, used, at_ms));
                 }
             }
         }
-        Ok((missing, alerts))
+        Ok(missing)
+    }
+
+    /// Judges the tokens settled without a counter, from MySQL's total (which the ledger step has
+    /// just brought up to date, this batch included).
+    async fn deferred_alerts(&self, state: &mut BatchState) -> anyhow::Result<()> {
+        // Cleared only once all are judged: a failure here leaves them for the retry.
+        for d in state.deferred.clone() {
+            let total: Option<i64> =
+                sqlx::query_scalar("SELECT used_quota FROM tokens WHERE id = ?")
+                    .bind(i64::try_from(d.token.id).unwrap_or(i64::MAX))
+                    .fetch_optional(&self.db)
+                    .await
+                    .context("mysql used_quota")?;
+            let used = total.unwrap_or(d.added).max(d.added);
+            for kind in crate::alerts::quota_crossings(d.token.quota, d.added, used) {
+                state
+                    .alerts
+                    .push(quota_alert(kind, &d.token, &d.tenant, used, d.at_ms));
+            }
+        }
+        state.deferred.clear();
+        Ok(())
     }
 
     /// Counts the batch into the channels' windows and returns the channels whose state changed.
     fn channel_alerts(&mut self, billed: &[Billed]) -> Vec<AlertEvent> {
         for b in billed {
-            let failed = matches!(b.row.status.as_str(), "error" | "truncated");
+            let failed = crate::alerts::channel_failed(b.event.outcome, b.event.status);
             self.health
                 .record(&b.event.channel, b.event.ended_at_ms, failed);
         }

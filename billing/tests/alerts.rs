@@ -24,12 +24,18 @@ fn usage(prompt: u64) -> TokenUsage {
 #[tokio::test(flavor = "multi_thread")]
 async fn quota_crossings_and_a_failing_channel_become_alert_events_once() {
     let bed = Bed::new("alerts").await;
-    // Token 11 (tenant 1) gets a quota of 1,000; the others stay unlimited.
-    sqlx::query("UPDATE tokens SET quota = 1000 WHERE id = 11")
+    // Token 11 (tenant 1) gets a quota of 1,000, token 12 one of 50; 21 stays unlimited.
+    sqlx::query("UPDATE tokens SET quota = IF(id = 11, 1000, 50) WHERE id IN (11, 12)")
         .execute(&bed.db)
         .await
         .unwrap();
     let worker = bed.start_worker(100);
+
+    // Token 12's very first request uses it up: no Redis counter existed to judge by, so the
+    // crossing is judged from MySQL's total.
+    bed.produce(&[message(&event("n0", "1", 12, "gpt-4o", usage(60)))])
+        .await;
+    bed.drained(60).await;
 
     // 800 used: nothing yet. Then 100 more: 900 used, 10 % left → quotaLow.
     let first: Vec<_> = (0..8)
@@ -52,7 +58,8 @@ async fn quota_crossings_and_a_failing_channel_become_alert_events_once() {
         .await;
     bed.drained(60).await;
 
-    // A channel failing on every other request (tenant 2's unlimited token).
+    // A channel whose upstream fails every other request (502), among requests a client got
+    // wrong itself (400): only the upstream's failures count against the channel.
     let flaky: Vec<_> = (0..30)
         .map(|i| {
             let mut e = event(&format!("f{i}"), "globex", 21, "gpt-4o", usage(1));
@@ -65,10 +72,22 @@ async fn quota_crossings_and_a_failing_channel_become_alert_events_once() {
             message(&e)
         })
         .collect();
+    // A healthy channel that a client floods with its own bad requests: no alert.
+    let misused: Vec<_> = (0..30)
+        .map(|i| {
+            let mut e = event(&format!("m{i}"), "globex", 21, "gpt-4o", usage(1));
+            e.channel = "busy-main".into();
+            e.outcome = Outcome::UpstreamError;
+            e.status = 400;
+            e.error = Some("context_length_exceeded".into());
+            message(&e)
+        })
+        .collect();
+    bed.produce(&misused).await;
     bed.produce(&flaky).await;
     bed.drained(60).await;
 
-    let records = bed.read(&bed.alerts, "", 4, Duration::from_secs(20));
+    let records = bed.read(&bed.alerts, "", 5, Duration::from_secs(20));
     let alerts: Vec<(String, AlertEvent)> = records
         .iter()
         .map(|(key, payload)| (key.clone(), serde_json::from_str(payload).unwrap()))
@@ -77,18 +96,24 @@ async fn quota_crossings_and_a_failing_channel_become_alert_events_once() {
     assert_eq!(
         kinds,
         vec![
+            AlertKind::QuotaExhausted,
             AlertKind::QuotaLow,
             AlertKind::QuotaExhausted,
             AlertKind::ChannelDegraded
         ],
         "{records:?}"
     );
-    let (key, low) = &alerts[0];
+    let first = &alerts[0].1;
+    assert_eq!(
+        (first.token.as_ref().unwrap().name.as_str(), first.used),
+        ("tok-12", Some(60))
+    );
+    let (key, low) = &alerts[1];
     assert_eq!(key, "1", "quota alerts are keyed by the tenant");
     assert_eq!((low.used, low.quota), (Some(900), Some(1000)));
     assert_eq!(low.token.as_ref().unwrap().name, "tok-11");
-    assert_eq!(alerts[1].1.used, Some(1000));
-    let (key, degraded) = &alerts[2];
+    assert_eq!(alerts[2].1.used, Some(1000));
+    let (key, degraded) = &alerts[3];
     assert_eq!(key, "flaky-main", "channel alerts are keyed by the channel");
     // Judged once 20 requests were in its window (the batch boundaries decide which count).
     let (requests, failures) = (degraded.requests.unwrap(), degraded.failures.unwrap());
@@ -102,9 +127,60 @@ async fn quota_crossings_and_a_failing_channel_become_alert_events_once() {
         .1;
     for line in [
         "aigw_billing_quota_alerts_total{tenant=\"1\",kind=\"quotaLow\"} 1\n",
-        "aigw_billing_quota_alerts_total{tenant=\"1\",kind=\"quotaExhausted\"} 1\n",
+        "aigw_billing_quota_alerts_total{tenant=\"1\",kind=\"quotaExhausted\"} 2\n",
+        "aigw_billing_channel_requests_total{channel=\"unknown\",result=\"failed\"} 15\n",
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
+    assert!(worker.terminate(15).unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_alert_found_before_a_failed_step_is_sent_by_the_retry() {
+    let bed = Bed::new("alerts_retry").await;
+    sqlx::query("UPDATE tokens SET quota = 100 WHERE id = 12")
+        .execute(&bed.db)
+        .await
+        .unwrap();
+    let worker = bed.start_worker(100);
+    // A first request, so the token has its Redis counter.
+    bed.produce(&[message(&event("r0", "1", 12, "gpt-4o", usage(10)))])
+        .await;
+    bed.drained(60).await;
+    // The MySQL step (after the Redis settle) fails until the table is back: the retry settles
+    // nothing new (its events are marked), so only the state kept from the first attempt can
+    // still say that the quota was used up.
+    sqlx::query("RENAME TABLE usage_daily TO usage_daily_away")
+        .execute(&bed.db)
+        .await
+        .unwrap();
+    bed.produce(&[message(&event("r1", "1", 12, "gpt-4o", usage(90)))])
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        bed.redis_used(12).await,
+        100,
+        "settled before the failing step"
+    );
+    sqlx::query("RENAME TABLE usage_daily_away TO usage_daily")
+        .execute(&bed.db)
+        .await
+        .unwrap();
+    bed.drained(60).await;
+    let records = bed.read(&bed.alerts, "", 2, Duration::from_secs(15));
+    let kinds: Vec<AlertKind> = records
+        .iter()
+        .map(|(_, p)| serde_json::from_str::<AlertEvent>(p).unwrap().kind)
+        .collect();
+    assert_eq!(kinds, vec![AlertKind::QuotaExhausted], "{records:?}");
+    let metrics = aigw_testkit::process::http_get(worker.ops_addr, "/metrics")
+        .unwrap()
+        .1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("aigw_billing_worker_batch_errors_total") && !l.ends_with(" 0")),
+        "the batch did fail once: {metrics}"
+    );
     assert!(worker.terminate(15).unwrap().success());
 }

@@ -202,10 +202,6 @@ async fn handle(State(authz): State<Authz>, headers: HeaderMap, body: Bytes) -> 
     let result = decide(&authz, &headers, &body)
         .instrument(span.clone())
         .await;
-    if let Ok(allow) = &result {
-        span.record("tenant_id", allow.tenant.as_str());
-        span.record("user_id", allow.user.as_str());
-    }
     authz
         .metrics
         .latency
@@ -415,6 +411,10 @@ async fn admit(
     now: i64,
     second_pass: bool,
 ) -> Result<Allow, Denial> {
+    // Who is asking, on the request's span: every log line from here on carries it.
+    let span = tracing::Span::current();
+    span.record("tenant_id", admitted.tenant.id);
+    span.record("user_id", admitted.token.owner.as_str());
     let shape = request::shape(
         header(headers, "x-forwarded-uri"),
         header(headers, headers::MODEL),

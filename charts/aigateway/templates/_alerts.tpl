@@ -16,7 +16,7 @@ groups:
       runbook: docs/deployment.md#aigatewayhigherrorrate
   - alert: AIGatewayChannelSuccessLow
     expr: |
-      sum by (channel) (rate(aigw_billing_channel_requests_total{status!~"error|truncated"}[5m]))
+      sum by (channel) (rate(aigw_billing_channel_requests_total{result="ok"}[5m]))
         / sum by (channel) (rate(aigw_billing_channel_requests_total[5m])) < {{ $a.channelSuccessRate }}
     for: 5m
     labels: {severity: warning}

@@ -83,7 +83,7 @@ startupProbe:
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ . | quote }}
 - name: OTEL_TRACES_SAMPLER
-  value: parentbased_traceidratio
+  value: traceidratio
 - name: OTEL_TRACES_SAMPLER_ARG
   value: {{ $.Values.tracing.sampleRatio | quote }}
 {{- end }}
