@@ -293,6 +293,10 @@ async fn one_request_is_one_trace_from_authz_to_the_billed_row() {
         .unwrap();
     assert_eq!(rows, vec![client_trace.to_owned()]);
 
+    // authz's pending record of the admitted request (this test's own key).
+    aigw_testkit::delete_redis_prefix(&bed.tb.redis().unwrap(), &bed.pending_key)
+        .await
+        .unwrap();
     tenants
         .delete(&tenant, &DeleteParams::default())
         .await

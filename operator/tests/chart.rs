@@ -895,6 +895,7 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
     let domain = docs[0]["spec"]["domains"][0].as_str().unwrap().to_owned();
     let key = String::from_utf8(key.clone()).unwrap();
     let mut running = Vec::new();
+    let pending = format!("test:{}:pending", h.instance);
     for (deployment, sa, listen_var) in [
         ("aigw-authz", "aigw-authz", "AIGW_AUTHZ_ADDR"),
         ("aigw-apiserver", "aigw-apiserver", "AIGW_LISTEN_ADDR"),
@@ -918,6 +919,9 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
         let kubeconfig = service_account_kubeconfig(&tb, &ns, sa, dir.path());
         env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
         env.push(("AIGW_INSTANCE".into(), h.instance.clone()));
+        // Its admitted requests' pending records under this test's own key (removed below), so
+        // no other worker on the test bed ever sweeps and bills them.
+        env.push(("AIGW_PENDING_KEY".into(), pending.clone()));
         let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let bin = env!("CARGO_BIN_EXE_aigw-operator").replace("aigw-operator", "aigw-apiserver");
         let svc = Service::start(Path::new(&bin), &[], &vars).unwrap();
@@ -959,6 +963,9 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
     for (svc, _) in running {
         assert!(svc.terminate(15).unwrap().success());
     }
+    aigw_testkit::delete_redis_prefix(&tb.redis().unwrap(), &pending)
+        .await
+        .unwrap();
 
     // The topics hook Job's own arguments, against the test bed's Kafka (fresh topic names).
     let prefix = unique_name("chart");
