@@ -144,8 +144,13 @@ pub fn generate_api_key() -> String {
 /// SHA-256 of a key as 64 lowercase hex characters: what `keyHash`, MySQL and authz hold. The one
 /// hash rule, used by the operator, the REST API and authz.
 pub fn hash_api_key(key: &str) -> String {
+    hex::encode(api_key_digest(key))
+}
+
+/// The same hash as its 32 bytes (what authz's index is keyed by).
+pub fn api_key_digest(key: &str) -> [u8; 32] {
     use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(key.as_bytes()))
+    Sha256::digest(key.as_bytes()).into()
 }
 
 /// The display prefix of a key (`keyPrefix`).

@@ -218,8 +218,9 @@ pub struct Admitted {
 /// body afterwards: [`model_allowed`]).
 pub fn check(index: &Index, headers: &HeaderMap, now_ms: i64) -> Result<Admitted, Denial> {
     let key = api_key(headers).ok_or(Denial::InvalidKey)?;
-    let hash = hash(key);
-    let token = index.token(&hash).ok_or(Denial::InvalidKey)?;
+    let digest = aigw_crds::token::api_key_digest(key);
+    let token = index.token_by_digest(&digest).ok_or(Denial::InvalidKey)?;
+    let hash = hex::encode(digest);
     let tenant = index.tenant(&token.tenant).ok_or(Denial::InvalidKey)?;
     // A key presented on another tenant's domain looks exactly like an unknown key.
     let host = host(headers).ok_or(Denial::InvalidKey)?;
@@ -259,7 +260,7 @@ pub fn standing(
 
 /// Whether the token may use `model` (an empty allow-list allows all).
 pub fn model_allowed(token: &TokenRecord, model: &str) -> Result<(), Denial> {
-    if token.models.is_empty() || token.models.iter().any(|allowed| allowed == model) {
+    if token.models.is_empty() || token.models.iter().any(|allowed| &**allowed == model) {
         Ok(())
     } else {
         Err(Denial::ModelNotAllowed(model.to_owned()))

@@ -1,12 +1,13 @@
 //! The in-memory token and tenant index, fed by watches.
 //!
-//! Only what a decision needs is kept (a [`TokenRecord`] is a few hundred bytes), so a million
-//! tokens fit in well under a gigabyte. Watch events apply within milliseconds, so revocation,
+//! Only what a decision needs is kept, in one allocation per token (a [`TokenRecord`]), so a
+//! million tokens take about 215 MB. Watch events apply within milliseconds, so revocation,
 //! expiry changes and new tokens take effect well within a second. A re-list (watch restart)
 //! rebuilds the maps and drops what disappeared meanwhile.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    hash::{BuildHasher, RandomState},
     sync::{
         Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicBool, Ordering},
@@ -17,35 +18,62 @@ use aigw_crds::{
     Branding, Channel, Provider, TENANT_NAMESPACE_PREFIX, Tenant, TenantType, Token, TokenPhase,
 };
 use futures::StreamExt;
+use hashbrown::{HashTable, hash_table};
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Client, ResourceExt,
     runtime::watcher::{self, Event},
 };
 
-/// What authz needs of a Token.
+/// What authz needs of a Token, in one allocation: the tenant, owner and allow-list are shared
+/// with every other token holding the same (interned by the index), and the Token CR is known by
+/// a digest of its `namespace/name`, not by the name itself. About 160 bytes; with the index's two
+/// hash tables about 215 bytes a token (`tests/index_memory.rs` counts them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
+    /// SHA-256 of the key (`status.keyHash`, decoded).
+    pub hash: [u8; 32],
+    /// The Token CR: the first 16 bytes of SHA-256 of `namespace/name` ([`cr_digest`]).
+    pub cr: [u8; 16],
     /// Tenant name (the Tenant CR).
-    pub tenant: String,
-    /// `namespace/name` of the Token CR, for logs.
-    pub cr: String,
+    pub tenant: Arc<str>,
+    pub owner: Arc<str>,
+    /// Allowed models; empty allows all.
+    pub models: Arc<[Box<str>]>,
     /// MySQL id from the status (a token is indexed only once the operator has mirrored it).
     pub token_id: i64,
-    pub owner: String,
-    /// Allowed models; empty allows all.
-    pub models: Vec<String>,
     /// Total quota in tokens; -1 unlimited.
     pub quota: i64,
-    /// Requests per minute; 0 unlimited.
-    pub rate_limit: i32,
-    /// Expiry as Unix milliseconds.
-    pub expires_at_ms: Option<i64>,
-    pub disabled: bool,
-    pub exhausted: bool,
     /// What billing last published as used (`status.usedQuota`): the floor authz re-seeds a lost
     /// Redis counter to.
     pub used_floor: i64,
+    /// Expiry as Unix milliseconds.
+    pub expires_at_ms: Option<i64>,
+    /// Requests per minute; 0 unlimited.
+    pub rate_limit: i32,
+    pub disabled: bool,
+    pub exhausted: bool,
+}
+
+/// The identity the index keeps of a Token CR: the first 16 bytes of SHA-256 of
+/// `namespace/name`. A collision would need 2^64 names; a tenant cannot aim at another's token.
+pub fn cr_digest(namespace: &str, name: &str) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let full = Sha256::new()
+        .chain_update(namespace.as_bytes())
+        .chain_update(b"/")
+        .chain_update(name.as_bytes())
+        .finalize();
+    let mut out = [0; 16];
+    out.copy_from_slice(&full[..16]);
+    out
+}
+
+/// A `keyHash` (64 hex characters) as its 32 bytes; `None` when it is not one.
+pub fn key_hash_bytes(hex_hash: &str) -> Option<[u8; 32]> {
+    let mut out = [0; 32];
+    hex::decode_to_slice(hex_hash, &mut out).ok()?;
+    Some(out)
 }
 
 /// What authz needs of a Tenant.
@@ -75,19 +103,35 @@ impl TenantRecord {
     }
 }
 
-/// Converts a Token CR into its record and key hash; `None` when the token may not be admitted:
+/// What the index keeps of a Token CR before interning: its record's fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFields {
+    pub hash: [u8; 32],
+    pub tenant: String,
+    pub owner: String,
+    pub models: Vec<String>,
+    pub token_id: i64,
+    pub quota: i64,
+    pub rate_limit: i32,
+    pub expires_at_ms: Option<i64>,
+    pub disabled: bool,
+    pub exhausted: bool,
+    pub used_floor: i64,
+}
+
+/// Converts a Token CR into what its record holds; `None` when the token may not be admitted:
 ///
 /// - the operator has not mirrored it yet (no `status.tokenId`), so its usage could not be settled;
-/// - it has no `status.keyHash`: the operator writes the hash only once MySQL's unique key has
-///   given it to this token, so a Token claiming a hash another token already holds (its
-///   `spec.keyHash` alone proves nothing) never reaches the index;
+/// - it has no `status.keyHash` (or one that is not 64 hex characters): the operator writes the
+///   hash only once MySQL's unique key has given it to this token, so a Token claiming a hash
+///   another token already holds (its `spec.keyHash` alone proves nothing) never reaches the index;
 /// - it is being deleted (a finalizer may keep it visible for a while).
-pub fn token_record(token: &Token) -> Option<(String, TokenRecord)> {
+pub fn token_fields(token: &Token) -> Option<TokenFields> {
     if token.metadata.deletion_timestamp.is_some() {
         return None;
     }
     let status = token.status.as_ref()?;
-    let hash = status.key_hash.clone()?;
+    let hash = key_hash_bytes(status.key_hash.as_deref()?)?;
     let token_id = status.token_id?;
     let ns = token.namespace()?;
     let tenant = ns.strip_prefix(TENANT_NAMESPACE_PREFIX)?.to_owned();
@@ -96,22 +140,19 @@ pub fn token_record(token: &Token) -> Option<(String, TokenRecord)> {
         .expires_at
         .as_deref()
         .map(|e| e.parse::<Timestamp>().map_or(0, Timestamp::as_millisecond));
-    Some((
+    Some(TokenFields {
         hash,
-        TokenRecord {
-            tenant,
-            cr: format!("{ns}/{}", token.name_any()),
-            token_id,
-            owner: token.spec.owner.clone(),
-            models: token.spec.models.clone(),
-            quota: token.spec.quota,
-            rate_limit: token.spec.rate_limit,
-            expires_at_ms,
-            disabled: token.spec.disabled,
-            exhausted: status.phase == Some(TokenPhase::Exhausted),
-            used_floor: status.used_quota.unwrap_or(0),
-        },
-    ))
+        tenant,
+        owner: token.spec.owner.clone(),
+        models: token.spec.models.clone(),
+        token_id,
+        quota: token.spec.quota,
+        rate_limit: token.spec.rate_limit,
+        expires_at_ms,
+        disabled: token.spec.disabled,
+        exhausted: status.phase == Some(TokenPhase::Exhausted),
+        used_floor: status.used_quota.unwrap_or(0),
+    })
 }
 
 /// Converts a Tenant CR into its record; `None` while it is not mirrored (no `status.tenantId`,
@@ -131,52 +172,151 @@ pub fn tenant_record(tenant: &Tenant) -> Option<TenantRecord> {
     })
 }
 
+/// Interned values: one allocation per distinct value, shared by every record holding it.
+#[derive(Debug, Default)]
+struct Interned {
+    strings: HashSet<Arc<str>>,
+    model_lists: HashSet<Arc<[Box<str>]>>,
+}
+
+impl Interned {
+    fn string(&mut self, s: String) -> Arc<str> {
+        if let Some(known) = self.strings.get(s.as_str()) {
+            return known.clone();
+        }
+        let fresh: Arc<str> = Arc::from(s);
+        self.strings.insert(fresh.clone());
+        fresh
+    }
+
+    fn models(&mut self, models: Vec<String>) -> Arc<[Box<str>]> {
+        let list: Vec<Box<str>> = models.into_iter().map(String::into_boxed_str).collect();
+        if let Some(known) = self.model_lists.get(list.as_slice()) {
+            return known.clone();
+        }
+        let fresh: Arc<[Box<str>]> = Arc::from(list);
+        self.model_lists.insert(fresh.clone());
+        fresh
+    }
+
+    /// Forgets the values only `record` (about to be dropped) still used.
+    fn release(&mut self, record: &Arc<TokenRecord>) {
+        if Arc::strong_count(record) > 1 {
+            return; // a request still holds it; the values stay until the next re-list
+        }
+        for s in [&record.tenant, &record.owner] {
+            if Arc::strong_count(s) == 2 {
+                self.strings.remove(s);
+            }
+        }
+        if Arc::strong_count(&record.models) == 2 {
+            self.model_lists.remove(&record.models);
+        }
+    }
+}
+
+/// The order among claimants of one hash: the first MySQL owner (lowest token id) first.
+fn rank(a: &Arc<TokenRecord>, b: &Arc<TokenRecord>) -> std::cmp::Ordering {
+    (a.token_id, a.cr).cmp(&(b.token_id, b.cr))
+}
+
 #[derive(Debug, Default)]
 struct Tokens {
-    /// Key hash → the tokens whose status claims it, the first MySQL owner (lowest token id)
-    /// first. MySQL's unique key gives a hash to one token, so there is one claimant except while
-    /// a stale status is being corrected; the lookup then keeps answering for the first owner,
-    /// and a later claimant never displaces it, whatever order the watch events come in.
-    by_hash: HashMap<String, Vec<Arc<TokenRecord>>>,
-    /// `namespace/name` → hash, to drop the old claim when a token changes or goes.
-    hash_of: HashMap<String, String>,
+    /// Key hash → the first claimant of it. MySQL's unique key gives a hash to one token, so
+    /// there is one claimant except while a stale status is being corrected; the lookup then
+    /// keeps answering for the first owner, and a later claimant never displaces it, whatever
+    /// order the watch events come in.
+    by_hash: HashTable<Arc<TokenRecord>>,
+    /// Every claimant of a hash claimed more than once, the first first (rare).
+    contested: HashMap<[u8; 32], Vec<Arc<TokenRecord>>>,
+    /// Token CR ([`TokenRecord::cr`]) → its record, to drop the old claim when a token changes or
+    /// goes.
+    by_cr: HashTable<Arc<TokenRecord>>,
+    /// Keyed hashing for both tables: hashes and names are chosen by tenants, so the table
+    /// positions must not be predictable.
+    hasher: RandomState,
+    interned: Interned,
 }
 
 impl Tokens {
-    /// Forgets the token stored under `key` (`namespace/name`), if any; other claimants of its
-    /// hash stay.
-    fn unlink(&mut self, key: &str) {
-        let Some(old) = self.hash_of.remove(key) else {
+    /// Forgets the token `cr`, if any; other claimants of its hash stay.
+    fn unlink(&mut self, cr: &[u8; 16]) {
+        let hasher = &self.hasher;
+        let Ok(entry) = self.by_cr.find_entry(hasher.hash_one(cr), |r| &r.cr == cr) else {
             return;
         };
-        if let Some(claims) = self.by_hash.get_mut(&old) {
-            claims.retain(|r| r.cr != key);
-            if claims.is_empty() {
-                self.by_hash.remove(&old);
+        let (record, _) = entry.remove();
+        let at = hasher.hash_one(record.hash);
+        if let Some(claims) = self.contested.get_mut(&record.hash) {
+            claims.retain(|r| !Arc::ptr_eq(r, &record));
+            let first = claims.first().cloned();
+            if claims.len() <= 1 {
+                self.contested.remove(&record.hash);
+            }
+            if let (Some(first), Some(slot)) =
+                (first, self.by_hash.find_mut(at, |r| r.hash == record.hash))
+            {
+                *slot = first;
+            }
+        } else if let Ok(entry) = self.by_hash.find_entry(at, |r| Arc::ptr_eq(r, &record)) {
+            entry.remove();
+        }
+        self.interned.release(&record);
+    }
+
+    /// Adds the token `cr` with its record's fields.
+    fn link(&mut self, cr: [u8; 16], f: TokenFields) {
+        let record = Arc::new(TokenRecord {
+            hash: f.hash,
+            cr,
+            tenant: self.interned.string(f.tenant),
+            owner: self.interned.string(f.owner),
+            models: self.interned.models(f.models),
+            token_id: f.token_id,
+            quota: f.quota,
+            used_floor: f.used_floor,
+            expires_at_ms: f.expires_at_ms,
+            rate_limit: f.rate_limit,
+            disabled: f.disabled,
+            exhausted: f.exhausted,
+        });
+        let hasher = &self.hasher;
+        self.by_cr
+            .insert_unique(hasher.hash_one(cr), record.clone(), |r| {
+                hasher.hash_one(r.cr)
+            });
+        match self.by_hash.entry(
+            hasher.hash_one(record.hash),
+            |r| r.hash == record.hash,
+            |r| hasher.hash_one(r.hash),
+        ) {
+            hash_table::Entry::Vacant(slot) => {
+                slot.insert(record);
+            }
+            hash_table::Entry::Occupied(mut slot) => {
+                let claims = self
+                    .contested
+                    .entry(record.hash)
+                    .or_insert_with(|| vec![slot.get().clone()]);
+                claims.push(record);
+                claims.sort_by(rank);
+                if let Some(first) = claims.first() {
+                    *slot.get_mut() = first.clone();
+                }
             }
         }
     }
 
-    /// Adds a claim of `hash` by the token under `key`.
-    fn link(&mut self, key: String, hash: String, record: TokenRecord) {
-        self.hash_of.insert(key, hash.clone());
-        let claims = self.by_hash.entry(hash).or_default();
-        claims.push(Arc::new(record));
-        claims.sort_by(|a, b| (a.token_id, &a.cr).cmp(&(b.token_id, &b.cr)));
-    }
-
-    fn first(&self, hash: &str) -> Option<Arc<TokenRecord>> {
-        self.by_hash.get(hash).and_then(|c| c.first()).cloned()
+    fn first(&self, hash: &[u8; 32]) -> Option<Arc<TokenRecord>> {
+        self.by_hash
+            .find(self.hasher.hash_one(hash), |r| &r.hash == hash)
+            .cloned()
     }
 }
 
-/// The index key of a token: `namespace/name`.
-fn token_key(token: &Token) -> String {
-    format!(
-        "{}/{}",
-        token.namespace().unwrap_or_default(),
-        token.name_any()
-    )
+/// The index key of a token: the digest of `namespace/name`.
+fn token_key(token: &Token) -> [u8; 16] {
+    cr_digest(&token.namespace().unwrap_or_default(), &token.name_any())
 }
 
 /// Channel name → (the models it serves, whether it is a `generic` channel).
@@ -217,8 +357,13 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 impl Index {
-    /// The token with this key hash.
+    /// The token with this key hash (64 hex characters).
     pub fn token(&self, hash: &str) -> Option<Arc<TokenRecord>> {
+        self.token_by_digest(&key_hash_bytes(hash)?)
+    }
+
+    /// The token whose key has this SHA-256.
+    pub fn token_by_digest(&self, hash: &[u8; 32]) -> Option<Arc<TokenRecord>> {
         read(&self.tokens).first(hash)
     }
 
@@ -264,7 +409,7 @@ impl Index {
 
     /// Number of tokens indexed.
     pub fn len(&self) -> usize {
-        read(&self.tokens).hash_of.len()
+        read(&self.tokens).by_cr.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -288,7 +433,7 @@ impl Index {
                 .cloned()
                 .collect()
         } else {
-            token.models.clone()
+            token.models.iter().map(ToString::to_string).collect()
         };
         out.sort();
         out.dedup();
@@ -326,8 +471,8 @@ impl Index {
         let key = token_key(token);
         let mut t = write(&self.tokens);
         t.unlink(&key);
-        if let Some((hash, record)) = token_record(token) {
-            t.link(key, hash, record);
+        if let Some(fields) = token_fields(token) {
+            t.link(key, fields);
         }
     }
 
@@ -339,8 +484,8 @@ impl Index {
     fn replace_tokens(&self, all: Vec<Token>) {
         let mut fresh = Tokens::default();
         for token in &all {
-            if let Some((hash, record)) = token_record(token) {
-                fresh.link(token_key(token), hash, record);
+            if let Some(fields) = token_fields(token) {
+                fresh.link(token_key(token), fields);
             }
         }
         *write(&self.tokens) = fresh;
@@ -450,8 +595,14 @@ mod tests {
 
     use super::*;
 
+    /// A 64-hex-character key hash made of `s` repeated.
+    fn h(s: &str) -> String {
+        s.repeat(32)
+    }
+
     /// A token as the operator leaves it: `status.keyHash` and `status.tokenId` once mirrored.
     fn token(ns: &str, name: &str, hash: Option<&str>, id: Option<i64>) -> Token {
+        let hash = hash.map(h);
         serde_json::from_value(
             json!({"apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
             "metadata": {"name": name, "namespace": ns},
@@ -482,14 +633,14 @@ mod tests {
     fn a_changed_hash_replaces_the_old_entry_and_delete_removes_it() {
         let index = Index::default();
         index.upsert_token(&token("aigw-acme", "t1", Some("aa"), Some(1)));
-        assert_eq!(index.token("aa").unwrap().tenant, "acme");
+        assert_eq!(index.token(&h("aa")).unwrap().tenant.as_ref(), "acme");
         assert_eq!(
-            index.token("aa").unwrap().expires_at_ms,
+            index.token(&h("aa")).unwrap().expires_at_ms,
             Some(1_798_761_600_000)
         );
         index.upsert_token(&token("aigw-acme", "t1", Some("bb"), Some(1)));
-        assert!(index.token("aa").is_none());
-        assert!(index.token("bb").is_some());
+        assert!(index.token(&h("aa")).is_none());
+        assert!(index.token(&h("bb")).is_some());
         index.remove_token(&token("aigw-acme", "t1", None, None));
         assert!(index.is_empty());
         index.upsert_token(&token("aigw-acme", "t2", None, Some(2)));
@@ -497,29 +648,59 @@ mod tests {
     }
 
     #[test]
+    fn shared_values_are_interned_and_forgotten_with_their_last_token() {
+        let index = Index::default();
+        let (a, b) = (
+            token("aigw-acme", "a", Some("aa"), Some(1)),
+            token("aigw-acme", "b", Some("bb"), Some(2)),
+        );
+        index.upsert_token(&a);
+        index.upsert_token(&b);
+        let (ra, rb) = (
+            index.token(&h("aa")).unwrap(),
+            index.token(&h("bb")).unwrap(),
+        );
+        assert!(Arc::ptr_eq(&ra.owner, &rb.owner) && Arc::ptr_eq(&ra.tenant, &rb.tenant));
+        assert!(Arc::ptr_eq(&ra.models, &rb.models));
+        drop((ra, rb));
+        let interned = |i: &Index| read(&i.tokens).interned.strings.len();
+        assert_eq!(interned(&index), 2, "tenant and owner");
+        index.remove_token(&a);
+        assert_eq!(interned(&index), 2, "b still uses both");
+        index.remove_token(&b);
+        assert_eq!(interned(&index), 0);
+        assert!(read(&index.tokens).interned.model_lists.is_empty());
+        // A status hash that is not 64 hex characters is not a hash: nothing to index.
+        let mut odd = token("aigw-acme", "odd", Some("aa"), Some(3));
+        odd.status.as_mut().unwrap().key_hash = Some("not-a-hash".into());
+        index.upsert_token(&odd);
+        assert!(index.is_empty());
+    }
+
+    #[test]
     fn unmirrored_spec_only_and_deleting_tokens_are_not_admitted() {
         let index = Index::default();
         index.upsert_token(&token("aigw-acme", "new", Some("aa"), None));
         assert!(
-            index.token("aa").is_none(),
+            index.token(&h("aa")).is_none(),
             "no tokenId: usage could not be settled"
         );
         let mut spec_only = token("aigw-acme", "spec", Some("bb"), Some(3));
         spec_only.status.as_mut().unwrap().key_hash = None;
         index.upsert_token(&spec_only);
         assert!(
-            index.token("bb").is_none(),
+            index.token(&h("bb")).is_none(),
             "spec.keyHash alone is a claim, not a grant"
         );
         let mut deleting = token("aigw-acme", "gone", Some("cc"), Some(4));
         index.upsert_token(&deleting);
-        assert!(index.token("cc").is_some());
+        assert!(index.token(&h("cc")).is_some());
         deleting.metadata.deletion_timestamp = Some(
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
         );
         index.upsert_token(&deleting);
         assert!(
-            index.token("cc").is_none(),
+            index.token(&h("cc")).is_none(),
             "a deleting token stops at once"
         );
     }
@@ -539,13 +720,13 @@ mod tests {
                 index.upsert_token(&owner);
                 index.upsert_token(&intruder);
             }
-            assert_eq!(index.token("aa").unwrap().tenant, "a");
+            assert_eq!(index.token(&h("aa")).unwrap().tenant.as_ref(), "a");
             index.remove_token(&intruder);
-            assert_eq!(index.token("aa").unwrap().tenant, "a");
+            assert_eq!(index.token(&h("aa")).unwrap().tenant.as_ref(), "a");
             index.replace_tokens(vec![intruder.clone(), owner.clone()]);
-            assert_eq!(index.token("aa").unwrap().tenant, "a");
+            assert_eq!(index.token(&h("aa")).unwrap().tenant.as_ref(), "a");
             index.remove_token(&owner);
-            assert_eq!(index.token("aa").unwrap().tenant, "b");
+            assert_eq!(index.token(&h("aa")).unwrap().tenant.as_ref(), "b");
         }
     }
 

@@ -414,7 +414,7 @@ async fn admit(
     // Who is asking, on the request's span: every log line from here on carries it.
     let span = tracing::Span::current();
     span.record("tenant_id", admitted.tenant.id);
-    span.record("user_id", admitted.token.owner.as_str());
+    span.record("user_id", &*admitted.token.owner);
     let shape = request::shape(
         header(headers, "x-forwarded-uri"),
         header(headers, headers::MODEL),
@@ -443,7 +443,7 @@ async fn admit(
         version: EVENT_VERSION,
         event_id: id.clone(),
         tenant: admitted.tenant.id.to_string(),
-        user: token.owner.clone(),
+        user: token.owner.to_string(),
         token: token.token_id.to_string(),
         channel: String::new(),
         model: shape.model.clone(),
@@ -502,7 +502,7 @@ async fn admit(
     };
     Ok(Allow {
         tenant: admitted.tenant.id.to_string(),
-        user: token.owner.clone(),
+        user: token.owner.to_string(),
         token: token.token_id.to_string(),
         reservation,
         event_id: id,
