@@ -21,19 +21,6 @@ mod host;
 use std::time::Instant;
 
 use aigw_plugin_core::{Framing, UsageParser};
-use host::Drive;
-
-/// An OpenAI-style chat stream of `n` content chunks ending with a usage chunk and `[DONE]`.
-fn sse_stream(n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        out.extend(format!(
-            "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1790000000,\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {i} — some text with \\\"quotes\\\" and unicode é\"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
-        ).as_bytes());
-    }
-    out.extend(b"data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":100,\"completion_tokens\":5000,\"total_tokens\":5100}}\n\ndata: [DONE]\n\n");
-    out
-}
 
 fn json_body(mb: usize) -> Vec<u8> {
     let mut out =
@@ -68,38 +55,50 @@ fn native(name: &str, body: &[u8], framing: Framing) {
 }
 
 fn main() {
-    let sse = sse_stream(50_000);
+    let sse = host::text_stream(50_000);
     native("SSE stream", &sse, Framing::Sse);
+    native(
+        "recorded-shape OpenAI stream",
+        &host::openai_stream(40_000),
+        Framing::Sse,
+    );
     native("JSON body", &json_body(16), Framing::Json);
 
-    let config = br#"{"version":1,"mode":"report","ingestCluster":"ingest","ingestSecret":"x"}"#;
-    let (mut h, ok) = host::load_with(host::build_wasm(), config, true);
-    assert!(ok);
-    let id = h.new_http();
-    h.request_headers(
-        id,
-        &[
-            ("x-aigw-tenant", "1"),
-            ("x-aigw-token", "2"),
-            ("x-request-id", "r"),
-        ],
-        true,
-    );
-    h.response_headers(
-        id,
-        &[(":status", "200"), ("content-type", "text/event-stream")],
-        false,
-    );
-    let before = h.fuel_used();
-    let chunks: Vec<&[u8]> = sse.chunks(16 * 1024).collect();
-    for (i, c) in chunks.iter().enumerate() {
-        h.response_body(id, c, i + 1 == chunks.len());
+    for (name, body) in [
+        ("recorded-shape OpenAI stream", host::openai_stream(20_000)),
+        ("text-heavy stream", sse),
+    ] {
+        let (used, _) = host::parser_fuel(&body);
+        println!(
+            "wasm {name}: {:.1} MB, {used} instructions (fuel) = {:.1} instructions per byte",
+            body.len() as f64 / 1e6,
+            used as f64 / body.len() as f64
+        );
     }
-    let used = h.fuel_used() - before;
-    assert_eq!(h.state().calls.len(), 1, "the event was dispatched");
-    println!(
-        "wasm SSE stream: {:.1} MB, {used} instructions (fuel) = {:.0} instructions per KB",
-        sse.len() as f64 / 1e6,
-        used as f64 / (sse.len() as f64 / 1024.0)
-    );
+    // Where an event's instructions go: 2,000 events of one shape, less a stream of none.
+    let stream = |event: &str| -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..2_000 {
+            out.extend(format!("data: {event}\n\n").as_bytes());
+        }
+        out.extend(b"data: {\"object\":\"chat.completion.chunk\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}\n\ndata: [DONE]\n\n");
+        out
+    };
+    let (base, _) = host::parser_fuel(&stream(""));
+    println!("| SSE event data | wasm instructions per event |\n|---|---:|");
+    for event in [
+        "{}",
+        r#"{"a":1}"#,
+        r#"{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6,"g":7,"h":8,"i":9,"j":10}"#,
+        r#"{"a":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#,
+        r#"{"a":{"b":{"c":1}}}"#,
+        r#"{"object":"chat.completion.chunk"}"#,
+        r#"{"usage":null}"#,
+    ] {
+        let (used, _) = host::parser_fuel(&stream(event));
+        println!(
+            "| `{event}` | {:.0} |",
+            (used as f64 - base as f64) / 2_000.0
+        );
+    }
 }

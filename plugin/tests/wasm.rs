@@ -448,3 +448,37 @@ fn a_retired_root_context_sends_what_is_queued_before_it_says_done() {
     let (mut idle, _) = load(build_wasm(), REPORT);
     assert!(idle.retire_root());
 }
+
+/// The usage parser's cost inside the real `.wasm`, counted with fuel (one unit per executed wasm
+/// instruction), so it is deterministic: a regression fails here; timings stay in `make bench`.
+/// Measured 53.9 and 55.3 (2026-12-01; 152 and 155 before the scanner stopped allocating per
+/// capture and object); the aim is 30 (docs/benchmarks.md says what bounds it).
+#[test]
+#[allow(clippy::cast_precision_loss)]
+fn the_usage_parser_stays_within_its_instructions_per_response_byte() {
+    const BUDGET: f64 = 60.0;
+    let mut over = Vec::new();
+    for (name, body, budget) in [
+        (
+            "recorded-shape OpenAI stream",
+            host::openai_stream(2_000),
+            BUDGET,
+        ),
+        ("text-heavy stream", host::text_stream(2_000), BUDGET),
+    ] {
+        let (fuel, total) = host::parser_fuel(&body);
+        let per_byte = fuel as f64 / body.len() as f64;
+        println!(
+            "{name}: {} bytes, {fuel} instructions, {per_byte:.1} per byte",
+            body.len()
+        );
+        assert!(total > 4_000, "{name}: the usage was read ({total})");
+        if per_byte > budget {
+            over.push(format!("{name}: {per_byte:.1} (budget {budget})"));
+        }
+    }
+    assert!(
+        over.is_empty(),
+        "wasm instructions per response byte over budget: {over:?}"
+    );
+}

@@ -3,11 +3,15 @@
 //! It is fed a byte stream in arbitrary chunks (a chunk may end inside a string, a number, an escape
 //! or a UTF-8 character) and never holds a document: it tracks the container stack and the current
 //! key of each object, and copies out only the values whose path the caller asked for (e.g.
-//! `usage`, `message.usage`), each up to [`MAX_CAPTURE`] bytes. Memory is bounded by
-//! [`MAX_DEPTH`] × [`MAX_KEY`] + the captures, whatever the response size.
+//! `usage`, `message.usage`), each up to [`MAX_CAPTURE`] bytes, into one reused buffer. Memory is
+//! bounded by [`MAX_DEPTH`] × [`MAX_KEY`] + [`MAX_ARENA`], whatever the response size, and a
+//! document costs no allocation once the buffers have grown.
 //!
 //! A "document" ends whenever a root object closes — the whole body, one element of a root array
-//! (Gemini's non-SSE stream), or one SSE event's data.
+//! (Gemini's non-SSE stream), or one SSE event's data — and is handed to the caller then.
+//!
+//! Most bytes of a response are inside strings nobody captures, or inside keys; both are crossed
+//! a word at a time ([`find2`]), not byte by byte.
 
 /// Largest captured value; a larger one is dropped (and reported as oversized).
 pub const MAX_CAPTURE: usize = 16 * 1024;
@@ -17,25 +21,95 @@ pub const MAX_DEPTH: usize = 32;
 pub const MAX_KEY: usize = 64;
 /// Longest path of keys that can be captured.
 pub const MAX_PATH: usize = 4;
+/// Number of capture slots.
+pub const SLOTS: usize = 16;
+/// Most bytes the captures of one document may hold, counting values later replaced by a
+/// capture of the same slot; beyond it the buffer is compacted to the values still wanted.
+pub const MAX_ARENA: usize = 4 * MAX_CAPTURE;
 
-/// Decides which paths (object keys from the root) to capture.
-pub type Wanted = fn(&[&[u8]]) -> bool;
+/// Decides which paths (object keys from the root) to capture, and into which slot (below
+/// [`SLOTS`]): in a document, the last value captured into a slot is the one it holds.
+pub type Wanted = fn(&[&[u8]]) -> Option<u8>;
+
+/// The first position of `a` or `b` in `hay`, eight bytes at a time.
+pub fn find2(hay: &[u8], a: u8, b: u8) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let (pa, pb) = (LO * u64::from(a), LO * u64::from(b));
+    let mut words = hay.chunks_exact(8);
+    let mut at = 0;
+    for w in words.by_ref() {
+        let mut word = [0; 8];
+        word.copy_from_slice(w);
+        let v = u64::from_le_bytes(word);
+        let (xa, xb) = (v ^ pa, v ^ pb);
+        // A zero byte in `xa` or `xb` is a match; the lowest flagged byte is the first one.
+        let found = (xa.wrapping_sub(LO) & !xa | xb.wrapping_sub(LO) & !xb) & HI;
+        if found != 0 {
+            return Some(at + (found.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    words
+        .remainder()
+        .iter()
+        .position(|&c| c == a || c == b)
+        .map(|p| at + p)
+}
+
+/// The values one document captured, by slot.
+#[derive(Debug, Clone, Copy)]
+pub struct Document<'a> {
+    arena: &'a [u8],
+    slots: &'a [Option<(u32, u32)>; SLOTS],
+}
+
+impl<'a> Document<'a> {
+    /// The raw JSON of the value captured into `slot`, if any.
+    pub fn get(&self, slot: u8) -> Option<&'a [u8]> {
+        let (start, end) = (*self.slots.get(usize::from(slot))?)?;
+        self.arena.get(start as usize..end as usize)
+    }
+}
+
+/// An object's current key, held inline: opening an object allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Key {
+    bytes: [u8; MAX_KEY],
+    len: usize,
+}
+
+impl Key {
+    const EMPTY: Self = Self {
+        bytes: [0; MAX_KEY],
+        len: 0,
+    };
+
+    fn as_slice(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or_default()
+    }
+
+    /// Appends `more`; false (and nothing kept) when the key would be longer than [`MAX_KEY`].
+    fn extend(&mut self, more: &[u8]) -> bool {
+        match self.bytes.get_mut(self.len..self.len + more.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(more);
+                self.len += more.len();
+                true
+            }
+            None => false,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Frame {
     Object {
-        key: Vec<u8>,
+        key: Key,
         key_ok: bool,
         expecting_key: bool,
     },
     Array,
-}
-
-/// A value copied out of a document, with its path of object keys.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Capture {
-    pub path: Vec<String>,
-    pub raw: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +121,12 @@ enum Str {
 
 #[derive(Debug, Clone)]
 struct Active {
-    path: Vec<String>,
+    slot: u8,
     /// Stack depth at which the captured value lives (its container, if any, is one deeper).
     depth: usize,
-    raw: Vec<u8>,
+    /// Where its bytes start in the arena.
+    start: usize,
+    len: usize,
     oversized: bool,
     scalar: bool,
 }
@@ -68,10 +144,10 @@ pub struct Scanner {
     wanted: Wanted,
     /// A `:` was seen and its value has not started yet.
     pending: bool,
-    /// Values completed in the current document.
-    captures: Vec<Capture>,
-    /// Completed documents, each with its captures.
-    documents: Vec<Vec<Capture>>,
+    /// The captured bytes of the current document.
+    arena: Vec<u8>,
+    /// Each slot's value in the arena (start, end).
+    slots: [Option<(u32, u32)>; SLOTS],
     /// Some value was too large to keep.
     pub oversized: bool,
 }
@@ -86,8 +162,8 @@ impl Scanner {
             active: None,
             wanted,
             pending: false,
-            captures: Vec::new(),
-            documents: Vec::new(),
+            arena: Vec::new(),
+            slots: [None; SLOTS],
             oversized: false,
         }
     }
@@ -100,12 +176,8 @@ impl Scanner {
         self.escape = false;
         self.active = None;
         self.pending = false;
-        self.captures.clear();
-    }
-
-    /// Documents completed so far (drains them).
-    pub fn take_documents(&mut self) -> Vec<Vec<Capture>> {
-        std::mem::take(&mut self.documents)
+        self.arena.clear();
+        self.slots = [None; SLOTS];
     }
 
     fn depth(&self) -> usize {
@@ -131,7 +203,7 @@ impl Scanner {
                     if !key_ok || len == MAX_PATH {
                         return None;
                     }
-                    path[len] = key;
+                    path[len] = key.as_slice();
                     len += 1;
                 }
             }
@@ -143,23 +215,45 @@ impl Scanner {
         if let Some(a) = self.active.take() {
             if a.oversized {
                 self.oversized = true;
-            } else {
-                self.captures.push(Capture {
-                    path: a.path,
-                    raw: a.raw,
-                });
+                self.arena.truncate(a.start);
+            } else if let Some(slot) = self.slots.get_mut(usize::from(a.slot)) {
+                // Both fit in u32: the arena stays below MAX_ARENA + MAX_CAPTURE.
+                #[allow(clippy::cast_possible_truncation)]
+                let span = (a.start as u32, (a.start + a.len) as u32);
+                *slot = Some(span);
             }
         }
     }
 
     fn push_capture_byte(&mut self, b: u8) {
-        if let Some(a) = &mut self.active {
-            if a.raw.len() < MAX_CAPTURE {
-                a.raw.push(b);
+        self.push_capture_bytes(std::slice::from_ref(&b));
+    }
+
+    fn push_capture_bytes(&mut self, bytes: &[u8]) {
+        if let Some(a) = &mut self.active
+            && !a.oversized
+        {
+            if a.len + bytes.len() <= MAX_CAPTURE {
+                self.arena.extend_from_slice(bytes);
+                a.len += bytes.len();
             } else {
                 a.oversized = true;
             }
         }
+    }
+
+    /// Keeps only the values the slots still hold (repeated keys left older ones behind).
+    fn compact(&mut self) {
+        let mut fresh = Vec::with_capacity(self.arena.len());
+        for span in self.slots.iter_mut().flatten() {
+            let (start, end) = (span.0 as usize, span.1 as usize);
+            // Below MAX_ARENA: fits in u32.
+            #[allow(clippy::cast_possible_truncation)]
+            let at = fresh.len() as u32;
+            fresh.extend_from_slice(self.arena.get(start..end).unwrap_or_default());
+            *span = (at, at + (span.1 - span.0));
+        }
+        self.arena = fresh;
     }
 
     /// Called when a value starts at the current position (after `:` in an object, or as an array
@@ -171,46 +265,60 @@ impl Scanner {
         let Some((keys, len)) = self.value_path() else {
             return;
         };
-        if !(self.wanted)(&keys[..len]) {
+        let Some(slot) = (self.wanted)(&keys[..len]) else {
             return;
+        };
+        if self.arena.len() > MAX_ARENA {
+            self.compact();
         }
-        let path = keys[..len]
-            .iter()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .collect();
         self.active = Some(Active {
-            path,
+            slot,
             depth: self.depth(),
-            raw: Vec::new(),
+            start: self.arena.len(),
+            len: 0,
             oversized: false,
             scalar,
         });
     }
 
-    fn root_closed(&mut self) {
-        let doc = std::mem::take(&mut self.captures);
-        self.documents.push(doc);
+    /// A root object closed: the document goes to `on_document`, and its buffers are reused.
+    fn root_closed(&mut self, on_document: &mut impl FnMut(Document<'_>)) {
+        on_document(Document {
+            arena: &self.arena,
+            slots: &self.slots,
+        });
+        self.arena.clear();
+        self.slots = [None; SLOTS];
     }
 
-    /// Feeds a chunk.
-    pub fn feed(&mut self, chunk: &[u8]) {
+    /// Feeds a chunk; each document completed in it is handed to `on_document`.
+    pub fn feed(&mut self, chunk: &[u8], on_document: &mut impl FnMut(Document<'_>)) {
         let mut i = 0;
         while i < chunk.len() {
-            // Fast path: the inside of a string value nobody captures (most of a response's bytes:
-            // generated text, base64, encrypted reasoning) is skipped up to its next quote or
-            // backslash.
-            if self.string == Str::Value && self.active.is_none() && !self.escape {
-                match chunk[i..].iter().position(|&b| b == b'"' || b == b'\\') {
-                    Some(p) => i += p,
-                    None => return,
+            // Fast path: the inside of a string (most of a response's bytes: keys, generated
+            // text, base64, encrypted reasoning) is crossed up to its next quote or backslash in
+            // one step; a key is remembered and a captured value copied as one slice.
+            if self.string != Str::No && !self.escape {
+                let rest = &chunk[i..];
+                let run = find2(rest, b'"', b'\\').unwrap_or(rest.len());
+                if run > 0 {
+                    let part = &rest[..run];
+                    if self.string == Str::Key {
+                        self.key_bytes(part);
+                    }
+                    self.push_capture_bytes(part);
+                    i += run;
+                    if i == chunk.len() {
+                        return;
+                    }
                 }
             }
-            self.byte(chunk[i]);
+            self.byte(chunk[i], on_document);
             i += 1;
         }
     }
 
-    fn byte(&mut self, b: u8) {
+    fn byte(&mut self, b: u8, on_document: &mut impl FnMut(Document<'_>)) {
         if self.string != Str::No {
             self.string_byte(b);
             return;
@@ -219,7 +327,7 @@ impl Scanner {
         if let Some(a) = &self.active
             && a.scalar
             && a.depth == self.depth()
-            && !a.raw.is_empty()
+            && (a.len > 0 || a.oversized)
             && matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n')
         {
             self.finish_capture();
@@ -235,7 +343,7 @@ impl Scanner {
                 ) && self.overflow == 0;
                 if is_key {
                     if let Some(Frame::Object { key, key_ok, .. }) = self.stack.last_mut() {
-                        key.clear();
+                        key.len = 0;
                         *key_ok = true;
                     }
                     self.push_capture_byte(b);
@@ -252,7 +360,7 @@ impl Scanner {
                 if self.stack.len() < MAX_DEPTH && self.overflow == 0 {
                     self.stack.push(if b == b'{' {
                         Frame::Object {
-                            key: Vec::new(),
+                            key: Key::EMPTY,
                             key_ok: false,
                             expecting_key: true,
                         }
@@ -276,8 +384,8 @@ impl Scanner {
                         self.finish_capture();
                     }
                     // A root object closed: the whole body, or one element of a root array.
-                    if b == b'}' && self.stack.iter().all(|f| *f == Frame::Array) {
-                        self.root_closed();
+                    if b == b'}' && self.stack.iter().all(|f| matches!(f, Frame::Array)) {
+                        self.root_closed(on_document);
                     }
                 }
             }
@@ -342,12 +450,14 @@ impl Scanner {
     }
 
     fn key_byte(&mut self, b: u8) {
-        if let Some(Frame::Object { key, key_ok, .. }) = self.stack.last_mut() {
-            if key.len() < MAX_KEY {
-                key.push(b);
-            } else {
-                *key_ok = false;
-            }
+        self.key_bytes(std::slice::from_ref(&b));
+    }
+
+    fn key_bytes(&mut self, bytes: &[u8]) {
+        if let Some(Frame::Object { key, key_ok, .. }) = self.stack.last_mut()
+            && !key.extend(bytes)
+        {
+            *key_ok = false;
         }
     }
 }
@@ -356,23 +466,55 @@ impl Scanner {
 mod tests {
     use super::*;
 
-    fn wanted(p: &[&[u8]]) -> bool {
-        matches!(p, [b"usage" | b"model"] | [b"message", b"usage"])
+    const NAMES: [&str; 3] = ["model", "usage", "message.usage"];
+
+    fn wanted(p: &[&[u8]]) -> Option<u8> {
+        match p {
+            [b"model"] => Some(0),
+            [b"usage"] => Some(1),
+            [b"message", b"usage"] => Some(2),
+            _ => None,
+        }
     }
 
     fn scan(chunks: &[&[u8]]) -> Vec<Vec<(String, String)>> {
         let mut s = Scanner::new(wanted);
+        let mut docs = Vec::new();
         for c in chunks {
-            s.feed(c);
+            s.feed(c, &mut |d: Document<'_>| {
+                docs.push(
+                    (0..3)
+                        .filter_map(|slot| {
+                            let raw = d.get(slot)?;
+                            Some((
+                                NAMES[usize::from(slot)].to_owned(),
+                                String::from_utf8(raw.to_vec()).unwrap(),
+                            ))
+                        })
+                        .collect(),
+                );
+            });
         }
-        s.take_documents()
-            .into_iter()
-            .map(|d| {
-                d.into_iter()
-                    .map(|c| (c.path.join("."), String::from_utf8(c.raw).unwrap()))
-                    .collect()
-            })
-            .collect()
+        docs
+    }
+
+    #[test]
+    fn finds_either_byte_at_any_position() {
+        let hay: Vec<u8> = (0..40).map(|i| b'a' + (i % 20)).collect();
+        for at in 0..hay.len() {
+            for (x, other) in [(b'"', b'\\'), (b'\\', b'"')] {
+                let mut h = hay.clone();
+                h[at] = x;
+                if at + 3 < h.len() {
+                    h[at + 3] = other;
+                }
+                assert_eq!(find2(&h, b'"', b'\\'), Some(at), "at {at}");
+            }
+        }
+        assert_eq!(find2(&hay, b'"', b'\\'), None);
+        assert_eq!(find2(b"", b'"', b'\\'), None);
+        // Bytes whose difference from the needle would borrow into the next byte.
+        assert_eq!(find2(&[0x23, 0x01, 0x80, 0x22], b'"', b'\\'), Some(3));
     }
 
     #[test]
@@ -410,11 +552,31 @@ mod tests {
 
     #[test]
     fn any_split_gives_the_same_captures() {
-        let body = br#"{"model":"m\u00e9","usage":{"prompt_tokens":12,"x":"},{"},"usage2":1}"#;
+        let body = br#"{"model":"m\u00e9","usage":{"prompt_tokens":12,"x":"},{"},"usage2":1,"a_key_longer_than_eight_bytes":"and a value longer than that too","message":{"usage":{"k":"v\\"}}}"#;
         let whole = scan(&[body]);
+        assert_eq!(whole[0].len(), 3);
         for i in 0..=body.len() {
             assert_eq!(scan(&[&body[..i], &body[i..]]), whole, "split at {i}");
         }
+    }
+
+    #[test]
+    fn the_last_value_of_a_repeated_key_wins_and_memory_stays_bounded() {
+        let mut body = br#"{"usage":1"#.to_vec();
+        for i in 0..10_000 {
+            body.extend(format!(r#","usage":"{i:0>10}""#).as_bytes());
+        }
+        body.extend(br#","model":"m"}"#);
+        let mut s = Scanner::new(wanted);
+        let mut seen = Vec::new();
+        s.feed(&body, &mut |d: Document<'_>| {
+            seen.push((d.get(1).map(<[u8]>::to_vec), d.get(0).map(<[u8]>::to_vec)));
+        });
+        assert_eq!(
+            seen,
+            vec![(Some(br#""0000009999""#.to_vec()), Some(br#""m""#.to_vec()))]
+        );
+        assert!(s.arena.capacity() <= 2 * (MAX_ARENA + MAX_CAPTURE));
     }
 
     #[test]
@@ -423,8 +585,12 @@ mod tests {
         body.extend(std::iter::repeat_n(b'a', MAX_CAPTURE + 10));
         body.extend(br#""}"#);
         let mut s = Scanner::new(wanted);
-        s.feed(&body);
-        assert_eq!(s.take_documents(), vec![vec![]]);
+        let mut docs = 0;
+        s.feed(&body, &mut |d: Document<'_>| {
+            docs += 1;
+            assert!(d.get(1).is_none());
+        });
+        assert_eq!(docs, 1);
         assert!(s.oversized);
     }
 }

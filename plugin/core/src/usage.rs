@@ -13,9 +13,14 @@
 //! | Anthropic | `message.usage` of `message_start` (or `usage` of a `type: message` body), then each `message_delta.usage` field by field | prompt = input + cache write + cache read |
 //! | Gemini | `usageMetadata` of every chunk (cumulative) | last wins; completion = candidates + thoughts |
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
-use crate::{Outcome, TokenUsage, scan::Scanner};
+use crate::{
+    Outcome, TokenUsage,
+    scan::{Document, Scanner, find2},
+};
 
 /// How the body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,19 +55,31 @@ pub struct Extracted {
     pub error: Option<String>,
 }
 
-fn wanted(p: &[&[u8]]) -> bool {
-    matches!(
-        p,
-        [
-            b"usage"
-                | b"usageMetadata"
-                | b"model"
-                | b"modelVersion"
-                | b"type"
-                | b"object"
-                | b"error"
-        ] | [b"message" | b"response", b"usage" | b"model" | b"error"]
-    )
+// The capture slots: one per field of a document the rules read. `model` and `modelVersion`
+// share one (the last in the document wins), as do `message.*` and `response.*`.
+const TYPE: u8 = 0;
+const OBJECT: u8 = 1;
+const MODEL: u8 = 2;
+const USAGE: u8 = 3;
+const USAGE_METADATA: u8 = 4;
+const ERROR: u8 = 5;
+const NESTED_USAGE: u8 = 6;
+const NESTED_MODEL: u8 = 7;
+const NESTED_ERROR: u8 = 8;
+
+fn wanted(p: &[&[u8]]) -> Option<u8> {
+    Some(match p {
+        [b"type"] => TYPE,
+        [b"object"] => OBJECT,
+        [b"model" | b"modelVersion"] => MODEL,
+        [b"usage"] => USAGE,
+        [b"usageMetadata"] => USAGE_METADATA,
+        [b"error"] => ERROR,
+        [b"message" | b"response", b"usage"] => NESTED_USAGE,
+        [b"message" | b"response", b"model"] => NESTED_MODEL,
+        [b"message" | b"response", b"error"] => NESTED_ERROR,
+        _ => return None,
+    })
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -93,14 +110,8 @@ enum SseLine {
 pub struct UsageParser {
     framing: Framing,
     scanner: Scanner,
-    usage: TokenUsage,
-    anthropic: Option<Anthropic>,
-    model: Option<String>,
-    error: Option<String>,
-    /// A final marker was seen (`[DONE]`, `response.completed`, `message_stop`, a closed JSON body).
-    complete: bool,
-    /// Responses `response.incomplete`.
-    incomplete: bool,
+    /// What the documents said so far.
+    seen: Seen,
     // SSE line state.
     line: SseLine,
     field: Vec<u8>,
@@ -110,10 +121,24 @@ pub struct UsageParser {
     data_seen: bool,
     after_cr: bool,
     bytes: u64,
+}
+
+/// What the documents of a response said so far.
+#[allow(clippy::struct_excessive_bools)]
+#[derive(Debug, Default)]
+struct Seen {
+    usage: TokenUsage,
+    anthropic: Option<Anthropic>,
+    model: Option<String>,
+    error: Option<String>,
+    /// A final marker was seen (`[DONE]`, `response.completed`, `message_stop`, a closed JSON body).
+    complete: bool,
+    /// Responses `response.incomplete`.
+    incomplete: bool,
     /// The stream's format ends with a marker.
     expects_marker: bool,
     /// At least one JSON document closed.
-    documents_seen: bool,
+    any_document: bool,
 }
 
 const DONE: &[u8] = b"[DONE]";
@@ -129,12 +154,7 @@ impl UsageParser {
         Self {
             framing,
             scanner: Scanner::new(wanted),
-            usage: TokenUsage::default(),
-            anthropic: None,
-            model: None,
-            error: None,
-            complete: false,
-            incomplete: false,
+            seen: Seen::default(),
             line: SseLine::Field,
             field: Vec::new(),
             event: Vec::new(),
@@ -142,8 +162,6 @@ impl UsageParser {
             data_seen: false,
             after_cr: false,
             bytes: 0,
-            expects_marker: false,
-            documents_seen: false,
         }
     }
 
@@ -163,10 +181,7 @@ impl UsageParser {
         }
         self.bytes += chunk.len() as u64;
         match self.framing {
-            Framing::Json => {
-                self.scanner.feed(chunk);
-                self.drain_documents();
-            }
+            Framing::Json => self.scanner.feed(chunk, &mut |d| self.seen.document(d)),
             _ => self.feed_sse(chunk),
         }
     }
@@ -195,7 +210,7 @@ impl UsageParser {
                             b"data" => {
                                 if self.data_seen {
                                     // Multi-line data joins with a newline (JSON whitespace).
-                                    self.scanner.feed(b"\n");
+                                    self.scanner.feed(b"\n", &mut |d| self.seen.document(d));
                                     if self.data_head.len() < DATA_HEAD {
                                         self.data_head.push(b'\n');
                                     }
@@ -218,10 +233,7 @@ impl UsageParser {
                 }
                 SseLine::Data(first) => {
                     // Stream the rest of the line straight into the scanner.
-                    let end = chunk[i..]
-                        .iter()
-                        .position(|&c| c == b'\r' || c == b'\n')
-                        .map_or(chunk.len(), |p| i + p);
+                    let end = find2(&chunk[i..], b'\r', b'\n').map_or(chunk.len(), |p| i + p);
                     let mut part = &chunk[i..end];
                     if !part.is_empty() {
                         // The one optional space after `data:` is decided by the first byte
@@ -235,7 +247,7 @@ impl UsageParser {
                         let take = (DATA_HEAD - self.data_head.len()).min(part.len());
                         self.data_head.extend_from_slice(&part[..take]);
                     }
-                    self.scanner.feed(part);
+                    self.scanner.feed(part, &mut |d| self.seen.document(d));
                     i = end;
                 }
                 SseLine::Event(first) => {
@@ -262,14 +274,13 @@ impl UsageParser {
     /// An SSE event ended (blank line or end of body).
     fn dispatch_event(&mut self) {
         if self.data_head.len() < DATA_HEAD && self.data_head.trim_ascii() == DONE {
-            self.complete = true;
+            self.seen.complete = true;
         }
-        self.drain_documents();
         if self.event.as_slice() == b"message_stop" {
-            self.complete = true;
+            self.seen.complete = true;
         }
-        if self.event.as_slice() == b"error" && self.error.is_none() {
-            self.error = Some("error event".to_owned());
+        if self.event.as_slice() == b"error" && self.seen.error.is_none() {
+            self.seen.error = Some("error event".to_owned());
         }
         self.scanner.reset();
         self.event.clear();
@@ -277,53 +288,88 @@ impl UsageParser {
         self.data_seen = false;
     }
 
-    fn drain_documents(&mut self) {
-        for doc in self.scanner.take_documents() {
-            self.documents_seen = true;
-            let mut d = Doc::default();
-            for c in doc {
-                let Ok(v) = serde_json::from_slice::<Value>(&c.raw) else {
-                    continue;
-                };
-                let path: Vec<&str> = c.path.iter().map(String::as_str).collect();
-                match path.as_slice() {
-                    ["type"] => d.kind = v.as_str().map(str::to_owned),
-                    ["object"] => d.object = v.as_str().map(str::to_owned),
-                    ["model" | "modelVersion"] => d.model = v.as_str().map(str::to_owned),
-                    ["usage"] => d.usage = Some(v),
-                    ["usageMetadata"] => d.usage_metadata = Some(v),
-                    ["error"] => d.error = Some(v),
-                    ["message" | "response", "usage"] => d.nested_usage = Some(v),
-                    ["message" | "response", "model"] => {
-                        d.nested_model = v.as_str().map(str::to_owned);
-                    }
-                    ["message" | "response", "error"] => d.nested_error = Some(v),
-                    _ => {}
-                }
+    /// Ends the body. `status` is the upstream HTTP status; `ended` says whether the body reached
+    /// its end (false when the stream was cut, e.g. the client or upstream went away).
+    pub fn finish(mut self, status: u16, ended: bool) -> Extracted {
+        if matches!(self.framing, Framing::Sse) {
+            if self.line != SseLine::Field || !self.field.is_empty() {
+                self.end_line();
             }
-            self.apply(d);
+            if self.data_seen || !self.event.is_empty() {
+                self.dispatch_event();
+            }
+        }
+        if let Some(a) = self.seen.anthropic {
+            let prompt = a
+                .input
+                .map(|i| i + a.cache_creation.unwrap_or(0) + a.cache_read.unwrap_or(0));
+            self.seen.usage = TokenUsage {
+                prompt_tokens: prompt,
+                completion_tokens: a.output,
+                cached_input_tokens: a.cache_read,
+                cache_creation_input_tokens: a.cache_creation,
+                reasoning_tokens: a.thinking,
+                total_tokens: match (prompt, a.output) {
+                    (None, None) => None,
+                    (p, o) => Some(p.unwrap_or(0) + o.unwrap_or(0)),
+                },
+            };
+        }
+        let cut = !ended
+            || self.seen.incomplete
+            // A stream whose format ends with a marker (`[DONE]`, `message_stop`,
+            // `response.completed`) that never came. Gemini streams have none.
+            || (self.framing == Framing::Sse && self.seen.expects_marker && !self.seen.complete)
+            // A JSON body whose root never closed.
+            || (self.framing == Framing::Json && self.bytes > 0 && !self.seen.any_document);
+        let outcome = if status >= 400 || self.seen.error.is_some() {
+            Outcome::UpstreamError
+        } else if cut {
+            Outcome::Truncated
+        } else if self.seen.usage.is_empty() {
+            Outcome::NoUsage
+        } else {
+            Outcome::Complete
+        };
+        if status >= 400 && self.seen.error.is_none() {
+            self.seen.error = Some(format!("HTTP {status}"));
+        }
+        // An error body carries no model worth reporting.
+        let model = if status >= 400 { None } else { self.seen.model };
+        Extracted {
+            usage: self.seen.usage,
+            model,
+            outcome,
+            error: self.seen.error,
         }
     }
+}
 
-    fn apply(&mut self, d: Doc) {
+impl Seen {
+    /// A document closed: what it says.
+    fn document(&mut self, doc: Document<'_>) {
+        self.any_document = true;
+        let d = Doc::read(doc);
         let kind = d.kind.as_deref().unwrap_or_default();
-        if d.object.as_deref() == Some("chat.completion.chunk")
+        let object = d.object.as_deref();
+        if object == Some("chat.completion.chunk")
             || kind.starts_with("message_")
             || kind.starts_with("content_block")
             || kind.starts_with("response.")
         {
             self.expects_marker = true;
         }
-        if let Some(m) = d.model.clone().or_else(|| d.nested_model.clone())
-            && self.model.is_none()
+        if self.model.is_none()
+            && let Some(m) = d.model.as_ref().or(d.nested_model.as_ref())
             && !m.is_empty()
         {
-            self.model = Some(m);
+            self.model = Some(m.clone().into_owned());
         }
-        if let Some(e) = d.error.as_ref().or(d.nested_error.as_ref())
+        if let Some(e) = d.error.or(d.nested_error)
+            && let Ok(e) = serde_json::from_slice::<Value>(e)
             && !e.is_null()
         {
-            self.error = Some(error_text(e));
+            self.error = Some(error_text(&e));
         }
         if kind == "error" && self.error.is_none() {
             self.error = Some("error event".to_owned());
@@ -337,17 +383,18 @@ impl UsageParser {
             _ => {}
         }
         // Gemini: cumulative, last wins.
-        if let Some(m) = d.usage_metadata.filter(Value::is_object) {
+        if let Some(m) = object_value(d.usage_metadata) {
             self.usage = gemini(&m);
             return;
         }
         // Anthropic: message_start sets, message_delta overrides field by field.
         let anthropic_usage = match kind {
-            "message_start" => d.nested_usage.as_ref(),
-            "message_delta" | "message" => d.usage.as_ref(),
+            "message_start" => d.nested_usage,
+            "message_delta" | "message" => d.usage,
             _ => None,
         };
-        if let Some(u) = anthropic_usage.filter(|u| u.is_object()) {
+        if let Some(u) = object_value(anthropic_usage) {
+            let u = &u;
             let a = self.anthropic.get_or_insert_with(Anthropic::default);
             let set = |slot: &mut Option<u64>, v: Option<u64>| {
                 if v.is_some() {
@@ -369,92 +416,73 @@ impl UsageParser {
         }
         // OpenAI Responses.
         let responses_usage = if kind.starts_with("response.") {
-            d.nested_usage.as_ref()
-        } else if d.object.as_deref() == Some("response") {
-            d.usage.as_ref()
+            d.nested_usage
+        } else if object == Some("response") {
+            d.usage
         } else {
             None
         };
-        if let Some(u) = responses_usage.filter(|u| u.is_object()) {
-            self.usage = responses(u);
+        if let Some(u) = object_value(responses_usage) {
+            self.usage = responses(&u);
             return;
         }
         // OpenAI chat completions and embeddings (and compatible gateways).
-        if let Some(u) = d.usage.filter(|u| u.get("prompt_tokens").is_some()) {
+        if let Some(u) = object_value(d.usage).filter(|u| u.get("prompt_tokens").is_some()) {
             self.usage = openai_chat(&u);
-        }
-    }
-
-    /// Ends the body. `status` is the upstream HTTP status; `ended` says whether the body reached
-    /// its end (false when the stream was cut, e.g. the client or upstream went away).
-    pub fn finish(mut self, status: u16, ended: bool) -> Extracted {
-        if matches!(self.framing, Framing::Sse) {
-            if self.line != SseLine::Field || !self.field.is_empty() {
-                self.end_line();
-            }
-            if self.data_seen || !self.event.is_empty() {
-                self.dispatch_event();
-            }
-        } else {
-            self.drain_documents();
-        }
-        if let Some(a) = self.anthropic {
-            let prompt = a
-                .input
-                .map(|i| i + a.cache_creation.unwrap_or(0) + a.cache_read.unwrap_or(0));
-            self.usage = TokenUsage {
-                prompt_tokens: prompt,
-                completion_tokens: a.output,
-                cached_input_tokens: a.cache_read,
-                cache_creation_input_tokens: a.cache_creation,
-                reasoning_tokens: a.thinking,
-                total_tokens: match (prompt, a.output) {
-                    (None, None) => None,
-                    (p, o) => Some(p.unwrap_or(0) + o.unwrap_or(0)),
-                },
-            };
-        }
-        let cut = !ended
-            || self.incomplete
-            // A stream whose format ends with a marker (`[DONE]`, `message_stop`,
-            // `response.completed`) that never came. Gemini streams have none.
-            || (self.framing == Framing::Sse && self.expects_marker && !self.complete)
-            // A JSON body whose root never closed.
-            || (self.framing == Framing::Json && self.bytes > 0 && !self.documents_seen);
-        let outcome = if status >= 400 || self.error.is_some() {
-            Outcome::UpstreamError
-        } else if cut {
-            Outcome::Truncated
-        } else if self.usage.is_empty() {
-            Outcome::NoUsage
-        } else {
-            Outcome::Complete
-        };
-        if status >= 400 && self.error.is_none() {
-            self.error = Some(format!("HTTP {status}"));
-        }
-        // An error body carries no model worth reporting.
-        let model = if status >= 400 { None } else { self.model };
-        Extracted {
-            usage: self.usage,
-            model,
-            outcome,
-            error: self.error,
         }
     }
 }
 
+/// One document's captured values: strings decoded, objects still raw (most documents of a
+/// stream carry `"usage": null`; only an object is worth parsing).
 #[derive(Debug, Default)]
-struct Doc {
-    kind: Option<String>,
-    object: Option<String>,
-    model: Option<String>,
-    usage: Option<Value>,
-    usage_metadata: Option<Value>,
-    error: Option<Value>,
-    nested_usage: Option<Value>,
-    nested_model: Option<String>,
-    nested_error: Option<Value>,
+struct Doc<'a> {
+    kind: Option<Cow<'a, str>>,
+    object: Option<Cow<'a, str>>,
+    model: Option<Cow<'a, str>>,
+    usage: Option<&'a [u8]>,
+    usage_metadata: Option<&'a [u8]>,
+    error: Option<&'a [u8]>,
+    nested_usage: Option<&'a [u8]>,
+    nested_model: Option<Cow<'a, str>>,
+    nested_error: Option<&'a [u8]>,
+}
+
+impl<'a> Doc<'a> {
+    fn read(d: Document<'a>) -> Self {
+        Self {
+            kind: d.get(TYPE).and_then(text),
+            object: d.get(OBJECT).and_then(text),
+            model: d.get(MODEL).and_then(text),
+            usage: d.get(USAGE),
+            usage_metadata: d.get(USAGE_METADATA),
+            error: d.get(ERROR),
+            nested_usage: d.get(NESTED_USAGE),
+            nested_model: d.get(NESTED_MODEL).and_then(text),
+            nested_error: d.get(NESTED_ERROR),
+        }
+    }
+}
+
+/// A captured JSON string's text; `None` for any other value. Without escapes it is the bytes
+/// between the quotes, as they are.
+fn text(raw: &[u8]) -> Option<Cow<'_, str>> {
+    let inner = raw.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if !inner.contains(&b'\\') && !inner.iter().any(|&b| b < 0x20) {
+        return std::str::from_utf8(inner).ok().map(Cow::Borrowed);
+    }
+    serde_json::from_slice::<String>(raw).ok().map(Cow::Owned)
+}
+
+/// A captured value parsed, when it is a JSON object.
+fn object_value(raw: Option<&[u8]>) -> Option<Value> {
+    let raw = raw?;
+    if raw.first() != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice::<Value>(raw)
+        .ok()
+        .filter(Value::is_object)
 }
 
 fn error_text(e: &Value) -> String {
