@@ -199,13 +199,13 @@ impl Interned {
         fresh
     }
 
-    /// Forgets the values only `record` (about to be dropped) still used.
-    fn release(&mut self, record: &Arc<TokenRecord>) {
-        if Arc::strong_count(record) > 1 {
-            return; // a request still holds it; the values stay until the next re-list
-        }
+    /// Forgets the values only `record` (just unlinked) still used. Each value is counted once
+    /// per record however many requests hold the record, so a count of two is "the set and this
+    /// record" (three when tenant and owner are the same string).
+    fn release(&mut self, record: &TokenRecord) {
+        let shared = usize::from(Arc::ptr_eq(&record.tenant, &record.owner));
         for s in [&record.tenant, &record.owner] {
-            if Arc::strong_count(s) == 2 {
+            if Arc::strong_count(s) == 2 + shared {
                 self.strings.remove(s);
             }
         }
@@ -667,9 +667,19 @@ mod tests {
         assert_eq!(interned(&index), 2, "tenant and owner");
         index.remove_token(&a);
         assert_eq!(interned(&index), 2, "b still uses both");
+        // A request still holding b's record does not keep its values in the index.
+        let held = index.token(&h("bb")).unwrap();
         index.remove_token(&b);
         assert_eq!(interned(&index), 0);
         assert!(read(&index.tokens).interned.model_lists.is_empty());
+        assert_eq!(&*held.owner, "alice");
+        // An owner named like its tenant shares one interned string, released all the same.
+        let mut same = token("aigw-alice", "c", Some("cc"), Some(4));
+        same.spec.owner = "alice".into();
+        index.upsert_token(&same);
+        assert_eq!(interned(&index), 1);
+        index.remove_token(&same);
+        assert_eq!(interned(&index), 0);
         // A status hash that is not 64 hex characters is not a hash: nothing to index.
         let mut odd = token("aigw-acme", "odd", Some("aa"), Some(3));
         odd.status.as_mut().unwrap().key_hash = Some("not-a-hash".into());

@@ -4,8 +4,8 @@
 //! or a UTF-8 character) and never holds a document: it tracks the container stack and the current
 //! key of each object, and copies out only the values whose path the caller asked for (e.g.
 //! `usage`, `message.usage`), each up to [`MAX_CAPTURE`] bytes, into one reused buffer. Memory is
-//! bounded by [`MAX_DEPTH`] × [`MAX_KEY`] + [`MAX_ARENA`], whatever the response size, and a
-//! document costs no allocation once the buffers have grown.
+//! bounded by [`MAX_DEPTH`] × [`MAX_KEY`] + the capture buffer (see [`MAX_ARENA`]), whatever the
+//! response size, and a document costs no allocation once the buffers have grown.
 //!
 //! A "document" ends whenever a root object closes — the whole body, one element of a root array
 //! (Gemini's non-SSE stream), or one SSE event's data — and is handed to the caller then.
@@ -24,7 +24,9 @@ pub const MAX_PATH: usize = 4;
 /// Number of capture slots.
 pub const SLOTS: usize = 16;
 /// Most bytes the captures of one document may hold, counting values later replaced by a
-/// capture of the same slot; beyond it the buffer is compacted to the values still wanted.
+/// capture of the same slot, before the buffer is compacted to the values still wanted (when those
+/// are at most half of it). The buffer stays below twice the live values ([`SLOTS`] ×
+/// [`MAX_CAPTURE`] at most) or [`MAX_ARENA`], whichever is larger, plus one capture.
 pub const MAX_ARENA: usize = 4 * MAX_CAPTURE;
 
 /// Decides which paths (object keys from the root) to capture, and into which slot (below
@@ -150,6 +152,8 @@ pub struct Scanner {
     slots: [Option<(u32, u32)>; SLOTS],
     /// Some value was too large to keep.
     pub oversized: bool,
+    /// Times the capture buffer was compacted.
+    compactions: usize,
 }
 
 impl Scanner {
@@ -165,6 +169,7 @@ impl Scanner {
             arena: Vec::new(),
             slots: [None; SLOTS],
             oversized: false,
+            compactions: 0,
         }
     }
 
@@ -244,6 +249,7 @@ impl Scanner {
 
     /// Keeps only the values the slots still hold (repeated keys left older ones behind).
     fn compact(&mut self) {
+        self.compactions += 1;
         let mut fresh = Vec::with_capacity(self.arena.len());
         for span in self.slots.iter_mut().flatten() {
             let (start, end) = (span.0 as usize, span.1 as usize);
@@ -268,8 +274,18 @@ impl Scanner {
         let Some(slot) = (self.wanted)(&keys[..len]) else {
             return;
         };
+        // Compacted only when at least half of it is values since replaced, so a document of
+        // large live values is not copied again at every key.
         if self.arena.len() > MAX_ARENA {
-            self.compact();
+            let live: usize = self
+                .slots
+                .iter()
+                .flatten()
+                .map(|&(start, end)| (end - start) as usize)
+                .sum();
+            if self.arena.len() >= 2 * live {
+                self.compact();
+            }
         }
         self.active = Some(Active {
             slot,
@@ -577,6 +593,33 @@ mod tests {
             vec![(Some(br#""0000009999""#.to_vec()), Some(br#""m""#.to_vec()))]
         );
         assert!(s.arena.capacity() <= 2 * (MAX_ARENA + MAX_CAPTURE));
+    }
+
+    #[test]
+    fn large_live_values_are_not_compacted_again_at_every_key() {
+        // Five near-limit values (more than MAX_ARENA live), then many small wanted keys: the
+        // buffer is not rebuilt for each of them, so the scan stays linear.
+        let wanted_all = |p: &[&[u8]]| match p {
+            [k] if k.len() == 2 && k[0] == b'k' => Some(k[1] - b'0'),
+            [b"t"] => Some(9),
+            _ => None,
+        };
+        let mut body = b"{".to_vec();
+        for k in 0..5 {
+            body.extend(format!(r#""k{k}":"{}","#, "x".repeat(MAX_CAPTURE - 100)).as_bytes());
+        }
+        for _ in 0..20_000 {
+            body.extend(br#""t":1,"#);
+        }
+        body.extend(br#""t":2}"#);
+        let mut s = Scanner::new(wanted_all);
+        let mut last = None;
+        s.feed(&body, &mut |d: Document<'_>| {
+            last = d.get(9).map(<[u8]>::to_vec);
+        });
+        assert_eq!(last.as_deref(), Some(&b"2"[..]));
+        // Rebuilt at every key past MAX_ARENA, this would be ~20,000 copies of ~80 KB.
+        assert!(s.compactions <= 1, "{} compactions", s.compactions);
     }
 
     #[test]
