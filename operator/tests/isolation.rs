@@ -196,7 +196,7 @@ async fn a_copied_key_hash_never_takes_over_another_tenants_token() {
     ));
     let owner_is_a = || {
         let r = index.token(&hash)?;
-        (r.tenant == a && r.token_id == alice_id).then_some(())
+        (*r.tenant == *a && r.token_id == alice_id).then_some(())
     };
     eventually("authz indexes the victim's token", || async {
         owner_is_a()
