@@ -264,10 +264,20 @@ impl Scanner {
 
     /// Called when a value starts at the current position (after `:` in an object, or as an array
     /// element / root value).
+    #[inline]
     fn value_starts(&mut self, scalar: bool) {
-        if !std::mem::take(&mut self.pending) || self.active.is_some() {
-            return;
+        // Every byte of a number or literal comes here: only the first, after a `:`, goes on.
+        if self.pending {
+            self.pending = false;
+            if self.active.is_none() {
+                self.maybe_capture(scalar);
+            }
         }
+    }
+
+    /// Starts capturing the value beginning here if its path is wanted.
+    #[inline(never)]
+    fn maybe_capture(&mut self, scalar: bool) {
         let Some((keys, len)) = self.value_path() else {
             return;
         };

@@ -351,8 +351,7 @@ impl Seen {
         self.any_document = true;
         let d = Doc::read(doc);
         let kind = d.kind.as_deref().unwrap_or_default();
-        let object = d.object.as_deref();
-        if object == Some("chat.completion.chunk")
+        if is_text(d.object, "chat.completion.chunk")
             || kind.starts_with("message_")
             || kind.starts_with("content_block")
             || kind.starts_with("response.")
@@ -360,10 +359,13 @@ impl Seen {
             self.expects_marker = true;
         }
         if self.model.is_none()
-            && let Some(m) = d.model.as_ref().or(d.nested_model.as_ref())
+            && let Some(m) = d
+                .model
+                .and_then(text)
+                .or_else(|| d.nested_model.and_then(text))
             && !m.is_empty()
         {
-            self.model = Some(m.clone().into_owned());
+            self.model = Some(m.into_owned());
         }
         if let Some(e) = d.error.or(d.nested_error)
             && let Ok(e) = serde_json::from_slice::<Value>(e)
@@ -417,7 +419,7 @@ impl Seen {
         // OpenAI Responses.
         let responses_usage = if kind.starts_with("response.") {
             d.nested_usage
-        } else if object == Some("response") {
+        } else if is_text(d.object, "response") {
             d.usage
         } else {
             None
@@ -433,18 +435,19 @@ impl Seen {
     }
 }
 
-/// One document's captured values: strings decoded, objects still raw (most documents of a
-/// stream carry `"usage": null`; only an object is worth parsing).
+/// One document's captured values, raw: most documents of a stream carry `"usage": null` and the
+/// same `object` and `model`, so strings are compared as bytes where they can be and decoded only
+/// when needed, and only an object is parsed.
 #[derive(Debug, Default)]
 struct Doc<'a> {
     kind: Option<Cow<'a, str>>,
-    object: Option<Cow<'a, str>>,
-    model: Option<Cow<'a, str>>,
+    object: Option<&'a [u8]>,
+    model: Option<&'a [u8]>,
     usage: Option<&'a [u8]>,
     usage_metadata: Option<&'a [u8]>,
     error: Option<&'a [u8]>,
     nested_usage: Option<&'a [u8]>,
-    nested_model: Option<Cow<'a, str>>,
+    nested_model: Option<&'a [u8]>,
     nested_error: Option<&'a [u8]>,
 }
 
@@ -452,15 +455,27 @@ impl<'a> Doc<'a> {
     fn read(d: Document<'a>) -> Self {
         Self {
             kind: d.get(TYPE).and_then(text),
-            object: d.get(OBJECT).and_then(text),
-            model: d.get(MODEL).and_then(text),
+            object: d.get(OBJECT),
+            model: d.get(MODEL),
             usage: d.get(USAGE),
             usage_metadata: d.get(USAGE_METADATA),
             error: d.get(ERROR),
             nested_usage: d.get(NESTED_USAGE),
-            nested_model: d.get(NESTED_MODEL).and_then(text),
+            nested_model: d.get(NESTED_MODEL),
             nested_error: d.get(NESTED_ERROR),
         }
+    }
+}
+
+/// Whether a captured value is the JSON string `s` (written plainly, or with escapes).
+fn is_text(raw: Option<&[u8]>, s: &str) -> bool {
+    let Some(raw) = raw else {
+        return false;
+    };
+    match raw.strip_prefix(b"\"").and_then(|r| r.strip_suffix(b"\"")) {
+        Some(inner) if inner == s.as_bytes() => true,
+        Some(inner) if inner.contains(&b'\\') => text(raw).is_some_and(|t| t == s),
+        _ => false,
     }
 }
 
@@ -468,7 +483,7 @@ impl<'a> Doc<'a> {
 /// between the quotes, as they are.
 fn text(raw: &[u8]) -> Option<Cow<'_, str>> {
     let inner = raw.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
-    if !inner.contains(&b'\\') && !inner.iter().any(|&b| b < 0x20) {
+    if !inner.iter().any(|&b| b == b'\\' || b < 0x20) {
         return std::str::from_utf8(inner).ok().map(Cow::Borrowed);
     }
     serde_json::from_slice::<String>(raw).ok().map(Cow::Owned)
