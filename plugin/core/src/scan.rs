@@ -110,8 +110,32 @@ enum Frame {
         key: Key,
         key_ok: bool,
         expecting_key: bool,
+        /// The path to this object can still lead to a capture (see [`Scanner::value_path`]).
+        reach: bool,
+        /// Objects on the path from the root, this one included.
+        objects: usize,
     },
-    Array,
+    Array {
+        reach: bool,
+        objects: usize,
+    },
+}
+
+impl Frame {
+    /// For a container opened inside this one: whether its path can still lead to a capture,
+    /// and the objects on it before the new container.
+    fn child_reach(&self) -> (bool, usize) {
+        match self {
+            // An array after an object (e.g. `choices[0].usage`) is never captured through.
+            Frame::Array { reach, objects } => (*reach && *objects == 0, *objects),
+            Frame::Object {
+                key_ok,
+                reach,
+                objects,
+                ..
+            } => (*reach && *key_ok && *objects < MAX_PATH, *objects),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,13 +220,25 @@ impl Scanner {
         if self.overflow > 0 {
             return None;
         }
+        // The top frame knows whether the path can lead to a capture: most values cannot (they
+        // are inside `choices[…]`), and are refused here without walking the stack.
+        match self.stack.last() {
+            Some(Frame::Object {
+                key_ok: true,
+                reach: true,
+                objects,
+                ..
+            }) if *objects <= MAX_PATH => {}
+            Some(Frame::Array { reach: true, .. }) | None => {}
+            _ => return None,
+        }
         let mut path: [&[u8]; MAX_PATH] = [&[]; MAX_PATH];
         let mut len = 0;
         let mut seen_object = false;
         for f in &self.stack {
             match f {
-                Frame::Array if seen_object => return None,
-                Frame::Array => {}
+                Frame::Array { .. } if seen_object => return None,
+                Frame::Array { .. } => {}
                 Frame::Object { key, key_ok, .. } => {
                     seen_object = true;
                     if !key_ok || len == MAX_PATH {
@@ -384,14 +420,17 @@ impl Scanner {
                 self.value_starts(false);
                 self.push_capture_byte(b);
                 if self.stack.len() < MAX_DEPTH && self.overflow == 0 {
+                    let (reach, objects) = self.stack.last().map_or((true, 0), Frame::child_reach);
                     self.stack.push(if b == b'{' {
                         Frame::Object {
                             key: Key::EMPTY,
                             key_ok: false,
                             expecting_key: true,
+                            reach,
+                            objects: objects + 1,
                         }
                     } else {
-                        Frame::Array
+                        Frame::Array { reach, objects }
                     });
                 } else {
                     self.overflow += 1;
@@ -410,7 +449,7 @@ impl Scanner {
                         self.finish_capture();
                     }
                     // A root object closed: the whole body, or one element of a root array.
-                    if b == b'}' && self.stack.iter().all(|f| matches!(f, Frame::Array)) {
+                    if b == b'}' && self.stack.iter().all(|f| matches!(f, Frame::Array { .. })) {
                         self.root_closed(on_document);
                     }
                 }
