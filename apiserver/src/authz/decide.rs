@@ -201,11 +201,6 @@ pub fn host(headers: &HeaderMap) -> Option<String> {
     Some(no_port.to_ascii_lowercase())
 }
 
-/// SHA-256 of a key, lowercase hex (the one rule: [`aigw_crds::token::hash_api_key`]).
-pub fn hash(key: &str) -> String {
-    aigw_crds::token::hash_api_key(key)
-}
-
 /// An admitted request before the Redis checks.
 #[derive(Debug, Clone)]
 pub struct Admitted {

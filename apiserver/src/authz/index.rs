@@ -103,30 +103,15 @@ impl TenantRecord {
     }
 }
 
-/// What the index keeps of a Token CR before interning: its record's fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenFields {
-    pub hash: [u8; 32],
-    pub tenant: String,
-    pub owner: String,
-    pub models: Vec<String>,
-    pub token_id: i64,
-    pub quota: i64,
-    pub rate_limit: i32,
-    pub expires_at_ms: Option<i64>,
-    pub disabled: bool,
-    pub exhausted: bool,
-    pub used_floor: i64,
-}
-
-/// Converts a Token CR into what its record holds; `None` when the token may not be admitted:
+/// Converts a Token CR into its record, with `interned` values; `None` when the token may not be
+/// admitted:
 ///
 /// - the operator has not mirrored it yet (no `status.tokenId`), so its usage could not be settled;
 /// - it has no `status.keyHash` (or one that is not 64 hex characters): the operator writes the
 ///   hash only once MySQL's unique key has given it to this token, so a Token claiming a hash
 ///   another token already holds (its `spec.keyHash` alone proves nothing) never reaches the index;
 /// - it is being deleted (a finalizer may keep it visible for a while).
-pub fn token_fields(token: &Token) -> Option<TokenFields> {
+fn token_record(token: &Token, interned: &mut Interned) -> Option<TokenRecord> {
     if token.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -134,24 +119,25 @@ pub fn token_fields(token: &Token) -> Option<TokenFields> {
     let hash = key_hash_bytes(status.key_hash.as_deref()?)?;
     let token_id = status.token_id?;
     let ns = token.namespace()?;
-    let tenant = ns.strip_prefix(TENANT_NAMESPACE_PREFIX)?.to_owned();
+    let tenant = ns.strip_prefix(TENANT_NAMESPACE_PREFIX)?;
     let expires_at_ms = token
         .spec
         .expires_at
         .as_deref()
         .map(|e| e.parse::<Timestamp>().map_or(0, Timestamp::as_millisecond));
-    Some(TokenFields {
+    Some(TokenRecord {
         hash,
-        tenant,
-        owner: token.spec.owner.clone(),
-        models: token.spec.models.clone(),
+        cr: token_key(token),
+        tenant: interned.string(tenant),
+        owner: interned.string(&token.spec.owner),
+        models: interned.models(&token.spec.models),
         token_id,
         quota: token.spec.quota,
-        rate_limit: token.spec.rate_limit,
+        used_floor: status.used_quota.unwrap_or(0),
         expires_at_ms,
+        rate_limit: token.spec.rate_limit,
         disabled: token.spec.disabled,
         exhausted: status.phase == Some(TokenPhase::Exhausted),
-        used_floor: status.used_quota.unwrap_or(0),
     })
 }
 
@@ -180,8 +166,8 @@ struct Interned {
 }
 
 impl Interned {
-    fn string(&mut self, s: String) -> Arc<str> {
-        if let Some(known) = self.strings.get(s.as_str()) {
+    fn string(&mut self, s: &str) -> Arc<str> {
+        if let Some(known) = self.strings.get(s) {
             return known.clone();
         }
         let fresh: Arc<str> = Arc::from(s);
@@ -189,8 +175,8 @@ impl Interned {
         fresh
     }
 
-    fn models(&mut self, models: Vec<String>) -> Arc<[Box<str>]> {
-        let list: Vec<Box<str>> = models.into_iter().map(String::into_boxed_str).collect();
+    fn models(&mut self, models: &[String]) -> Arc<[Box<str>]> {
+        let list: Vec<Box<str>> = models.iter().map(|m| Box::from(m.as_str())).collect();
         if let Some(known) = self.model_lists.get(list.as_slice()) {
             return known.clone();
         }
@@ -264,22 +250,13 @@ impl Tokens {
         self.interned.release(&record);
     }
 
-    /// Adds the token `cr` with its record's fields.
-    fn link(&mut self, cr: [u8; 16], f: TokenFields) {
-        let record = Arc::new(TokenRecord {
-            hash: f.hash,
-            cr,
-            tenant: self.interned.string(f.tenant),
-            owner: self.interned.string(f.owner),
-            models: self.interned.models(f.models),
-            token_id: f.token_id,
-            quota: f.quota,
-            used_floor: f.used_floor,
-            expires_at_ms: f.expires_at_ms,
-            rate_limit: f.rate_limit,
-            disabled: f.disabled,
-            exhausted: f.exhausted,
-        });
+    /// Adds `token`, unless it may not be admitted (see [`token_record`]).
+    fn link(&mut self, token: &Token) {
+        let Some(record) = token_record(token, &mut self.interned) else {
+            return;
+        };
+        let record = Arc::new(record);
+        let cr = record.cr;
         let hasher = &self.hasher;
         self.by_cr
             .insert_unique(hasher.hash_one(cr), record.clone(), |r| {
@@ -471,9 +448,7 @@ impl Index {
         let key = token_key(token);
         let mut t = write(&self.tokens);
         t.unlink(&key);
-        if let Some(fields) = token_fields(token) {
-            t.link(key, fields);
-        }
+        t.link(token);
     }
 
     /// Removes a token.
@@ -484,9 +459,7 @@ impl Index {
     fn replace_tokens(&self, all: Vec<Token>) {
         let mut fresh = Tokens::default();
         for token in &all {
-            if let Some(fields) = token_fields(token) {
-                fresh.link(token_key(token), fields);
-            }
+            fresh.link(token);
         }
         *write(&self.tokens) = fresh;
     }
