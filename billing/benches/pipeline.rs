@@ -6,7 +6,12 @@
 //! 3. run the release `aigw-billing worker` over the same backlog: sustained events/s from Kafka to
 //!    ClickHouse + Redis + MySQL;
 //! 4. with the worker caught up, produce waves of events at a steady rate and time each wave from
-//!    produce to visible in ClickHouse (p50/p99).
+//!    produce to visible in ClickHouse (p50/p99);
+//! 5. the sinks' own rates, each measured bare in the same run with the batch size the worker
+//!    used: ClickHouse inserting the same rows (same format, into a copy of `usage_logs`), Redis
+//!    doing the calls a batch needs (look up its dedupe keys; settle its events per token, marking
+//!    each; forget them as pending), MySQL committing the aggregates transaction; the worker is
+//!    reported as a fraction of the slowest.
 //!
 //! `cargo bench -p aigw-billing --bench pipeline` (`make bench` runs it). `BENCH_EVENTS` sets the
 //! backlog (default 300,000).
@@ -28,6 +33,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use aigw_billing::worker::UsageLogRow;
+use aigw_common::quota::{FORGET_PENDING, SETTLE, TokenKeys, seen_key};
 use aigw_plugin_core::TokenUsage;
 use common::{Bed, event, message};
 use rdkafka::{
@@ -220,4 +227,209 @@ async fn main() {
             .unwrap_or("?")
     );
     worker.terminate(15).unwrap();
+
+    // The sinks bare, with the worker's batch size.
+    let batch = 5_000;
+    let refs = [
+        (
+            "ClickHouse insert",
+            bare_clickhouse(&bed, n.min(100_000), batch).await,
+        ),
+        ("Redis calls", bare_redis(&bed, n.min(100_000), batch).await),
+        ("MySQL aggregates", bare_mysql(&bed, 200, batch).await),
+    ];
+    println!("| measure | events/s | worker as a fraction of it |");
+    println!("|---|---:|---:|");
+    println!("| worker, Kafka → all sinks | {rate:.0} | 1.00 |");
+    println!(
+        "| bare Kafka consumer | {bare_rate:.0} | {:.2} |",
+        rate / bare_rate
+    );
+    for (name, r) in &refs {
+        println!("| bare {name} | {r:.0} | {:.2} |", rate / r);
+    }
+    let (slowest, slow) = refs
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .copied()
+        .unwrap();
+    println!(
+        "ratio: | billing worker, events/s | {rate:.0} | slowest sink bare ({slowest}) {slow:.0} | {:.2} | ≥ 0.30 |",
+        rate / slow
+    );
+    println!(
+        "ratio: | billing produce → visible in ClickHouse at 2,000 events/s, p99 | {:.0} ms | | | ≤ 500 ms |",
+        pct(0.99)
+    );
+}
+
+/// `n` rows like the worker's, inserted `batch` at a time into a copy of `usage_logs`: events/s.
+async fn bare_clickhouse(bed: &Bed, n: usize, batch: usize) -> f64 {
+    bed.ch
+        .query("CREATE TABLE usage_ref AS usage_logs")
+        .execute()
+        .await
+        .unwrap();
+    let rows: Vec<UsageLogRow> = (0..n)
+        .map(|i| UsageLogRow {
+            event_id: format!("ref-{i}"),
+            trace_id: String::new(),
+            tenant_id: 1 + (i % 2) as u64,
+            user_id: 100,
+            token_id: [11, 12, 21][i % 3],
+            channel_id: 5,
+            model: if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" }.to_owned(),
+            prompt_tokens: 500 + (i % 1000) as u32,
+            completion_tokens: 50 + (i % 200) as u32,
+            cached_tokens: (i % 100) as u32,
+            reasoning_tokens: 0,
+            total_tokens: 550 + (i % 1200) as u32,
+            cost: 1_234 + i as i64,
+            platform_cost: 1_000 + i as i64,
+            upstream_cost: 500,
+            latency_ms: 850,
+            status: "success".to_owned(),
+            error_msg: String::new(),
+            created_at: 1_790_000_000,
+            currency: "USD".to_owned(),
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in rows.chunks(batch) {
+        let mut insert = bed.ch.insert::<UsageLogRow>("usage_ref").await.unwrap();
+        for r in chunk {
+            insert.write(r).await.unwrap();
+        }
+        insert.end().await.unwrap();
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    bed.ch
+        .query("DROP TABLE usage_ref")
+        .execute()
+        .await
+        .unwrap();
+    rate
+}
+
+/// What Redis must do for `n` events, `batch` at a time, in two round trips per batch: read the
+/// dedupe keys; then settle the events of each of three tokens in one call (marking each event),
+/// and forget the events as pending. Events/s.
+async fn bare_redis(bed: &Bed, n: usize, batch: usize) -> f64 {
+    let mut conn = bed.redis_conn().await;
+    let run = aigw_testkit::unique_ident("ref");
+    let tokens: Vec<TokenKeys> = (0..3)
+        .map(|t| TokenKeys::new(&format!("{run}-{t}")))
+        .collect();
+    let (settle, forget) = (
+        redis::Script::new(SETTLE).get_hash().to_owned(),
+        redis::Script::new(FORGET_PENDING).get_hash().to_owned(),
+    );
+    let pending = [
+        format!("{}:ref", bed.pending_key),
+        format!("{}:ref:events", bed.pending_key),
+        format!("{}:ref:grants", bed.pending_key),
+    ];
+    let started = Instant::now();
+    for first in (0..n).step_by(batch) {
+        let ids: Vec<String> = (first..(first + batch).min(n))
+            .map(|i| format!("{run}/{i}"))
+            .collect();
+        let seen: Vec<String> = ids.iter().map(|id| seen_key(id)).collect();
+        let _: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&seen)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(SETTLE).ignore();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(FORGET_PENDING).ignore();
+        for (t, keys) in tokens.iter().enumerate() {
+            let mine: Vec<usize> = (0..ids.len()).filter(|i| i % 3 == t).collect();
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&settle).arg(5 + mine.len()).arg(&keys.all()[..]);
+            for &i in &mine {
+                cmd.arg(&seen[i]);
+            }
+            cmd.arg(60);
+            for &i in &mine {
+                cmd.arg("none").arg(600 + i % 1000).arg("1");
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        for chunk in ids.chunks(500) {
+            pipe.cmd("EVALSHA")
+                .arg(&forget)
+                .arg(3)
+                .arg(&pending[..])
+                .arg(chunk)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.unwrap();
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let mut del = redis::cmd("DEL");
+    for keys in &tokens {
+        del.arg(&keys.all()[..]);
+    }
+    del.arg(&pending[..])
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    rate
+}
+
+/// The worker's MySQL transaction for a batch of the bench's events (lock three partitions'
+/// watermarks; add to four `usage_daily` rows and three tokens' `used_quota`; move the
+/// watermarks), `txs` times: events/s at `batch` events per transaction.
+async fn bare_mysql(bed: &Bed, txs: usize, batch: usize) -> f64 {
+    let started = Instant::now();
+    for i in 0..txs {
+        let mut tx = bed.db.begin().await.unwrap();
+        for p in 0..3 {
+            sqlx::query(
+                "SELECT next_offset FROM billing_offsets WHERE topic = 'ref' AND part = ? FOR UPDATE",
+            )
+            .bind(p)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO usage_daily (tenant_id, day, model, requests, prompt_tokens, completion_tokens, \
+             cached_tokens, cost, platform_cost, upstream_cost) VALUES \
+             (1, '2000-01-01', 'gpt-4o', 1667, 1700000, 200000, 80000, 12.5, 10.1, 3.2), \
+             (1, '2000-01-01', 'gpt-4o-mini', 1666, 1700000, 200000, 80000, 1.5, 1.1, 0), \
+             (2, '2000-01-01', 'gpt-4o', 834, 850000, 100000, 40000, 6.5, 6.5, 1.6), \
+             (2, '2000-01-01', 'gpt-4o-mini', 833, 850000, 100000, 40000, 0.7, 0.7, 0) \
+             ON DUPLICATE KEY UPDATE requests = requests + VALUES(requests), \
+             prompt_tokens = prompt_tokens + VALUES(prompt_tokens), \
+             completion_tokens = completion_tokens + VALUES(completion_tokens), \
+             cached_tokens = cached_tokens + VALUES(cached_tokens), cost = cost + VALUES(cost), \
+             platform_cost = platform_cost + VALUES(platform_cost), \
+             upstream_cost = upstream_cost + VALUES(upstream_cost)",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE tokens JOIN (SELECT 11 AS id, 0 AS n UNION ALL SELECT 12, 0 UNION ALL SELECT 21, 0) d \
+             ON tokens.id = d.id SET tokens.used_quota = tokens.used_quota + d.n",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let next = (i as i64 + 1) * 1_667;
+        sqlx::query(
+            "INSERT INTO billing_offsets (topic, part, next_offset) VALUES ('ref', 0, ?), ('ref', 1, ?), ('ref', 2, ?) \
+             ON DUPLICATE KEY UPDATE next_offset = GREATEST(next_offset, VALUES(next_offset))",
+        )
+        .bind(next)
+        .bind(next)
+        .bind(next)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    (txs * batch) as f64 / started.elapsed().as_secs_f64()
 }

@@ -1,16 +1,20 @@
-//! The billing worker: Kafka `usage.events` → price → ClickHouse `usage_logs` → Redis settle →
-//! MySQL aggregates → dedupe keys → offset commit.
+//! The billing worker: Kafka `usage.events` → price → ClickHouse `usage_logs` → MySQL aggregates →
+//! Redis settle, which records the dedupe keys → offset commit.
 //!
 //! Every step is idempotent, so a batch replayed after a crash anywhere changes nothing twice:
 //!
 //! | step | what makes a replay harmless |
 //! |---|---|
-//! | dedupe | copies inside a batch dropped; keys already in Redis (recorded at the end of an earlier, fully applied batch) dropped |
+//! | dedupe | copies inside a batch dropped; keys already in Redis (recorded by the settle of an earlier batch, after its ClickHouse and MySQL steps) dropped |
 //! | ClickHouse insert | `ReplacingMergeTree` keyed by tenant and event id; exact queries use `FINAL` |
-//! | Redis settle | per-event marker set in the same Lua call as the deduction ([`aigw_common::quota::SETTLE`]) |
 //! | MySQL aggregates | per-partition offset watermark updated in the same transaction ([`crate::ledger`]) |
-//! | dedupe keys | recorded only after all of the above succeeded, never before |
+//! | Redis settle | the event's dedupe key is the settle's marker, set in the same Lua call as the deduction ([`aigw_common::quota::SETTLE`]); set only now, after the steps above, so a recorded key means the event is fully applied |
 //! | offset commit | last; a crash before it replays the batch through the rows above |
+//!
+//! A batch whose step fails is retried; once all the sinks are done, the retry resumes after them.
+//!
+//! Redis is written in one pipelined round trip per batch: every token's settle, the dedupe keys of
+//! events without a token, and the billed events' pending records forgotten.
 //!
 //! A message that cannot be billed (malformed, unknown tenant, no platform price, counts out of
 //! range) goes to the dead-letter topic with the reason before its offset is committed.
@@ -23,7 +27,7 @@ use std::{
 
 use aigw_common::{
     events::{AlertEvent, AlertKind, TokenRef},
-    quota::{Reservation, SETTLE, TokenKeys},
+    quota::{FORGET_PENDING, Reservation, SETTLE, TokenKeys},
     shutdown::Shutdown,
 };
 use aigw_plugin_core::{Outcome, TokenUsage, UsageEvent};
@@ -278,7 +282,7 @@ impl Metrics {
         );
         registry.register(
             "worker_step_seconds",
-            "Time of each step of a batch (parse, dedupe, price, dead_letter, clickhouse, redis, mysql, alerts, seen, commit)",
+            "Time of each step of a batch (parse, dedupe, price, dead_letter, clickhouse, mysql, redis, alerts, commit)",
             m.step_seconds.clone(),
         );
         registry.register(
@@ -616,6 +620,16 @@ pub struct BatchState {
     pub deferred: Vec<Deferred>,
     /// They are on Kafka.
     pub alerts_sent: bool,
+    /// What the sinks did, once all of them have (a retry then resumes after them).
+    applied: Option<Applied>,
+}
+
+/// A batch after its sinks: its billed events, how many copies were dropped, and the settle.
+#[derive(Debug)]
+struct Applied {
+    billed: Vec<Billed>,
+    deduped: u64,
+    settled: Settled,
 }
 
 /// A token settled without a Redis counter to judge its crossing by.
@@ -625,6 +639,41 @@ pub struct Deferred {
     tenant: String,
     added: i64,
     at_ms: i64,
+}
+
+/// What a batch's settle found.
+#[derive(Debug, Default)]
+struct Settled {
+    /// Tokens whose `used` counter Redis did not have, to re-seed from MySQL.
+    missing: Vec<TokenRow>,
+    /// Token id → the token and its `used` after the batch.
+    used: HashMap<u64, (TokenRow, i64)>,
+}
+
+/// The SHA1 digests the worker calls its scripts by.
+#[derive(Debug)]
+struct Scripts {
+    settle: String,
+    forget: String,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            settle: redis::Script::new(SETTLE).get_hash().to_owned(),
+            forget: redis::Script::new(FORGET_PENDING).get_hash().to_owned(),
+        }
+    }
+}
+
+/// The value an event's seen key takes: `1`, or for an event the sweep billed at its estimate,
+/// what was billed (so a late report adds only what it used beyond it).
+fn seen_value(event: &UsageEvent) -> String {
+    if event.outcome == Outcome::Unreported {
+        seen_estimated(&event.usage)
+    } else {
+        "1".to_owned()
+    }
 }
 
 /// A quota alert record.
@@ -659,6 +708,7 @@ pub struct Worker {
     producer: FutureProducer,
     ch: clickhouse::Client,
     redis: redis::aio::ConnectionManager,
+    scripts: Scripts,
     db: sqlx::MySqlPool,
     dir: Directory,
     dir_loaded: Instant,
@@ -702,6 +752,7 @@ impl Worker {
             producer,
             ch,
             redis,
+            scripts: Scripts::new(),
             db,
             dir,
             dir_loaded: Instant::now(),
@@ -830,14 +881,34 @@ impl Worker {
 
     /// Applies one batch; see the module docs for the order and why it is safe to repeat.
     pub async fn apply(&mut self, batch: &[Msg], state: &mut BatchState) -> anyhow::Result<()> {
+        let mut clock = Instant::now();
+        // Once the sinks are done, a retry resumes after them: the batch's events are recorded
+        // as seen by then, and a fresh pass would count them as duplicates.
+        let mut applied = match state.applied.take() {
+            Some(done) => done,
+            None => self.sinks(batch, state, &mut clock).await?,
+        };
+        let finished = self.finish(batch, state, &mut applied, &mut clock).await;
+        if finished.is_err() {
+            state.applied = Some(applied);
+        }
+        finished
+    }
+
+    /// Steps 1–7: parse, dedupe, price, dead letters, ClickHouse, MySQL, Redis.
+    async fn sinks(
+        &mut self,
+        batch: &[Msg],
+        state: &mut BatchState,
+        clock: &mut Instant,
+    ) -> anyhow::Result<Applied> {
         self.refresh(false).await?;
         // 1. Parse and dedupe inside the batch. 2. Drop events already fully applied.
         // (Duplicates are counted once the batch is committed, so a retry does not count twice.)
-        let mut clock = Instant::now();
         let (mut parsed, mut dead_letters, mut deduped) = parse_batch(batch);
-        self.lap(&mut clock, "parse");
+        self.lap(clock, "parse");
         deduped += self.drop_seen(&mut parsed).await?;
-        self.lap(&mut clock, "dedupe");
+        self.lap(clock, "dedupe");
         // 3. Price. An unknown name may be a stale mirror: reload once and try again.
         let mut attempt = self.price_all(&parsed);
         if attempt
@@ -872,7 +943,7 @@ impl Worker {
                 Err(d) => dead_letters.push((m, d)),
             }
         }
-        self.lap(&mut clock, "price");
+        self.lap(clock, "price");
         // Each billed request's span, in its own trace, open until the batch is done.
         let _spans = trace_spans(&billed);
         // 4. Dead letters are on Kafka before anything is committed.
@@ -880,7 +951,7 @@ impl Worker {
             self.dead_letter(&dead_letters).await?;
             state.dead_lettered = true;
         }
-        self.lap(&mut clock, "dead_letter");
+        self.lap(clock, "dead_letter");
         // 5. ClickHouse.
         if !billed.is_empty() {
             let mut insert = self
@@ -893,27 +964,41 @@ impl Worker {
             }
             insert.end().await.context("clickhouse insert end")?;
         }
-        self.lap(&mut clock, "clickhouse");
-        // 6. Redis: settle reservations and deduct quota, once per event; the events are no
-        // longer pending (the sweep would otherwise bill their estimate).
-        let missing = self.settle(&billed, state).await?;
-        crate::pending::forget(
-            &mut self.redis.clone(),
-            &self.settings.pending,
-            billed.iter().map(|b| b.event.event_id.as_str()),
-        )
-        .await
-        .context("redis pending")?;
-        self.lap(&mut clock, "redis");
-        // 7. MySQL aggregates, guarded by the offset watermark.
+        self.lap(clock, "clickhouse");
+        // 6. MySQL aggregates, guarded by the offset watermark.
         ledger::apply(&self.db, &self.settings.topic, batch, &billed)
             .await
             .context("mysql aggregates")?;
-        self.lap(&mut clock, "mysql");
-        self.reseed(&missing).await?;
+        self.lap(clock, "mysql");
+        // 7. Redis, last of the sinks: settle reservations and deduct quota once per event,
+        // recording its dedupe key in the same call; the events are no longer pending (the sweep
+        // would otherwise bill their estimate).
+        let settled = self.settle(&billed, state).await?;
+        self.lap(clock, "redis");
+        Ok(Applied {
+            billed,
+            deduped,
+            settled,
+        })
+    }
+
+    /// Steps 8–10, after the sinks: re-seeds, alerts, the offset commit, metrics and status.
+    async fn finish(
+        &mut self,
+        batch: &[Msg],
+        state: &mut BatchState,
+        applied: &mut Applied,
+        clock: &mut Instant,
+    ) -> anyhow::Result<()> {
+        let Applied {
+            billed,
+            deduped,
+            settled,
+        } = applied;
+        self.reseed(settled).await?;
         self.deferred_alerts(state).await?;
         if !state.health_counted {
-            let changes = self.channel_alerts(&billed);
+            let changes = self.channel_alerts(billed);
             state.alerts.extend(changes);
             state.health_counted = true;
         }
@@ -921,86 +1006,37 @@ impl Worker {
             self.send_alerts(&state.alerts).await?;
             state.alerts_sent = true;
         }
-        self.lap(&mut clock, "alerts");
-        // 8. Only now: the events count as seen.
-        self.record_seen(&billed).await?;
-        self.lap(&mut clock, "seen");
+        self.lap(clock, "alerts");
         // 9. Commit offsets.
         self.commit(batch)?;
-        self.lap(&mut clock, "commit");
-        self.metrics.deduped.inc_by(deduped);
+        self.lap(clock, "commit");
+        self.metrics.deduped.inc_by(*deduped);
         self.metrics.priced.inc_by(billed.len() as u64);
         let unknown = billed.iter().filter(|b| b.token.is_none()).count();
         self.metrics.unknown_token.inc_by(unknown as u64);
         let no_cost = billed.iter().filter(|b| !b.upstream_known).count();
         self.metrics.upstream_cost_missing.inc_by(no_cost as u64);
-        for b in &billed {
+        for b in billed.iter() {
             self.metrics
                 .count(b, self.dir.channel(&b.event.channel).is_some());
         }
         // 10. Token CR status, off the hot path and rate-limited by the writer.
-        self.report_status(&billed).await;
+        self.report_status(&settled.used);
         Ok(())
     }
 
-    /// Records the billed events' dedupe keys (a swept estimate is marked as such, so a late
-    /// report can still add its excess).
-    async fn record_seen(&self, billed: &[Billed]) -> anyhow::Result<()> {
-        if !billed.is_empty() {
-            let mut pipe = redis::pipe();
-            let ttl = self.settings.dedupe_ttl.as_secs().max(1);
-            for b in billed {
-                let value = if b.event.outcome == Outcome::Unreported {
-                    // What was billed, so a late report adds only what it used beyond it.
-                    seen_estimated(&b.event.usage)
-                } else {
-                    "1".to_owned()
-                };
-                pipe.cmd("SET")
-                    .arg(seen_key(&b.dedupe))
-                    .arg(value)
-                    .arg("EX")
-                    .arg(ttl)
-                    .ignore();
-            }
-            let mut conn = self.redis.clone();
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .context("redis dedupe record")?;
-        }
-        Ok(())
-    }
-
-    async fn report_status(&self, billed: &[Billed]) {
+    /// Hands each settled token's `used` to the Token CR status writer.
+    fn report_status(&self, used: &HashMap<u64, (TokenRow, i64)>) {
         let Some(sink) = &self.status else {
             return;
         };
-        let mut tokens: Vec<&TokenRow> = billed.iter().filter_map(|b| b.token.as_ref()).collect();
-        tokens.sort_by_key(|t| t.id);
-        tokens.dedup_by_key(|t| t.id);
-        if tokens.is_empty() {
-            return;
-        }
-        let keys: Vec<String> = tokens
-            .iter()
-            .map(|t| TokenKeys::new(&t.key_hash).used)
-            .collect();
-        let mut conn = self.redis.clone();
-        let used: Vec<Option<i64>> =
-            match redis::cmd("MGET").arg(&keys).query_async(&mut conn).await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::debug!(error = %e, "token usage not read for status; next batch will");
-                    return;
-                }
-            };
-        for (t, used) in tokens.into_iter().zip(used) {
+        for (t, used) in used.values() {
             let update = crate::status::Used {
                 token_id: t.id,
                 namespace: t.namespace.clone(),
                 name: t.cr_name.clone(),
                 quota: t.quota,
-                used: used.unwrap_or(0),
+                used: *used,
             };
             if sink.try_send(update).is_err() {
                 tracing::debug!("token status writer busy; a later batch carries the total");
@@ -1070,88 +1106,111 @@ impl Worker {
         Ok(())
     }
 
-    /// Settles the batch in Redis: one `SETTLE` call per token (all of its events), pipelined.
-    /// Settles the batch's events in Redis; returns the tokens whose `used` counter was missing.
-    async fn settle(&self, billed: &[Billed], state: &mut BatchState) -> anyhow::Result<Vec<u64>> {
+    /// Settles the batch in Redis, in one pipelined round trip: one `SETTLE` call per token (all of
+    /// its events, each marked seen by the same call), a seen key for each event without a token,
+    /// and the events forgotten as pending. The scripts are loaded at the head of the same pipeline
+    /// (Redis runs a pipeline's commands in order, so a flushed script cache costs nothing more).
+    async fn settle(&self, billed: &[Billed], state: &mut BatchState) -> anyhow::Result<Settled> {
+        let mut out = Settled::default();
+        if billed.is_empty() {
+            return Ok(out);
+        }
         let mut per_token: HashMap<u64, (&TokenRow, Vec<&Billed>)> = HashMap::new();
+        let mut tokenless = Vec::new();
         for b in billed {
-            if let Some(t) = &b.token {
-                per_token
+            match &b.token {
+                Some(t) => per_token
                     .entry(t.id)
                     .or_insert_with(|| (t, Vec::new()))
                     .1
-                    .push(b);
+                    .push(b),
+                None => tokenless.push(b),
             }
         }
-        if per_token.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut conn = self.redis.clone();
-        let sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(SETTLE)
-            .query_async(&mut conn)
-            .await
-            .context("redis script load")?;
         let ttl = self.settings.dedupe_ttl.as_secs().max(1);
         let calls: Vec<(&TokenRow, Vec<&Billed>)> = per_token.into_values().collect();
-        let mut missing = Vec::new();
-        for chunk in calls.chunks(200) {
-            let mut pipe = redis::pipe();
-            for (token, events) in chunk {
-                let keys = TokenKeys::new(&token.key_hash);
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(&sha).arg(5 + events.len()).arg(&keys.all()[..]);
-                for b in events {
-                    cmd.arg(keys.settled(&format!("event:{}", b.event.event_id)));
-                }
-                cmd.arg(ttl);
-                for b in events {
-                    let reservation = match b.event.reservation.parse::<Reservation>() {
-                        Ok(Reservation::Held { id, .. }) => id,
-                        _ => "none".to_owned(),
-                    };
-                    cmd.arg(reservation).arg(b.event.usage.billable_tokens());
-                }
-                pipe.add_command(cmd);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(SETTLE).ignore();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(FORGET_PENDING).ignore();
+        for (token, events) in &calls {
+            let keys = TokenKeys::new(&token.key_hash);
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&self.scripts.settle)
+                .arg(5 + events.len())
+                .arg(&keys.all()[..]);
+            for b in events {
+                cmd.arg(seen_key(&b.dedupe));
             }
-            let results: Vec<(i64, i64, i64, i64, i64)> =
-                pipe.query_async(&mut conn).await.context("redis settle")?;
-            for ((token, events), (_, _, existed, added, used)) in chunk.iter().zip(results) {
-                let tenant = events
-                    .first()
-                    .map(|b| b.event.tenant.clone())
-                    .unwrap_or_default();
-                let at_ms = events
-                    .iter()
-                    .map(|b| b.event.ended_at_ms)
-                    .max()
-                    .unwrap_or(0);
-                if existed == 0 {
-                    // No counter (a new token, or Redis lost it): `used` is this batch alone
-                    // until the re-seed, so the crossing is judged from MySQL's total.
-                    missing.push(token.id);
-                    if added > 0 {
-                        state.deferred.push(Deferred {
-                            token: (*token).clone(),
-                            tenant,
-                            added,
-                            at_ms,
-                        });
-                    }
-                    continue;
+            cmd.arg(ttl);
+            for b in events {
+                let reservation = match b.event.reservation.parse::<Reservation>() {
+                    Ok(Reservation::Held { id, .. }) => id,
+                    _ => "none".to_owned(),
+                };
+                cmd.arg(reservation)
+                    .arg(b.event.usage.billable_tokens())
+                    .arg(seen_value(&b.event));
+            }
+            pipe.add_command(cmd);
+        }
+        for b in &tokenless {
+            pipe.cmd("SET")
+                .arg(seen_key(&b.dedupe))
+                .arg(seen_value(&b.event))
+                .arg("EX")
+                .arg(ttl)
+                .ignore();
+        }
+        let pending = &self.settings.pending;
+        let ids: Vec<&str> = billed.iter().map(|b| b.event.event_id.as_str()).collect();
+        for chunk in ids.chunks(500) {
+            pipe.cmd("EVALSHA")
+                .arg(&self.scripts.forget)
+                .arg(3)
+                .arg(&pending.set)
+                .arg(&pending.events)
+                .arg(&pending.grants)
+                .arg(chunk)
+                .ignore();
+        }
+        let mut conn = self.redis.clone();
+        let results: Vec<(i64, i64, i64, i64, i64)> =
+            pipe.query_async(&mut conn).await.context("redis settle")?;
+        for ((token, events), (_, _, existed, added, used)) in calls.iter().zip(results) {
+            let tenant = events
+                .first()
+                .map(|b| b.event.tenant.clone())
+                .unwrap_or_default();
+            let at_ms = events
+                .iter()
+                .map(|b| b.event.ended_at_ms)
+                .max()
+                .unwrap_or(0);
+            if existed == 0 {
+                // No counter (a new token, or Redis lost it): `used` is this batch alone
+                // until the re-seed, so the crossing is judged from MySQL's total.
+                out.missing.push((*token).clone());
+                if added > 0 {
+                    state.deferred.push(Deferred {
+                        token: (*token).clone(),
+                        tenant,
+                        added,
+                        at_ms,
+                    });
                 }
-                // Kept in the batch's state as soon as found: a later chunk or step that fails
-                // makes the retry settle nothing here (its events are marked), but the alert
-                // found now is still sent.
-                for kind in crate::alerts::quota_crossings(token.quota, added, used) {
-                    state
-                        .alerts
-                        .push(quota_alert(kind, token, &tenant, used, at_ms));
-                }
+                continue;
+            }
+            out.used.insert(token.id, ((*token).clone(), used));
+            // Kept in the batch's state as soon as found: a later step that fails makes the
+            // retry settle nothing here (its events are marked), but the alert found now is
+            // still sent.
+            for kind in crate::alerts::quota_crossings(token.quota, added, used) {
+                state
+                    .alerts
+                    .push(quota_alert(kind, token, &tenant, used, at_ms));
             }
         }
-        Ok(missing)
+        Ok(out)
     }
 
     /// Judges the tokens settled without a counter, from MySQL's total (which the ledger step has
@@ -1237,19 +1296,14 @@ impl Worker {
 
     /// Re-seeds the `used` counters a settle found missing (Redis lost them) from MySQL's
     /// `tokens.used_quota`, which the ledger step has just brought up to date: quota is never
-    /// restarted at 0 by a flushed Redis.
-    async fn reseed(&self, missing: &[u64]) -> anyhow::Result<()> {
-        if missing.is_empty() {
-            return Ok(());
-        }
+    /// restarted at 0 by a flushed Redis. The re-seeded totals join `settled.used`.
+    async fn reseed(&self, settled: &mut Settled) -> anyhow::Result<()> {
         let mut conn = self.redis.clone();
-        for id in missing {
-            let Some(t) = self.dir.token(&id.to_string()) else {
-                continue;
-            };
+        // Each is removed once re-seeded: a failure leaves the rest for the retry.
+        while let Some(t) = settled.missing.last().cloned() {
             let total: Option<i64> =
                 sqlx::query_scalar("SELECT used_quota FROM tokens WHERE id = ?")
-                    .bind(i64::try_from(*id).unwrap_or(i64::MAX))
+                    .bind(i64::try_from(t.id).unwrap_or(i64::MAX))
                     .fetch_optional(&self.db)
                     .await
                     .context("mysql used_quota")?;
@@ -1264,12 +1318,14 @@ impl Worker {
                 if raised == 1 {
                     self.metrics.reseeded.inc();
                     tracing::warn!(
-                        token = id,
+                        token = t.id,
                         used = total,
                         "quota counter was missing in Redis; re-seeded from MySQL"
                     );
                 }
+                settled.used.insert(t.id, (t, total));
             }
+            settled.missing.pop();
         }
         Ok(())
     }

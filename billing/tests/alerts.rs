@@ -12,6 +12,11 @@ use std::time::Duration;
 use aigw_common::events::{AlertEvent, AlertKind};
 use aigw_plugin_core::{Outcome, TokenUsage};
 use common::{Bed, event, message};
+use rdkafka::{
+    ClientConfig,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+};
 
 fn usage(prompt: u64) -> TokenUsage {
     TokenUsage {
@@ -147,26 +152,53 @@ async fn an_alert_found_before_a_failed_step_is_sent_by_the_retry() {
     bed.produce(&[message(&event("r0", "1", 12, "gpt-4o", usage(10)))])
         .await;
     bed.drained(60).await;
-    // The MySQL step (after the Redis settle) fails until the table is back: the retry settles
-    // nothing new (its events are marked), so only the state kept from the first attempt can
-    // still say that the quota was used up.
-    sqlx::query("RENAME TABLE usage_daily TO usage_daily_away")
-        .execute(&bed.db)
-        .await
+    // The alert topic is gone until recreated, so sending the alert — the step after all the
+    // sinks — fails: the retry settles nothing new (its events are recorded as seen), so only
+    // the state kept from the first attempt can still say that the quota was used up.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bed.tb.kafka_brokers().unwrap())
+        .create()
         .unwrap();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin.delete_topics(&[&bed.alerts], &opts).await.unwrap() {
+        r.unwrap();
+    }
     bed.produce(&[message(&event("r1", "1", 12, "gpt-4o", usage(90)))])
         .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let errors = || {
+        let metrics = aigw_testkit::process::http_get(worker.ops_addr, "/metrics")
+            .unwrap()
+            .1;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("aigw_billing_worker_batch_errors_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    while errors() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sending the alert never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(
         bed.redis_used(12).await,
         100,
         "settled before the failing step"
     );
-    sqlx::query("RENAME TABLE usage_daily_away TO usage_daily")
-        .execute(&bed.db)
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(&bed.alerts, 1, TopicReplication::Fixed(1))],
+            &opts,
+        )
         .await
-        .unwrap();
-    bed.drained(60).await;
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    bed.drained(90).await;
     let records = bed.read(&bed.alerts, "", 2, Duration::from_secs(15));
     let kinds: Vec<AlertKind> = records
         .iter()
@@ -176,11 +208,12 @@ async fn an_alert_found_before_a_failed_step_is_sent_by_the_retry() {
     let metrics = aigw_testkit::process::http_get(worker.ops_addr, "/metrics")
         .unwrap()
         .1;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("aigw_billing_worker_batch_errors_total") && !l.ends_with(" 0")),
-        "the batch did fail once: {metrics}"
-    );
+    // The retry resumed after the sinks: both events are counted as billed, none as a copy.
+    for line in [
+        "aigw_billing_worker_priced_total 2\n",
+        "aigw_billing_worker_deduped_total 0\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     assert!(worker.terminate(15).unwrap().success());
 }
