@@ -65,18 +65,23 @@ generate: ## regenerate committed artefacts: crds/crds.yaml from the CRD types, 
 	mv apiserver/openapi.json.tmp apiserver/openapi.json
 
 .PHONY: bench
-bench: toolchain testbed migrate crds ## benchmarks: usage parser, billing pipeline, authz load, sign-in cost and token verification, REST lists, operator scale, data-plane plugin cost (numbers: docs/benchmarks.md)
-	cargo bench -p aigw-plugin --bench parser
+BENCH_LOG := target/bench.log
+
+bench: toolchain testbed migrate crds ## benchmarks: usage parser, billing pipeline, authz load, sign-in cost and token verification, REST lists, operator scale, data-plane plugin cost; ends with one table of each measure against its reference (numbers: docs/benchmarks.md)
+	@mkdir -p target && : > $(BENCH_LOG)
+	cargo bench -p aigw-plugin --bench parser | tee -a $(BENCH_LOG)
 	cargo build --release -p aigw-billing
-	cargo bench -p aigw-billing --bench pipeline
-	cargo bench -p aigw-apiserver --bench authz
-	cargo bench -p aigw-apiserver --bench sso
-	cargo bench -p aigw-apiserver --bench api
+	cargo bench -p aigw-billing --bench pipeline | tee -a $(BENCH_LOG)
+	cargo bench -p aigw-apiserver --bench authz | tee -a $(BENCH_LOG)
+	cargo bench -p aigw-apiserver --bench sso | tee -a $(BENCH_LOG)
+	cargo bench -p aigw-apiserver --bench api | tee -a $(BENCH_LOG)
 	cargo build --release -p aigw-operator
-	cargo bench -p aigw-operator --bench scale
-	cargo bench -p aigw-operator --bench dataplane
+	cargo bench -p aigw-operator --bench scale | tee -a $(BENCH_LOG)
+	cargo bench -p aigw-operator --bench dataplane | tee -a $(BENCH_LOG)
 	@echo "restarting the test bed so later tests start from a clean cluster"
 	$(TESTBED) down && $(TESTBED) up
+	@printf '\n## make bench: each measure and its reference, measured in this run\n\n| measure | value | reference | ratio | aim |\n|---|---:|---|---:|---|\n'
+	@sed -n 's/^ratio: //p' $(BENCH_LOG)
 
 .PHONY: fuzz
 fuzz: toolchain ## mutation-fuzz the usage parser for AIGW_FUZZ_SECS seconds (default 60)

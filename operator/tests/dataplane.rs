@@ -27,7 +27,10 @@ use aigw_standin::{
     provider::{Provider, Received, Scripted, load_recording},
 };
 use common::eventually;
-use dataplane_bed::{Bed, INGEST_SECRET, PROVIDER_KEY, advance, chat, events, logs, send, sha};
+use dataplane_bed::{
+    Bed, INGEST_SECRET, INSTRUCTION_BUDGETS, PROVIDER_KEY, SHAPES, TOTAL_INSTRUCTION_BUDGETS,
+    advance, chat, events, fuel_per_request, logs, send, sha,
+};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
@@ -1467,5 +1470,55 @@ async fn sign_in_goes_through_the_gateway_to_the_apiserver() {
         .await
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+    bed.finish().await;
+}
+
+/// The data plane's cost per request is deterministic (wasm instructions, counted by the
+/// engine), so a regression — in our plugins, or in a Higress build we adopt — fails here rather
+/// than in a benchmark nobody runs: each plugin and the total stay within their budgets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_completion_stays_within_its_wasm_instruction_budget() {
+    let Some(mut bed) =
+        Bed::for_test("a_chat_completion_stays_within_its_wasm_instruction_budget").await
+    else {
+        return;
+    };
+    let sfx = bed.h.sfx.clone();
+    bed.channel(
+        &format!("cost-{sfx}"),
+        json!({"provider": "openai", "models": ["gpt-4o"]}),
+    )
+    .await;
+    let tenant = format!("cost-{sfx}");
+    let domain = format!("api.{tenant}.example");
+    let key = format!("sk-cost-{sfx}");
+    bed.tenant(&tenant, &domain, &key, &["gpt-4o"]).await;
+    let gw = bed.gateway(&["gpt-4o"]).await;
+    let mut failures = Vec::new();
+    for (shape, (label, stream)) in SHAPES.into_iter().enumerate() {
+        let per = fuel_per_request(&bed, &gw, &domain, &key, stream, 5).await;
+        eprintln!("{label}: {per:?}, total {}", per.values().sum::<u64>());
+        let names: Vec<&str> = per.keys().map(String::as_str).collect();
+        let budgeted: Vec<&str> = INSTRUCTION_BUDGETS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, budgeted, "the plugins on the request path");
+        for (name, budgets) in INSTRUCTION_BUDGETS {
+            let used = per[name];
+            let budget = budgets[shape];
+            assert!(used > 0, "{name} never ran on a {label} request");
+            if used > budget {
+                failures.push(format!(
+                    "{label}: {name} executed {used} instructions, budget {budget}"
+                ));
+            }
+        }
+        let total: u64 = per.values().sum();
+        let total_budget = TOTAL_INSTRUCTION_BUDGETS[shape];
+        if total > total_budget {
+            failures.push(format!(
+                "{label}: {total} instructions in all, budget {total_budget}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "over budget:\n{}", failures.join("\n"));
     bed.finish().await;
 }

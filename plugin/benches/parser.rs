@@ -34,7 +34,8 @@ fn json_body(mb: usize) -> Vec<u8> {
     out
 }
 
-fn native(name: &str, body: &[u8], framing: Framing) {
+/// Parses `body` natively five times; prints and returns MB/s.
+fn native(name: &str, body: &[u8], framing: Framing) -> f64 {
     let rounds = 5;
     let started = Instant::now();
     for _ in 0..rounds {
@@ -52,15 +53,19 @@ fn native(name: &str, body: &[u8], framing: Framing) {
         mb,
         mb / secs
     );
+    mb / secs
 }
 
 fn main() {
     let sse = host::text_stream(50_000);
     native("SSE stream", &sse, Framing::Sse);
-    native(
+    let recorded = native(
         "recorded-shape OpenAI stream",
         &host::openai_stream(40_000),
         Framing::Sse,
+    );
+    println!(
+        "ratio: | usage parser native, recorded-shape OpenAI stream | {recorded:.0} MB/s | | | ≥ 300 MB/s |"
     );
     native("JSON body", &json_body(16), Framing::Json);
 
@@ -69,10 +74,13 @@ fn main() {
         ("text-heavy stream", sse),
     ] {
         let (used, _) = host::parser_fuel(&body);
+        let per_byte = used as f64 / body.len() as f64;
         println!(
-            "wasm {name}: {:.1} MB, {used} instructions (fuel) = {:.1} instructions per byte",
+            "wasm {name}: {:.1} MB, {used} instructions (fuel) = {per_byte:.1} instructions per byte",
             body.len() as f64 / 1e6,
-            used as f64 / body.len() as f64
+        );
+        println!(
+            "ratio: | usage parser in wasm, {name} | {per_byte:.1} instructions/byte | | | ≤ 30 |"
         );
     }
     // Where an event's instructions go: 2,000 events of one shape, less a stream of none.

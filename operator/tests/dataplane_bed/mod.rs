@@ -7,6 +7,7 @@
 
 use std::fmt::Write as _;
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -272,8 +273,10 @@ impl Bed {
 
     /// Waits until the operator's route Ingresses name every model of `models`, then builds the
     /// gateway from what it wrote.
+    /// The gateway on what the operator wrote, counting wasm instructions (every test of a binary
+    /// uses the one fuel-counting engine, so each big module compiles once per binary).
     pub async fn gateway(&self, models: &[&str]) -> Arc<Mutex<Gateway>> {
-        self.gateway_metered(models, false).await
+        self.gateway_metered(models, true).await
     }
 
     /// [`Bed::gateway`], counting every wasm instruction with `fuel`.
@@ -425,4 +428,87 @@ pub async fn events(topic: &str, n: usize, secs: u64) -> Vec<UsageEvent> {
         }
     }
     out
+}
+
+/// An OpenAI chat stream of `n` content events, then the usage chunk and `[DONE]`.
+pub fn stream_body(n: usize) -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..n {
+        let _ = write!(
+            out,
+            "data: {{\"id\":\"chatcmpl-b\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token{i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
+        );
+    }
+    out.push_str("data: {\"id\":\"chatcmpl-b\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":200,\"total_tokens\":212}}\n\ndata: [DONE]\n\n");
+    out.into_bytes()
+}
+
+/// The two request shapes the data plane's cost is measured on: a non-streamed chat completion
+/// (the provider stand-in's recorded OpenAI body) and a 200-event stream.
+pub const SHAPES: [(&str, bool); 2] = [("non-streamed", false), ("200-event stream", true)];
+
+/// Wasm instructions per request allowed to each plugin, `[non-streamed, 200-event stream]`: about
+/// 10 % above what was measured (docs/benchmarks.md, "The data plane's added cost").
+pub const INSTRUCTION_BUDGETS: [(&str, [u64; 2]); 6] = [
+    ("aigw-ai-proxy", [822_000, 931_000]),
+    ("aigw-credential-strip", [23_700, 41_000]),
+    ("aigw-ext-auth", [809_000, 869_000]),
+    ("aigw-header-scrub", [21_500, 38_500]),
+    ("aigw-model-router", [150_000, 198_000]),
+    ("aigw-usage-reporter", [128_000, 2_623_000]),
+];
+
+/// Wasm instructions per request allowed to all plugins together, `[non-streamed, stream]`: about
+/// 5 % above what was measured (1,776,849 and 4,272,996 on 2026-12-01).
+pub const TOTAL_INSTRUCTION_BUDGETS: [u64; 2] = [1_866_000, 4_487_000];
+
+/// Wasm instructions each plugin of `gw` executes for one chat completion of shape `stream` to
+/// `domain` with `key`: the median of `n` requests after 3 warm-up ones (first-use allocations and
+/// caches), by plugin name. A request's count includes its share of the reporter's timer tick.
+pub async fn fuel_per_request(
+    bed: &Bed,
+    gw: &Arc<Mutex<Gateway>>,
+    domain: &str,
+    key: &str,
+    stream: bool,
+    n: usize,
+) -> BTreeMap<String, u64> {
+    let fuel = || {
+        gw.lock()
+            .unwrap()
+            .filters
+            .iter()
+            .map(|f| (f.name.clone(), f.host.fuel_used()))
+            .collect::<BTreeMap<String, u64>>()
+    };
+    let body = json!({"model": "gpt-4o", "stream": stream, "max_tokens": 200,
+                      "messages": [{"role": "user", "content": "Say hello in one word."}]});
+    let mut per: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for i in 0..n + 3 {
+        if stream {
+            bed.provider.script(aigw_standin::provider::Scripted {
+                status: 200,
+                content_type: "text/event-stream".into(),
+                body: stream_body(200),
+            });
+        }
+        let before = fuel();
+        let r = send(gw, chat(domain, key, &body)).await;
+        assert_eq!(r.status, 200, "{}", r.details);
+        let after = fuel();
+        if i < 3 {
+            continue;
+        }
+        for (name, a) in &after {
+            per.entry(name.clone())
+                .or_default()
+                .push(a - before.get(name).copied().unwrap_or_default());
+        }
+    }
+    per.into_iter()
+        .map(|(name, mut v)| {
+            v.sort_unstable();
+            (name, v[v.len() / 2])
+        })
+        .collect()
 }
