@@ -10,8 +10,8 @@
 //! 5. the sinks' own rates, each measured bare in the same run with the batch size the worker
 //!    used: ClickHouse inserting the same rows (same format, into a copy of `usage_logs`), Redis
 //!    doing the calls a batch needs (look up its dedupe keys; settle its events per token, marking
-//!    each; forget them as pending), MySQL committing the aggregates transaction; the worker is
-//!    reported as a fraction of the slowest.
+//!    each, and forget them as pending; record their dedupe keys), MySQL committing the aggregates
+//!    transaction; the worker is reported as a fraction of the slowest.
 //!
 //! `cargo bench -p aigw-billing --bench pipeline` (`make bench` runs it). `BENCH_EVENTS` sets the
 //! backlog (default 300,000).
@@ -311,9 +311,9 @@ async fn bare_clickhouse(bed: &Bed, n: usize, batch: usize) -> f64 {
     rate
 }
 
-/// What Redis must do for `n` events, `batch` at a time, in two round trips per batch: read the
-/// dedupe keys; then settle the events of each of three tokens in one call (marking each event),
-/// and forget the events as pending. Events/s.
+/// What Redis must do for `n` events, `batch` at a time, in three round trips per batch: read the
+/// dedupe keys; settle the events of each of three tokens in one call (marking each event) and
+/// forget the events as pending; record the dedupe keys. Events/s.
 async fn bare_redis(bed: &Bed, n: usize, batch: usize) -> f64 {
     let mut conn = bed.redis_conn().await;
     let run = aigw_testkit::unique_ident("ref");
@@ -348,11 +348,11 @@ async fn bare_redis(bed: &Bed, n: usize, batch: usize) -> f64 {
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(&settle).arg(5 + mine.len()).arg(&keys.all()[..]);
             for &i in &mine {
-                cmd.arg(&seen[i]);
+                cmd.arg(keys.settled(&format!("event:{}", ids[i])));
             }
             cmd.arg(60);
             for &i in &mine {
-                cmd.arg("none").arg(600 + i % 1000).arg("1");
+                cmd.arg("none").arg(600 + i % 1000);
             }
             pipe.add_command(cmd).ignore();
         }
@@ -365,6 +365,17 @@ async fn bare_redis(bed: &Bed, n: usize, batch: usize) -> f64 {
                 .ignore();
         }
         pipe.query_async::<()>(&mut conn).await.unwrap();
+        let mut record = redis::pipe();
+        for key in &seen {
+            record
+                .cmd("SET")
+                .arg(key)
+                .arg("1")
+                .arg("EX")
+                .arg(60)
+                .ignore();
+        }
+        record.query_async::<()>(&mut conn).await.unwrap();
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     let mut del = redis::cmd("DEL");

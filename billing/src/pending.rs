@@ -4,7 +4,8 @@
 //! reservation expired to the usage topic, so a served request whose report was lost (plugin
 //! crash, ingest down past the plugin's retries, a gateway restart) is billed at its estimate
 //! instead of not at all. The swept event carries the request's own id, so a report that does
-//! arrive later is dropped as a duplicate: the request is billed once either way.
+//! arrive later is not billed again: only what it used beyond the estimate is, as a correction
+//! (`<id>#late`, see `worker::late_correction`); the request is billed once either way.
 
 use std::time::Duration;
 

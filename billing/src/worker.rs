@@ -1,20 +1,25 @@
-//! The billing worker: Kafka `usage.events` → price → ClickHouse `usage_logs` → MySQL aggregates →
-//! Redis settle, which records the dedupe keys → offset commit.
+//! The billing worker: Kafka `usage.events` → price → ClickHouse `usage_logs` → Redis settle →
+//! MySQL aggregates → dedupe keys → offset commit.
 //!
 //! Every step is idempotent, so a batch replayed after a crash anywhere changes nothing twice:
 //!
 //! | step | what makes a replay harmless |
 //! |---|---|
-//! | dedupe | copies inside a batch dropped; keys already in Redis (recorded by the settle of an earlier batch, after its ClickHouse and MySQL steps) dropped |
+//! | dedupe | copies inside a batch dropped; keys already in Redis (recorded at the end of an earlier, fully applied batch) dropped |
 //! | ClickHouse insert | `ReplacingMergeTree` keyed by tenant and event id; exact queries use `FINAL` |
+//! | Redis settle | per-event marker set in the same Lua call as the deduction ([`aigw_common::quota::SETTLE`]) |
 //! | MySQL aggregates | per-partition offset watermark updated in the same transaction ([`crate::ledger`]) |
-//! | Redis settle | the event's dedupe key is the settle's marker, set in the same Lua call as the deduction ([`aigw_common::quota::SETTLE`]); set only now, after the steps above, so a recorded key means the event is fully applied |
+//! | dedupe keys | recorded only after all of the above succeeded, never before |
 //! | offset commit | last; a crash before it replays the batch through the rows above |
 //!
-//! A batch whose step fails is retried; once all the sinks are done, the retry resumes after them.
+//! Redis settles before MySQL so that MySQL's `tokens.used_quota` never counts an event Redis has
+//! not: a counter Redis lost is re-seeded from it as a lower bound, whatever other workers have in
+//! flight. A batch whose step fails is retried; once all the sinks (dedupe keys included) are done,
+//! the retry resumes after them.
 //!
-//! Redis is written in one pipelined round trip per batch: every token's settle, the dedupe keys of
-//! events without a token, and the billed events' pending records forgotten.
+//! Redis round trips per batch: one `MGET` (dedupe lookup), one pipeline (every token's settle and
+//! the billed events' pending records forgotten, the scripts loaded at its head) and one pipeline
+//! of dedupe keys.
 //!
 //! A message that cannot be billed (malformed, unknown tenant, no platform price, counts out of
 //! range) goes to the dead-letter topic with the reason before its offset is committed.
@@ -282,7 +287,7 @@ impl Metrics {
         );
         registry.register(
             "worker_step_seconds",
-            "Time of each step of a batch (parse, dedupe, price, dead_letter, clickhouse, mysql, redis, alerts, commit)",
+            "Time of each step of a batch (parse, dedupe, price, dead_letter, clickhouse_redis (the two run at once), mysql, seen, alerts, commit)",
             m.step_seconds.clone(),
         );
         registry.register(
@@ -622,6 +627,9 @@ pub struct BatchState {
     pub alerts_sent: bool,
     /// What the sinks did, once all of them have (a retry then resumes after them).
     applied: Option<Applied>,
+    /// Tokens whose `used` counter Redis did not have when settled, to re-seed from MySQL; kept
+    /// until re-seeded (a retry's settle finds the counter its first attempt created).
+    reseed: Vec<TokenRow>,
 }
 
 /// A batch after its sinks: its billed events, how many copies were dropped, and the settle.
@@ -644,8 +652,6 @@ pub struct Deferred {
 /// What a batch's settle found.
 #[derive(Debug, Default)]
 struct Settled {
-    /// Tokens whose `used` counter Redis did not have, to re-seed from MySQL.
-    missing: Vec<TokenRow>,
     /// Token id → the token and its `used` after the batch.
     used: HashMap<u64, (TokenRow, i64)>,
 }
@@ -895,7 +901,7 @@ impl Worker {
         finished
     }
 
-    /// Steps 1–7: parse, dedupe, price, dead letters, ClickHouse, MySQL, Redis.
+    /// Steps 1–8: parse, dedupe, price, dead letters, ClickHouse, Redis settle, MySQL, dedupe keys.
     async fn sinks(
         &mut self,
         batch: &[Msg],
@@ -952,29 +958,22 @@ impl Worker {
             state.dead_lettered = true;
         }
         self.lap(clock, "dead_letter");
-        // 5. ClickHouse.
-        if !billed.is_empty() {
-            let mut insert = self
-                .ch
-                .insert::<UsageLogRow>("usage_logs")
-                .await
-                .context("clickhouse insert")?;
-            for b in &billed {
-                insert.write(&b.row).await.context("clickhouse write")?;
-            }
-            insert.end().await.context("clickhouse insert end")?;
-        }
-        self.lap(clock, "clickhouse");
-        // 6. MySQL aggregates, guarded by the offset watermark.
+        // 5. ClickHouse and 6. Redis at once (neither needs the other; both are replayable):
+        // ClickHouse rows, and in Redis the reservations settled and quota deducted once per
+        // event, the events no longer pending (the sweep would otherwise bill their estimate).
+        let (inserted, settled) =
+            tokio::join!(self.insert_rows(&billed), self.settle(&billed, state));
+        inserted?;
+        let settled = settled?;
+        self.lap(clock, "clickhouse_redis");
+        // 7. MySQL aggregates, guarded by the offset watermark.
         ledger::apply(&self.db, &self.settings.topic, batch, &billed)
             .await
             .context("mysql aggregates")?;
         self.lap(clock, "mysql");
-        // 7. Redis, last of the sinks: settle reservations and deduct quota once per event,
-        // recording its dedupe key in the same call; the events are no longer pending (the sweep
-        // would otherwise bill their estimate).
-        let settled = self.settle(&billed, state).await?;
-        self.lap(clock, "redis");
+        // 8. Only now: the events count as seen.
+        self.record_seen(&billed).await?;
+        self.lap(clock, "seen");
         Ok(Applied {
             billed,
             deduped,
@@ -982,7 +981,7 @@ impl Worker {
         })
     }
 
-    /// Steps 8–10, after the sinks: re-seeds, alerts, the offset commit, metrics and status.
+    /// Steps 9–11, after the sinks: re-seeds, alerts, the offset commit, metrics and status.
     async fn finish(
         &mut self,
         batch: &[Msg],
@@ -995,7 +994,7 @@ impl Worker {
             deduped,
             settled,
         } = applied;
-        self.reseed(settled).await?;
+        self.reseed(state, settled).await?;
         self.deferred_alerts(state).await?;
         if !state.health_counted {
             let changes = self.channel_alerts(billed);
@@ -1007,7 +1006,7 @@ impl Worker {
             state.alerts_sent = true;
         }
         self.lap(clock, "alerts");
-        // 9. Commit offsets.
+        // 10. Commit offsets.
         self.commit(batch)?;
         self.lap(clock, "commit");
         self.metrics.deduped.inc_by(*deduped);
@@ -1020,8 +1019,46 @@ impl Worker {
             self.metrics
                 .count(b, self.dir.channel(&b.event.channel).is_some());
         }
-        // 10. Token CR status, off the hot path and rate-limited by the writer.
+        // 11. Token CR status, off the hot path and rate-limited by the writer.
         self.report_status(&settled.used);
+        Ok(())
+    }
+
+    /// Inserts the billed events' rows into ClickHouse, in one insert.
+    async fn insert_rows(&self, billed: &[Billed]) -> anyhow::Result<()> {
+        if billed.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self
+            .ch
+            .insert::<UsageLogRow>("usage_logs")
+            .await
+            .context("clickhouse insert")?;
+        for b in billed {
+            insert.write(&b.row).await.context("clickhouse write")?;
+        }
+        insert.end().await.context("clickhouse insert end")
+    }
+
+    /// Records the billed events' dedupe keys (a swept estimate is marked as such, so a late
+    /// report can still add its excess).
+    async fn record_seen(&self, billed: &[Billed]) -> anyhow::Result<()> {
+        if !billed.is_empty() {
+            let mut pipe = redis::pipe();
+            let ttl = self.settings.dedupe_ttl.as_secs().max(1);
+            for b in billed {
+                pipe.cmd("SET")
+                    .arg(seen_key(&b.dedupe))
+                    .arg(seen_value(&b.event))
+                    .arg("EX")
+                    .arg(ttl)
+                    .ignore();
+            }
+            let mut conn = self.redis.clone();
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .context("redis dedupe record")?;
+        }
         Ok(())
     }
 
@@ -1107,76 +1144,49 @@ impl Worker {
     }
 
     /// Settles the batch in Redis, in one pipelined round trip: one `SETTLE` call per token (all of
-    /// its events, each marked seen by the same call), a seen key for each event without a token,
-    /// and the events forgotten as pending. The scripts are loaded at the head of the same pipeline
-    /// (Redis runs a pipeline's commands in order, so a flushed script cache costs nothing more).
+    /// its events, each guarded by its own marker) and the events forgotten as pending. The scripts
+    /// are loaded at the head of the same pipeline (Redis runs a pipeline's commands in order, so a
+    /// flushed script cache costs nothing more). What the calls that succeeded found is kept even
+    /// when others failed: the retry settles nothing twice, so it could not find it again.
     async fn settle(&self, billed: &[Billed], state: &mut BatchState) -> anyhow::Result<Settled> {
         let mut out = Settled::default();
         if billed.is_empty() {
             return Ok(out);
         }
         let mut per_token: HashMap<u64, (&TokenRow, Vec<&Billed>)> = HashMap::new();
-        let mut tokenless = Vec::new();
         for b in billed {
-            match &b.token {
-                Some(t) => per_token
+            if let Some(t) = &b.token {
+                per_token
                     .entry(t.id)
                     .or_insert_with(|| (t, Vec::new()))
                     .1
-                    .push(b),
-                None => tokenless.push(b),
+                    .push(b);
             }
         }
-        let ttl = self.settings.dedupe_ttl.as_secs().max(1);
         let calls: Vec<(&TokenRow, Vec<&Billed>)> = per_token.into_values().collect();
-        let mut pipe = redis::pipe();
-        pipe.cmd("SCRIPT").arg("LOAD").arg(SETTLE).ignore();
-        pipe.cmd("SCRIPT").arg("LOAD").arg(FORGET_PENDING).ignore();
-        for (token, events) in &calls {
-            let keys = TokenKeys::new(&token.key_hash);
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(&self.scripts.settle)
-                .arg(5 + events.len())
-                .arg(&keys.all()[..]);
-            for b in events {
-                cmd.arg(seen_key(&b.dedupe));
-            }
-            cmd.arg(ttl);
-            for b in events {
-                let reservation = match b.event.reservation.parse::<Reservation>() {
-                    Ok(Reservation::Held { id, .. }) => id,
-                    _ => "none".to_owned(),
-                };
-                cmd.arg(reservation)
-                    .arg(b.event.usage.billable_tokens())
-                    .arg(seen_value(&b.event));
-            }
-            pipe.add_command(cmd);
-        }
-        for b in &tokenless {
-            pipe.cmd("SET")
-                .arg(seen_key(&b.dedupe))
-                .arg(seen_value(&b.event))
-                .arg("EX")
-                .arg(ttl)
-                .ignore();
-        }
-        let pending = &self.settings.pending;
-        let ids: Vec<&str> = billed.iter().map(|b| b.event.event_id.as_str()).collect();
-        for chunk in ids.chunks(500) {
-            pipe.cmd("EVALSHA")
-                .arg(&self.scripts.forget)
-                .arg(3)
-                .arg(&pending.set)
-                .arg(&pending.events)
-                .arg(&pending.grants)
-                .arg(chunk)
-                .ignore();
-        }
+        let pipe = self.settle_pipeline(&calls, billed);
         let mut conn = self.redis.clone();
-        let results: Vec<(i64, i64, i64, i64, i64)> =
+        let replies: Vec<redis::Value> =
             pipe.query_async(&mut conn).await.context("redis settle")?;
-        for ((token, events), (_, _, existed, added, used)) in calls.iter().zip(results) {
+        let mut failed = None;
+        let mut replies = replies.into_iter();
+        for (token, events) in &calls {
+            let reply = replies
+                .next()
+                .context("redis settle: fewer replies than calls")?;
+            let (_, _, existed, added, used) = match reply
+                .extract_error()
+                .map_err(anyhow::Error::from)
+                .and_then(|v| {
+                    redis::from_redis_value::<(i64, i64, i64, i64, i64)>(v)
+                        .map_err(anyhow::Error::from)
+                }) {
+                Ok(r) => r,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
             let tenant = events
                 .first()
                 .map(|b| b.event.tenant.clone())
@@ -1189,7 +1199,7 @@ impl Worker {
             if existed == 0 {
                 // No counter (a new token, or Redis lost it): `used` is this batch alone
                 // until the re-seed, so the crossing is judged from MySQL's total.
-                out.missing.push((*token).clone());
+                state.reseed.push((*token).clone());
                 if added > 0 {
                     state.deferred.push(Deferred {
                         token: (*token).clone(),
@@ -1210,7 +1220,60 @@ impl Worker {
                     .push(quota_alert(kind, token, &tenant, used, at_ms));
             }
         }
-        Ok(out)
+        for reply in replies {
+            if let Err(e) = reply.extract_error() {
+                failed.get_or_insert(anyhow::Error::from(e).context("redis pending"));
+            }
+        }
+        match failed {
+            Some(e) => Err(e.context("redis settle")),
+            None => Ok(out),
+        }
+    }
+
+    /// The settle round trip's commands: the scripts loaded, one `SETTLE` per token, the events
+    /// forgotten as pending (500 per call). Errors are answered in place, per command.
+    fn settle_pipeline(
+        &self,
+        calls: &[(&TokenRow, Vec<&Billed>)],
+        billed: &[Billed],
+    ) -> redis::Pipeline {
+        let ttl = self.settings.dedupe_ttl.as_secs().max(1);
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(SETTLE).ignore();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(FORGET_PENDING).ignore();
+        for (token, events) in calls {
+            let keys = TokenKeys::new(&token.key_hash);
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&self.scripts.settle)
+                .arg(5 + events.len())
+                .arg(&keys.all()[..]);
+            for b in events {
+                cmd.arg(keys.settled(&format!("event:{}", b.event.event_id)));
+            }
+            cmd.arg(ttl);
+            for b in events {
+                let reservation = match b.event.reservation.parse::<Reservation>() {
+                    Ok(Reservation::Held { id, .. }) => id,
+                    _ => "none".to_owned(),
+                };
+                cmd.arg(reservation).arg(b.event.usage.billable_tokens());
+            }
+            pipe.add_command(cmd);
+        }
+        let pending = &self.settings.pending;
+        let ids: Vec<&str> = billed.iter().map(|b| b.event.event_id.as_str()).collect();
+        for chunk in ids.chunks(500) {
+            pipe.cmd("EVALSHA")
+                .arg(&self.scripts.forget)
+                .arg(3)
+                .arg(&pending.set)
+                .arg(&pending.events)
+                .arg(&pending.grants)
+                .arg(chunk);
+        }
+        pipe
     }
 
     /// Judges the tokens settled without a counter, from MySQL's total (which the ledger step has
@@ -1296,11 +1359,13 @@ impl Worker {
 
     /// Re-seeds the `used` counters a settle found missing (Redis lost them) from MySQL's
     /// `tokens.used_quota`, which the ledger step has just brought up to date: quota is never
-    /// restarted at 0 by a flushed Redis. The re-seeded totals join `settled.used`.
-    async fn reseed(&self, settled: &mut Settled) -> anyhow::Result<()> {
+    /// restarted at 0 by a flushed Redis. MySQL's total is a lower bound of what Redis should
+    /// hold, since every worker settles in Redis before it writes MySQL. The re-seeded totals join
+    /// `settled.used`.
+    async fn reseed(&self, state: &mut BatchState, settled: &mut Settled) -> anyhow::Result<()> {
         let mut conn = self.redis.clone();
         // Each is removed once re-seeded: a failure leaves the rest for the retry.
-        while let Some(t) = settled.missing.last().cloned() {
+        while let Some(t) = state.reseed.last().cloned() {
             let total: Option<i64> =
                 sqlx::query_scalar("SELECT used_quota FROM tokens WHERE id = ?")
                     .bind(i64::try_from(t.id).unwrap_or(i64::MAX))
@@ -1325,7 +1390,7 @@ impl Worker {
                 }
                 settled.used.insert(t.id, (t, total));
             }
-            settled.missing.pop();
+            state.reseed.pop();
         }
         Ok(())
     }

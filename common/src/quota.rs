@@ -11,6 +11,7 @@
 //! | `aigw:{h}:reserved` | string | sum of open reservations |
 //! | `aigw:{h}:resv` | hash | reservation id → reserved amount |
 //! | `aigw:{h}:resv:exp` | sorted set | reservation id, scored by its expiry (ms) |
+//! | `aigw:{h}:settled:<id>` | string | marks a settled reservation (idempotent settle) |
 //!
 //! [`ADMIT`] decides a request in one atomic call: it reclaims expired reservations, checks the
 //! RPM limit (GCRA, burst = one minute of requests) and the remaining quota, and only if both pass
@@ -40,6 +41,11 @@ impl TokenKeys {
             reservations: format!("{p}:resv"),
             expiries: format!("{p}:resv:exp"),
         }
+    }
+
+    /// The marker that makes settling reservation `id` idempotent.
+    pub fn settled(&self, id: &str) -> String {
+        format!("{}:settled:{id}", self.used.trim_end_matches(":used"))
     }
 
     /// The keys in the order [`ADMIT`] and [`SETTLE`] expect.
@@ -288,11 +294,9 @@ return 1
 ";
 
 /// Settles any number of events of one token in one atomic call.
-/// KEYS: tat, used, reserved, resv, resv:exp, then per event its [`seen_key`] — the marker that
-/// makes the settle idempotent is the event's dedupe key itself, so an event is deducted and
-/// recorded as applied in the same call, and costs one key.
-/// ARGV: marker ttl (s), then per event (in KEYS order) its reservation id (or `none`), its actual
-/// amount, and the value its seen key takes (`1`, or what a swept estimate billed).
+/// KEYS: tat, used, reserved, resv, resv:exp, then one settle marker per event.
+/// ARGV: marker ttl (s), then per event (in KEYS order) its reservation id (or `none`) and its
+/// actual amount.
 /// Returns `{settled, released, existed, added, used}`: how many events were settled now (an event
 /// whose marker exists was settled before and changes nothing), the sum of the reservations they
 /// released (0 for an expired reservation or none), whether `used` existed before the call, how
@@ -305,10 +309,9 @@ local released = 0
 local added = 0
 local existed = redis.call('EXISTS', KEYS[2])
 for i = 6, #KEYS do
-  local at = 2 + (i - 6) * 3
-  local id = ARGV[at]
-  local actual = tonumber(ARGV[at + 1])
-  if redis.call('SET', KEYS[i], ARGV[at + 2], 'NX', 'EX', ttl) then
+  local id = ARGV[2 + (i - 6) * 2]
+  local actual = tonumber(ARGV[3 + (i - 6) * 2])
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
     settled = settled + 1
     if id ~= 'none' then
       local amt = redis.call('HGET', KEYS[4], id)
@@ -435,5 +438,6 @@ mod tests {
                 "aigw:{abc}:resv:exp"
             ]
         );
+        assert_eq!(k.settled("r1"), "aigw:{abc}:settled:r1");
     }
 }

@@ -5,7 +5,7 @@
 // Test code: a failed unwrap is a failed test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use aigw_common::quota::{ADMIT, SETTLE, TokenKeys, seen_key};
+use aigw_common::quota::{ADMIT, SETTLE, TokenKeys};
 use aigw_testkit::{Testbed, unique_name};
 use redis::{Script, aio::MultiplexedConnection};
 
@@ -40,18 +40,9 @@ async fn settle(c: &mut MultiplexedConnection, k: &TokenKeys, id: &str, actual: 
     for key in k.all() {
         inv.key(key);
     }
-    inv.key(marker(k, id))
-        .arg(86_400)
-        .arg(id)
-        .arg(actual)
-        .arg("1");
+    inv.key(k.settled(id)).arg(86_400).arg(id).arg(actual);
     let v: Vec<i64> = inv.invoke_async(c).await.unwrap();
     (v[0], v[1])
-}
-
-/// A settle marker (the worker passes the event's seen key) unique to this test's token.
-fn marker(k: &TokenKeys, id: &str) -> String {
-    seen_key(&format!("{}/{id}", k.used))
 }
 
 async fn get(c: &mut MultiplexedConnection, key: &str) -> i64 {
@@ -169,10 +160,7 @@ async fn settle_many(
     }
     inv.arg(86_400);
     for (marker, reservation, actual) in events {
-        inv.key(self::marker(k, marker))
-            .arg(*reservation)
-            .arg(*actual)
-            .arg("1");
+        inv.key(k.settled(marker)).arg(*reservation).arg(*actual);
     }
     let v: Vec<i64> = inv.invoke_async(c).await.unwrap();
     // settled, released, added, used after (index 2 is `existed`).
@@ -210,52 +198,4 @@ async fn a_batch_of_events_settles_each_event_once() {
         (1, 0, 5, 65)
     );
     assert_eq!(get(&mut c, &k.used).await, 65);
-}
-
-#[tokio::test]
-async fn the_settle_marker_is_the_events_seen_record_with_the_value_given() {
-    let (_, mut c) = conn().await;
-    let k = TokenKeys::new(&unique_name("tok"));
-    let (swept, reported) = (marker(&k, "swept"), marker(&k, "reported"));
-    let script = Script::new(SETTLE);
-    let settle = |value_of_swept: &'static str| {
-        let mut inv = script.prepare_invoke();
-        for key in k.all() {
-            inv.key(key);
-        }
-        inv.key(&swept).key(&reported).arg(3_600);
-        inv.arg("none").arg(40).arg(value_of_swept);
-        inv.arg("none").arg(2).arg("1");
-        inv
-    };
-    let first: Vec<i64> = settle("estimated:30:10")
-        .invoke_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!((first[0], first[3], first[4]), (2, 42, 42));
-    let values: Vec<Option<String>> = redis::cmd("MGET")
-        .arg(&swept)
-        .arg(&reported)
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(
-        values,
-        [Some("estimated:30:10".to_owned()), Some("1".to_owned())]
-    );
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(&swept)
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert!((3_500..=3_600).contains(&ttl), "ttl {ttl}");
-    // Settled again (a replay): nothing is added and the recorded value stays.
-    let again: Vec<i64> = settle("1").invoke_async(&mut c).await.unwrap();
-    assert_eq!((again[0], again[3], again[4]), (0, 0, 42));
-    let kept: Option<String> = redis::cmd("GET")
-        .arg(&swept)
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(kept.as_deref(), Some("estimated:30:10"));
 }

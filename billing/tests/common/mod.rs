@@ -217,7 +217,9 @@ impl Bed {
             release.exists(),
             "build it first: cargo build --release -p aigw-billing"
         );
-        self.start_worker_bin(&release, batch_size, &[])
+        // Benchmarks bill hundreds of thousands of events: their dedupe keys and settle markers
+        // expire after ten minutes instead of staying a week in the shared test bed's Redis.
+        self.start_worker_bin(&release, batch_size, &[("AIGW_DEDUPE_TTL_SECS", "600")])
     }
 
     fn start_worker_bin(&self, bin: &Path, batch_size: usize, extra: &[(&str, &str)]) -> Service {
