@@ -5,8 +5,8 @@
 //!
 //! | step | what makes a replay harmless |
 //! |---|---|
-//! | dedupe | copies inside a batch dropped; keys already in Redis (recorded at the end of an earlier, fully applied batch) dropped |
-//! | ClickHouse insert | `ReplacingMergeTree` keyed by tenant and event id; exact queries use `FINAL` |
+//! | dedupe | copies inside a batch dropped; keys already in Redis (recorded once an earlier batch was fully applied, alerts included, just before its commit) dropped |
+//! | ClickHouse insert (at once with the Redis settle) | `ReplacingMergeTree` keyed by tenant and event id; exact queries use `FINAL` |
 //! | Redis settle | per-event marker set in the same Lua call as the deduction ([`aigw_common::quota::SETTLE`]) |
 //! | MySQL aggregates | per-partition offset watermark updated in the same transaction ([`crate::ledger`]) |
 //! | dedupe keys | recorded only after all of the above succeeded, never before |
@@ -19,7 +19,7 @@
 //!
 //! Redis round trips per batch: one `MGET` (dedupe lookup), one pipeline (every token's settle and
 //! the billed events' pending records forgotten, the scripts loaded at its head) and one pipeline
-//! of dedupe keys.
+//! of dedupe keys; plus, per token whose counter was missing, a MySQL read and one `RAISE_USED`.
 //!
 //! A message that cannot be billed (malformed, unknown tenant, no platform price, counts out of
 //! range) goes to the dead-letter topic with the reason before its offset is committed.
@@ -888,8 +888,8 @@ impl Worker {
     /// Applies one batch; see the module docs for the order and why it is safe to repeat.
     pub async fn apply(&mut self, batch: &[Msg], state: &mut BatchState) -> anyhow::Result<()> {
         let mut clock = Instant::now();
-        // Once the sinks are done, a retry resumes after them: the batch's events are recorded
-        // as seen by then, and a fresh pass would count them as duplicates.
+        // Once the sinks are done, a retry resumes after them: a fresh pass would settle nothing
+        // (its events are marked) and so could not find again what the settle found.
         let mut applied = match state.applied.take() {
             Some(done) => done,
             None => self.sinks(batch, state, &mut clock).await?,
@@ -901,7 +901,7 @@ impl Worker {
         finished
     }
 
-    /// Steps 1–8: parse, dedupe, price, dead letters, ClickHouse, Redis settle, MySQL, dedupe keys.
+    /// Steps 1–7: parse, dedupe, price, dead letters, ClickHouse and Redis settle (at once), MySQL.
     async fn sinks(
         &mut self,
         batch: &[Msg],
@@ -971,9 +971,6 @@ impl Worker {
             .await
             .context("mysql aggregates")?;
         self.lap(clock, "mysql");
-        // 8. Only now: the events count as seen.
-        self.record_seen(&billed).await?;
-        self.lap(clock, "seen");
         Ok(Applied {
             billed,
             deduped,
@@ -981,7 +978,8 @@ impl Worker {
         })
     }
 
-    /// Steps 9–11, after the sinks: re-seeds, alerts, the offset commit, metrics and status.
+    /// Steps 8–11, after the sinks: re-seeds, alerts, the dedupe keys, the offset commit, metrics
+    /// and status.
     async fn finish(
         &mut self,
         batch: &[Msg],
@@ -1006,6 +1004,9 @@ impl Worker {
             state.alerts_sent = true;
         }
         self.lap(clock, "alerts");
+        // 9. Only now: the events count as seen.
+        self.record_seen(billed).await?;
+        self.lap(clock, "seen");
         // 10. Commit offsets.
         self.commit(batch)?;
         self.lap(clock, "commit");
@@ -1388,6 +1389,8 @@ impl Worker {
                         "quota counter was missing in Redis; re-seeded from MySQL"
                     );
                 }
+                // A lower bound when another worker's batch settled since; the status writer
+                // only ever raises `usedQuota`, so a later batch's total corrects it.
                 settled.used.insert(t.id, (t, total));
             }
             state.reseed.pop();
