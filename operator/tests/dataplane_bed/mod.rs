@@ -448,19 +448,24 @@ pub fn stream_body(n: usize) -> Vec<u8> {
 pub const SHAPES: [(&str, bool); 2] = [("non-streamed", false), ("200-event stream", true)];
 
 /// Wasm instructions per request allowed to each plugin, `[non-streamed, 200-event stream]`: about
-/// 10 % above what was measured (docs/benchmarks.md, "The data plane's added cost").
+/// 10 % above what was measured (docs/benchmarks.md, "The data plane's added cost"). The counts
+/// are exact for a given request, but the request differs with the process: run alone, this
+/// measured 1,776,849 / 4,272,996 in all; in the whole test binary 1,828,584 / 4,333,469 (the
+/// credential strip +14 %), where another test has installed a tracer, so authz answers with a
+/// `traceparent` that ext-auth copies onto the request for the later plugins to read. The budgets
+/// are over the higher counts.
 pub const INSTRUCTION_BUDGETS: [(&str, [u64; 2]); 6] = [
-    ("aigw-ai-proxy", [822_000, 931_000]),
-    ("aigw-credential-strip", [23_700, 41_000]),
-    ("aigw-ext-auth", [809_000, 869_000]),
+    ("aigw-ai-proxy", [855_000, 973_000]),
+    ("aigw-credential-strip", [27_100, 44_500]),
+    ("aigw-ext-auth", [826_000, 885_000]),
     ("aigw-header-scrub", [21_500, 38_500]),
     ("aigw-model-router", [150_000, 198_000]),
-    ("aigw-usage-reporter", [128_000, 2_623_000]),
+    ("aigw-usage-reporter", [133_000, 2_629_000]),
 ];
 
 /// Wasm instructions per request allowed to all plugins together, `[non-streamed, stream]`: about
-/// 5 % above what was measured (1,776,849 and 4,272,996 on 2026-12-01).
-pub const TOTAL_INSTRUCTION_BUDGETS: [u64; 2] = [1_866_000, 4_487_000];
+/// 5 % above what was measured (1,828,584 and 4,333,469 on 2026-12-01, with a tracer).
+pub const TOTAL_INSTRUCTION_BUDGETS: [u64; 2] = [1_920_000, 4_550_000];
 
 /// Wasm instructions each plugin of `gw` executes for one chat completion of shape `stream` to
 /// `domain` with `key`: the median of `n` requests after 3 warm-up ones (first-use allocations and
