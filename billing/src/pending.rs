@@ -18,7 +18,28 @@ use anyhow::Context as _;
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-/// Forgets pending events: they have been billed.
+/// Appends the commands that forget pending events (they have been billed, or handed on) to
+/// `pipe`: `FORGET_PENDING` by its digest, 500 ids a call. `pipe` must load the script first
+/// ([`load_forget`]); Redis runs a pipeline's commands in order.
+pub fn forget_into(pipe: &mut redis::Pipeline, keys: &PendingKeys, ids: &[&str]) {
+    let sha = redis::Script::new(FORGET_PENDING).get_hash().to_owned();
+    for chunk in ids.chunks(500) {
+        pipe.cmd("EVALSHA")
+            .arg(&sha)
+            .arg(3)
+            .arg(&keys.set)
+            .arg(&keys.events)
+            .arg(&keys.grants)
+            .arg(chunk);
+    }
+}
+
+/// Loads `FORGET_PENDING` at this point of `pipe` (its answer ignored).
+pub fn load_forget(pipe: &mut redis::Pipeline) {
+    pipe.cmd("SCRIPT").arg("LOAD").arg(FORGET_PENDING).ignore();
+}
+
+/// Forgets pending events, in one round trip.
 pub async fn forget<'a, C>(
     conn: &mut C,
     keys: &PendingKeys,
@@ -28,15 +49,13 @@ where
     C: redis::aio::ConnectionLike + Send,
 {
     let ids: Vec<&str> = ids.collect();
-    for chunk in ids.chunks(500) {
-        redis::Script::new(FORGET_PENDING)
-            .key(&keys.set)
-            .key(&keys.events)
-            .key(&keys.grants)
-            .arg(chunk)
-            .invoke_async::<i64>(conn)
-            .await?;
+    if ids.is_empty() {
+        return Ok(());
     }
+    let mut pipe = redis::pipe();
+    load_forget(&mut pipe);
+    forget_into(&mut pipe, keys, &ids);
+    pipe.query_async::<()>(conn).await?;
     Ok(())
 }
 

@@ -32,7 +32,7 @@ use std::{
 
 use aigw_common::{
     events::{AlertEvent, AlertKind, TokenRef},
-    quota::{FORGET_PENDING, Reservation, SETTLE, TokenKeys},
+    quota::{Reservation, SETTLE, TokenKeys},
     shutdown::Shutdown,
 };
 use aigw_plugin_core::{Outcome, TokenUsage, UsageEvent};
@@ -649,28 +649,8 @@ pub struct Deferred {
     at_ms: i64,
 }
 
-/// What a batch's settle found.
-#[derive(Debug, Default)]
-struct Settled {
-    /// Token id → the token and its `used` after the batch.
-    used: HashMap<u64, (TokenRow, i64)>,
-}
-
-/// The SHA1 digests the worker calls its scripts by.
-#[derive(Debug)]
-struct Scripts {
-    settle: String,
-    forget: String,
-}
-
-impl Scripts {
-    fn new() -> Self {
-        Self {
-            settle: redis::Script::new(SETTLE).get_hash().to_owned(),
-            forget: redis::Script::new(FORGET_PENDING).get_hash().to_owned(),
-        }
-    }
-}
+/// What a batch's settle found: token id → the token and its `used` after the batch.
+type Settled = HashMap<u64, (TokenRow, i64)>;
 
 /// The value an event's seen key takes: `1`, or for an event the sweep billed at its estimate,
 /// what was billed (so a late report adds only what it used beyond it).
@@ -714,7 +694,8 @@ pub struct Worker {
     producer: FutureProducer,
     ch: clickhouse::Client,
     redis: redis::aio::ConnectionManager,
-    scripts: Scripts,
+    /// The digest `SETTLE` is called by.
+    settle_sha: String,
     db: sqlx::MySqlPool,
     dir: Directory,
     dir_loaded: Instant,
@@ -758,7 +739,7 @@ impl Worker {
             producer,
             ch,
             redis,
-            scripts: Scripts::new(),
+            settle_sha: redis::Script::new(SETTLE).get_hash().to_owned(),
             db,
             dir,
             dir_loaded: Instant::now(),
@@ -1021,7 +1002,7 @@ impl Worker {
                 .count(b, self.dir.channel(&b.event.channel).is_some());
         }
         // 11. Token CR status, off the hot path and rate-limited by the writer.
-        self.report_status(&settled.used);
+        self.report_status(settled);
         Ok(())
     }
 
@@ -1211,7 +1192,7 @@ impl Worker {
                 }
                 continue;
             }
-            out.used.insert(token.id, ((*token).clone(), used));
+            out.insert(token.id, ((*token).clone(), used));
             // Kept in the batch's state as soon as found: a later step that fails makes the
             // retry settle nothing here (its events are marked), but the alert found now is
             // still sent.
@@ -1243,11 +1224,11 @@ impl Worker {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         pipe.cmd("SCRIPT").arg("LOAD").arg(SETTLE).ignore();
-        pipe.cmd("SCRIPT").arg("LOAD").arg(FORGET_PENDING).ignore();
+        crate::pending::load_forget(&mut pipe);
         for (token, events) in calls {
             let keys = TokenKeys::new(&token.key_hash);
             let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(&self.scripts.settle)
+            cmd.arg(&self.settle_sha)
                 .arg(5 + events.len())
                 .arg(&keys.all()[..]);
             for b in events {
@@ -1263,17 +1244,8 @@ impl Worker {
             }
             pipe.add_command(cmd);
         }
-        let pending = &self.settings.pending;
         let ids: Vec<&str> = billed.iter().map(|b| b.event.event_id.as_str()).collect();
-        for chunk in ids.chunks(500) {
-            pipe.cmd("EVALSHA")
-                .arg(&self.scripts.forget)
-                .arg(3)
-                .arg(&pending.set)
-                .arg(&pending.events)
-                .arg(&pending.grants)
-                .arg(chunk);
-        }
+        crate::pending::forget_into(&mut pipe, &self.settings.pending, &ids);
         pipe
     }
 
@@ -1362,7 +1334,7 @@ impl Worker {
     /// `tokens.used_quota`, which the ledger step has just brought up to date: quota is never
     /// restarted at 0 by a flushed Redis. MySQL's total is a lower bound of what Redis should
     /// hold, since every worker settles in Redis before it writes MySQL. The re-seeded totals join
-    /// `settled.used`.
+    /// `settled`.
     async fn reseed(&self, state: &mut BatchState, settled: &mut Settled) -> anyhow::Result<()> {
         let mut conn = self.redis.clone();
         // Each is removed once re-seeded: a failure leaves the rest for the retry.
@@ -1391,7 +1363,7 @@ impl Worker {
                 }
                 // A lower bound when another worker's batch settled since; the status writer
                 // only ever raises `usedQuota`, so a later batch's total corrects it.
-                settled.used.insert(t.id, (t, total));
+                settled.insert(t.id, (t, total));
             }
             state.reseed.pop();
         }

@@ -21,7 +21,6 @@ mod common;
 mod dataplane_bed;
 
 use dataplane_bed::{Bed, SHAPES, TOTAL_INSTRUCTION_BUDGETS, fuel_per_request};
-use serde_json::json;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -33,17 +32,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let mut bed = Bed::start().await;
-    let sfx = bed.h.sfx.clone();
-    bed.channel(
-        &format!("bench-{sfx}"),
-        json!({"provider": "openai", "models": ["gpt-4o"]}),
-    )
-    .await;
-    let tenant = format!("bench-{sfx}");
-    let domain = format!("api.{tenant}.example");
-    let key = format!("sk-bench-{sfx}");
-    bed.tenant(&tenant, &domain, &key, &["gpt-4o"]).await;
-    let gw = bed.gateway(&["gpt-4o"]).await;
+    let (domain, key, gw) = bed.gpt4o_tenant("bench").await;
     println!("data plane: wasm instructions per chat completion (median of {n}), by plugin");
     let mut ratios = Vec::new();
     for (shape, (label, stream)) in SHAPES.into_iter().enumerate() {

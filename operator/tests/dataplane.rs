@@ -1483,17 +1483,7 @@ async fn a_chat_completion_stays_within_its_wasm_instruction_budget() {
     else {
         return;
     };
-    let sfx = bed.h.sfx.clone();
-    bed.channel(
-        &format!("cost-{sfx}"),
-        json!({"provider": "openai", "models": ["gpt-4o"]}),
-    )
-    .await;
-    let tenant = format!("cost-{sfx}");
-    let domain = format!("api.{tenant}.example");
-    let key = format!("sk-cost-{sfx}");
-    bed.tenant(&tenant, &domain, &key, &["gpt-4o"]).await;
-    let gw = bed.gateway(&["gpt-4o"]).await;
+    let (domain, key, gw) = bed.gpt4o_tenant("cost").await;
     let mut failures = Vec::new();
     for (shape, (label, stream)) in SHAPES.into_iter().enumerate() {
         let per = fuel_per_request(&bed, &gw, &domain, &key, stream, 5).await;

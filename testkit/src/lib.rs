@@ -149,19 +149,33 @@ impl Testbed {
 }
 
 /// Deletes every Redis key under `prefix` (what one test wrote under its own prefix).
+///
+/// `SCAN`, not `KEYS`: the shared test bed's Redis holds every earlier test's keys, and one
+/// `KEYS` over millions of them outlasts the client's timeout.
 pub async fn delete_redis_prefix(client: &redis::Client, prefix: &str) -> Result<(), Error> {
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut conn)
-        .await?;
-    if !keys.is_empty() {
-        redis::cmd("DEL")
-            .arg(&keys)
-            .query_async::<()>(&mut conn)
+    let pattern = format!("{prefix}*");
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
             .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
     }
-    Ok(())
 }
 
 /// Creates a fresh namespace `<purpose>-<8 hex>` and returns its name.

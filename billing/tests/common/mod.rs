@@ -217,9 +217,7 @@ impl Bed {
             release.exists(),
             "build it first: cargo build --release -p aigw-billing"
         );
-        // Benchmarks bill hundreds of thousands of events: their dedupe keys and settle markers
-        // expire after ten minutes instead of staying a week in the shared test bed's Redis.
-        self.start_worker_bin(&release, batch_size, &[("AIGW_DEDUPE_TTL_SECS", "600")])
+        self.start_worker_bin(&release, batch_size, &[])
     }
 
     fn start_worker_bin(&self, bin: &Path, batch_size: usize, extra: &[(&str, &str)]) -> Service {
@@ -239,6 +237,10 @@ impl Bed {
             // This test's own pending keys; the sweep itself is off unless a test turns it on.
             ("AIGW_PENDING_KEY", self.pending_key.as_str()),
             ("AIGW_PENDING_GRACE_SECS", "0"),
+            // Tests and benchmarks bill hundreds of thousands of events: their dedupe keys and
+            // settle markers expire after half an hour (longer than any test) instead of staying
+            // a week in the shared test bed's Redis.
+            ("AIGW_DEDUPE_TTL_SECS", "1800"),
         ]);
         envs.extend(extra.iter().copied());
         Service::start(bin, &["worker"], &envs).unwrap()

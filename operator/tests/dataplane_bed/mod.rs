@@ -216,6 +216,24 @@ impl Bed {
             .await
     }
 
+    /// What the cost measures run on: a `gpt-4o` channel, a tenant `<prefix>-<sfx>` on
+    /// `api.<tenant>.example` with key `sk-<prefix>-<sfx>` allowed `gpt-4o`, and the gateway.
+    /// Returns (domain, key, gateway).
+    pub async fn gpt4o_tenant(&mut self, prefix: &str) -> (String, String, Arc<Mutex<Gateway>>) {
+        let sfx = self.h.sfx.clone();
+        self.channel(
+            &format!("{prefix}-{sfx}"),
+            json!({"provider": "openai", "models": ["gpt-4o"]}),
+        )
+        .await;
+        let tenant = format!("{prefix}-{sfx}");
+        let domain = format!("api.{tenant}.example");
+        let key = format!("sk-{prefix}-{sfx}");
+        self.tenant(&tenant, &domain, &key, &["gpt-4o"]).await;
+        let gw = self.gateway(&["gpt-4o"]).await;
+        (domain, key, gw)
+    }
+
     /// A tenant serving `domain` with tokens (name, key, models, extra spec fields); returns
     /// (tenant id, id of the first token).
     pub async fn tenant_with(
@@ -272,15 +290,9 @@ impl Bed {
     }
 
     /// Waits until the operator's route Ingresses name every model of `models`, then builds the
-    /// gateway from what it wrote.
-    /// The gateway on what the operator wrote, counting wasm instructions (every test of a binary
-    /// uses the one fuel-counting engine, so each big module compiles once per binary).
+    /// gateway from what it wrote, counting every wasm instruction (each test of a binary uses the
+    /// one fuel-counting engine, so each big module compiles once per binary).
     pub async fn gateway(&self, models: &[&str]) -> Arc<Mutex<Gateway>> {
-        self.gateway_metered(models, true).await
-    }
-
-    /// [`Bed::gateway`], counting every wasm instruction with `fuel`.
-    pub async fn gateway_metered(&self, models: &[&str], fuel: bool) -> Arc<Mutex<Gateway>> {
         eventually("the operator routes every model", || async {
             let text = serde_json::to_string(&self.read_back().await.ingresses).unwrap();
             models.iter().all(|m| text.contains(m)).then_some(())
@@ -300,7 +312,7 @@ impl Bed {
                 &o.bridge,
                 &modules,
                 provider,
-                fuel,
+                true,
             )
             .unwrap()
             .with_envoy_filters(&o.envoy_filters)
