@@ -724,7 +724,13 @@ impl Worker {
         let consumer = subscribe(&settings)?;
         let producer = crate::ingest::producer(&settings.brokers, Duration::from_secs(10))
             .context("kafka producer")?;
-        let mut redis = redis::aio::ConnectionManager::new(redis)
+        // One batch is one settle pipeline of up to `batch_size` events: the client's default
+        // response timeout (500 ms) could expire while Redis is still applying it, and the retry
+        // would then settle nothing and so lose what the settle found (counters to re-seed,
+        // quota crossings).
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(30)));
+        let mut redis = redis::aio::ConnectionManager::new_with_config(redis, config)
             .await
             .context("redis")?;
         aigw_common::quota::check_redis(&mut redis)
