@@ -64,23 +64,44 @@ where
     Ok(true)
 }
 
-/// Deletes every object matching `selector` in `api` whose name is not in `keep`; returns how many.
-pub async fn prune<K>(ctx: &Ctx, api: &Api<K>, selector: &str, keep: &[String]) -> Result<usize>
+/// Applies each of `desired` over the live objects matching `selector`, read with one list; with
+/// `prune`, deletes the listed objects not in `desired`. Returns how many objects it wrote.
+pub async fn apply_set<K>(
+    ctx: &Ctx,
+    api: &Api<K>,
+    selector: &str,
+    desired: &[K],
+    prune: bool,
+) -> Result<usize>
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
-    let mut deleted = 0;
-    for obj in api.list(&ListParams::default().labels(selector)).await? {
-        let Some(name) = obj.meta().name.clone() else {
-            continue;
-        };
-        if !keep.contains(&name) && obj.meta().deletion_timestamp.is_none() {
-            api.delete(&name, &DeleteParams::background()).await?;
-            ctx.count_write();
-            deleted += 1;
+    let live = api
+        .list(&ListParams::default().labels(selector))
+        .await?
+        .items;
+    let name_of = |o: &K| o.meta().name.clone().unwrap_or_default();
+    let mut wrote = 0;
+    for want in desired {
+        let name = name_of(want);
+        let current = live.iter().find(|l| name_of(l) == name);
+        if apply_over(ctx, api, &name, want, current).await? {
+            wrote += 1;
         }
     }
-    Ok(deleted)
+    if prune {
+        for obj in &live {
+            let name = name_of(obj);
+            if !desired.iter().any(|d| name_of(d) == name)
+                && obj.meta().deletion_timestamp.is_none()
+            {
+                api.delete(&name, &DeleteParams::background()).await?;
+                ctx.count_write();
+                wrote += 1;
+            }
+        }
+    }
+    Ok(wrote)
 }
 
 #[cfg(test)]

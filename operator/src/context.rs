@@ -226,6 +226,14 @@ impl Ctx {
         Some(store.get(&kube::runtime::reflector::ObjectRef::new(name)))
     }
 
+    /// The Tenant store once its first list is complete; `None` when no Tenant controller runs
+    /// here (tests of other parts).
+    pub async fn tenant_store(&self) -> Option<Store<Tenant>> {
+        let store = self.tenants.get()?.clone();
+        store.wait_until_ready().await.ok()?;
+        Some(store)
+    }
+
     /// Writes made so far by this process (tests assert that a steady state writes nothing).
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)

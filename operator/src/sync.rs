@@ -6,7 +6,7 @@
 //! `aigw-*` are changed, and it is replaced with its `resourceVersion`; a conflict re-reads and
 //! retries, so a concurrent writer's change is never lost.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use aigw_crds::{Channel, MANAGED_BY, Tenant, labels};
 use futures::{StreamExt, stream};
@@ -16,14 +16,14 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DynamicObject, PartialObjectMeta, PostParams},
+    api::{DynamicObject, ListParams, PartialObjectMeta, PostParams},
     runtime::{WatchStreamExt, reflector::Store, watcher},
 };
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use crate::{
-    apply::{apply, prune},
+    apply::apply_set,
     context::Ctx,
     error::{Error, Result},
     higress::{self, COMPONENT, PREFIX, Routable},
@@ -38,12 +38,13 @@ pub async fn read_keys(ctx: &Ctx, channel: &Channel) -> Result<Option<Vec<String
         return Ok(None);
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
-    let Some(secret) = api.get_opt(&r.name).await? else {
-        return Ok(None);
-    };
-    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(&r.key)) else {
-        return Ok(None);
-    };
+    Ok(keys_in(api.get_opt(&r.name).await?.as_ref(), &r.key))
+}
+
+/// The keys under `key` in `secret`: its value split on commas and newlines, `None` when there
+/// are none.
+fn keys_in(secret: Option<&Secret>, key: &str) -> Option<Vec<String>> {
+    let bytes = secret?.data.as_ref()?.get(key)?;
     let text = String::from_utf8_lossy(&bytes.0);
     let keys: Vec<String> = text
         .split([',', '\n'])
@@ -51,22 +52,40 @@ pub async fn read_keys(ctx: &Ctx, channel: &Channel) -> Result<Option<Vec<String
         .filter(|k| !k.is_empty())
         .map(str::to_owned)
         .collect();
-    Ok((!keys.is_empty()).then_some(keys))
+    (!keys.is_empty()).then_some(keys)
 }
 
-/// One pass: build everything from the channels in `store` and apply the difference.
+/// One pass: build everything from the channels in `store` and apply the difference. A pass costs
+/// a fixed number of round trips whatever the number of channels and tenants: one list of the
+/// credentials namespace's Secrets, one list per kind of Higress object, one read each of McpBridge
+/// `default` and the TLS `ConfigMap`, and the writes of what changed.
 pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
     let channels: Vec<Arc<Channel>> = store
         .state()
         .into_iter()
         .filter(|c| !c.spec.disabled && c.metadata.deletion_timestamp.is_none())
         .collect();
+    let credentials = ctx.config.credentials_namespace.as_str();
+    let secrets: BTreeMap<String, Secret> =
+        Api::<Secret>::namespaced(ctx.client.clone(), credentials)
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|s| (s.name_any(), s))
+            .collect();
     let mut routable = Vec::new();
     for c in &channels {
-        if let Some(keys) = read_keys(ctx, c).await? {
+        let r = &c.spec.credentials;
+        // Only the credentials namespace is ever read (see `read_keys`).
+        if r.namespace != credentials {
+            continue;
+        }
+        if let Some(keys) = keys_in(secrets.get(&r.name), &r.key) {
             routable.push(Routable { channel: c, keys });
         }
     }
+    drop(secrets);
     let desired = higress::build(&routable, &ctx.config)?;
     let ns = ctx.config.higress_namespace.as_str();
     let selector = format!(
@@ -76,33 +95,13 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
     );
 
     let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), ns);
-    for ing in &desired.ingresses {
-        apply(ctx, &ingresses, &ing.name_any(), ing).await?;
-    }
-    let keep: Vec<String> = desired
-        .ingresses
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
-    prune(ctx, &ingresses, &selector, &keep).await?;
-
+    apply_set(ctx, &ingresses, &selector, &desired.ingresses, true).await?;
     let plugins: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), ns, &higress::wasm_plugin_resource());
-    for p in &desired.plugins {
-        apply(ctx, &plugins, &p.name_any(), p).await?;
-    }
-
+    apply_set(ctx, &plugins, &selector, &desired.plugins, false).await?;
     let filters: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), ns, &higress::envoy_filter_resource());
-    for f in &desired.envoy_filters {
-        apply(ctx, &filters, &f.name_any(), f).await?;
-    }
-    let keep: Vec<String> = desired
-        .envoy_filters
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
-    prune(ctx, &filters, &selector, &keep).await?;
+    apply_set(ctx, &filters, &selector, &desired.envoy_filters, true).await?;
 
     sync_registries(ctx, &desired.registries).await?;
     sync_tls(ctx).await
@@ -112,12 +111,18 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
 /// this instance serves. Replaced with its `resourceVersion`; a conflict fails the pass, and the
 /// next one (a watch event or the resync) retries.
 pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
-    let tenants: Api<Tenant> = Api::all(ctx.client.clone());
-    let list = tenants
-        .list(&kube::api::ListParams::default().labels(&ctx.config.selector()))
-        .await?;
-    let served: Vec<(String, Vec<String>)> = list
-        .items
+    // The Tenant controller's store when it runs (no list of every tenant per pass), else a list.
+    let tenants: Vec<Arc<Tenant>> = match ctx.tenant_store().await {
+        Some(store) => store.state(),
+        None => Api::<Tenant>::all(ctx.client.clone())
+            .list(&ListParams::default().labels(&ctx.config.selector()))
+            .await?
+            .items
+            .into_iter()
+            .map(Arc::new)
+            .collect(),
+    };
+    let served: Vec<(String, Vec<String>)> = tenants
         .iter()
         .filter(|t| t.metadata.deletion_timestamp.is_none())
         .filter_map(|t| {
@@ -287,6 +292,11 @@ fn triggers(ctx: &Ctx) -> futures::stream::BoxStream<'static, ()> {
     .boxed()
 }
 
+/// How long the sync loop waits for the watch events to go quiet before a pass.
+const QUIET: Duration = Duration::from_millis(25);
+/// The longest a pass waits behind a stream of events.
+const MOST: Duration = Duration::from_millis(500);
+
 /// Runs the sync loop until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Ctx>,
@@ -306,8 +316,13 @@ pub async fn run(
         store.wait_until_ready().await.ok();
         let mut backoff = Duration::from_millis(500);
         loop {
-            // Debounce: a burst of watch events becomes one pass.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Debounce: a burst of watch events becomes one pass. The pass starts once no event
+            // has come for `QUIET`, or `MOST` after the first, whichever is sooner: one change
+            // waits `QUIET`, and a cold start's flood of status writes still passes every `MOST`.
+            let first = std::time::Instant::now();
+            while first.elapsed() < MOST
+                && tokio::time::timeout(QUIET, wake.notified()).await.is_ok()
+            {}
             if !ctx.term.valid() {
                 // Not known to be the leader right now (see `leader`): wait for a renewal.
                 tokio::time::sleep(Duration::from_secs(1)).await;
