@@ -175,6 +175,9 @@ pub struct Ctx {
     /// The Tenant controller's store, once `run` has started it (token and pricing look up their
     /// tenant here instead of asking the apiserver).
     tenants: Arc<std::sync::OnceLock<Store<Tenant>>>,
+    /// Wakes the Higress sync: the Tenant and Channel controllers' watches notify it once their
+    /// stores hold an event, so a pass never reads a store older than what woke it.
+    pub sync_wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -206,6 +209,7 @@ impl Ctx {
             writes: Arc::default(),
             term: crate::leader::Term::default(),
             tenants: Arc::default(),
+            sync_wake: Arc::default(),
         }
     }
 

@@ -149,11 +149,13 @@ where
 }
 
 /// A watch of `K` whose objects are kept in `writer`'s store without `managedFields` (most of
-/// an object's size, and never read here), as the trigger stream of a controller.
+/// an object's size, and never read here), as the trigger stream of a controller. With `wake`,
+/// every event also wakes the Higress sync — after the store has it, so the pass reads it.
 fn lean_stream<K>(
     api: Api<K>,
     cfg: watcher::Config,
     writer: Writer<K>,
+    wake: Option<Arc<tokio::sync::Notify>>,
 ) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send
 where
     K: Resource<DynamicType = ()>
@@ -168,6 +170,11 @@ where
         .default_backoff()
         .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer)
+        .inspect(move |_| {
+            if let Some(wake) = &wake {
+                wake.notify_one();
+            }
+        })
         .applied_objects()
 }
 
@@ -242,6 +249,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
             Api::<Tenant>::all(client.clone()),
             cfg.clone(),
             tenant_writer,
+            Some(ctx.sync_wake.clone()),
         ),
         tenant_store,
     )
@@ -260,6 +268,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
             Api::<Channel>::all(client.clone()),
             cfg.clone(),
             channel_writer,
+            Some(ctx.sync_wake.clone()),
         ),
         channel_store.clone(),
     )
@@ -280,7 +289,12 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
 
     let (token_store, token_writer) = reflector::store();
     let tokens = Controller::for_stream(
-        lean_stream(Api::<Token>::all(client.clone()), cfg.clone(), token_writer),
+        lean_stream(
+            Api::<Token>::all(client.clone()),
+            cfg.clone(),
+            token_writer,
+            None,
+        ),
         token_store,
     )
     .with_config(controller_config())
@@ -293,7 +307,12 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
 
     let (pricing_store, pricing_writer) = reflector::store();
     let pricings = Controller::for_stream(
-        lean_stream(Api::<Pricing>::all(client.clone()), cfg, pricing_writer),
+        lean_stream(
+            Api::<Pricing>::all(client.clone()),
+            cfg,
+            pricing_writer,
+            None,
+        ),
         pricing_store,
     )
     .with_config(controller_config())

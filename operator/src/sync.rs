@@ -20,7 +20,6 @@ use kube::{
     runtime::{WatchStreamExt, reflector::Store, watcher},
 };
 use serde_json::{Value, json};
-use tokio::sync::Notify;
 
 use crate::{
     apply::apply_set,
@@ -237,8 +236,10 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
     })
 }
 
-/// One stream of "something we depend on changed": Channels, Secrets (metadata only), our
-/// Ingresses, WasmPlugins and `EnvoyFilter`s (so manual edits are reverted), and McpBridge `default`.
+/// One stream of "something we depend on changed", besides Channels and Tenants (whose
+/// controllers' watches wake the sync themselves, see `Ctx::sync_wake`): Secrets (metadata only),
+/// our Ingresses, WasmPlugins and `EnvoyFilter`s (so manual edits are reverted), McpBridge
+/// `default`, and the TLS `ConfigMap`.
 fn triggers(ctx: &Ctx) -> futures::stream::BoxStream<'static, ()> {
     fn tick<K, S>(s: S) -> futures::stream::BoxStream<'static, ()>
     where
@@ -252,11 +253,9 @@ fn triggers(ctx: &Ctx) -> futures::stream::BoxStream<'static, ()> {
     let ns = ctx.config.higress_namespace.as_str();
     let ours = watcher::Config::default().labels(&format!("{}={MANAGED_BY}", labels::MANAGED_BY));
     let client = ctx.client.clone();
-    let channels_cfg = watcher::Config::default().labels(&ctx.config.selector());
     let dynamic =
         |ar: &kube::api::ApiResource| Api::<DynamicObject>::namespaced_with(client.clone(), ns, ar);
     stream::select_all(vec![
-        tick(watcher(Api::<Channel>::all(client.clone()), channels_cfg)),
         // Channel credentials: the only Secrets the upstream config reads, in the one namespace
         // where the operator's role lets it watch Secrets.
         tick(watcher(
@@ -279,11 +278,7 @@ fn triggers(ctx: &Ctx) -> futures::stream::BoxStream<'static, ()> {
             dynamic(&higress::mcp_bridge_resource()),
             watcher::Config::default().fields("metadata.name=default"),
         )),
-        // Tenants' served domains and the ConfigMap they go to (`sync_tls`).
-        tick(watcher(
-            Api::<Tenant>::all(client.clone()),
-            watcher::Config::default().labels(&ctx.config.selector()),
-        )),
+        // The ConfigMap tenants' served domains go to (`sync_tls`).
         tick(watcher(
             Api::<ConfigMap>::namespaced(client.clone(), ns),
             watcher::Config::default().fields(&format!("metadata.name={}", crate::tls::CONFIGMAP)),
@@ -303,7 +298,7 @@ pub async fn run(
     store: Store<Channel>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let wake = Arc::new(Notify::new());
+    let wake = ctx.sync_wake.clone();
     let triggers = triggers(&ctx);
     let notify = wake.clone();
     let feeder = tokio::spawn(async move {
