@@ -230,11 +230,12 @@ impl Ctx {
         Some(store.get(&kube::runtime::reflector::ObjectRef::new(name)))
     }
 
-    /// The Tenant store once its first list is complete; `None` when no Tenant controller runs
-    /// here (tests of other parts).
-    pub async fn tenant_store(&self) -> Option<Store<Tenant>> {
+    /// The Tenant store if its first list is complete; `None` before that, or when no Tenant
+    /// controller runs here (tests of other parts). Never waits: a Tenant watch that cannot list
+    /// must not stall the caller (the Higress sync then lists tenants itself).
+    pub fn tenant_store(&self) -> Option<Store<Tenant>> {
         let store = self.tenants.get()?.clone();
-        store.wait_until_ready().await.ok()?;
+        futures::FutureExt::now_or_never(store.wait_until_ready())?.ok()?;
         Some(store)
     }
 

@@ -111,7 +111,7 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
 /// next one (a watch event or the resync) retries.
 pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
     // The Tenant controller's store when it runs (no list of every tenant per pass), else a list.
-    let tenants: Vec<Arc<Tenant>> = match ctx.tenant_store().await {
+    let tenants: Vec<Arc<Tenant>> = match ctx.tenant_store() {
         Some(store) => store.state(),
         None => Api::<Tenant>::all(ctx.client.clone())
             .list(&ListParams::default().labels(&ctx.config.selector()))
