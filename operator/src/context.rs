@@ -9,7 +9,7 @@ use aigw_crds::Tenant;
 use kube::{Client, runtime::reflector::Store};
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use rdkafka::producer::FutureProducer;
@@ -126,6 +126,8 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Family<ControllerLabels, Histogram>,
     pub writes: Counter,
+    /// Served domains without an entry in the full `higress-https` `ConfigMap`.
+    pub tls_left_out: Gauge,
 }
 
 impl Metrics {
@@ -138,6 +140,7 @@ impl Metrics {
                 Histogram::new([0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
             }),
             writes: Counter::default(),
+            tls_left_out: Gauge::default(),
         };
         registry.register(
             "reconciles",
@@ -155,6 +158,11 @@ impl Metrics {
             m.duration.clone(),
         );
         registry.register("writes", "Writes to the kube-apiserver", m.writes.clone());
+        registry.register(
+            "tls_domains_left_out",
+            "Served domains left out of the full higress-https ConfigMap (no certificate entry)",
+            m.tls_left_out.clone(),
+        );
         m
     }
 }

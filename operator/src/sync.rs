@@ -102,13 +102,12 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
         Api::namespaced_with(ctx.client.clone(), ns, &higress::envoy_filter_resource());
     apply_set(ctx, &filters, &selector, &desired.envoy_filters, true).await?;
 
-    sync_registries(ctx, &desired.registries).await?;
-    sync_tls(ctx).await
+    sync_registries(ctx, &desired.registries).await
 }
 
 /// Writes our entries of the `higress-https` `ConfigMap` (`crate::tls`): one per domain a tenant of
-/// this instance serves. Replaced with its `resourceVersion`; a conflict fails the pass, and the
-/// next one (a watch event or the resync) retries.
+/// this instance serves, the oldest tenants first when not all fit (see [`write_tls`]). Run after
+/// the routes and apart from them: a failure here never delays a route change.
 pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
     // The Tenant controller's store when it runs (no list of every tenant per pass), else a list.
     let tenants: Vec<Arc<Tenant>> = match ctx.tenant_store() {
@@ -121,16 +120,46 @@ pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
             .map(Arc::new)
             .collect(),
     };
-    let served: Vec<(String, Vec<String>)> = tenants
+    let mut tenants: Vec<&Arc<Tenant>> = tenants
         .iter()
         .filter(|t| t.metadata.deletion_timestamp.is_none())
+        .collect();
+    // Oldest first: who keeps a certificate when not all fit.
+    tenants.sort_by(|a, b| {
+        let age = |t: &Tenant| t.metadata.creation_timestamp.as_ref().map(|c| c.0);
+        age(a)
+            .cmp(&age(b))
+            .then_with(|| a.name_any().cmp(&b.name_any()))
+    });
+    let served: Vec<(String, Vec<String>)> = tenants
+        .iter()
         .filter_map(|t| {
             let st = t.status.as_ref()?;
             Some((st.namespace.clone()?, st.domains.clone()))
         })
         .collect();
+    let left_out = write_tls(ctx, &served).await?;
+    let count = i64::try_from(left_out.len()).unwrap_or(i64::MAX);
+    if ctx.metrics.tls_left_out.set(count) != count && count > 0 {
+        tracing::warn!(
+            left_out = count,
+            newest = %left_out.iter().rev().take(5).cloned().collect::<Vec<_>>().join(","),
+            "the {} ConfigMap is full ({} bytes): the newest tenants' domains get no certificate \
+             entry; see docs/architecture.md (TLS)",
+            crate::tls::CONFIGMAP,
+            crate::tls::CONFIGMAP_LIMIT,
+        );
+    }
+    Ok(())
+}
+
+/// Writes `served` (each tenant's namespace and domains, in priority order) as our entries of the
+/// `higress-https` `ConfigMap`, within the kube-apiserver's size limit less what its other keys
+/// take, and returns the domains that did not fit. Replaced with its `resourceVersion`; a conflict
+/// fails, and the next pass retries.
+pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Vec<String>> {
     let ns = ctx.config.higress_namespace.as_str();
-    let ours = crate::tls::entries(&served, &ctx.config.tls, ns);
+    let ours = crate::tls::entries(served, &ctx.config.tls, ns);
     let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     let current = maps.get_opt(crate::tls::CONFIGMAP).await?;
     let existing = current
@@ -139,11 +168,23 @@ pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
         .and_then(|d| d.get(crate::tls::KEY))
         .map(String::as_str);
     if current.is_none() && ours.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let text = crate::tls::merge(existing, ours, &ctx.config.tls)?;
-    if existing == Some(text.as_str()) {
-        return Ok(());
+    // The kube-apiserver counts every key and value of `data` and `binaryData`.
+    let others: usize = current.as_ref().map_or(0, |c| {
+        let data = c.data.iter().flatten();
+        let binary = c.binary_data.iter().flatten();
+        data.filter(|(k, _)| k.as_str() != crate::tls::KEY)
+            .map(|(k, v)| k.len() + v.len())
+            .chain(binary.map(|(k, v)| k.len() + v.0.len()))
+            .sum()
+    });
+    let budget = crate::tls::CONFIGMAP_LIMIT
+        .saturating_sub(others)
+        .saturating_sub(crate::tls::KEY.len());
+    let merged = crate::tls::merge(existing, ours, &ctx.config.tls, budget)?;
+    if existing == Some(merged.text.as_str()) {
+        return Ok(merged.left_out);
     }
     let mut cm: ConfigMap = current.unwrap_or_else(|| ConfigMap {
         metadata: kube::api::ObjectMeta {
@@ -155,7 +196,7 @@ pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
     });
     cm.data
         .get_or_insert_with(Default::default)
-        .insert(crate::tls::KEY.to_owned(), text);
+        .insert(crate::tls::KEY.to_owned(), merged.text);
     if cm.metadata.resource_version.is_some() {
         maps.replace(
             crate::tls::CONFIGMAP,
@@ -167,7 +208,7 @@ pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
         maps.create(&kube::api::PostParams::default(), &cm).await?;
     }
     ctx.count_write();
-    Ok(())
+    Ok(merged.left_out)
 }
 
 /// Puts our registries into McpBridge `default`, leaving every other registry as it is.
@@ -292,6 +333,31 @@ const QUIET: Duration = Duration::from_millis(25);
 /// The longest a pass waits behind a stream of events.
 const MOST: Duration = Duration::from_millis(500);
 
+/// Runs one step of a pass, counted under `controller`; whether it succeeded (a failure is logged
+/// and counted).
+async fn pass(
+    ctx: &Ctx,
+    controller: &'static str,
+    step: impl std::future::Future<Output = Result<()>>,
+) -> bool {
+    let labels = crate::context::ControllerLabels { controller };
+    ctx.metrics.reconciles.get_or_create(&labels).inc();
+    match step.await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, category = e.category(), step = controller, "higress sync failed; retrying");
+            ctx.metrics
+                .errors
+                .get_or_create(&crate::context::ErrorLabels {
+                    controller,
+                    category: e.category(),
+                })
+                .inc();
+            false
+        }
+    }
+}
+
 /// Runs the sync loop until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Ctx>,
@@ -310,6 +376,9 @@ pub async fn run(
     let worker = async {
         store.wait_until_ready().await.ok();
         let mut backoff = Duration::from_millis(500);
+        // The TLS step has its own schedule: when it fails, the routes go on at once.
+        let mut tls_backoff = Duration::from_millis(500);
+        let mut tls_due = tokio::time::Instant::now();
         loop {
             // Debounce: a burst of watch events becomes one pass. The pass starts once no event
             // has come for `QUIET`, or `MOST` after the first, whichever is sooner: one change
@@ -324,32 +393,35 @@ pub async fn run(
                 continue;
             }
             let started = std::time::Instant::now();
-            let labels = crate::context::ControllerLabels {
-                controller: "higress",
-            };
-            ctx.metrics.reconciles.get_or_create(&labels).inc();
-            match sync_once(&ctx, &store).await {
-                Ok(()) => {
-                    backoff = Duration::from_millis(500);
-                    ctx.metrics
-                        .duration
-                        .get_or_create(&labels)
-                        .observe(started.elapsed().as_secs_f64());
-                    // Also resync periodically, in case a watch event was missed.
-                    let _ = tokio::time::timeout(Duration::from_mins(5), wake.notified()).await;
+            let routes = pass(&ctx, "higress", Box::pin(sync_once(&ctx, &store))).await;
+            if tokio::time::Instant::now() >= tls_due {
+                if pass(&ctx, "higress-tls", Box::pin(sync_tls(&ctx))).await {
+                    tls_backoff = Duration::from_millis(500);
+                } else {
+                    tls_due = tokio::time::Instant::now() + tls_backoff;
+                    tls_backoff = (tls_backoff * 2).min(Duration::from_secs(30));
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, category = e.category(), "higress sync failed; retrying");
-                    ctx.metrics
-                        .errors
-                        .get_or_create(&crate::context::ErrorLabels {
-                            controller: "higress",
-                            category: e.category(),
-                        })
-                        .inc();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
+            }
+            if routes {
+                backoff = Duration::from_millis(500);
+                ctx.metrics
+                    .duration
+                    .get_or_create(&crate::context::ControllerLabels {
+                        controller: "higress",
+                    })
+                    .observe(started.elapsed().as_secs_f64());
+                // Wait for the next event; resync periodically in case one was missed, and
+                // retry a failed TLS step when it is due.
+                let until_tls = tls_due.saturating_duration_since(tokio::time::Instant::now());
+                let idle = if until_tls.is_zero() {
+                    Duration::from_mins(5)
+                } else {
+                    until_tls.min(Duration::from_mins(5))
+                };
+                let _ = tokio::time::timeout(idle, wake.notified()).await;
+            } else {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     };

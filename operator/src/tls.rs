@@ -57,17 +57,24 @@ pub fn secret_name(domain: &str) -> String {
     )
 }
 
-/// Our `credentialConfig` entries: one per served domain, sorted by domain. `tenants` holds each
-/// tenant's namespace and served domains.
+/// The kube-apiserver's limit on one `ConfigMap`: the lengths of all its keys and values
+/// (`data` and `binaryData`) together may not pass 1 MiB.
+pub const CONFIGMAP_LIMIT: usize = 1024 * 1024;
+
+/// Our `credentialConfig` entries, each with its domain: one per served domain, in the order of
+/// `tenants` (each tenant's namespace and served domains; the caller puts the oldest tenant first,
+/// which decides who keeps a certificate when not all fit, see [`merge`]), each tenant's domains
+/// sorted.
 pub fn entries(
     tenants: &[(String, Vec<String>)],
     settings: &Settings,
     higress_ns: &str,
-) -> Vec<Value> {
+) -> Vec<(String, Value)> {
     let mut out: Vec<(String, Value)> = Vec::new();
     for (ns, domains) in tenants {
+        let mut domains: Vec<String> = domains.iter().map(|d| d.to_ascii_lowercase()).collect();
+        domains.sort();
         for d in domains {
-            let d = d.to_ascii_lowercase();
             let entry = match settings.mode {
                 Mode::Off => continue,
                 Mode::Secret => {
@@ -80,8 +87,7 @@ pub fn entries(
             out.push((d, entry));
         }
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out.into_iter().map(|(_, e)| e).collect()
+    out
 }
 
 fn is_ours(entry: &Value) -> bool {
@@ -90,9 +96,26 @@ fn is_ours(entry: &Value) -> bool {
     name.starts_with(SECRET_PREFIX)
 }
 
-/// The `cert` document with our entries in place of the previous ones; `existing` is the current
-/// document (absent: Higress's defaults).
-pub fn merge(existing: Option<&str>, ours: Vec<Value>, settings: &Settings) -> Result<String> {
+/// The `cert` document [`merge`] made, and the domains left out of it.
+#[derive(Debug)]
+pub struct Merged {
+    pub text: String,
+    /// Domains of ours that did not fit in `budget`, the newest tenants' first to go.
+    pub left_out: Vec<String>,
+}
+
+/// The `cert` document with our entries in place of the previous ones, in at most `budget` bytes;
+/// `existing` is the current document (absent: Higress's defaults).
+///
+/// When not all of `ours` fit, the longest prefix of it that does is kept (so the oldest tenants
+/// keep their certificates and a new tenant cannot take one away), and the rest is returned as
+/// left out. The entries in the document are sorted by domain, whatever their priority.
+pub fn merge(
+    existing: Option<&str>,
+    ours: Vec<(String, Value)>,
+    settings: &Settings,
+    budget: usize,
+) -> Result<Merged> {
     let mut doc: Value = match existing {
         Some(text) if !text.trim().is_empty() => {
             serde_yaml::from_str(text).map_err(|e| Error::Invalid {
@@ -108,15 +131,13 @@ pub fn merge(existing: Option<&str>, ours: Vec<Value>, settings: &Settings) -> R
     if !doc.is_object() {
         doc = json!({});
     }
-    let mut credentials: Vec<Value> = doc["credentialConfig"]
+    let others: Vec<Value> = doc["credentialConfig"]
         .as_array()
         .cloned()
         .unwrap_or_default()
         .into_iter()
         .filter(|e| !is_ours(e))
         .collect();
-    credentials.extend(ours);
-    doc["credentialConfig"] = Value::Array(credentials);
     if doc["renewBeforeDays"]
         .as_i64()
         .is_none_or(|d| d <= 0 || d >= 90)
@@ -141,9 +162,50 @@ pub fn merge(existing: Option<&str>, ours: Vec<Value>, settings: &Settings) -> R
         issuers.push(json!({"name": "letsencrypt", "email": settings.acme_email}));
         doc["acmeIssuer"] = Value::Array(issuers);
     }
-    serde_yaml::to_string(&doc).map_err(|e| Error::Invalid {
-        field: "higress-https",
-        reason: e.to_string(),
+    // The document with the first `n` of ours.
+    let render = |n: usize| -> Result<String> {
+        let mut kept: Vec<&(String, Value)> = ours[..n].iter().collect();
+        kept.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut doc = doc.clone();
+        let mut credentials = others.clone();
+        credentials.extend(kept.into_iter().map(|(_, e)| e.clone()));
+        doc["credentialConfig"] = Value::Array(credentials);
+        serde_yaml::to_string(&doc).map_err(|e| Error::Invalid {
+            field: "higress-https",
+            reason: e.to_string(),
+        })
+    };
+    let all = render(ours.len())?;
+    if all.len() <= budget {
+        return Ok(Merged {
+            text: all,
+            left_out: Vec::new(),
+        });
+    }
+    // The most that fit: `lo` fits, `hi` does not (a document grows with every entry).
+    let (mut lo, mut hi, mut text) = (0, ours.len(), render(0)?);
+    if text.len() > budget {
+        return Err(Error::Invalid {
+            field: "higress-https",
+            reason: format!(
+                "the {CONFIGMAP} ConfigMap holds {} bytes of other entries, more than its {budget} \
+                 byte budget, before any tenant domain",
+                text.len()
+            ),
+        });
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        let t = render(mid)?;
+        if t.len() <= budget {
+            (lo, text) = (mid, t);
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Merged {
+        text,
+        left_out: ours[lo..].iter().map(|(d, _)| d.clone()).collect(),
     })
 }
 
@@ -165,8 +227,9 @@ mod tests {
             &settings,
             "higress-system",
         );
-        let merged: Value =
-            serde_yaml::from_str(&merge(Some(existing), ours, &settings).unwrap()).unwrap();
+        let merged = merge(Some(existing), ours, &settings, CONFIGMAP_LIMIT).unwrap();
+        assert!(merged.left_out.is_empty());
+        let merged: Value = serde_yaml::from_str(&merged.text).unwrap();
         assert_eq!(merged["renewBeforeDays"], 20);
         assert_eq!(
             merged["credentialConfig"],
@@ -194,18 +257,77 @@ mod tests {
         );
         assert_eq!(
             ours,
-            [
+            [(
+                "api.a.example".to_owned(),
                 json!({"domains": ["api.a.example"], "tlsIssuer": "letsencrypt",
                     "tlsSecret": "higress-system/aigw-tls-api-a-example"})
-            ]
+            )]
         );
-        assert!(merge(None, ours.clone(), &settings).is_err());
+        assert!(merge(None, ours.clone(), &settings, CONFIGMAP_LIMIT).is_err());
         settings.acme_email = "ops@platform.example".into();
-        let doc: Value = serde_yaml::from_str(&merge(None, ours, &settings).unwrap()).unwrap();
+        let doc = merge(None, ours, &settings, CONFIGMAP_LIMIT).unwrap().text;
+        let doc: Value = serde_yaml::from_str(&doc).unwrap();
         assert_eq!(doc["automaticHttps"], true);
         assert_eq!(
             doc["acmeIssuer"],
             json!([{"name": "letsencrypt", "email": "ops@platform.example"}])
         );
+    }
+
+    /// Over the budget, the oldest tenants (first in `ours`) keep their entries, whatever their
+    /// domains sort as, and the newest are left out; the console's entry always stays.
+    #[test]
+    fn over_the_budget_the_newest_tenants_are_left_out() {
+        let existing = "credentialConfig:\n\
+            - domains: [console.example]\n  tlsSecret: higress-system/console-cert\n";
+        let settings = Settings::default();
+        // Oldest first: "zz" sorts last but came first.
+        let tenants: Vec<(String, Vec<String>)> = ["zz", "mm", "aa", "bb"]
+            .iter()
+            .map(|t| {
+                (
+                    format!("aigw-{t}"),
+                    vec![format!("api.{t}.example"), format!("www.{t}.example")],
+                )
+            })
+            .collect();
+        let ours = entries(&tenants, &settings, "higress-system");
+        let whole = merge(Some(existing), ours.clone(), &settings, CONFIGMAP_LIMIT).unwrap();
+        assert!(whole.left_out.is_empty());
+        // A budget one byte short of the whole document: exactly the newest domain goes.
+        let short = merge(
+            Some(existing),
+            ours.clone(),
+            &settings,
+            whole.text.len() - 1,
+        )
+        .unwrap();
+        assert_eq!(short.left_out, ["www.bb.example"]);
+        assert!(short.text.len() < whole.text.len());
+        // Room for about half: the two oldest tenants stay, the two newest go.
+        let half = merge(
+            Some(existing),
+            ours.clone(),
+            &settings,
+            whole.text.len() / 2 + 60,
+        )
+        .unwrap();
+        assert!(half.text.len() <= whole.text.len() / 2 + 60);
+        let doc: Value = serde_yaml::from_str(&half.text).unwrap();
+        let kept: Vec<&str> = doc["credentialConfig"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["domains"][0].as_str().unwrap())
+            .collect();
+        assert_eq!(kept[0], "console.example");
+        assert!(kept.contains(&"api.zz.example") && kept.contains(&"www.zz.example"));
+        assert!(!kept.contains(&"www.bb.example"));
+        assert_eq!(kept.len() - 1 + half.left_out.len(), 8);
+        let mut sorted = kept[1..].to_vec();
+        sorted.sort_unstable();
+        assert_eq!(kept[1..], sorted[..], "entries are sorted by domain");
+        // No room even for the console's entry: an error, not a document without it.
+        assert!(merge(Some(existing), ours, &settings, 10).is_err());
     }
 }

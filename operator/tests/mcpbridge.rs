@@ -1,5 +1,7 @@
-//! The shared McpBridge `default`: a concurrent writer (the Higress console) and the operator both
-//! keep all of their registries — conflicts cause retries, never lost updates.
+//! The Higress objects shared with the Higress console: McpBridge `default`, where a concurrent
+//! writer and the operator both keep all of their registries (conflicts cause retries, never lost
+//! updates), and the `higress-https` `ConfigMap`, which the operator fills up to the kube-apiserver's
+//! size limit and no further.
 
 // Test code: a failed unwrap is a failed test with its message.
 #![allow(clippy::unwrap_used)]
@@ -10,17 +12,36 @@ use aigw_operator::{
     context::{Config, Ctx, Metrics},
     higress,
     keys::Sealer,
-    sync::sync_registries,
+    sync::{sync_registries, write_tls},
+    tls,
 };
 use aigw_testkit::{Testbed, scratch_namespace};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::{
     Api,
-    api::{DynamicObject, PostParams},
+    api::{DeleteParams, DynamicObject, PostParams},
 };
 use serde_json::{Value, json};
 
 fn registry(name: &str) -> Value {
     json!({"name": name, "type": "dns", "domain": format!("{name}.example"), "port": 443, "protocol": "https"})
+}
+
+/// An operator context whose Higress namespace is `ns` (no controllers run).
+fn ctx_in(tb: &Testbed, client: &kube::Client, ns: &str) -> Arc<Ctx> {
+    let config = Config::with_defaults(ns);
+    let db = sqlx::mysql::MySqlPoolOptions::new()
+        .connect_lazy(tb.var("DATABASE_URL").unwrap())
+        .unwrap();
+    let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+    Arc::new(Ctx::new(
+        client.clone(),
+        db,
+        config,
+        metrics,
+        Sealer::from_hex(&"00".repeat(32)).unwrap(),
+        None,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,19 +57,7 @@ async fn concurrent_writers_lose_nothing() {
         .unwrap();
     api.create(&PostParams::default(), &bridge).await.unwrap();
 
-    let config = Config::with_defaults(&ns);
-    let db = sqlx::mysql::MySqlPoolOptions::new()
-        .connect_lazy(tb.var("DATABASE_URL").unwrap())
-        .unwrap();
-    let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
-    let ctx = Arc::new(Ctx::new(
-        client.clone(),
-        db,
-        config,
-        metrics,
-        Sealer::from_hex(&"00".repeat(32)).unwrap(),
-        None,
-    ));
+    let ctx = ctx_in(&tb, &client, &ns);
 
     // The "console": read-modify-replace with resourceVersion, retrying on conflict, 15 times.
     let console = {
@@ -102,4 +111,85 @@ async fn concurrent_writers_lose_nothing() {
     assert_eq!(mine.len(), want.len(), "{names:?}");
     assert!(want.iter().all(|w| mine.contains(&w)), "{names:?}");
     println!("console retried {console_conflicts} time(s) on conflict");
+}
+
+/// More served domains than the `higress-https` `ConfigMap` can hold (about 105 bytes an entry
+/// against the kube-apiserver's 1 MiB for all keys and values): the operator writes the oldest
+/// tenants' entries up to the limit, keeps the console's entry and the `ConfigMap`'s other keys, and
+/// reports the newest as left out. The kube-apiserver is the judge of the limit: the same
+/// document with one more entry is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_tls_configmap_keeps_the_oldest_tenants_up_to_the_apiservers_limit() {
+    const TENANTS: usize = 12_000;
+    let tb = Testbed::load().unwrap();
+    let client = tb.kube_client().await.unwrap();
+    let ns = scratch_namespace(&client, "tls-full").await.unwrap();
+    let ctx = ctx_in(&tb, &client, &ns);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let console = "credentialConfig:\n- domains: [console.example]\n  tlsSecret: higress-system/console-cert\n";
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": tls::CONFIGMAP},
+        "data": {tls::KEY: console, "console-notes": "n".repeat(100_000)},
+    }))
+    .unwrap();
+    maps.create(&PostParams::default(), &cm).await.unwrap();
+
+    let served: Vec<(String, Vec<String>)> = (0..TENANTS)
+        .map(|i| {
+            (
+                format!("aigw-t{i:05}"),
+                vec![format!("api.t{i:05}.example")],
+            )
+        })
+        .collect();
+    let left_out = write_tls(&ctx, &served).await.unwrap();
+    let kept = TENANTS - left_out.len();
+    assert!(kept > 8_000 && kept < TENANTS, "kept {kept} of {TENANTS}");
+    let newest: Vec<String> = (kept..TENANTS)
+        .map(|i| format!("api.t{i:05}.example"))
+        .collect();
+    assert_eq!(left_out, newest, "the newest tenants are the ones left out");
+
+    let stored = maps.get(tls::CONFIGMAP).await.unwrap();
+    let data = stored.data.clone().unwrap();
+    assert_eq!(data["console-notes"].len(), 100_000, "other keys stay");
+    let doc: Value = serde_yaml::from_str(&data[tls::KEY]).unwrap();
+    let domains: Vec<&str> = doc["credentialConfig"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["domains"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(domains.len(), kept + 1);
+    assert!(domains.contains(&"console.example"));
+    assert!(domains.contains(&"api.t00000.example"));
+    assert!(domains.contains(&format!("api.t{:05}.example", kept - 1).as_str()));
+    assert!(!domains.contains(&newest[0].as_str()));
+
+    // A second pass with the same tenants writes nothing and leaves out the same.
+    let writes = ctx.writes();
+    assert_eq!(write_tls(&ctx, &served).await.unwrap(), newest);
+    assert_eq!(ctx.writes(), writes);
+
+    // One entry more than the operator wrote is more than the kube-apiserver takes.
+    let ours = tls::entries(&served[..=kept], &ctx.config.tls, &ns);
+    let one_more = tls::merge(Some(console), ours, &ctx.config.tls, usize::MAX).unwrap();
+    let mut over = stored;
+    over.data
+        .as_mut()
+        .unwrap()
+        .insert(tls::KEY.to_owned(), one_more.text);
+    let refused = maps
+        .replace(tls::CONFIGMAP, &PostParams::default(), &over)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, kube::Error::Api(e) if e.code == 422 && e.message.contains("1048576")),
+        "{refused}"
+    );
+
+    Api::<Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .unwrap();
 }
