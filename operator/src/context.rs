@@ -186,6 +186,18 @@ pub struct Ctx {
     /// Wakes the Higress sync: the Tenant and Channel controllers' watches notify it once their
     /// stores hold an event, so a pass never reads a store older than what woke it.
     pub sync_wake: Arc<tokio::sync::Notify>,
+    /// What the last TLS step found or wrote, so a pass whose tenants and `ConfigMap` are unchanged
+    /// skips rebuilding a document of up to 1 MiB (`sync::sync_tls`).
+    pub tls_last: Arc<std::sync::Mutex<Option<TlsLast>>>,
+}
+
+/// The TLS step's inputs and result, by SHA-256: the served domains, the `ConfigMap` text after
+/// the step, and the domains left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsLast {
+    pub served: [u8; 32],
+    pub text: [u8; 32],
+    pub left_out: Vec<String>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -218,6 +230,7 @@ impl Ctx {
             term: crate::leader::Term::default(),
             tenants: Arc::default(),
             sync_wake: Arc::default(),
+            tls_last: Arc::default(),
         }
     }
 

@@ -106,8 +106,8 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
 }
 
 /// Writes our entries of the `higress-https` `ConfigMap` (`crate::tls`): one per domain a tenant of
-/// this instance serves, the oldest tenants first when not all fit (see [`write_tls`]). Run after
-/// the routes and apart from them: a failure here never delays a route change.
+/// this instance serves, by the priority of `tls::entries` when not all fit (see [`write_tls`]).
+/// Run after the routes, on its own backoff: a failure here never delays a route change.
 pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
     // The Tenant controller's store when it runs (no list of every tenant per pass), else a list.
     let tenants: Vec<Arc<Tenant>> = match ctx.tenant_store() {
@@ -124,7 +124,7 @@ pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
         .iter()
         .filter(|t| t.metadata.deletion_timestamp.is_none())
         .collect();
-    // Oldest first: who keeps a certificate when not all fit.
+    // Oldest first: part of who keeps a certificate when not all fit (`tls::entries`).
     tenants.sort_by(|a, b| {
         let age = |t: &Tenant| t.metadata.creation_timestamp.as_ref().map(|c| c.0);
         age(a)
@@ -140,7 +140,10 @@ pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
         .collect();
     let left_out = write_tls(ctx, &served).await?;
     let count = i64::try_from(left_out.len()).unwrap_or(i64::MAX);
-    if ctx.metrics.tls_left_out.set(count) != count && count > 0 {
+    // Warned when the ConfigMap becomes full (not at every pass while it stays full: the gauge
+    // holds the number), and told when everything fits again.
+    let before = ctx.metrics.tls_left_out.set(count);
+    if before == 0 && count > 0 {
         tracing::warn!(
             left_out = count,
             newest = %left_out.iter().rev().take(5).cloned().collect::<Vec<_>>().join(","),
@@ -149,17 +152,21 @@ pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
             crate::tls::CONFIGMAP,
             crate::tls::CONFIGMAP_LIMIT,
         );
+    } else if before > 0 && count == 0 {
+        tracing::info!(
+            "every served domain fits in the {} ConfigMap again",
+            crate::tls::CONFIGMAP
+        );
     }
     Ok(())
 }
 
-/// Writes `served` (each tenant's namespace and domains, in priority order) as our entries of the
+/// Writes `served` (each tenant's namespace and domains, oldest tenant first) as our entries of the
 /// `higress-https` `ConfigMap`, within the kube-apiserver's size limit less what its other keys
 /// take, and returns the domains that did not fit. Replaced with its `resourceVersion`; a conflict
 /// fails, and the next pass retries.
 pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Vec<String>> {
     let ns = ctx.config.higress_namespace.as_str();
-    let ours = crate::tls::entries(served, &ctx.config.tls, ns);
     let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     let current = maps.get_opt(crate::tls::CONFIGMAP).await?;
     let existing = current
@@ -167,6 +174,20 @@ pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Ve
         .and_then(|c| c.data.as_ref())
         .and_then(|d| d.get(crate::tls::KEY))
         .map(String::as_str);
+    // The same tenants and the document the last step left: nothing to build (a channel change
+    // would otherwise rebuild a 1 MiB document, several times over when it is full).
+    let served_hash = digest(served.iter().flat_map(|(ns, domains)| {
+        std::iter::once(ns.as_str()).chain(domains.iter().map(String::as_str))
+    }));
+    let text_hash = digest(existing);
+    if let Ok(last) = ctx.tls_last.lock()
+        && let Some(last) = last.as_ref()
+        && last.served == served_hash
+        && last.text == text_hash
+    {
+        return Ok(last.left_out.clone());
+    }
+    let ours = crate::tls::entries(served, &ctx.config.tls, ns);
     if current.is_none() && ours.is_empty() {
         return Ok(Vec::new());
     }
@@ -183,9 +204,20 @@ pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Ve
         .saturating_sub(others)
         .saturating_sub(crate::tls::KEY.len());
     let merged = crate::tls::merge(existing, ours, &ctx.config.tls, budget)?;
+    let remember = |left_out: &[String]| {
+        if let Ok(mut last) = ctx.tls_last.lock() {
+            *last = Some(crate::context::TlsLast {
+                served: served_hash,
+                text: digest(Some(merged.text.as_str())),
+                left_out: left_out.to_vec(),
+            });
+        }
+    };
     if existing == Some(merged.text.as_str()) {
+        remember(&merged.left_out);
         return Ok(merged.left_out);
     }
+    remember(&merged.left_out);
     let mut cm: ConfigMap = current.unwrap_or_else(|| ConfigMap {
         metadata: kube::api::ObjectMeta {
             name: Some(crate::tls::CONFIGMAP.to_owned()),
@@ -209,6 +241,18 @@ pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Ve
     }
     ctx.count_write();
     Ok(merged.left_out)
+}
+
+/// SHA-256 of a sequence of strings, each with its length, for [`write_tls`]'s "unchanged since
+/// the last step" check (a tenant cannot make a different list of domains look unchanged).
+fn digest<'a>(parts: impl IntoIterator<Item = &'a str>) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize().into()
 }
 
 /// Puts our registries into McpBridge `default`, leaving every other registry as it is.

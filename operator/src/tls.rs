@@ -61,20 +61,25 @@ pub fn secret_name(domain: &str) -> String {
 /// (`data` and `binaryData`) together may not pass 1 MiB.
 pub const CONFIGMAP_LIMIT: usize = 1024 * 1024;
 
-/// Our `credentialConfig` entries, each with its domain: one per served domain, in the order of
-/// `tenants` (each tenant's namespace and served domains; the caller puts the oldest tenant first,
-/// which decides who keeps a certificate when not all fit, see [`merge`]), each tenant's domains
-/// sorted.
+/// Our `credentialConfig` entries, each with its domain: one per served domain, in priority order
+/// for when not all fit (see [`merge`]). `tenants` holds each tenant's namespace and served
+/// domains, oldest tenant first (the caller's order). Every tenant's first domain comes before any
+/// tenant's second, and so on, oldest tenant first at each rank: a tenant that adds domains never
+/// takes an entry away from another tenant's first domain, and a new tenant never from an older
+/// tenant's domain of the same rank.
 pub fn entries(
     tenants: &[(String, Vec<String>)],
     settings: &Settings,
     higress_ns: &str,
 ) -> Vec<(String, Value)> {
     let mut out: Vec<(String, Value)> = Vec::new();
-    for (ns, domains) in tenants {
-        let mut domains: Vec<String> = domains.iter().map(|d| d.to_ascii_lowercase()).collect();
-        domains.sort();
-        for d in domains {
+    let ranks = tenants.iter().map(|(_, d)| d.len()).max().unwrap_or(0);
+    for rank in 0..ranks {
+        for (ns, domains) in tenants {
+            let Some(d) = domains.get(rank) else {
+                continue;
+            };
+            let d = d.to_ascii_lowercase();
             let entry = match settings.mode {
                 Mode::Off => continue,
                 Mode::Secret => {
@@ -107,9 +112,8 @@ pub struct Merged {
 /// The `cert` document with our entries in place of the previous ones, in at most `budget` bytes;
 /// `existing` is the current document (absent: Higress's defaults).
 ///
-/// When not all of `ours` fit, the longest prefix of it that does is kept (so the oldest tenants
-/// keep their certificates and a new tenant cannot take one away), and the rest is returned as
-/// left out. The entries in the document are sorted by domain, whatever their priority.
+/// When not all of `ours` fit, the longest prefix of it that does is kept (its order is the
+/// priority, see [`entries`]), and the rest is returned as left out. The entries in the document are sorted by domain, whatever their priority.
 pub fn merge(
     existing: Option<&str>,
     ours: Vec<(String, Value)>,
@@ -274,27 +278,41 @@ mod tests {
         );
     }
 
-    /// Over the budget, the oldest tenants (first in `ours`) keep their entries, whatever their
-    /// domains sort as, and the newest are left out; the console's entry always stays.
+    /// Over the budget, entries go in reverse priority: the newest tenants' later domains first,
+    /// and an old tenant holding many domains cannot push out a newer tenant's only domain. The
+    /// console's entry always stays.
     #[test]
-    fn over_the_budget_the_newest_tenants_are_left_out() {
+    fn over_the_budget_later_domains_and_newer_tenants_go_first() {
         let existing = "credentialConfig:\n\
             - domains: [console.example]\n  tlsSecret: higress-system/console-cert\n";
         let settings = Settings::default();
-        // Oldest first: "zz" sorts last but came first.
-        let tenants: Vec<(String, Vec<String>)> = ["zz", "mm", "aa", "bb"]
-            .iter()
-            .map(|t| {
-                (
-                    format!("aigw-{t}"),
-                    vec![format!("api.{t}.example"), format!("www.{t}.example")],
-                )
-            })
-            .collect();
+        // Oldest first: "zz" sorts last but came first, and holds six domains.
+        let mut tenants: Vec<(String, Vec<String>)> = vec![(
+            "aigw-zz".into(),
+            (0..6).map(|i| format!("d{i}.zz.example")).collect(),
+        )];
+        for t in ["mm", "aa", "bb"] {
+            tenants.push((
+                format!("aigw-{t}"),
+                vec![format!("api.{t}.example"), format!("www.{t}.example")],
+            ));
+        }
         let ours = entries(&tenants, &settings, "higress-system");
+        let order: Vec<&str> = ours.iter().map(|(d, _)| d.as_str()).collect();
+        assert_eq!(
+            order[..6],
+            [
+                "d0.zz.example",
+                "api.mm.example",
+                "api.aa.example",
+                "api.bb.example",
+                "d1.zz.example",
+                "www.mm.example"
+            ]
+        );
         let whole = merge(Some(existing), ours.clone(), &settings, CONFIGMAP_LIMIT).unwrap();
         assert!(whole.left_out.is_empty());
-        // A budget one byte short of the whole document: exactly the newest domain goes.
+        // One byte short of the whole document: exactly the last in priority goes.
         let short = merge(
             Some(existing),
             ours.clone(),
@@ -302,9 +320,8 @@ mod tests {
             whole.text.len() - 1,
         )
         .unwrap();
-        assert_eq!(short.left_out, ["www.bb.example"]);
-        assert!(short.text.len() < whole.text.len());
-        // Room for about half: the two oldest tenants stay, the two newest go.
+        assert_eq!(short.left_out, ["d5.zz.example"]);
+        // Room for about half: every tenant's first domain stays; only later ones go.
         let half = merge(
             Some(existing),
             ours.clone(),
@@ -321,9 +338,16 @@ mod tests {
             .map(|e| e["domains"][0].as_str().unwrap())
             .collect();
         assert_eq!(kept[0], "console.example");
-        assert!(kept.contains(&"api.zz.example") && kept.contains(&"www.zz.example"));
-        assert!(!kept.contains(&"www.bb.example"));
-        assert_eq!(kept.len() - 1 + half.left_out.len(), 8);
+        for first in [
+            "d0.zz.example",
+            "api.mm.example",
+            "api.aa.example",
+            "api.bb.example",
+        ] {
+            assert!(kept.contains(&first), "{first} left out: {kept:?}");
+        }
+        assert!(half.left_out.contains(&"d5.zz.example".to_owned()));
+        assert_eq!(kept.len() - 1 + half.left_out.len(), ours.len());
         let mut sorted = kept[1..].to_vec();
         sorted.sort_unstable();
         assert_eq!(kept[1..], sorted[..], "entries are sorted by domain");

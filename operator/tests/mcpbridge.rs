@@ -170,6 +170,21 @@ async fn a_full_tls_configmap_keeps_the_oldest_tenants_up_to_the_apiservers_limi
     let writes = ctx.writes();
     assert_eq!(write_tls(&ctx, &served).await.unwrap(), newest);
     assert_eq!(ctx.writes(), writes);
+    // The console rewrites the document without our entries: the next step puts them back (the
+    // operator's memory of its last write never hides a change made by someone else).
+    let mut edited = maps.get(tls::CONFIGMAP).await.unwrap();
+    edited
+        .data
+        .as_mut()
+        .unwrap()
+        .insert(tls::KEY.to_owned(), console.to_owned());
+    maps.replace(tls::CONFIGMAP, &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    assert_eq!(write_tls(&ctx, &served).await.unwrap(), newest);
+    assert_eq!(ctx.writes(), writes + 1);
+    let stored = maps.get(tls::CONFIGMAP).await.unwrap();
+    assert_eq!(stored.data.as_ref().unwrap()[tls::KEY], data[tls::KEY]);
 
     // One entry more than the operator wrote is more than the kube-apiserver takes.
     let ours = tls::entries(&served[..=kept], &ctx.config.tls, &ns);
