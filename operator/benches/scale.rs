@@ -16,6 +16,8 @@
 //!    with no watches, stores or checks. Operator start → all Ready is reported against it.
 //!
 //! Sizes come from `BENCH_TENANTS`, `BENCH_CHANNELS`, `BENCH_TOKENS` (defaults 1000 / 100 / 10000).
+//! `BENCH_REFERENCE=0` skips the reference and `BENCH_OPERATOR_WRAP` runs the operator under a
+//! profiler (e.g. `heaptrack -o FILE`), for runs that profile the operator.
 //! Everything the run creates carries a fresh instance label; `make bench` restarts the test bed
 //! afterwards so later tests start from a clean cluster.
 
@@ -467,7 +469,18 @@ async fn main() {
         "{}/../target/release/aigw-operator",
         env!("CARGO_MANIFEST_DIR")
     );
-    let mut child = Command::new(&bin)
+    // `BENCH_OPERATOR_WRAP=heaptrack` (or any command taking the program and its arguments) runs
+    // the operator under it, to profile it where it is measured.
+    let mut command = match std::env::var("BENCH_OPERATOR_WRAP") {
+        Ok(wrap) if !wrap.is_empty() => {
+            let mut words = wrap.split_whitespace();
+            let mut c = Command::new(words.next().unwrap_or_default());
+            c.args(words).arg(&bin);
+            c
+        }
+        _ => Command::new(&bin),
+    };
+    let mut child = command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("KUBECONFIG", tb.var("KUBECONFIG").unwrap())
@@ -595,12 +608,16 @@ async fn main() {
     let _ = child.kill();
     let _ = child.wait();
 
-    // 5. The reference, on the same objects with the operator stopped.
-    let bare_ns = format!("hi-bare-{sfx}");
-    let (_, bare_db) = tb.scratch_mysql("bare").await.unwrap();
-    aigw_migrations::run_mysql(&bare_db).await.unwrap();
-    let (bare_time, bare_writes) =
-        bare_reference(&client, &bare_db, &selector, &routes, &bare_ns).await;
+    // 5. The reference, on the same objects with the operator stopped (`BENCH_REFERENCE=0` skips
+    // it, for a run that profiles the operator only).
+    let reference = if env_usize("BENCH_REFERENCE", 1) == 0 {
+        None
+    } else {
+        let bare_ns = format!("hi-bare-{sfx}");
+        let (_, bare_db) = tb.scratch_mysql("bare").await.unwrap();
+        aigw_migrations::run_mysql(&bare_db).await.unwrap();
+        Some(bare_reference(&client, &bare_db, &selector, &routes, &bare_ns).await)
+    };
 
     println!("| measure | value |");
     println!("|---|---|");
@@ -609,11 +626,13 @@ async fn main() {
         "| operator start → all Ready | {:.1} s |",
         all_ready.as_secs_f64()
     );
-    println!(
-        "| bare client, the same writes (reference) | {:.1} s ({bare_writes} apiserver writes; the operator's start made {start_writes} counted, plus its finalizer on each of the {} objects) |",
-        bare_time.as_secs_f64(),
-        tenants_n + channels_n + tokens_n
-    );
+    if let Some((bare_time, bare_writes)) = reference {
+        println!(
+            "| bare client, the same writes (reference) | {:.1} s ({bare_writes} apiserver writes; the operator's start made {start_writes} counted, plus its finalizer on each of the {} objects) |",
+            bare_time.as_secs_f64(),
+            tenants_n + channels_n + tokens_n
+        );
+    }
     println!(
         "| route Ingresses in Higress | {route_count} (api + model groups; independent of tenants) |"
     );
@@ -631,13 +650,15 @@ async fn main() {
         2 * changes_n
     );
     println!("| operator peak RSS (VmHWM) | {} MiB |", peak_rss / 1024);
-    println!(
-        "ratio: | operator start → all Ready, {} objects | {:.1} s | bare client, same writes: {:.1} s | {:.2} | ≤ 2 |",
-        tenants_n + channels_n + tokens_n,
-        all_ready.as_secs_f64(),
-        bare_time.as_secs_f64(),
-        all_ready.as_secs_f64() / bare_time.as_secs_f64()
-    );
+    if let Some((bare_time, _)) = reference {
+        println!(
+            "ratio: | operator start → all Ready, {} objects | {:.1} s | bare client, same writes: {:.1} s | {:.2} | ≤ 2 |",
+            tenants_n + channels_n + tokens_n,
+            all_ready.as_secs_f64(),
+            bare_time.as_secs_f64(),
+            all_ready.as_secs_f64() / bare_time.as_secs_f64()
+        );
+    }
     println!(
         "ratio: | spec change → Higress Ingress, p99 | {:.0} ms | | | < 300 ms |",
         percentile(&latencies, 0.99)

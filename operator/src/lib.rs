@@ -24,10 +24,10 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use aigw_common::shutdown::Shutdown;
 use aigw_crds::{Channel, CommonStatus, Pricing, Tenant, Token};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
-    Api, Resource, ResourceExt,
+    Api, Resource,
     api::PartialObjectMeta,
     runtime::{
         Controller, WatchStreamExt,
@@ -148,9 +148,13 @@ where
         .await;
 }
 
-/// A watch of `K` whose objects are kept in `writer`'s store without `managedFields` (most of
-/// an object's size, and never read here), as the trigger stream of a controller. With `wake`,
-/// every event also wakes the Higress sync — after the store has it, so the pass reads it.
+/// A watch of `K` whose objects are kept in `writer`'s store without what no reconcile reads, as
+/// the trigger stream of a controller: `managedFields` (most of an object's size), annotations
+/// (`kubectl apply` keeps a whole copy of the object there) and labels (the watch already selects
+/// this instance's objects; a label map is a 600-byte tree node per object, a quarter of a stored
+/// Token: see `docs/benchmarks.md`). Reconciles write status and finalizers with patches, never
+/// the stored object whole, so nothing is lost on the server. With `wake`, every event also wakes
+/// the Higress sync — after the store has it, so the pass reads it.
 fn lean_stream<K>(
     api: Api<K>,
     cfg: watcher::Config,
@@ -168,7 +172,12 @@ where
 {
     watcher(api, cfg)
         .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
+        .modify(|o| {
+            let meta = o.meta_mut();
+            meta.managed_fields = None;
+            meta.annotations = None;
+            meta.labels = None;
+        })
         .reflect(writer)
         .inspect(move |_| {
             if let Some(wake) = &wake {
@@ -176,6 +185,15 @@ where
             }
         })
         .applied_objects()
+        // The controller keys its queue by the object's name and namespace; without uid and
+        // resourceVersion its queued references hold two strings each instead of four (every
+        // object is queued at once at start). The store's copy above keeps them.
+        .map_ok(|mut o| {
+            let meta = o.meta_mut();
+            meta.uid = None;
+            meta.resource_version = None;
+            o
+        })
 }
 
 /// A metadata-only watch (no Secret data is ever held in memory).
