@@ -56,8 +56,8 @@ fn keys_in(secret: Option<&Secret>, key: &str) -> Option<Vec<String>> {
 
 /// One pass: build everything from the channels in `store` and apply the difference. A pass costs
 /// a fixed number of round trips whatever the number of channels and tenants: one list of the
-/// credentials namespace's Secrets, one list per kind of Higress object, one read each of McpBridge
-/// `default` and the TLS `ConfigMap`, and the writes of what changed.
+/// credentials namespace's Secrets, one list per kind of Higress object, one read of McpBridge
+/// `default`, and the writes of what changed (the TLS `ConfigMap` is [`sync_tls`], after it).
 pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
     let channels: Vec<Arc<Channel>> = store
         .state()
@@ -146,9 +146,9 @@ pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
     if before == 0 && count > 0 {
         tracing::warn!(
             left_out = count,
-            newest = %left_out.iter().rev().take(5).cloned().collect::<Vec<_>>().join(","),
-            "the {} ConfigMap is full ({} bytes): the newest tenants' domains get no certificate \
-             entry; see docs/architecture.md (TLS)",
+            last = %left_out.iter().rev().take(5).cloned().collect::<Vec<_>>().join(","),
+            "the {} ConfigMap is full ({} bytes): the domains last in priority (later domains \
+             of a tenant, newer tenants) get no certificate entry; see docs/architecture.md (TLS)",
             crate::tls::CONFIGMAP,
             crate::tls::CONFIGMAP_LIMIT,
         );
@@ -174,11 +174,27 @@ pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Ve
         .and_then(|c| c.data.as_ref())
         .and_then(|d| d.get(crate::tls::KEY))
         .map(String::as_str);
-    // The same tenants and the document the last step left: nothing to build (a channel change
-    // would otherwise rebuild a 1 MiB document, several times over when it is full).
-    let served_hash = digest(served.iter().flat_map(|(ns, domains)| {
-        std::iter::once(ns.as_str()).chain(domains.iter().map(String::as_str))
-    }));
+    // The kube-apiserver counts every value of `data` and `binaryData`; the keys are counted
+    // too, a few bytes to spare.
+    let others: usize = current.as_ref().map_or(0, |c| {
+        let data = c.data.iter().flatten();
+        let binary = c.binary_data.iter().flatten();
+        data.filter(|(k, _)| k.as_str() != crate::tls::KEY)
+            .map(|(k, v)| k.len() + v.len())
+            .chain(binary.map(|(k, v)| k.len() + v.0.len()))
+            .sum()
+    });
+    let budget = crate::tls::CONFIGMAP_LIMIT
+        .saturating_sub(others)
+        .saturating_sub(crate::tls::KEY.len());
+    // The same tenants, budget and document as the last step left: nothing to build (a channel
+    // change would otherwise rebuild a 1 MiB document, several times over when it is full).
+    let budget_text = budget.to_string();
+    let served_hash = digest(
+        std::iter::once(budget_text.as_str()).chain(served.iter().flat_map(|(ns, domains)| {
+            std::iter::once(ns.as_str()).chain(domains.iter().map(String::as_str))
+        })),
+    );
     let text_hash = digest(existing);
     if let Ok(last) = ctx.tls_last.lock()
         && let Some(last) = last.as_ref()
@@ -191,18 +207,6 @@ pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Ve
     if current.is_none() && ours.is_empty() {
         return Ok(Vec::new());
     }
-    // The kube-apiserver counts every key and value of `data` and `binaryData`.
-    let others: usize = current.as_ref().map_or(0, |c| {
-        let data = c.data.iter().flatten();
-        let binary = c.binary_data.iter().flatten();
-        data.filter(|(k, _)| k.as_str() != crate::tls::KEY)
-            .map(|(k, v)| k.len() + v.len())
-            .chain(binary.map(|(k, v)| k.len() + v.0.len()))
-            .sum()
-    });
-    let budget = crate::tls::CONFIGMAP_LIMIT
-        .saturating_sub(others)
-        .saturating_sub(crate::tls::KEY.len());
     let merged = crate::tls::merge(existing, ours, &ctx.config.tls, budget)?;
     let remember = |left_out: &[String]| {
         if let Ok(mut last) = ctx.tls_last.lock() {

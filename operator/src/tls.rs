@@ -57,8 +57,9 @@ pub fn secret_name(domain: &str) -> String {
     )
 }
 
-/// The kube-apiserver's limit on one `ConfigMap`: the lengths of all its keys and values
-/// (`data` and `binaryData`) together may not pass 1 MiB.
+/// The kube-apiserver's limit on one `ConfigMap`: the lengths of its values (`data` and
+/// `binaryData`) together may not pass 1 MiB. The operator counts the keys too, a few bytes to
+/// spare.
 pub const CONFIGMAP_LIMIT: usize = 1024 * 1024;
 
 /// Our `credentialConfig` entries, each with its domain: one per served domain, in priority order
