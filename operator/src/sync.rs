@@ -208,20 +208,18 @@ pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Ve
         return Ok(Vec::new());
     }
     let merged = crate::tls::merge(existing, ours, &ctx.config.tls, budget)?;
-    let remember = |left_out: &[String]| {
-        if let Ok(mut last) = ctx.tls_last.lock() {
-            *last = Some(crate::context::TlsLast {
-                served: served_hash,
-                text: digest(Some(merged.text.as_str())),
-                left_out: left_out.to_vec(),
-            });
-        }
-    };
+    // Remembered before the write: if it fails, the ConfigMap's text differs from this one, so
+    // the next step rebuilds.
+    if let Ok(mut last) = ctx.tls_last.lock() {
+        *last = Some(crate::context::TlsLast {
+            served: served_hash,
+            text: digest(Some(merged.text.as_str())),
+            left_out: merged.left_out.clone(),
+        });
+    }
     if existing == Some(merged.text.as_str()) {
-        remember(&merged.left_out);
         return Ok(merged.left_out);
     }
-    remember(&merged.left_out);
     let mut cm: ConfigMap = current.unwrap_or_else(|| ConfigMap {
         metadata: kube::api::ObjectMeta {
             name: Some(crate::tls::CONFIGMAP.to_owned()),
