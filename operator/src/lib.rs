@@ -14,6 +14,7 @@ pub mod error;
 pub mod higress;
 pub mod keys;
 pub mod leader;
+pub mod paced;
 pub mod pricing;
 pub mod sync;
 pub mod tenant;
@@ -129,14 +130,13 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Ctx>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
+/// What a controller's run stream yields for each reconcile.
+type Reconciled<K> =
+    Result<(ObjectRef<K>, Action), kube::runtime::controller::Error<Error, watcher::Error>>;
+
 async fn drain<S, K>(name: &'static str, stream: S)
 where
-    S: futures::Stream<
-            Item = Result<
-                (ObjectRef<K>, Action),
-                kube::runtime::controller::Error<Error, watcher::Error>,
-            >,
-        >,
+    S: futures::Stream<Item = Reconciled<K>>,
     K: Resource,
 {
     stream
@@ -148,13 +148,21 @@ where
         .await;
 }
 
-/// A watch of `K` whose objects are kept in `writer`'s store without what no reconcile reads, as
-/// the trigger stream of a controller: `managedFields` (most of an object's size), annotations
-/// (`kubectl apply` keeps a whole copy of the object there) and labels (the watch already selects
-/// this instance's objects; a label map is a 600-byte tree node per object, a quarter of a stored
-/// Token: see `docs/benchmarks.md`). Reconciles write status and finalizers with patches, never
-/// the stored object whole, so nothing is lost on the server. With `wake`, every event also wakes
-/// the Higress sync — after the store has it, so the pass reads it.
+/// Drops what no reconcile reads from an object kept in a store: `managedFields` (most of an
+/// object's size), annotations (`kubectl apply` keeps a whole copy of the object there) and labels
+/// (the watch already selects this instance's objects; a label map is a 600-byte tree node per
+/// object, a quarter of a stored Token: see `docs/benchmarks.md`). Reconciles write status and
+/// finalizers with patches, never the stored object whole, so nothing is lost on the server.
+fn trim<K: Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.labels = None;
+}
+
+/// A watch of `K` whose objects are kept in `writer`'s store [trimmed](trim), as the trigger
+/// stream of a controller. With `wake`, every event also wakes the Higress sync — after the store
+/// has it, so the pass reads it.
 fn lean_stream<K>(
     api: Api<K>,
     cfg: watcher::Config,
@@ -172,12 +180,7 @@ where
 {
     watcher(api, cfg)
         .default_backoff()
-        .modify(|o| {
-            let meta = o.meta_mut();
-            meta.managed_fields = None;
-            meta.annotations = None;
-            meta.labels = None;
-        })
+        .modify(trim)
         .reflect(writer)
         .inspect(move |_| {
             if let Some(wake) = &wake {
@@ -251,6 +254,42 @@ where
     }
 }
 
+/// The Token controller and the watch that feeds it. Tokens are most of the objects (100,000 at
+/// 10×), so the controller is fed at its own pace (`paced`), not with every event at once.
+fn token_controller(
+    ctx: &Arc<Ctx>,
+    cfg: watcher::Config,
+    stop: impl Future<Output = ()> + Clone + Send + Sync + 'static,
+) -> (
+    impl futures::Stream<Item = Reconciled<Token>>,
+    impl Future<Output = ()>,
+) {
+    let (store, writer) = reflector::store();
+    let paced = paced::Paced::<Token>::new();
+    // Boxed: the watch's state is large, and `run`'s own future would carry it inline.
+    let watch = Box::pin(paced.clone().drive(
+        Api::<Token>::all(ctx.client.clone()),
+        cfg,
+        writer,
+        trim,
+        stop.clone(),
+    ));
+    let mut reconcile = reconciler("token", token::reconcile);
+    let started = paced.clone();
+    let controller = Controller::for_stream(paced.feed(store.clone()), store)
+        .with_config(controller_config())
+        .graceful_shutdown_on(stop)
+        .run(
+            move |token, ctx| {
+                started.started();
+                reconcile(token, ctx)
+            },
+            error_policy,
+            ctx.clone(),
+        );
+    (controller, watch)
+}
+
 /// Runs every controller and the Higress sync until `shutdown` resolves.
 pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
     let client = ctx.client.clone();
@@ -305,23 +344,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
         ctx.clone(),
     );
 
-    let (token_store, token_writer) = reflector::store();
-    let tokens = Controller::for_stream(
-        lean_stream(
-            Api::<Token>::all(client.clone()),
-            cfg.clone(),
-            token_writer,
-            None,
-        ),
-        token_store,
-    )
-    .with_config(controller_config())
-    .graceful_shutdown_on(stop())
-    .run(
-        reconciler("token", token::reconcile),
-        error_policy,
-        ctx.clone(),
-    );
+    let (tokens, watch_tokens) = token_controller(&ctx, cfg.clone(), stop());
 
     let (pricing_store, pricing_writer) = reflector::store();
     let pricings = Controller::for_stream(
@@ -346,6 +369,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: Shutdown) {
             drain("tenant", tenants),
             drain("channel", channels),
             drain("token", tokens),
+            watch_tokens,
             drain("pricing", pricings),
             sync::run(ctx.clone(), channel_store, stop()),
         );

@@ -185,21 +185,28 @@ async fn apply_token(token: &Token, ctx: &Ctx) -> Result<Action> {
         used_quota: None,
     };
     write_status(ctx, token, &old, status).await?;
-    Ok(Action::requeue(next_wakeup(token)))
+    Ok(next_wakeup(token, Timestamp::now()))
 }
 
-/// When to look at a token again: just after it expires (to flip the phase), at most in an hour.
-fn next_wakeup(token: &Token) -> Duration {
+/// How far ahead a token's expiry is scheduled: twice the resync round, so a token expiring later
+/// is seen by a resync (every hour, `paced`) before it is due, and scheduled then.
+const EXPIRY_HORIZON: Duration =
+    Duration::from_secs(2 * crate::paced::SLICES * crate::paced::RESYNC_TICK.as_secs());
+
+/// When to look at a token again: just after it expires (to flip the phase), when that is within
+/// [`EXPIRY_HORIZON`]. Otherwise only on a change or the token's hourly resync, which keeps
+/// kube-runtime's scheduler free of an entry per token.
+fn next_wakeup(token: &Token, now: Timestamp) -> Action {
     token
         .spec
         .expires_at
         .as_deref()
         .and_then(|e| e.parse::<Timestamp>().ok())
-        .and_then(|at| Timestamp::now().until(at).ok())
+        .and_then(|at| now.until(at).ok())
         .and_then(|span| span.total(k8s_openapi::jiff::Unit::Second).ok())
-        .filter(|s| *s > 0.0)
-        .map_or(Duration::from_hours(1), |s| {
-            Duration::from_secs_f64(s.min(3600.0) + 1.0)
+        .filter(|s| *s > 0.0 && *s <= EXPIRY_HORIZON.as_secs_f64())
+        .map_or_else(Action::await_change, |s| {
+            Action::requeue(Duration::from_secs_f64(s + 1.0))
         })
 }
 
@@ -403,6 +410,35 @@ mod tests {
             ..TokenStatus::default()
         });
         t
+    }
+
+    #[test]
+    fn only_tokens_expiring_within_the_horizon_are_scheduled() {
+        let now: Timestamp = "2026-06-01T00:00:00Z".parse().unwrap();
+        let at = |expires: &str| {
+            next_wakeup(
+                &token(json!({"owner": "a", "expiresAt": expires}), None),
+                now,
+            )
+        };
+        assert_eq!(
+            at("2026-06-01T00:30:00Z"),
+            Action::requeue(Duration::from_secs(1801))
+        );
+        assert_eq!(
+            at("2026-06-01T01:59:00Z"),
+            Action::requeue(Duration::from_secs(7141))
+        );
+        assert_eq!(at("2026-06-01T03:00:00Z"), Action::await_change());
+        assert_eq!(
+            at("2026-05-01T00:00:00Z"),
+            Action::await_change(),
+            "already expired"
+        );
+        assert_eq!(
+            next_wakeup(&token(json!({"owner": "a"}), None), now),
+            Action::await_change()
+        );
     }
 
     #[test]

@@ -489,6 +489,38 @@ async fn examples_reconcile_into_higress_namespaces_status_and_mysql() {
             .any(|c| c.type_ == "Ready" && c.status == "True")
     );
 
+    // A token that expires soon is Active until then and Expired just after, with no change to it
+    // in between: its reconcile schedules the expiry (tokens expiring later than two hours wait
+    // for their hourly resync instead, see `paced`).
+    let soon = h.rename("soon");
+    let expires = (k8s_openapi::jiff::Timestamp::now() + Duration::from_secs(10))
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let expiring: Token = serde_json::from_value(json!({
+        "apiVersion": "aigateway.io/v1alpha1", "kind": "Token",
+        "metadata": {"name": soon, "namespace": acme_ns, "labels": {labels::INSTANCE: h.instance}},
+        "spec": {"owner": "alice", "expiresAt": expires}
+    }))
+    .unwrap();
+    tokens
+        .create(&PostParams::default(), &expiring)
+        .await
+        .unwrap();
+    let before = h.ready(&tokens, &soon).await;
+    assert_eq!(
+        before.status.unwrap().phase,
+        Some(aigw_crds::TokenPhase::Active)
+    );
+    eventually("the token Expired after its expiresAt", || async {
+        let t = tokens.get(&soon).await.unwrap();
+        (t.status?.phase == Some(aigw_crds::TokenPhase::Expired)).then_some(())
+    })
+    .await;
+    tokens
+        .delete(&soon, &DeleteParams::default())
+        .await
+        .unwrap();
+
     // Deletion: token → row and Secret gone; channel → registry and row gone; tenant → rows gone.
     tokens
         .delete(&token_name, &DeleteParams::default())
