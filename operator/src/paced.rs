@@ -12,7 +12,10 @@
 //! and after a re-list) as one pointer per object into the store. Changed objects go first, so a
 //! new Token is not queued behind a start-up sweep of every other one. Instead of a requeue per
 //! object, [`Paced::drive`] queues one slice of the store every [`RESYNC_TICK`], so every object is
-//! looked at again every [`SLICES`] ticks (an hour), spread evenly over the hour.
+//! looked at again every [`SLICES`] ticks (an hour), spread evenly over the hour. A slice is not
+//! queued while a sweep still waits (at start, or when reconciles cannot keep up): the sweep
+//! visits those objects anyway, and a slice pushed on top of it could reach an object whose own
+//! write is still on its way to the store.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -39,11 +42,13 @@ use tokio::sync::Notify;
 /// reconcile keeps every slot busy.
 pub const WINDOW: u64 = 2 * crate::CONCURRENCY as u64;
 
-/// How often one slice of the store is queued again.
-pub const RESYNC_TICK: Duration = Duration::from_mins(1);
+/// How often one slice of the store is queued again: each second, so the resync is a steady
+/// trickle (28 Tokens a second at 100,000) rather than a burst that delays other work.
+pub const RESYNC_TICK: Duration = Duration::from_secs(1);
 
-/// Slices in a full round: every object is reconciled again once every `SLICES × RESYNC_TICK`.
-pub const SLICES: u64 = 60;
+/// Slices in a full round: every object is reconciled again once every `SLICES × RESYNC_TICK`
+/// (an hour).
+pub const SLICES: u64 = 3600;
 
 /// The longest a full window waits without any reconcile starting before it is opened again. An
 /// object let in but deleted before the controller looked it up is never started, so its place
@@ -123,14 +128,23 @@ where
         self.queued.notify_one();
     }
 
-    /// Queues a sweep over `objects`; `replace` drops the sweep still waiting (a complete list
+    /// Queues a sweep over all of `objects`, replacing the sweep still waiting (a complete list
     /// covers it).
-    pub fn sweep(&self, objects: impl IntoIterator<Item = Arc<K>>, replace: bool) {
+    pub fn sweep(&self, objects: Vec<Arc<K>>) {
         let mut w = self.lock();
-        if replace {
-            w.sweep.clear();
+        w.sweep = objects;
+        drop(w);
+        self.queued.notify_one();
+    }
+
+    /// Queues the objects of `objects` in resync slice `round`, unless a sweep still waits.
+    pub fn resync(&self, objects: Vec<Arc<K>>, round: u64) {
+        let mut w = self.lock();
+        if !w.sweep.is_empty() {
+            return;
         }
-        w.sweep.extend(objects);
+        w.sweep
+            .extend(objects.into_iter().filter(|o| slice(&**o) == round));
         drop(w);
         self.queued.notify_one();
     }
@@ -206,7 +220,7 @@ where
             tokio::select! {
                 event = events.next() => match event {
                     Some(Ok(watcher::Event::Apply(obj))) => self.changed(&obj),
-                    Some(Ok(watcher::Event::InitDone)) => self.sweep(store.state(), true),
+                    Some(Ok(watcher::Event::InitDone)) => self.sweep(store.state()),
                     // Deleted objects are gone from the store; the rest of a list is in it.
                     Some(Ok(_)) => {}
                     Some(Err(e)) => tracing::warn!(error = %e, "watch failed; retrying"),
@@ -214,10 +228,7 @@ where
                 },
                 _ = tick.tick() => {
                     round = (round + 1) % SLICES;
-                    self.sweep(
-                        store.state().into_iter().filter(|o| slice(&**o) == round),
-                        false,
-                    );
+                    self.resync(store.state(), round);
                 }
                 () = &mut stop => return,
             }
@@ -229,13 +240,14 @@ where
 /// while the operator runs and spreads objects evenly.
 pub fn slice<K: Resource>(obj: &K) -> u64 {
     let meta = obj.meta();
-    let bytes = meta
-        .namespace
-        .as_deref()
-        .unwrap_or_default()
-        .bytes()
-        .chain([b'/'])
-        .chain(meta.name.as_deref().unwrap_or_default().bytes());
+    slice_of(
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
+fn slice_of(namespace: &str, name: &str) -> u64 {
+    let bytes = namespace.bytes().chain([b'/']).chain(name.bytes());
     let hash = bytes.fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
@@ -271,7 +283,7 @@ mod tests {
             writer.apply_watcher_event(&watcher::Event::Apply(token(&format!("t{i}"))));
         }
         let paced = Paced::<Token>::new();
-        paced.sweep(store.state(), true);
+        paced.sweep(store.state());
         let mut feed = std::pin::pin!(paced.clone().feed(store.clone()));
 
         let mut first = Vec::new();
@@ -329,10 +341,38 @@ mod tests {
     #[test]
     fn slices_spread_objects_over_the_round() {
         let mut counts = vec![0_u32; usize::try_from(SLICES).unwrap()];
-        for i in 0..60_000 {
-            counts[usize::try_from(slice(&token(&format!("token-{i}")))).unwrap()] += 1;
+        for i in 0..SLICES * 1000 {
+            let ns = format!("aigw-tenant-{}", i % 1000);
+            counts[usize::try_from(slice_of(&ns, &format!("token-{i}"))).unwrap()] += 1;
         }
         let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
         assert!(*min > 850 && *max < 1150, "{min}..{max}");
+    }
+
+    #[test]
+    fn a_slice_waits_while_a_sweep_is_still_queued() {
+        let (store, mut writer) = reflector::store::<Token>();
+        for i in 0..20_000 {
+            writer.apply_watcher_event(&watcher::Event::Apply(token(&format!("t{i}"))));
+        }
+        let round = slice(&token("t0"));
+        let in_round = store
+            .state()
+            .iter()
+            .filter(|o| slice(&***o) == round)
+            .count();
+        assert!(in_round > 0);
+        let paced = Paced::<Token>::new();
+        paced.resync(store.state(), round);
+        assert_eq!(paced.lock().sweep.len(), in_round);
+        paced.resync(store.state(), round);
+        assert_eq!(
+            paced.lock().sweep.len(),
+            in_round,
+            "not queued again while one waits"
+        );
+        while paced.next(&store).is_some() {}
+        paced.resync(store.state(), round);
+        assert_eq!(paced.lock().sweep.len(), in_round);
     }
 }
