@@ -76,29 +76,57 @@ pub async fn apply_set<K>(
 where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
-    let live = api
+    let live = list(api, selector).await?;
+    let mut wrote = apply_listed(ctx, api, &live, desired).await?;
+    if prune {
+        wrote += prune_listed(ctx, api, &live, desired).await?;
+    }
+    Ok(wrote)
+}
+
+/// The objects of `api` matching `selector`.
+pub async fn list<K>(api: &Api<K>, selector: &str) -> Result<Vec<K>>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    Ok(api
         .list(&ListParams::default().labels(selector))
         .await?
-        .items;
-    let name_of = |o: &K| o.meta().name.clone().unwrap_or_default();
+        .items)
+}
+
+fn name_of<K: Resource>(o: &K) -> String {
+    o.meta().name.clone().unwrap_or_default()
+}
+
+/// Applies each of `desired` over its copy in `live` (an earlier list). Returns the writes.
+pub async fn apply_listed<K>(ctx: &Ctx, api: &Api<K>, live: &[K], desired: &[K]) -> Result<usize>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
     let mut wrote = 0;
     for want in desired {
         let name = name_of(want);
-        let current = live.iter().find(|l| name_of(l) == name);
+        let current = live.iter().find(|l| name_of(*l) == name);
         if apply_over(ctx, api, &name, want, current).await? {
             wrote += 1;
         }
     }
-    if prune {
-        for obj in &live {
-            let name = name_of(obj);
-            if !desired.iter().any(|d| name_of(d) == name)
-                && obj.meta().deletion_timestamp.is_none()
-            {
-                api.delete(&name, &DeleteParams::background()).await?;
-                ctx.count_write();
-                wrote += 1;
-            }
+    Ok(wrote)
+}
+
+/// Deletes the objects of `live` (an earlier list) that are not in `desired`. Returns the writes.
+pub async fn prune_listed<K>(ctx: &Ctx, api: &Api<K>, live: &[K], desired: &[K]) -> Result<usize>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let mut wrote = 0;
+    for obj in live {
+        let name = name_of(obj);
+        if !desired.iter().any(|d| name_of(d) == name) && obj.meta().deletion_timestamp.is_none() {
+            api.delete(&name, &DeleteParams::background()).await?;
+            ctx.count_write();
+            wrote += 1;
         }
     }
     Ok(wrote)

@@ -22,7 +22,7 @@ use kube::{
 use serde_json::{Value, json};
 
 use crate::{
-    apply::apply_set,
+    apply::{self, apply_set},
     context::Ctx,
     error::{Error, Result},
     higress::{self, COMPONENT, PREFIX, Routable},
@@ -93,16 +93,25 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
         labels::COMPONENT
     );
 
+    // The order is what keeps every route authenticated: ext-auth (and the usage reporter) cover
+    // the route Ingresses by name (`matchRules`), so a route that goes is deleted before the
+    // plugins forget its name, and a new route is created only once the plugins name it (and its
+    // registry exists). The plugins, filters and registries do not depend on each other and are
+    // written at once.
     let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), ns);
-    apply_set(ctx, &ingresses, &selector, &desired.ingresses, true).await?;
+    let live = apply::list(&ingresses, &selector).await?;
+    apply::prune_listed(ctx, &ingresses, &live, &desired.ingresses).await?;
     let plugins: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), ns, &higress::wasm_plugin_resource());
-    apply_set(ctx, &plugins, &selector, &desired.plugins, false).await?;
     let filters: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), ns, &higress::envoy_filter_resource());
-    apply_set(ctx, &filters, &selector, &desired.envoy_filters, true).await?;
-
-    sync_registries(ctx, &desired.registries).await
+    futures::try_join!(
+        apply_set(ctx, &plugins, &selector, &desired.plugins, false),
+        apply_set(ctx, &filters, &selector, &desired.envoy_filters, true),
+        sync_registries(ctx, &desired.registries),
+    )?;
+    apply::apply_listed(ctx, &ingresses, &live, &desired.ingresses).await?;
+    Ok(())
 }
 
 /// Writes our entries of the `higress-https` `ConfigMap` (`crate::tls`): one per domain a tenant of

@@ -380,6 +380,22 @@ async fn examples_reconcile_into_higress_namespaces_status_and_mysql() {
     .await;
     let expected = format!("aigw-{}.dns:443", h.rename("cheap"));
     assert_eq!(fallback.annotations()["higress.io/destination"], expected);
+    // The new route was authenticated from its first moment: ext-auth named it before it was
+    // created. The test bed's apiserver has one etcd, whose revision (`resourceVersion`) orders
+    // every write; nothing changes ext-auth after this route is added.
+    let ext_auth = plugins.get("aigw-ext-auth").await.unwrap();
+    let covered = ext_auth.data["spec"]["matchRules"][0]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n.as_str() == Some(fallback.name_any().as_str()));
+    assert!(covered, "ext-auth covers the new route");
+    let revision = |rv: Option<String>| rv.unwrap().parse::<u64>().unwrap();
+    assert!(
+        revision(ext_auth.metadata.resource_version.clone())
+            < revision(fallback.metadata.resource_version.clone()),
+        "ext-auth named the route before it existed"
+    );
     channels
         .delete(&h.rename("cheap"), &DeleteParams::default())
         .await
