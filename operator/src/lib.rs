@@ -280,8 +280,8 @@ fn token_controller(
         .with_config(controller_config())
         .graceful_shutdown_on(stop)
         .run(
-            move |token, ctx| {
-                started.started();
+            move |token: Arc<Token>, ctx| {
+                started.started(&token);
                 reconcile(token, ctx)
             },
             error_policy,

@@ -7,23 +7,21 @@
 //! largest part of the operator's memory after the objects themselves (`docs/benchmarks.md`).
 //!
 //! Here the watch fills the store as usual, but the controller is fed by [`Paced::feed`], which
-//! lets at most [`WINDOW`] objects in ahead of the reconciles the controller has started. What is
-//! waiting is held cheaply: a changed object as its name in a queue, a complete list (at start,
-//! and after a re-list) as one pointer per object into the store. Changed objects go first, so a
-//! new Token is not queued behind a start-up sweep of every other one. Instead of a requeue per
-//! object, [`Paced::drive`] queues one slice of the store every [`RESYNC_TICK`], so every object is
-//! looked at again every [`SLICES`] ticks (an hour), spread evenly over the hour. A slice is not
-//! queued while a sweep still waits (at start, or when reconciles cannot keep up): the sweep
-//! visits those objects anyway, and a slice pushed on top of it could reach an object whose own
-//! write is still on its way to the store.
+//! keeps at most [`WINDOW`] objects let in whose reconcile has not started yet. What is waiting
+//! is held cheaply: a changed object as its name in a queue, a complete list (at start, and after
+//! a re-list) as one pointer per object into the store (an object that changes while it waits
+//! keeps its older copy alive until then). Changed objects go first, so a new Token is not queued
+//! behind a start-up sweep of every other one. Instead of a requeue per object, [`Paced::drive`]
+//! queues one slice of the store every [`RESYNC_TICK`], so every object is looked at again every
+//! [`SLICES`] ticks (an hour), spread evenly over the hour. While a sweep still waits (at start,
+//! or when reconciles cannot keep up) the due slices are held back and queued together once it
+//! has drained: a slice pushed on top of a sweep could reach an object whose own write is still
+//! on its way to the store.
 
 use std::{
     collections::{HashSet, VecDeque},
     future::Future,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -32,15 +30,15 @@ use kube::{
     Api, Resource,
     runtime::{
         WatchStreamExt,
-        reflector::{ObjectRef, Store, store::Writer},
+        reflector::{ObjectRef, ObjectRefExtra, Store, store::Writer},
         watcher,
     },
 };
 use tokio::sync::Notify;
 
-/// Objects let into the controller ahead of the reconciles it has started: two per concurrent
+/// Objects let into the controller whose reconcile has not started yet: two per concurrent
 /// reconcile keeps every slot busy.
-pub const WINDOW: u64 = 2 * crate::CONCURRENCY as u64;
+pub const WINDOW: usize = 2 * crate::CONCURRENCY as usize;
 
 /// How often one slice of the store is queued again: each second, so the resync is a steady
 /// trickle (28 Tokens a second at 100,000) rather than a burst that delays other work.
@@ -50,18 +48,19 @@ pub const RESYNC_TICK: Duration = Duration::from_secs(1);
 /// (an hour).
 pub const SLICES: u64 = 3600;
 
-/// The longest a full window waits without any reconcile starting before it is opened again. An
-/// object let in but deleted before the controller looked it up is never started, so its place
-/// would otherwise stay taken.
+/// How long a full window waits for a reconcile to start before it checks whether the objects it
+/// let in still exist: one deleted before the controller looked it up is never started.
 pub const STALL: Duration = Duration::from_secs(1);
 
-/// What waits to be let in.
+/// What waits to be let in, and what was let in.
 struct Waiting<K: Resource> {
     /// Objects that changed, oldest first, each once.
     changed: VecDeque<ObjectRef<K>>,
     queued: HashSet<ObjectRef<K>>,
     /// A sweep over (part of) the store, in no particular order.
     sweep: Vec<Arc<K>>,
+    /// Let in, reconcile not started.
+    let_in: HashSet<ObjectRef<K>>,
 }
 
 /// The shared state of one paced controller.
@@ -69,18 +68,22 @@ pub struct Paced<K: Resource> {
     waiting: Mutex<Waiting<K>>,
     /// Something was queued.
     queued: Notify,
-    /// Reconciles started, of any object and for any reason.
-    started: AtomicU64,
     /// A reconcile started.
     progress: Notify,
 }
 
 impl<K: Resource> std::fmt::Debug for Paced<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Paced")
-            .field("started", &self.started.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
+        f.debug_struct("Paced").finish_non_exhaustive()
     }
+}
+
+/// `obj`'s name and namespace, without uid and `resourceVersion` (the scheduler keys by the first
+/// two; the rest would only take memory).
+fn key<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectRef<K> {
+    let mut key = ObjectRef::from_obj(obj);
+    key.extra = ObjectRefExtra::default();
+    key
 }
 
 impl<K> Paced<K>
@@ -99,17 +102,19 @@ where
                 changed: VecDeque::new(),
                 queued: HashSet::new(),
                 sweep: Vec::new(),
+                let_in: HashSet::new(),
             }),
             queued: Notify::new(),
-            started: AtomicU64::new(0),
             progress: Notify::new(),
         })
     }
 
-    /// To be called as each reconcile starts.
-    pub fn started(&self) {
-        self.started.fetch_add(1, Ordering::AcqRel);
-        self.progress.notify_one();
+    /// To be called as each reconcile starts (for any reason: a requeue of an object not let in
+    /// makes no room).
+    pub fn started(&self, obj: &K) {
+        if self.lock().let_in.remove(&key(obj)) {
+            self.progress.notify_one();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting<K>> {
@@ -118,8 +123,7 @@ where
 
     /// Queues an object that changed (once, however often it changes while it waits).
     pub fn changed(&self, obj: &K) {
-        let mut key = ObjectRef::from_obj(obj);
-        key.extra = kube::runtime::reflector::ObjectRefExtra::default();
+        let key = key(obj);
         let mut w = self.lock();
         if w.queued.insert(key.clone()) {
             w.changed.push_back(key);
@@ -131,63 +135,100 @@ where
     /// Queues a sweep over all of `objects`, replacing the sweep still waiting (a complete list
     /// covers it).
     pub fn sweep(&self, objects: Vec<Arc<K>>) {
-        let mut w = self.lock();
-        w.sweep = objects;
-        drop(w);
+        self.lock().sweep = objects;
         self.queued.notify_one();
     }
 
-    /// Queues the objects of `objects` in resync slice `round`, unless a sweep still waits.
-    pub fn resync(&self, objects: Vec<Arc<K>>, round: u64) {
-        let mut w = self.lock();
-        if !w.sweep.is_empty() {
-            return;
+    /// Whether a sweep still waits.
+    fn sweeping(&self) -> bool {
+        !self.lock().sweep.is_empty()
+    }
+
+    /// One resync tick: slice `round` is due, with the `due` slices before it not yet queued.
+    /// Queues them all unless a sweep still waits; returns how many are still due.
+    fn tick(&self, store: &Store<K>, round: u64, due: u64) -> u64 {
+        let due = (due + 1).min(SLICES);
+        if self.sweeping() {
+            return due;
         }
-        w.sweep
-            .extend(objects.into_iter().filter(|o| slice(&**o) == round));
-        drop(w);
+        // Filtered outside the lock: the feed takes it too.
+        let objects: Vec<Arc<K>> = store
+            .state()
+            .into_iter()
+            .filter(|o| (round + SLICES - slice(&**o)) % SLICES < due)
+            .collect();
+        self.lock().sweep.extend(objects);
         self.queued.notify_one();
+        0
     }
 
-    /// The next waiting object the store still has, changed objects first.
+    /// The next waiting object the store still has, changed objects first; it counts as let in.
+    /// `None` when nothing waits or the window is full.
     fn next(&self, store: &Store<K>) -> Option<Arc<K>> {
         let mut w = self.lock();
+        if w.let_in.len() >= WINDOW {
+            return None;
+        }
+        let mut found = None;
         while let Some(key) = w.changed.pop_front() {
             w.queued.remove(&key);
             if let Some(obj) = store.get(&key) {
-                return Some(obj);
+                found = Some(obj);
+                break;
             }
         }
-        while let Some(old) = w.sweep.pop() {
-            if let Some(obj) = store.get(&ObjectRef::from_obj(&*old)) {
-                return Some(obj);
+        if found.is_none() {
+            while let Some(old) = w.sweep.pop() {
+                if let Some(obj) = store.get(&key(&*old)) {
+                    found = Some(obj);
+                    break;
+                }
             }
         }
-        None
+        if let Some(obj) = &found {
+            w.let_in.insert(key(&**obj));
+        }
+        found
     }
 
-    /// The controller's trigger: waiting objects, at most [`WINDOW`] ahead of the reconciles
-    /// started. Never ends.
+    /// Forgets objects let in that the store no longer has (their reconcile never starts).
+    /// Returns whether that made room.
+    fn forget_gone(&self, store: &Store<K>) -> bool {
+        let mut w = self.lock();
+        let before = w.let_in.len();
+        w.let_in.retain(|k| store.get(k).is_some());
+        w.let_in.len() < before
+    }
+
+    fn full(&self) -> bool {
+        self.lock().let_in.len() >= WINDOW
+    }
+
+    /// The controller's trigger: waiting objects, at most [`WINDOW`] let in and not started.
+    /// Never ends.
     pub fn feed(
         self: Arc<Self>,
         store: Store<K>,
     ) -> impl Stream<Item = Result<K, watcher::Error>> + Send {
-        futures::stream::unfold((self, store, 0_u64), |(me, store, mut let_in)| async move {
+        futures::stream::unfold((self, store), |(me, store)| async move {
             loop {
-                // Reconciles started for other reasons (a requeue) do not make room for more.
-                let_in = let_in.max(me.started.load(Ordering::Acquire));
-                if let_in >= me.started.load(Ordering::Acquire) + WINDOW {
+                if me.full() {
+                    // Every slot busy (or hung): wait, whatever the time, unless objects let in
+                    // are gone.
                     if tokio::time::timeout(STALL, me.progress.notified())
                         .await
                         .is_err()
                     {
-                        let_in = me.started.load(Ordering::Acquire);
+                        me.forget_gone(&store);
                     }
                     continue;
                 }
                 if let Some(obj) = me.next(&store) {
-                    let_in += 1;
-                    return Some((Ok((*obj).clone()), (me, store, let_in)));
+                    // The controller keeps only the reference: without uid and resourceVersion.
+                    let mut obj = (*obj).clone();
+                    obj.meta_mut().uid = None;
+                    obj.meta_mut().resource_version = None;
+                    return Some((Ok(obj), (me, store)));
                 }
                 me.queued.notified().await;
             }
@@ -196,7 +237,8 @@ where
 
     /// Runs the watch of `api` into `writer`'s store (objects trimmed by `trim`) and queues what
     /// it sees: each changed object, the whole store after each complete list, and one slice of
-    /// the store every [`RESYNC_TICK`]. Returns when `stop` resolves.
+    /// the store every [`RESYNC_TICK`] (held back while a sweep waits). Returns when `stop`
+    /// resolves.
     pub async fn drive(
         self: Arc<Self>,
         api: Api<K>,
@@ -215,12 +257,16 @@ where
         let mut tick =
             tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_TICK, RESYNC_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut round = 0_u64;
+        let (mut round, mut due) = (0_u64, 0_u64);
         loop {
             tokio::select! {
                 event = events.next() => match event {
                     Some(Ok(watcher::Event::Apply(obj))) => self.changed(&obj),
-                    Some(Ok(watcher::Event::InitDone)) => self.sweep(store.state()),
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        // Everything is swept: no slice is due any more.
+                        due = 0;
+                        self.sweep(store.state());
+                    }
                     // Deleted objects are gone from the store; the rest of a list is in it.
                     Some(Ok(_)) => {}
                     Some(Err(e)) => tracing::warn!(error = %e, "watch failed; retrying"),
@@ -228,7 +274,7 @@ where
                 },
                 _ = tick.tick() => {
                     round = (round + 1) % SLICES;
-                    self.resync(store.state(), round);
+                    due = self.tick(&store, round, due);
                 }
                 () = &mut stop => return,
             }
@@ -277,7 +323,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn lets_in_a_window_ahead_of_the_reconciles_and_changed_objects_first() {
+    async fn lets_in_a_window_of_objects_not_started_and_changed_objects_first() {
         let (store, mut writer) = reflector::store::<Token>();
         for i in 0..200 {
             writer.apply_watcher_event(&watcher::Event::Apply(token(&format!("t{i}"))));
@@ -288,17 +334,24 @@ mod tests {
 
         let mut first = Vec::new();
         while let Some(Some(item)) = feed.next().now_or_never() {
-            first.push(item);
+            first.push(item.unwrap());
         }
-        assert_eq!(first.len() as u64, WINDOW, "a full window, then nothing");
+        assert_eq!(first.len(), WINDOW, "a full window, then nothing");
+        assert!(
+            first[0].metadata.uid.is_none() && first[0].metadata.resource_version.is_none(),
+            "the controller's reference is lean"
+        );
 
         // A changed object waits for room, then goes before the rest of the sweep.
         writer.apply_watcher_event(&watcher::Event::Apply(token("fresh")));
         paced.changed(&token("fresh"));
         paced.changed(&token("fresh"));
         assert!(feed.next().now_or_never().is_none());
-        paced.started();
-        paced.started();
+        // A reconcile of an object not let in (a requeue) makes no room.
+        paced.started(&token("t-requeued"));
+        assert!(feed.next().now_or_never().is_none());
+        paced.started(&first[0]);
+        paced.started(&first[1]);
         let next: Vec<_> = (0..2)
             .map(|_| feed.next().now_or_never().flatten().unwrap())
             .collect();
@@ -310,28 +363,38 @@ mod tests {
         );
         assert!(feed.next().now_or_never().is_none());
 
-        // Nothing starts for longer than STALL (objects let in were deleted): the window opens.
+        // Reconciles that never start (hung): the window stays shut, however long.
+        let hung = tokio::time::timeout(STALL * 30, feed.next()).await;
+        assert!(hung.is_err(), "nothing let in while every slot hangs");
+
+        // An object let in but deleted before the controller looked it up never starts: its
+        // place is freed after STALL.
+        let deleted = first[2].metadata.name.clone().unwrap();
+        writer.apply_watcher_event(&watcher::Event::Delete(token(&deleted)));
         let waited = tokio::time::Instant::now();
         let more = feed.next().await.unwrap();
         assert!(more.is_ok());
         assert!(waited.elapsed() >= STALL);
 
-        // An object gone from the store is skipped, not let in.
+        // An object gone from the store while it waits is skipped, not let in.
         let all: HashSet<String> = (0..200).map(|i| format!("t{i}")).collect();
-        let mut seen: HashSet<String> = names(&first).into_iter().collect();
+        let mut seen: HashSet<String> = first
+            .iter()
+            .map(|t| t.metadata.name.clone().unwrap())
+            .collect();
         seen.extend(names(&next[1..]));
         seen.extend(names(&[more]));
-        assert_eq!(
-            seen.len() as u64,
-            WINDOW + 2,
-            "each object of the sweep once"
-        );
+        assert_eq!(seen.len(), WINDOW + 2, "each object of the sweep once");
         let gone = all.difference(&seen).next().unwrap().clone();
         writer.apply_watcher_event(&watcher::Event::Delete(token(&gone)));
+        for t in &first {
+            paced.started(t);
+        }
+        paced.started(&token("fresh"));
         let mut rest = Vec::new();
         while let Some(Some(item)) = feed.next().now_or_never() {
+            paced.started(item.as_ref().unwrap());
             rest.push(item);
-            paced.started();
         }
         let rest = names(&rest);
         assert_eq!(rest.len(), 200 - seen.len() - 1);
@@ -350,29 +413,29 @@ mod tests {
     }
 
     #[test]
-    fn a_slice_waits_while_a_sweep_is_still_queued() {
+    fn slices_due_while_a_sweep_waits_are_queued_once_it_has_drained() {
         let (store, mut writer) = reflector::store::<Token>();
         for i in 0..20_000 {
             writer.apply_watcher_event(&watcher::Event::Apply(token(&format!("t{i}"))));
         }
-        let round = slice(&token("t0"));
-        let in_round = store
-            .state()
-            .iter()
-            .filter(|o| slice(&***o) == round)
-            .count();
-        assert!(in_round > 0);
+        let in_slice = |r: u64| store.state().iter().filter(|o| slice(&***o) == r).count();
         let paced = Paced::<Token>::new();
-        paced.resync(store.state(), round);
-        assert_eq!(paced.lock().sweep.len(), in_round);
-        paced.resync(store.state(), round);
-        assert_eq!(
-            paced.lock().sweep.len(),
-            in_round,
-            "not queued again while one waits"
-        );
-        while paced.next(&store).is_some() {}
-        paced.resync(store.state(), round);
-        assert_eq!(paced.lock().sweep.len(), in_round);
+        let round = slice(&token("t0"));
+        let r = |d: u64| (round + d) % SLICES;
+        assert_eq!(paced.tick(&store, round, 0), 0);
+        assert_eq!(paced.lock().sweep.len(), in_slice(round));
+        // The sweep still waits: the next two slices are held back, not lost.
+        assert_eq!(paced.tick(&store, r(1), 0), 1);
+        assert_eq!(paced.tick(&store, r(2), 1), 2);
+        assert_eq!(paced.lock().sweep.len(), in_slice(round));
+        paced.lock().sweep.clear();
+        assert_eq!(paced.tick(&store, r(3), 2), 0);
+        let held: usize = (1..=3).map(|d| in_slice(r(d))).sum();
+        assert!(held > 0);
+        assert_eq!(paced.lock().sweep.len(), held);
+        // Held back for a whole round: everything.
+        paced.lock().sweep.clear();
+        assert_eq!(paced.tick(&store, 7, SLICES + 5), 0);
+        assert_eq!(paced.lock().sweep.len(), 20_000);
     }
 }
