@@ -780,6 +780,17 @@ fn plugins(
 /// The whole desired Higress configuration. `channels` must be the enabled channels whose keys
 /// could be read, in any order.
 pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
+    build_naming(channels, config, &[])
+}
+
+/// [`build`], with the Ingress-scoped plugin rules (ext-auth, credential-strip, the usage
+/// reporter) also naming the route Ingresses among `leaving`: what the sync writes before it
+/// deletes those routes, so no route is ever live without ext-auth.
+pub fn build_naming(
+    channels: &[Routable<'_>],
+    config: &Config,
+    leaving: &[String],
+) -> Result<Desired> {
     let mut channels: Vec<&Routable<'_>> = channels.iter().collect();
     channels.sort_by_key(|r| r.channel.name_any());
     let with_endpoint: Vec<(&Routable<'_>, Endpoint)> = channels
@@ -803,7 +814,13 @@ pub fn build(channels: &[Routable<'_>], config: &Config) -> Result<Desired> {
             envoy_filters.push(fallback_filter(&route, config)?);
         }
     }
-    let route_names: Vec<String> = ingresses[1..].iter().map(ResourceExt::name_any).collect();
+    let mut route_names: Vec<String> = ingresses[1..].iter().map(ResourceExt::name_any).collect();
+    let route_prefix = format!("{PREFIX}route-");
+    for name in leaving {
+        if name.starts_with(&route_prefix) && !route_names.contains(name) {
+            route_names.push(name.clone());
+        }
+    }
     ingresses.push(models_ingress(config)?);
     ingresses.extend(internal_ingresses(config)?);
 

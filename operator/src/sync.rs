@@ -93,24 +93,48 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
         labels::COMPONENT
     );
 
-    // The order is what keeps every route authenticated: ext-auth (and the usage reporter) cover
-    // the route Ingresses by name (`matchRules`), so a route that goes is deleted before the
-    // plugins forget its name, and a new route is created only once the plugins name it (and its
-    // registry exists). The plugins, filters and registries do not depend on each other and are
-    // written at once.
+    // The order keeps every route authenticated and routable. ext-auth, credential-strip and the
+    // usage reporter cover route Ingresses by name (`matchRules`); routes name registries; a
+    // fallback EnvoyFilter redirects to its route's fallback Ingress. So: first the plugins naming
+    // the routes that stay, come or go, and the new registries (none removed yet); then the
+    // routes, with the filters written after the Ingresses they redirect to and removed before
+    // them; last, what only the routes that went needed. A new route never exists before ext-auth
+    // names it, and a renamed route's models always have a route.
     let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), ns);
-    let live = apply::list(&ingresses, &selector).await?;
-    apply::prune_listed(ctx, &ingresses, &live, &desired.ingresses).await?;
     let plugins: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), ns, &higress::wasm_plugin_resource());
     let filters: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), ns, &higress::envoy_filter_resource());
-    futures::try_join!(
-        apply_set(ctx, &plugins, &selector, &desired.plugins, false),
-        apply_set(ctx, &filters, &selector, &desired.envoy_filters, true),
-        sync_registries(ctx, &desired.registries),
+    let (live, live_filters) = futures::try_join!(
+        apply::list(&ingresses, &selector),
+        apply::list(&filters, &selector)
     )?;
+    let leaving: Vec<String> = live
+        .iter()
+        .map(ResourceExt::name_any)
+        .filter(|n| !desired.ingresses.iter().any(|d| &d.name_any() == n))
+        .collect();
+    let plugins_first = if leaving.is_empty() {
+        desired.plugins.clone()
+    } else {
+        higress::build_naming(&routable, &ctx.config, &leaving)?.plugins
+    };
+    let (_, registries_leaving) = futures::try_join!(
+        apply_set(ctx, &plugins, &selector, &plugins_first, false),
+        sync_registries(ctx, &desired.registries, true),
+    )?;
+
     apply::apply_listed(ctx, &ingresses, &live, &desired.ingresses).await?;
+    apply::apply_listed(ctx, &filters, &live_filters, &desired.envoy_filters).await?;
+    apply::prune_listed(ctx, &filters, &live_filters, &desired.envoy_filters).await?;
+    apply::prune_listed(ctx, &ingresses, &live, &desired.ingresses).await?;
+
+    if !leaving.is_empty() {
+        apply_set(ctx, &plugins, &selector, &desired.plugins, false).await?;
+    }
+    if registries_leaving {
+        sync_registries(ctx, &desired.registries, false).await?;
+    }
     Ok(())
 }
 
@@ -266,8 +290,10 @@ fn digest<'a>(parts: impl IntoIterator<Item = &'a str>) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Puts our registries into McpBridge `default`, leaving every other registry as it is.
-pub async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
+/// Puts our registries into McpBridge `default`, leaving every other registry as it is. With
+/// `keep_leaving`, ours that are no longer wanted stay too (routes may still name them), and the
+/// result says whether there were any; without it they go.
+pub async fn sync_registries(ctx: &Ctx, ours: &[Value], keep_leaving: bool) -> Result<bool> {
     const ATTEMPTS: u32 = 8;
     let ns = ctx.config.higress_namespace.as_str();
     let api: Api<DynamicObject> =
@@ -275,7 +301,7 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
     for attempt in 0..ATTEMPTS {
         let Some(mut bridge) = api.get_opt("default").await? else {
             if ours.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             let ar = higress::mcp_bridge_resource();
             let new: DynamicObject = serde_json::from_value(json!({
@@ -286,7 +312,7 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
             match api.create(&PostParams::default(), &new).await {
                 Ok(_) => {
                     ctx.count_write();
-                    return Ok(());
+                    return Ok(false);
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => continue,
                 Err(e) => return Err(e.into()),
@@ -297,15 +323,26 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
             .cloned()
             .unwrap_or_default();
         let is_ours = |r: &Value| r["name"].as_str().is_some_and(|n| n.starts_with(PREFIX));
+        // Ours that are no longer wanted: kept for now with `keep_leaving`.
+        let leaving: Vec<Value> = current
+            .iter()
+            .filter(|r| is_ours(r) && !ours.iter().any(|o| o["name"] == r["name"]))
+            .cloned()
+            .collect();
+        let mut mine: Vec<Value> = ours.to_vec();
+        if keep_leaving {
+            mine.extend(leaving.iter().cloned());
+        }
+        let kept = keep_leaving && !leaving.is_empty();
         let mut wanted: Vec<Value> = current.iter().filter(|r| !is_ours(r)).cloned().collect();
-        wanted.extend(ours.iter().cloned());
+        wanted.extend(mine.iter().cloned());
         let mine_now: Vec<&Value> = current.iter().filter(|r| is_ours(r)).collect();
-        let same = mine_now.len() == ours.len()
-            && ours
+        let same = mine_now.len() == mine.len()
+            && mine
                 .iter()
                 .all(|o| mine_now.iter().any(|m| crate::apply::contains(m, o)));
         if same {
-            return Ok(());
+            return Ok(kept);
         }
         bridge.data["spec"]["registries"] = Value::Array(wanted);
         // `replace` sends our resourceVersion: a concurrent write makes it fail with 409.
@@ -315,7 +352,7 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value]) -> Result<()> {
         {
             Ok(_) => {
                 ctx.count_write();
-                return Ok(());
+                return Ok(kept);
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 tracing::debug!("McpBridge changed under us; re-reading");

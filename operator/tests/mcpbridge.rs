@@ -87,7 +87,7 @@ async fn concurrent_writers_lose_nothing() {
         ours = (0..=i % 4)
             .map(|j| registry(&format!("aigw-ch{j}-{i}")))
             .collect();
-        sync_registries(&ctx, &ours).await.unwrap();
+        sync_registries(&ctx, &ours, false).await.unwrap();
     }
     let console_conflicts = console.await.unwrap();
 

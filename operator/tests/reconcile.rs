@@ -418,6 +418,98 @@ async fn examples_reconcile_into_higress_namespaces_status_and_mysql() {
     })
     .await;
 
+    // A regrouping renames routes: a channel serving only gpt-4o splits the {gpt-4o,
+    // gpt-4o-mini} route in two. The new routes exist before the old one goes, so those models
+    // always have a route; and when the channel goes, the merged route is back before the split
+    // ones go.
+    let route_names = |list: &[Ingress]| -> std::collections::BTreeSet<String> {
+        list.iter()
+            .map(ResourceExt::name_any)
+            .filter(|n| n.starts_with("aigw-route-") && !n.ends_with("-fallback"))
+            .collect()
+    };
+    let listed = ingresses.list(&ListParams::default()).await.unwrap();
+    let before = route_names(&listed.items);
+    let events = ingresses
+        .watch(
+            &kube::api::WatchParams::default(),
+            listed.metadata.resource_version.as_deref().unwrap(),
+        )
+        .await
+        .unwrap();
+    let solo: Channel = serde_json::from_value(json!({
+        "apiVersion": "aigateway.io/v1alpha1", "kind": "Channel",
+        "metadata": {"name": h.rename("solo"), "labels": {labels::INSTANCE: h.instance}},
+        "spec": {"provider": "openai", "baseUrl": "https://solo.example/v1",
+                 "credentials": {"name": h.rename("openai-keys"), "namespace": "aigw-system", "key": "apiKeys"},
+                 "models": ["gpt-4o"]}
+    }))
+    .unwrap();
+    channels
+        .create(&PostParams::default(), &solo)
+        .await
+        .unwrap();
+    let split = eventually("the split routes", || async {
+        let now = route_names(&ingresses.list(&ListParams::default()).await.unwrap().items);
+        (now.len() == before.len() + 1 && before.difference(&now).count() == 1).then_some(now)
+    })
+    .await;
+    channels
+        .delete(&h.rename("solo"), &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the merged route back", || async {
+        let now = route_names(&ingresses.list(&ListParams::default()).await.unwrap().items);
+        (now == before).then_some(())
+    })
+    .await;
+    // Every route event, in etcd order: a name is never missing between its group's routes.
+    let mut order = Vec::new();
+    let mut events = std::pin::pin!(events);
+    while let Ok(Some(event)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        futures::StreamExt::next(&mut events),
+    )
+    .await
+    {
+        match event.unwrap() {
+            kube::api::WatchEvent::Added(i) => order.push(("added", i.name_any())),
+            kube::api::WatchEvent::Deleted(i) => order.push(("deleted", i.name_any())),
+            _ => {}
+        }
+    }
+    let at = |kind: &str, name: &String| {
+        order
+            .iter()
+            .position(|(k, n)| *k == kind && n == name)
+            .unwrap_or_else(|| panic!("no {kind} event for {name}: {order:?}"))
+    };
+    let merged: Vec<&String> = before.difference(&split).collect();
+    let parts: Vec<&String> = split.difference(&before).collect();
+    assert_eq!(
+        (merged.len(), parts.len()),
+        (1, 2),
+        "{before:?} → {split:?}"
+    );
+    for part in &parts {
+        assert!(
+            at("added", part) < at("deleted", merged[0]),
+            "split: {part} before {} goes: {order:?}",
+            merged[0]
+        );
+    }
+    let back = order
+        .iter()
+        .rposition(|(k, n)| *k == "added" && n == merged[0])
+        .unwrap();
+    for part in &parts {
+        assert!(
+            back < at("deleted", part),
+            "merge: {} back before {part} goes: {order:?}",
+            merged[0]
+        );
+    }
+
     let mut bridge = h.bridge_api().get("default").await.unwrap();
     bridge.data["spec"]["registries"].as_array_mut().unwrap().push(json!({"name": "console-local", "type": "dns", "domain": "llm.internal.example", "port": 443, "protocol": "https"}));
     h.bridge_api()
