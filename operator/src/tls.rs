@@ -8,7 +8,8 @@
 //! all tenants. The `ConfigMap` is shared with the Higress console: only entries whose Secret name
 //! starts with [`SECRET_PREFIX`] are ours; every other entry and setting is kept.
 //!
-//! - `secret` mode: the certificate is a Secret `aigw-tls-<domain>` in the tenant's namespace,
+//! - `secret` mode: the certificate is a Secret [`secret_name`] (`aigw-tls-<domain>`, `aigw-tls--<base>`
+//!   for `*.<base>`) in the tenant's namespace,
 //!   written by cert-manager (or by platform staff) — Higress serves it, nothing else is asked of
 //!   Higress.
 //! - `acme` mode: Higress issues the certificate itself and stores it in `aigw-tls-<domain>` in the
@@ -16,6 +17,7 @@
 //! - `off`: our entries are removed.
 
 use serde_json::{Value, json};
+use sha2::Digest;
 
 use crate::error::{Error, Result};
 
@@ -46,14 +48,26 @@ pub struct Settings {
     pub acme_email: String,
 }
 
-/// The Secret name for `domain`: `aigw-tls-` + the domain with `.` → `-` and `*` → `wildcard`.
+/// The Secret name for `domain`. Never the same for two domains: in `acme` mode every tenant's
+/// certificate Secret is in the Higress namespace, so a shared name would let one tenant's claim
+/// have Higress overwrite another tenant's certificate (an earlier rule, `.` → `-`, gave
+/// `a-b.example` and `a.b-example` one name).
+/// - `api.acme.example` → `aigw-tls-api.acme.example` (a Secret name may hold dots);
+/// - `*.acme.example` → `aigw-tls--acme.example` (no domain label starts with `-`);
+/// - a name that would pass the kube-apiserver's 253 characters → `aigw-tls-h-` + the domain's
+///   SHA-256 in hex (one label, and every domain has two or more).
 pub fn secret_name(domain: &str) -> String {
+    let domain = domain.to_ascii_lowercase();
+    let name = match domain.strip_prefix("*.") {
+        Some(base) => format!("{SECRET_PREFIX}-{base}"),
+        None => format!("{SECRET_PREFIX}{domain}"),
+    };
+    if name.len() <= 253 {
+        return name;
+    }
     format!(
-        "{SECRET_PREFIX}{}",
-        domain
-            .to_ascii_lowercase()
-            .replace('*', "wildcard")
-            .replace('.', "-")
+        "{SECRET_PREFIX}h-{}",
+        hex::encode(sha2::Sha256::digest(domain.as_bytes()))
     )
 }
 
@@ -240,10 +254,50 @@ mod tests {
             merged["credentialConfig"],
             json!([
                 {"domains": ["console.example"], "tlsSecret": "higress-system/console-cert"},
-                {"domains": ["*.acme.example"], "tlsSecret": "aigw-acme/aigw-tls-wildcard-acme-example"},
-                {"domains": ["api.acme.example"], "tlsSecret": "aigw-acme/aigw-tls-api-acme-example"},
+                {"domains": ["*.acme.example"], "tlsSecret": "aigw-acme/aigw-tls--acme.example"},
+                {"domains": ["api.acme.example"], "tlsSecret": "aigw-acme/aigw-tls-api.acme.example"},
             ])
         );
+    }
+
+    /// Two tenants' domains never share a Secret name (in `acme` mode all are in one namespace),
+    /// and every name is one the kube-apiserver accepts.
+    #[test]
+    fn secret_names_are_distinct_and_valid() {
+        let long = format!("{}.example", vec!["a".repeat(63); 3].join("."));
+        assert_eq!(long.len(), 199);
+        let longest = format!("{0}.{0}.{1}.{1}.example", "b".repeat(61), "b".repeat(60));
+        assert_eq!(longest.len(), 253);
+        let domains = [
+            "a-b.example.com",
+            "a.b-example.com",
+            "a.b.example.com",
+            "*.example.com",
+            "wildcard.example.com",
+            long.as_str(),
+            longest.as_str(),
+            "*.b.example.com",
+            "h-0.example",
+        ];
+        let label = |l: &str| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        let mut seen = std::collections::HashSet::new();
+        for d in domains {
+            let name = secret_name(d);
+            assert!(seen.insert(name.clone()), "{d} shares {name}");
+            assert!(name.starts_with(SECRET_PREFIX), "{name}");
+            assert!(name.len() <= 253, "{name}");
+            assert!(name.split('.').all(label), "{d} → {name}");
+        }
+        assert_eq!(secret_name("api.acme.example"), "aigw-tls-api.acme.example");
+        assert_eq!(secret_name("*.acme.example"), "aigw-tls--acme.example");
+        assert!(secret_name(&longest).starts_with("aigw-tls-h-"));
+        assert_eq!(secret_name(&long), format!("aigw-tls-{long}"));
     }
 
     #[test]
@@ -265,7 +319,7 @@ mod tests {
             [(
                 "api.a.example".to_owned(),
                 json!({"domains": ["api.a.example"], "tlsIssuer": "letsencrypt",
-                    "tlsSecret": "higress-system/aigw-tls-api-a-example"})
+                    "tlsSecret": "higress-system/aigw-tls-api.a.example"})
             )]
         );
         assert!(merge(None, ours.clone(), &settings, CONFIGMAP_LIMIT).is_err());
