@@ -149,15 +149,25 @@ where
 }
 
 /// Drops what no reconcile reads from an object kept in a store: `managedFields` (most of an
-/// object's size), annotations (`kubectl apply` keeps a whole copy of the object there) and labels
+/// object's size), annotations (`kubectl apply` keeps a whole copy of the object there), labels
 /// (the watch already selects this instance's objects; a label map is a 600-byte tree node per
-/// object, a quarter of a stored Token: see `docs/benchmarks.md`). Reconciles write status and
-/// finalizers with patches, never the stored object whole, so nothing is lost on the server.
+/// object, a quarter of a stored Token: see `docs/benchmarks.md`) and `resourceVersion` (kept
+/// twice, in the object and in the store's key; the watch keeps its own). Reconciles write status
+/// and finalizers with patches that send no `resourceVersion`, never the stored object whole, so
+/// nothing is lost on the server.
 fn trim<K: Resource>(o: &mut K) {
     let meta = o.meta_mut();
     meta.managed_fields = None;
     meta.annotations = None;
     meta.labels = None;
+    meta.resource_version = None;
+}
+
+/// [`trim`], and for a Token also its uid (kept twice as well): only the owner reference of a
+/// generated key's Secret needs it, and that reconcile reads the Token (`token.rs`).
+fn trim_token(o: &mut Token) {
+    trim(o);
+    o.metadata.uid = None;
 }
 
 /// A watch of `K` whose objects are kept in `writer`'s store [trimmed](trim), as the trigger
@@ -188,13 +198,12 @@ where
             }
         })
         .applied_objects()
-        // The controller keys its queue by the object's name and namespace; without uid and
-        // resourceVersion its queued references hold two strings each instead of four (every
-        // object is queued at once at start). The store's copy above keeps them.
+        // The controller keys its queue by the object's name and namespace; without the uid its
+        // queued references hold two strings each instead of three (every object is queued at
+        // once at start). The store's copy above keeps it (`trim` already dropped the
+        // resourceVersion).
         .map_ok(|mut o| {
-            let meta = o.meta_mut();
-            meta.uid = None;
-            meta.resource_version = None;
+            o.meta_mut().uid = None;
             o
         })
 }
@@ -271,7 +280,7 @@ fn token_controller(
         Api::<Token>::all(ctx.client.clone()),
         cfg,
         writer,
-        trim,
+        trim_token,
         stop.clone(),
     ));
     let mut reconcile = reconciler("token", token::reconcile);

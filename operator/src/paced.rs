@@ -117,6 +117,13 @@ where
         }
     }
 
+    /// An object was deleted: if it was let in and not started, its place is free again.
+    pub fn deleted(&self, obj: &K) {
+        if self.lock().let_in.remove(&key(obj)) {
+            self.progress.notify_one();
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting<K>> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -267,7 +274,9 @@ where
                         due = 0;
                         self.sweep(store.state());
                     }
-                    // Deleted objects are gone from the store; the rest of a list is in it.
+                    // Gone from the store: if it was let in, its reconcile never starts.
+                    Some(Ok(watcher::Event::Delete(obj))) => self.deleted(&obj),
+                    // The rest of a list is in the store, and swept at its end.
                     Some(Ok(_)) => {}
                     Some(Err(e)) => tracing::warn!(error = %e, "watch failed; retrying"),
                     None => return,
@@ -367,8 +376,13 @@ mod tests {
         let hung = tokio::time::timeout(STALL * 30, feed.next()).await;
         assert!(hung.is_err(), "nothing let in while every slot hangs");
 
-        // An object let in but deleted before the controller looked it up never starts: its
-        // place is freed after STALL.
+        // An object let in but deleted before the controller looked it up never starts: the
+        // watch's delete event frees its place at once, and if that was missed, STALL does.
+        let deleted = first[3].metadata.name.clone().unwrap();
+        writer.apply_watcher_event(&watcher::Event::Delete(token(&deleted)));
+        paced.deleted(&token(&deleted));
+        let reclaimed = feed.next().now_or_never().flatten().unwrap();
+        assert!(reclaimed.is_ok());
         let deleted = first[2].metadata.name.clone().unwrap();
         writer.apply_watcher_event(&watcher::Event::Delete(token(&deleted)));
         let waited = tokio::time::Instant::now();
@@ -383,8 +397,8 @@ mod tests {
             .map(|t| t.metadata.name.clone().unwrap())
             .collect();
         seen.extend(names(&next[1..]));
-        seen.extend(names(&[more]));
-        assert_eq!(seen.len(), WINDOW + 2, "each object of the sweep once");
+        seen.extend(names(&[reclaimed, more]));
+        assert_eq!(seen.len(), WINDOW + 3, "each object of the sweep once");
         let gone = all.difference(&seen).next().unwrap().clone();
         writer.apply_watcher_event(&watcher::Event::Delete(token(&gone)));
         for t in &first {

@@ -271,9 +271,15 @@ async fn ensure_key_secret(ctx: &Ctx, token: &Token, ns: &str) -> Result<String>
         });
     }
     let key = keys::generate_api_key();
-    let owner = token
-        .controller_owner_ref(&())
-        .ok_or(Error::Missing("metadata.uid"))?;
+    // The store's Token has no uid (`trim_token`): the owner reference takes it from the server.
+    let owner = match token.controller_owner_ref(&()) {
+        Some(owner) => owner,
+        None => Api::<Token>::namespaced(ctx.client.clone(), ns)
+            .get(&token.name_any())
+            .await?
+            .controller_owner_ref(&())
+            .ok_or(Error::Missing("metadata.uid"))?,
+    };
     let mut secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": ns, "ownerReferences": [owner],
                      "labels": {labels::MANAGED_BY: MANAGED_BY}},
