@@ -176,15 +176,24 @@ async fn main() {
         .collect();
     println!("worker time by step: {}", shares.join(", "));
 
+    let before_waves = aigw_testkit::process::http_get(worker.ops_addr, "/metrics")
+        .unwrap()
+        .1;
     // Latency: 60 waves of 500 events, one every 250 ms (2,000 events/s), produce → visible.
     let waves = 60usize;
     let mut sent_at = Vec::new();
+    let mut produce_ms = Vec::new();
     let mut visible_at: Vec<Option<Instant>> = vec![None; waves];
+    // The producer's own start (metadata, and the idempotent producer's id from the broker) took
+    // ~500 ms of the first wave in every run: one event ahead of the waves pays it, as a running
+    // ingest's long-lived producer has. Its id (`…-ahead-0`) has no "-w", so the waves' query skips it.
     let producer = bed.producer();
+    bed.produce_with(&producer, &events("ahead", 1)).await;
     for w in 0..waves {
         let batch = events(&format!("w{w}"), 500);
         let at = Instant::now();
         bed.produce_with(&producer, &batch).await;
+        produce_ms.push(at.elapsed().as_secs_f64() * 1000.0);
         sent_at.push(at);
         let next = at + Duration::from_millis(250);
         loop {
@@ -210,6 +219,76 @@ async fn main() {
                 * 1000.0
         })
         .collect();
+    // The slow waves, in order: which one, and what the worker logged around it (its stderr is
+    // this bench's) is what tells a cause apart from noise.
+    let median = {
+        let mut sorted = lat.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
+    };
+    let slow: Vec<String> = lat
+        .iter()
+        .enumerate()
+        .filter(|(_, ms)| **ms > 2.0 * median)
+        .map(|(w, ms)| format!("w{w} {ms:.0} ms (produce {:.0} ms)", produce_ms[w]))
+        .collect();
+    println!(
+        "waves slower than twice the median ({median:.0} ms): {}",
+        if slow.is_empty() {
+            "none".to_owned()
+        } else {
+            slow.join(", ")
+        }
+    );
+    let after = aigw_testkit::process::http_get(worker.ops_addr, "/metrics")
+        .unwrap()
+        .1;
+    // Per step, during the waves only: batches, and how many of them took over 100 ms.
+    let slow_steps = |text: &str| -> std::collections::BTreeMap<String, (f64, f64)> {
+        let mut out = std::collections::BTreeMap::new();
+        for l in text.lines() {
+            let Some(rest) = l.strip_prefix("aigw_billing_worker_step_seconds_bucket{") else {
+                continue;
+            };
+            let step = rest
+                .split("step=\"")
+                .nth(1)
+                .and_then(|t| t.split('"').next())
+                .unwrap_or("?")
+                .to_owned();
+            let n: f64 = l
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            let e: &mut (f64, f64) = out.entry(step).or_default();
+            if l.contains("le=\"+Inf\"") {
+                e.0 = n;
+            } else if l.contains("le=\"0.1\"") {
+                e.1 = n;
+            }
+        }
+        out
+    };
+    let (b, a) = (slow_steps(&before_waves), slow_steps(&after));
+    let lines: Vec<String> = a
+        .iter()
+        .map(|(step, (all, fast))| {
+            let (all0, fast0) = b.get(step).copied().unwrap_or_default();
+            format!(
+                "{step} {} ({} > 100 ms)",
+                all - all0,
+                (all - fast) - (all0 - fast0)
+            )
+        })
+        .collect();
+    println!("during the waves, batches by step: {}", lines.join(", "));
+    for line in after
+        .lines()
+        .filter(|l| l.starts_with("aigw_billing_worker_batch_errors_total"))
+    {
+        println!("  {line}");
+    }
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
     println!(
