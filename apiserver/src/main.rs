@@ -18,6 +18,9 @@ use aigw_common::{OpsArgs, init_tracing, ops, probe, shutdown::Shutdown};
 use clap::{Parser, ValueEnum};
 use prometheus_client::registry::Registry;
 
+#[global_allocator]
+static GLOBAL: aigw_apiserver::Allocator = aigw_apiserver::Allocator;
+
 /// AIGateway REST API, identity provider and authorisation endpoint.
 #[derive(Debug, Parser)]
 #[command(
