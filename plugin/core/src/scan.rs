@@ -11,7 +11,9 @@
 //! (Gemini's non-SSE stream), or one SSE event's data — and is handed to the caller then.
 //!
 //! Most bytes of a response are inside strings nobody captures, or inside keys; both are crossed
-//! a word at a time ([`find2`]), not byte by byte.
+//! a word at a time ([`find2`]), not byte by byte. A container no capture can be under (an element
+//! of `choices`) is crossed counting only brackets and string boundaries, and the rest of a number
+//! or literal nobody captures in one step.
 
 /// Largest captured value; a larger one is dropped (and reported as oversized).
 pub const MAX_CAPTURE: usize = 16 * 1024;
@@ -57,6 +59,14 @@ pub fn find2(hay: &[u8], a: u8, b: u8) -> Option<usize> {
         .iter()
         .position(|&c| c == a || c == b)
         .map(|p| at + p)
+}
+
+/// A byte that continues a number or literal: anything but JSON's structure and whitespace.
+fn is_scalar_byte(c: u8) -> bool {
+    !matches!(
+        c,
+        b'"' | b'{' | b'}' | b'[' | b']' | b':' | b',' | b' ' | b'\t' | b'\r' | b'\n'
+    )
 }
 
 /// The values one document captured, by slot.
@@ -163,6 +173,9 @@ pub struct Scanner {
     stack: Vec<Frame>,
     /// Levels beyond `MAX_DEPTH`.
     overflow: usize,
+    /// Open containers of a value no capture can be under (e.g. `choices[0]`), being crossed
+    /// without tracking keys: its bytes change nothing but this count and the string state.
+    skip: usize,
     string: Str,
     escape: bool,
     /// Inside a scalar (number/true/false/null) that is not being captured.
@@ -185,6 +198,7 @@ impl Scanner {
         Self {
             stack: Vec::new(),
             overflow: 0,
+            skip: 0,
             string: Str::No,
             escape: false,
             active: None,
@@ -201,6 +215,7 @@ impl Scanner {
     pub fn reset(&mut self) {
         self.stack.clear();
         self.overflow = 0;
+        self.skip = 0;
         self.string = Str::No;
         self.escape = false;
         self.active = None;
@@ -357,6 +372,10 @@ impl Scanner {
     pub fn feed(&mut self, chunk: &[u8], on_document: &mut impl FnMut(Document<'_>)) {
         let mut i = 0;
         while i < chunk.len() {
+            if self.skip > 0 {
+                i += self.skip_bytes(&chunk[i..]);
+                continue;
+            }
             // Fast path: the inside of a string (most of a response's bytes: keys, generated
             // text, base64, encrypted reasoning) is crossed up to its next quote or backslash in
             // one step; a key is remembered and a captured value copied as one slice.
@@ -375,15 +394,64 @@ impl Scanner {
                     }
                 }
             }
-            self.byte(chunk[i], on_document);
+            let b = chunk[i];
             i += 1;
+            if self.byte(b, on_document) {
+                // The rest of a number or literal no capture holds changes nothing.
+                let rest = &chunk[i..];
+                i += rest
+                    .iter()
+                    .position(|&c| !is_scalar_byte(c))
+                    .unwrap_or(rest.len());
+            }
         }
     }
 
-    fn byte(&mut self, b: u8, on_document: &mut impl FnMut(Document<'_>)) {
+    /// Crosses the value being skipped up to the end of its outermost container; returns the
+    /// bytes consumed (all of `rest` when it does not end there).
+    fn skip_bytes(&mut self, rest: &[u8]) -> usize {
+        let mut i = 0;
+        while let Some(&b) = rest.get(i) {
+            if self.string != Str::No {
+                if self.escape {
+                    self.escape = false;
+                    i += 1;
+                    continue;
+                }
+                let Some(at) = find2(&rest[i..], b'"', b'\\') else {
+                    return rest.len();
+                };
+                i += at;
+                if rest[i] == b'\\' {
+                    self.escape = true;
+                } else {
+                    self.string = Str::No;
+                }
+                i += 1;
+                continue;
+            }
+            i += 1;
+            match b {
+                b'"' => self.string = Str::Value,
+                b'{' | b'[' => self.skip += 1,
+                b'}' | b']' => {
+                    self.skip -= 1;
+                    if self.skip == 0 {
+                        return i;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest.len()
+    }
+
+    /// One byte outside the string fast path; true when it began or continued a number or
+    /// literal that no capture holds (the caller may then cross the rest of it at once).
+    fn byte(&mut self, b: u8, on_document: &mut impl FnMut(Document<'_>)) -> bool {
         if self.string != Str::No {
             self.string_byte(b);
-            return;
+            return false;
         }
         // A scalar being captured ends at a delimiter or whitespace.
         if let Some(a) = &self.active
@@ -416,26 +484,7 @@ impl Scanner {
                     self.string = Str::Value;
                 }
             }
-            b'{' | b'[' => {
-                self.value_starts(false);
-                self.push_capture_byte(b);
-                if self.stack.len() < MAX_DEPTH && self.overflow == 0 {
-                    let (reach, objects) = self.stack.last().map_or((true, 0), Frame::child_reach);
-                    self.stack.push(if b == b'{' {
-                        Frame::Object {
-                            key: Key::EMPTY,
-                            key_ok: false,
-                            expecting_key: true,
-                            reach,
-                            objects: objects + 1,
-                        }
-                    } else {
-                        Frame::Array { reach, objects }
-                    });
-                } else {
-                    self.overflow += 1;
-                }
-            }
+            b'{' | b'[' => self.open(b),
             b'}' | b']' => {
                 self.push_capture_byte(b);
                 if self.overflow > 0 {
@@ -473,8 +522,42 @@ impl Scanner {
             _ => {
                 // A number or literal byte.
                 self.value_starts(true);
+                if self.active.is_none() {
+                    return true;
+                }
                 self.push_capture_byte(b);
             }
+        }
+        false
+    }
+
+    /// A container opens (`b` is `{` or `[`).
+    fn open(&mut self, b: u8) {
+        self.value_starts(false);
+        // A container no capture can be under, with none running: crossed by counting.
+        if self.active.is_none()
+            && self.overflow == 0
+            && self.stack.last().is_some_and(|f| !f.child_reach().0)
+        {
+            self.skip = 1;
+            return;
+        }
+        self.push_capture_byte(b);
+        if self.stack.len() < MAX_DEPTH && self.overflow == 0 {
+            let (reach, objects) = self.stack.last().map_or((true, 0), Frame::child_reach);
+            self.stack.push(if b == b'{' {
+                Frame::Object {
+                    key: Key::EMPTY,
+                    key_ok: false,
+                    expecting_key: true,
+                    reach,
+                    objects: objects + 1,
+                }
+            } else {
+                Frame::Array { reach, objects }
+            });
+        } else {
+            self.overflow += 1;
         }
     }
 
@@ -623,6 +706,41 @@ mod tests {
         for i in 0..=body.len() {
             assert_eq!(scan(&[&body[..i], &body[i..]]), whole, "split at {i}");
         }
+    }
+
+    #[test]
+    fn values_no_capture_can_be_under_are_crossed_whole_at_any_split() {
+        // `choices[…]` holds strings with brackets, quotes, escaped backslashes before a quote,
+        // nested arrays and a `usage` key that must not be taken; numbers and literals around it
+        // are not captured. The captures after it must still be found, whatever the split.
+        let body = br#"{"created":1755137921,"choices":[{"index":0,"delta":{"content":"}]\\\"{[","usage":{"x":1}},"logprobs":null,"n":[[1,{"a":"]"}],true]},{"usage":2},{"c":"x\\"}],"model":"m","flag":false,"usage":{"prompt_tokens":12,"ok":true},"n2":-1.5e3}"#;
+        let whole = scan(&[body]);
+        assert_eq!(
+            whole,
+            vec![vec![
+                ("model".into(), "\"m\"".into()),
+                ("usage".into(), r#"{"prompt_tokens":12,"ok":true}"#.into()),
+            ]]
+        );
+        for i in 0..=body.len() {
+            assert_eq!(scan(&[&body[..i], &body[i..]]), whole, "split at {i}");
+            for j in i..=body.len() {
+                assert_eq!(
+                    scan(&[&body[..i], &body[i..j], &body[j..]]),
+                    whole,
+                    "split at {i} and {j}"
+                );
+            }
+        }
+        // A captured scalar is still copied whole, not crossed.
+        let docs = scan(&[br#"{"choices":[1],"usage":12345,"model":true}"#]);
+        assert_eq!(
+            docs,
+            vec![vec![
+                ("model".into(), "true".into()),
+                ("usage".into(), "12345".into())
+            ]]
+        );
     }
 
     #[test]
