@@ -125,8 +125,19 @@ where
     result
 }
 
-fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(error = %error, category = error.category(), "reconcile failed; retrying");
+fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    error: &Error,
+    _ctx: Arc<Ctx>,
+) -> Action {
+    tracing::warn!(
+        kind = %K::kind(&()),
+        namespace = obj.meta().namespace.as_deref().unwrap_or(""),
+        name = obj.meta().name.as_deref().unwrap_or(""),
+        error = %error,
+        category = error.category(),
+        "reconcile failed; retrying"
+    );
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -284,13 +295,13 @@ fn token_controller(
         stop.clone(),
     ));
     let mut reconcile = reconciler("token", token::reconcile);
-    let started = paced.clone();
+    let pacing = paced.clone();
     let controller = Controller::for_stream(paced.feed(store.clone()), store)
         .with_config(controller_config())
         .graceful_shutdown_on(stop)
         .run(
             move |token: Arc<Token>, ctx| {
-                started.started(&token);
+                pacing.release(&token);
                 reconcile(token, ctx)
             },
             error_policy,

@@ -109,16 +109,10 @@ where
         })
     }
 
-    /// To be called as each reconcile starts (for any reason: a requeue of an object not let in
-    /// makes no room).
-    pub fn started(&self, obj: &K) {
-        if self.lock().let_in.remove(&key(obj)) {
-            self.progress.notify_one();
-        }
-    }
-
-    /// An object was deleted: if it was let in and not started, its place is free again.
-    pub fn deleted(&self, obj: &K) {
+    /// Frees `obj`'s place if it was let in: called as each reconcile starts (for any reason: a
+    /// requeue of an object not let in makes no room), and when the object is deleted before its
+    /// reconcile started.
+    pub fn release(&self, obj: &K) {
         if self.lock().let_in.remove(&key(obj)) {
             self.progress.notify_one();
         }
@@ -199,12 +193,8 @@ where
     }
 
     /// Forgets objects let in that the store no longer has (their reconcile never starts).
-    /// Returns whether that made room.
-    fn forget_gone(&self, store: &Store<K>) -> bool {
-        let mut w = self.lock();
-        let before = w.let_in.len();
-        w.let_in.retain(|k| store.get(k).is_some());
-        w.let_in.len() < before
+    fn forget_gone(&self, store: &Store<K>) {
+        self.lock().let_in.retain(|k| store.get(k).is_some());
     }
 
     fn full(&self) -> bool {
@@ -275,7 +265,7 @@ where
                         self.sweep(store.state());
                     }
                     // Gone from the store: if it was let in, its reconcile never starts.
-                    Some(Ok(watcher::Event::Delete(obj))) => self.deleted(&obj),
+                    Some(Ok(watcher::Event::Delete(obj))) => self.release(&obj),
                     // The rest of a list is in the store, and swept at its end.
                     Some(Ok(_)) => {}
                     Some(Err(e)) => tracing::warn!(error = %e, "watch failed; retrying"),
@@ -357,10 +347,10 @@ mod tests {
         paced.changed(&token("fresh"));
         assert!(feed.next().now_or_never().is_none());
         // A reconcile of an object not let in (a requeue) makes no room.
-        paced.started(&token("t-requeued"));
+        paced.release(&token("t-requeued"));
         assert!(feed.next().now_or_never().is_none());
-        paced.started(&first[0]);
-        paced.started(&first[1]);
+        paced.release(&first[0]);
+        paced.release(&first[1]);
         let next: Vec<_> = (0..2)
             .map(|_| feed.next().now_or_never().flatten().unwrap())
             .collect();
@@ -380,7 +370,7 @@ mod tests {
         // watch's delete event frees its place at once, and if that was missed, STALL does.
         let deleted = first[3].metadata.name.clone().unwrap();
         writer.apply_watcher_event(&watcher::Event::Delete(token(&deleted)));
-        paced.deleted(&token(&deleted));
+        paced.release(&token(&deleted));
         let reclaimed = feed.next().now_or_never().flatten().unwrap();
         assert!(reclaimed.is_ok());
         let deleted = first[2].metadata.name.clone().unwrap();
@@ -402,12 +392,12 @@ mod tests {
         let gone = all.difference(&seen).next().unwrap().clone();
         writer.apply_watcher_event(&watcher::Event::Delete(token(&gone)));
         for t in &first {
-            paced.started(t);
+            paced.release(t);
         }
-        paced.started(&token("fresh"));
+        paced.release(&token("fresh"));
         let mut rest = Vec::new();
         while let Some(Some(item)) = feed.next().now_or_never() {
-            paced.started(item.as_ref().unwrap());
+            paced.release(item.as_ref().unwrap());
             rest.push(item);
         }
         let rest = names(&rest);
