@@ -261,10 +261,11 @@ fn env(name: &str) -> String {
 async fn generate(mode: &str) {
     let tokens: usize = env("AIGW_BENCH_TOKENS").parse().unwrap();
     let addr: SocketAddr = env("AIGW_BENCH_ADDR").parse().unwrap();
+    // How long the closed-loop and bare runs last.
+    let secs: f64 = env("AIGW_BENCH_SECS").parse().unwrap();
     match mode {
         "closed" => {
             let done = Arc::new(AtomicU64::new(0));
-            let secs: f64 = env("AIGW_BENCH_SECS").parse().unwrap();
             let deadline = Instant::now() + Duration::from_secs_f64(secs);
             let mut tasks = Vec::new();
             for c in 0..64 {
@@ -346,7 +347,6 @@ async fn generate(mode: &str) {
         }
         "redis" => {
             let calls = Arc::new(AtomicU64::new(0));
-            let secs: f64 = env("AIGW_BENCH_SECS").parse().unwrap();
             let deadline = Instant::now() + Duration::from_secs_f64(secs);
             let mut tasks = Vec::new();
             for c in 0..64usize {

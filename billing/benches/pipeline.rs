@@ -209,7 +209,7 @@ async fn main() {
         poll_visible(&bed.ch, &mut visible_at).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut lat: Vec<f64> = sent_at
+    let lat: Vec<f64> = sent_at
         .iter()
         .zip(&visible_at)
         .map(|(s, v)| {
@@ -221,11 +221,11 @@ async fn main() {
         .collect();
     // The slow waves, in order: which one, and what the worker logged around it (its stderr is
     // this bench's) is what tells a cause apart from noise.
-    let median = {
-        let mut sorted = lat.clone();
-        sorted.sort_by(f64::total_cmp);
-        sorted[sorted.len() / 2]
-    };
+    let mut sorted = lat.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pct =
+        |p: f64| sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1];
+    let median = pct(0.5);
     let slow: Vec<String> = lat
         .iter()
         .enumerate()
@@ -289,13 +289,11 @@ async fn main() {
     {
         println!("  {line}");
     }
-    lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1];
     println!(
         "produce → visible in ClickHouse (wave of 500 at 2,000 events/s): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         pct(0.5),
         pct(0.99),
-        lat[lat.len() - 1]
+        sorted[sorted.len() - 1]
     );
     println!(
         "worker RSS: {}",
