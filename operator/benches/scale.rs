@@ -16,6 +16,7 @@
 //!    with no watches, stores or checks. Operator start → all Ready is reported against it.
 //!
 //! Sizes come from `BENCH_TENANTS`, `BENCH_CHANNELS`, `BENCH_TOKENS` (defaults 1000 / 100 / 10000).
+//! `BENCH_OPERATOR_LOG` sets the operator's log filter (default `warn`),
 //! `BENCH_REFERENCE=0` skips the reference and `BENCH_OPERATOR_WRAP` runs the operator under a
 //! profiler (e.g. `heaptrack -o FILE`), for runs that profile the operator.
 //! Everything the run creates carries a fresh instance label; `make bench` restarts the test bed
@@ -492,7 +493,10 @@ async fn main() {
         .env("AIGW_LEADER_ELECTION", "false")
         .env("AIGW_CREDENTIALS_NAMESPACE", &secrets_ns)
         .env("AIGW_INGEST_SECRET", "bench-ingest-secret")
-        .env("AIGW_LOG", "warn")
+        .env(
+            "AIGW_LOG",
+            std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("start {bin} (cargo build --release -p aigw-operator): {e}"));
@@ -552,6 +556,7 @@ async fn main() {
     let route_count = routes.len();
 
     // 3. Spec change → Higress object updated.
+    eprintln!("measuring {changes_n} spec changes");
     let mut latencies = Vec::new();
     let before = writes(ops_addr);
     for i in 0..changes_n {

@@ -59,6 +59,8 @@ fn keys_in(secret: Option<&Secret>, key: &str) -> Option<Vec<String>> {
 /// credentials namespace's Secrets, one list per kind of Higress object, one read of McpBridge
 /// `default`, and the writes of what changed (the TLS `ConfigMap` is [`sync_tls`], after it).
 pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
+    // Where a pass's time goes, logged at debug (`AIGW_LOG=info,aigw_operator::sync=debug`).
+    let mut clock = Stopwatch::start();
     let channels: Vec<Arc<Channel>> = store
         .state()
         .into_iter()
@@ -85,7 +87,9 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
         }
     }
     drop(secrets);
+    let read_secrets = clock.lap();
     let desired = higress::build(&routable, &ctx.config)?;
+    let build = clock.lap();
     let ns = ctx.config.higress_namespace.as_str();
     let selector = format!(
         "{}={MANAGED_BY},{}={COMPONENT}",
@@ -109,6 +113,7 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
         apply::list(&ingresses, &selector),
         apply::list(&filters, &selector)
     )?;
+    let list = clock.lap();
     let leaving: Vec<String> = live
         .iter()
         .map(ResourceExt::name_any)
@@ -123,11 +128,13 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
         apply_set(ctx, &plugins, &selector, &plugins_first, false),
         sync_registries(ctx, &desired.registries, true),
     )?;
+    let plugins_and_registries = clock.lap();
 
     apply::apply_listed(ctx, &ingresses, &live, &desired.ingresses).await?;
     apply::apply_listed(ctx, &filters, &live_filters, &desired.envoy_filters).await?;
     apply::prune_listed(ctx, &filters, &live_filters, &desired.envoy_filters).await?;
     apply::prune_listed(ctx, &ingresses, &live, &desired.ingresses).await?;
+    let routes = clock.lap();
 
     if !leaving.is_empty() {
         apply_set(ctx, &plugins, &selector, &desired.plugins, false).await?;
@@ -135,13 +142,54 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
     if registries_leaving {
         sync_registries(ctx, &desired.registries, false).await?;
     }
+    tracing::debug!(
+        channels = channels.len(),
+        read_secrets,
+        build,
+        list,
+        plugins_and_registries,
+        routes,
+        rest = clock.lap(),
+        total = clock.total(),
+        "higress sync pass (µs per step)"
+    );
     Ok(())
+}
+
+/// Microseconds per step of a pass, for the debug log that says where a pass's time goes.
+struct Stopwatch {
+    start: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl Stopwatch {
+    fn start() -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            start: now,
+            last: now,
+        }
+    }
+
+    /// Microseconds since the last lap (or the start).
+    fn lap(&mut self) -> u64 {
+        let now = std::time::Instant::now();
+        let us = now.duration_since(self.last).as_micros();
+        self.last = now;
+        u64::try_from(us).unwrap_or(u64::MAX)
+    }
+
+    /// Microseconds since the start.
+    fn total(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
 }
 
 /// Writes our entries of the `higress-https` `ConfigMap` (`crate::tls`): one per domain a tenant of
 /// this instance serves, by the priority of `tls::entries` when not all fit (see [`write_tls`]).
 /// Run after the routes, on its own backoff: a failure here never delays a route change.
 pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
+    let mut clock = Stopwatch::start();
     // The Tenant controller's store when it runs (no list of every tenant per pass), else a list.
     let tenants: Vec<Arc<Tenant>> = match ctx.tenant_store() {
         Some(store) => store.state(),
@@ -171,7 +219,13 @@ pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
             Some((st.namespace.clone()?, st.domains.clone()))
         })
         .collect();
+    let tenants = clock.lap();
     let left_out = write_tls(ctx, &served).await?;
+    tracing::debug!(
+        tenants,
+        write = clock.lap(),
+        "higress TLS step (µs per step)"
+    );
     let count = i64::try_from(left_out.len()).unwrap_or(i64::MAX);
     // Warned when the ConfigMap becomes full (not at every pass while it stays full: the gauge
     // holds the number), and told when everything fits again.
@@ -199,9 +253,11 @@ pub async fn sync_tls(ctx: &Ctx) -> Result<()> {
 /// take, and returns the domains that did not fit. Replaced with its `resourceVersion`; a conflict
 /// fails, and the next pass retries.
 pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Vec<String>> {
+    let mut clock = Stopwatch::start();
     let ns = ctx.config.higress_namespace.as_str();
     let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     let current = maps.get_opt(crate::tls::CONFIGMAP).await?;
+    let read = clock.lap();
     let existing = current
         .as_ref()
         .and_then(|c| c.data.as_ref())
@@ -229,12 +285,19 @@ pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Ve
         })),
     );
     let text_hash = digest(existing);
-    if let Ok(last) = ctx.tls_last.lock()
-        && let Some(last) = last.as_ref()
-        && last.served == served_hash
-        && last.text == text_hash
+    let last = ctx.tls_last.lock().ok().and_then(|l| l.clone());
+    let served_changed = last.as_ref().is_none_or(|l| l.served != served_hash);
+    let text_changed = last.as_ref().is_none_or(|l| l.text != text_hash);
+    if let Some(last) = last
+        && !served_changed
+        && !text_changed
     {
-        return Ok(last.left_out.clone());
+        tracing::debug!(
+            read,
+            compare = clock.lap(),
+            "higress TLS ConfigMap unchanged (µs per step)"
+        );
+        return Ok(last.left_out);
     }
     let ours = crate::tls::entries(served, &ctx.config.tls, ns);
     if current.is_none() && ours.is_empty() {
@@ -250,7 +313,19 @@ pub async fn write_tls(ctx: &Ctx, served: &[(String, Vec<String>)]) -> Result<Ve
             left_out: merged.left_out.clone(),
         });
     }
-    if existing == Some(merged.text.as_str()) {
+    let build = clock.lap();
+    let same = existing == Some(merged.text.as_str());
+    tracing::debug!(
+        read,
+        build,
+        served_changed,
+        text_changed,
+        write = !same,
+        bytes = merged.text.len(),
+        left_out = merged.left_out.len(),
+        "higress TLS ConfigMap rebuilt (µs per step)"
+    );
+    if same {
         return Ok(merged.left_out);
     }
     let mut cm: ConfigMap = current.unwrap_or_else(|| ConfigMap {
