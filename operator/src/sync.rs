@@ -20,7 +20,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DynamicObject, GetParams, ListParams, PartialObjectMeta, PostParams},
+    api::{DynamicObject, ListParams, PartialObjectMeta, PostParams},
     runtime::{WatchStreamExt, reflector::Store, watcher},
 };
 use serde_json::{Value, json};
@@ -73,8 +73,7 @@ pub async fn sync_once(ctx: &Ctx, store: &Store<Channel>) -> Result<()> {
     let credentials = ctx.config.credentials_namespace.as_str();
     let secrets: BTreeMap<String, Secret> =
         Api::<Secret>::namespaced(ctx.client.clone(), credentials)
-            // From the watch cache, as `apply::list` (the Secret watch is one of the triggers).
-            .list(&ListParams::default().match_any())
+            .list(&ListParams::default())
             .await?
             .items
             .into_iter()
@@ -384,18 +383,7 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value], keep_leaving: bool) -> R
     let api: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), ns, &higress::mcp_bridge_resource());
     for attempt in 0..ATTEMPTS {
-        // The watch cache first (as `apply::list`; McpBridge `default` is a trigger); after a
-        // conflict, the latest.
-        let read = if attempt == 0 {
-            match api.get_with("default", &GetParams::any()).await {
-                Ok(bridge) => Some(bridge),
-                Err(kube::Error::Api(e)) if e.code == 404 => None,
-                Err(e) => return Err(e.into()),
-            }
-        } else {
-            api.get_opt("default").await?
-        };
-        let Some(mut bridge) = read else {
+        let Some(mut bridge) = api.get_opt("default").await? else {
             if ours.is_empty() {
                 return Ok(false);
             }
