@@ -6,7 +6,7 @@
 //!    operator runs — the world a newly installed operator finds;
 //! 2. start `aigw-operator` and time until every Tenant, Channel and Token is Ready;
 //! 3. change channel weights one at a time and time each change until the route Ingress shows it
-//!    (p50/p99), counting the operator's writes per change;
+//!    in the kube-apiserver's watch cache (p50/p99), counting the operator's writes per change;
 //! 4. report the operator's peak RSS;
 //! 5. stop the operator and run the reference: a bare client that lists the same objects and does
 //!    the writes the operator's start does — each object's finalizer and status, each tenant's
