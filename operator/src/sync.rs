@@ -370,7 +370,7 @@ fn digest<'a>(parts: impl IntoIterator<Item = &'a str>) -> [u8; 32] {
 }
 
 /// A McpBridge registry's name.
-fn name(registry: &Value) -> Option<&str> {
+fn registry_name(registry: &Value) -> Option<&str> {
     registry["name"].as_str()
 }
 
@@ -406,14 +406,14 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value], keep_leaving: bool) -> R
         let current = bridge.data["spec"]["registries"]
             .as_array()
             .unwrap_or(&none);
-        let is_ours = |r: &Value| name(r).is_some_and(|n| n.starts_with(PREFIX));
+        let is_ours = |r: &Value| registry_name(r).is_some_and(|n| n.starts_with(PREFIX));
         // Everything below is by name, in time linear in the registries (a pass at 1,000
         // channels compared every pair, and that was a quarter of the operator's CPU).
-        let wanted_names: HashSet<&str> = ours.iter().filter_map(name).collect();
+        let wanted_names: HashSet<&str> = ours.iter().filter_map(registry_name).collect();
         // Ours that are no longer wanted: kept for now with `keep_leaving`.
         let leaving: Vec<&Value> = current
             .iter()
-            .filter(|r| is_ours(r) && !name(r).is_some_and(|n| wanted_names.contains(n)))
+            .filter(|r| is_ours(r) && !registry_name(r).is_some_and(|n| wanted_names.contains(n)))
             .collect();
         let kept = keep_leaving && !leaving.is_empty();
         let mut mine: Vec<&Value> = ours.iter().collect();
@@ -425,13 +425,13 @@ pub async fn sync_registries(ctx: &Ctx, ours: &[Value], keep_leaving: bool) -> R
         for r in current.iter().filter(|r| is_ours(r)) {
             mine_now_count += 1;
             mine_now
-                .entry(name(r).unwrap_or_default())
+                .entry(registry_name(r).unwrap_or_default())
                 .or_default()
                 .push(r);
         }
         let same = mine_now_count == mine.len()
             && mine.iter().all(|o| {
-                name(o)
+                registry_name(o)
                     .and_then(|n| mine_now.get(n))
                     .is_some_and(|now| now.iter().any(|m| crate::apply::contains(m, o)))
             });
