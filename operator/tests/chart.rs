@@ -621,6 +621,52 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
         }))
         .unwrap()
     };
+    // The kube-apiserver enforces a new admission policy only once its policy informer has
+    // loaded and compiled it, about a second after `helm install` returns; a request before
+    // that is admitted. Wait for each policy with a dry-run request it must refuse (dry runs
+    // pass admission and store nothing), then assert with real requests.
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let enforced = |r: Result<(), kube::Error>, says: &str| {
+        matches!(r, Err(kube::Error::Api(e)) if e.message.contains(says)).then_some(())
+    };
+    eventually(
+        "the operator's RoleBinding policy to be enforced",
+        || async {
+            enforced(
+                Api::<RoleBinding>::namespaced(as_operator.clone(), "default")
+                    .create(
+                        &dry_run,
+                        &self_binding("default", "aigw-operator", "aigw-operator"),
+                    )
+                    .await
+                    .map(|_| ()),
+                "tenant namespace it created",
+            )
+        },
+    )
+    .await;
+    eventually("the operator's Namespace policy to be enforced", || async {
+        enforced(
+            Api::<Namespace>::all(as_operator.clone())
+                .patch(
+                    "default",
+                    &kube::api::PatchParams {
+                        dry_run: true,
+                        ..kube::api::PatchParams::default()
+                    },
+                    &kube::api::Patch::Merge(
+                        &json!({"metadata": {"labels": {"aigateway.io/tenant": "x"}}}),
+                    ),
+                )
+                .await
+                .map(|_| ()),
+            "only aigw-<tenant> namespaces",
+        )
+    })
+    .await;
     for (namespace, name, subject, says) in [
         (
             "default",
@@ -730,6 +776,16 @@ async fn the_installed_operator_works_with_only_its_role_and_tenants_only_with_t
         "kubernetes.io/service-account-token",
         json!({"kubernetes.io/service-account.name": "default"}),
     );
+    eventually("the REST API's Secret policy to be enforced", || async {
+        enforced(
+            creds_secrets
+                .create(&dry_run, &token_secret)
+                .await
+                .map(|_| ()),
+            "only Opaque Secrets",
+        )
+    })
+    .await;
     refused(
         creds_secrets
             .create(&PostParams::default(), &token_secret)
