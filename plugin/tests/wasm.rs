@@ -451,12 +451,12 @@ fn a_retired_root_context_sends_what_is_queued_before_it_says_done() {
 
 /// The usage parser's cost inside the real `.wasm`, counted with fuel (one unit per executed wasm
 /// instruction), so it is deterministic: a regression fails here; timings stay in `make bench`.
-/// Measured 49.1 and 50.0 (2026-12-01; 152 and 155 before the scanner stopped allocating per
+/// Measured 40.6 and 39.9 (2026-12-02; 152 and 155 before the scanner stopped allocating per
 /// capture and object); the aim is 30 (docs/benchmarks.md says what bounds it).
 #[test]
 #[allow(clippy::cast_precision_loss)]
 fn the_usage_parser_stays_within_its_instructions_per_response_byte() {
-    const BUDGET: f64 = 48.0;
+    const BUDGET: f64 = 44.0;
     let mut over = Vec::new();
     for (name, body, budget) in [
         (

@@ -351,10 +351,12 @@ impl Seen {
         self.any_document = true;
         let d = Doc::read(doc);
         let kind = d.kind.as_deref().unwrap_or_default();
-        if is_text(d.object, "chat.completion.chunk")
-            || kind.starts_with("message_")
-            || kind.starts_with("content_block")
-            || kind.starts_with("response.")
+        // Set once; every chunk of a stream would otherwise compare its `object` again.
+        if !self.expects_marker
+            && (is_text(d.object, "chat.completion.chunk")
+                || kind.starts_with("message_")
+                || kind.starts_with("content_block")
+                || kind.starts_with("response."))
         {
             self.expects_marker = true;
         }
@@ -419,7 +421,8 @@ impl Seen {
         // OpenAI Responses.
         let responses_usage = if kind.starts_with("response.") {
             d.nested_usage
-        } else if is_text(d.object, "response") {
+        } else if d.usage.is_some_and(|u| u.first() == Some(&b'{')) && is_text(d.object, "response")
+        {
             d.usage
         } else {
             None
