@@ -451,7 +451,7 @@ fn a_retired_root_context_sends_what_is_queued_before_it_says_done() {
 
 /// The usage parser's cost inside the real `.wasm`, counted with fuel (one unit per executed wasm
 /// instruction), so it is deterministic: a regression fails here; timings stay in `make bench`.
-/// Measured 40.6 and 39.9 (2026-12-02; 152 and 155 before the scanner stopped allocating per
+/// Measured 39.6 and 39.1 (2026-12-02; 152 and 155 before the scanner stopped allocating per
 /// capture and object); the aim is 30 (docs/benchmarks.md says what bounds it).
 #[test]
 #[allow(clippy::cast_precision_loss)]

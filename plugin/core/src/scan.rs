@@ -395,6 +395,14 @@ impl Scanner {
                 }
             }
             let b = chunk[i];
+            // Fast path: a whole `"key":` in this chunk, with no escape, read in one step (what
+            // the byte-level path would do with its quote, key run, quote and colon).
+            if b == b'"'
+                && let Some(used) = self.whole_key(&chunk[i + 1..])
+            {
+                i += 1 + used;
+                continue;
+            }
             i += 1;
             if self.byte(b, on_document) {
                 // The rest of a number or literal no capture holds changes nothing.
@@ -405,6 +413,35 @@ impl Scanner {
                     .unwrap_or(rest.len());
             }
         }
+    }
+
+    /// At a quote outside strings: when it opens a key of the innermost object (tracked, no
+    /// capture running) whose closing quote and colon follow in `rest` with no escape between,
+    /// takes the key and the colon at once and returns the bytes of `rest` used. Otherwise
+    /// `None`, and the byte-level path reads the same bytes.
+    #[inline]
+    fn whole_key(&mut self, rest: &[u8]) -> Option<usize> {
+        if self.string != Str::No || self.overflow > 0 || self.active.is_some() {
+            return None;
+        }
+        let Some(Frame::Object {
+            key,
+            key_ok,
+            expecting_key: expecting_key @ true,
+            ..
+        }) = self.stack.last_mut()
+        else {
+            return None;
+        };
+        let end = find2(rest, b'"', b'\\')?;
+        if rest[end] != b'"' || rest.get(end + 1) != Some(&b':') {
+            return None;
+        }
+        key.len = 0;
+        *key_ok = key.extend(&rest[..end]);
+        *expecting_key = false;
+        self.pending = true;
+        Some(end + 2)
     }
 
     /// Crosses the value being skipped up to the end of its outermost container; returns the
@@ -705,6 +742,26 @@ mod tests {
         assert_eq!(whole[0].len(), 3);
         for i in 0..=body.len() {
             assert_eq!(scan(&[&body[..i], &body[i..]]), whole, "split at {i}");
+        }
+    }
+
+    #[test]
+    fn keys_read_whole_or_byte_by_byte_match_the_same_way() {
+        // Keys the one-step reading must leave to the byte-level path (an escaped quote, a space
+        // before the colon, an escape spelling a wanted key, a key longer than MAX_KEY that
+        // starts with one) next to plain ones, whole and at every split.
+        let long = format!("usage{}", "x".repeat(MAX_KEY));
+        let body = format!(
+            r#"{{"a\"usage":1,"usage" :2,"us\u0061ge":3,"model":"m","{long}":4,"k":{{"usage":5}}}}"#
+        );
+        let body = body.as_bytes();
+        let expected = vec![vec![
+            ("model".to_owned(), "\"m\"".to_owned()),
+            ("usage".to_owned(), "2".to_owned()),
+        ]];
+        assert_eq!(scan(&[body]), expected);
+        for i in 0..=body.len() {
+            assert_eq!(scan(&[&body[..i], &body[i..]]), expected, "split at {i}");
         }
     }
 
