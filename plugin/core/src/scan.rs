@@ -329,10 +329,22 @@ impl Scanner {
     /// Starts capturing the value beginning here if its path is wanted.
     #[inline(never)]
     fn maybe_capture(&mut self, scalar: bool) {
-        let Some((keys, len)) = self.value_path() else {
-            return;
+        // Most values are a key of the root object: its path is that key alone.
+        let slot = if let [
+            Frame::Object {
+                key, key_ok: true, ..
+            },
+        ] = self.stack.as_slice()
+            && self.overflow == 0
+        {
+            (self.wanted)(&[key.as_slice()])
+        } else {
+            let Some((keys, len)) = self.value_path() else {
+                return;
+            };
+            (self.wanted)(&keys[..len])
         };
-        let Some(slot) = (self.wanted)(&keys[..len]) else {
+        let Some(slot) = slot else {
             return;
         };
         // Compacted only when at least half of it is values since replaced, so a document of

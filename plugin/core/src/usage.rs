@@ -205,19 +205,15 @@ impl UsageParser {
             }
             match self.line {
                 SseLine::Field => {
+                    // Most lines are `data:` lines: the field name read in one step.
+                    if self.field.is_empty() && chunk[i..].starts_with(b"data:") {
+                        self.line = self.data_line();
+                        i += 5;
+                        continue;
+                    }
                     if b == b':' {
                         self.line = match self.field.as_slice() {
-                            b"data" => {
-                                if self.data_seen {
-                                    // Multi-line data joins with a newline (JSON whitespace).
-                                    self.scanner.feed(b"\n", &mut |d| self.seen.document(d));
-                                    if self.data_head.len() < DATA_HEAD {
-                                        self.data_head.push(b'\n');
-                                    }
-                                }
-                                self.data_seen = true;
-                                SseLine::Data(true)
-                            }
+                            b"data" => self.data_line(),
                             b"event" => {
                                 self.event.clear();
                                 SseLine::Event(true)
@@ -260,6 +256,19 @@ impl UsageParser {
                 SseLine::Skip => i += 1,
             }
         }
+    }
+
+    /// A `data` field's value starts.
+    fn data_line(&mut self) -> SseLine {
+        if self.data_seen {
+            // Multi-line data joins with a newline (JSON whitespace).
+            self.scanner.feed(b"\n", &mut |d| self.seen.document(d));
+            if self.data_head.len() < DATA_HEAD {
+                self.data_head.push(b'\n');
+            }
+        }
+        self.data_seen = true;
+        SseLine::Data(true)
     }
 
     fn end_line(&mut self) {
