@@ -429,8 +429,10 @@ impl Scanner {
 
     /// At a quote outside strings: when it opens a key of the innermost object (tracked, no
     /// capture running) whose closing quote and colon follow in `rest` with no escape between,
-    /// takes the key and the colon at once and returns the bytes of `rest` used. Otherwise
-    /// `None`, and the byte-level path reads the same bytes.
+    /// takes the key and the colon at once — and, when its value is a string without escapes or a
+    /// number or literal that no capture takes, the value and a comma after it too. Returns the
+    /// bytes of `rest` used; `None`, or fewer bytes, leave the rest to the byte-level path, in the
+    /// state it would itself have reached there.
     #[inline]
     fn whole_key(&mut self, rest: &[u8]) -> Option<usize> {
         if self.string != Str::No || self.overflow > 0 || self.active.is_some() {
@@ -452,8 +454,38 @@ impl Scanner {
         key.len = 0;
         *key_ok = key.extend(&rest[..end]);
         *expecting_key = false;
-        self.pending = true;
-        Some(end + 2)
+        let at = end + 2;
+        // A value that starts right after the colon as a string or a scalar: its path is checked
+        // here, as the byte-level path would at its first byte.
+        let Some(&first) = rest.get(at).filter(|&&v| v == b'"' || is_scalar_byte(v)) else {
+            self.pending = true;
+            return Some(at);
+        };
+        self.maybe_capture(true);
+        if self.active.is_some() {
+            // Captured: the byte-level path copies it from its first byte.
+            return Some(at);
+        }
+        let after = if first == b'"' {
+            match find2(&rest[at + 1..], b'"', b'\\') {
+                Some(q) if rest[at + 1 + q] == b'"' => at + q + 2,
+                // An escape, or the string goes on in the next chunk.
+                _ => return Some(at),
+            }
+        } else {
+            match rest[at..].iter().position(|&c| !is_scalar_byte(c)) {
+                Some(n) => at + n,
+                // It goes on in the next chunk, where its bytes change nothing either.
+                None => return Some(rest.len()),
+            }
+        };
+        if rest.get(after) == Some(&b',') {
+            if let Some(Frame::Object { expecting_key, .. }) = self.stack.last_mut() {
+                *expecting_key = true;
+            }
+            return Some(after + 1);
+        }
+        Some(after)
     }
 
     /// Crosses the value being skipped up to the end of its outermost container; returns the
