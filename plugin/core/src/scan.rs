@@ -61,6 +61,31 @@ pub fn find2(hay: &[u8], a: u8, b: u8) -> Option<usize> {
         .map(|p| at + p)
 }
 
+/// The first position of a byte below `n` (at most 0x80) in `hay`, eight bytes at a time.
+pub fn find_below(hay: &[u8], n: u8) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let below = LO * u64::from(n);
+    let mut words = hay.chunks_exact(8);
+    let mut at = 0;
+    for w in words.by_ref() {
+        let mut word = [0; 8];
+        word.copy_from_slice(w);
+        let v = u64::from_le_bytes(word);
+        // A byte below `n` borrows; the lowest flagged byte is the first one.
+        let found = v.wrapping_sub(below) & !v & HI;
+        if found != 0 {
+            return Some(at + (found.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    words
+        .remainder()
+        .iter()
+        .position(|&c| c < n)
+        .map(|p| at + p)
+}
+
 /// A byte that continues a number or literal: anything but JSON's structure and whitespace.
 fn is_scalar_byte(c: u8) -> bool {
     !matches!(
@@ -744,6 +769,27 @@ mod tests {
         assert_eq!(find2(b"", b'"', b'\\'), None);
         // Bytes whose difference from the needle would borrow into the next byte.
         assert_eq!(find2(&[0x23, 0x01, 0x80, 0x22], b'"', b'\\'), Some(3));
+    }
+
+    #[test]
+    fn finds_the_first_byte_below_a_bound_at_any_position() {
+        // Bytes at and above the bound, UTF-8 continuation and lead bytes among them.
+        let hay: Vec<u8> = (0..40)
+            .map(|i| [b'\x0e', b' ', b'a', 0x80, 0xc3, 0xff][i % 6])
+            .collect();
+        assert_eq!(find_below(&hay, 0x0e), None);
+        assert_eq!(find_below(b"", 0x0e), None);
+        for at in 0..hay.len() {
+            for x in [b'\n', b'\r', b'\t', 0] {
+                let mut h = hay.clone();
+                h[at] = x;
+                // A second hit after the first, which must not be the one reported.
+                if at + 1 < h.len() {
+                    h[at + 1] = b'\n';
+                }
+                assert_eq!(find_below(&h, 0x0e), Some(at), "{x:#x} at {at}");
+            }
+        }
     }
 
     #[test]
