@@ -451,12 +451,13 @@ fn a_retired_root_context_sends_what_is_queued_before_it_says_done() {
 
 /// The usage parser's cost inside the real `.wasm`, counted with fuel (one unit per executed wasm
 /// instruction), so it is deterministic: a regression fails here; timings stay in `make bench`.
-/// Measured 39.6 and 39.1 (2026-12-02; 152 and 155 before the scanner stopped allocating per
-/// capture and object); the aim is 30 (docs/benchmarks.md says what bounds it).
+/// Measured 29.4 and 29.9 (2026-12-02; 152 and 155 before the scanner stopped allocating per
+/// capture and object, 43.0 before whole keys and values were read in one step); the aim is 30,
+/// the budget leaves a margin for compiler changes (docs/benchmarks.md).
 #[test]
 #[allow(clippy::cast_precision_loss)]
 fn the_usage_parser_stays_within_its_instructions_per_response_byte() {
-    const BUDGET: f64 = 44.0;
+    const BUDGET: f64 = 32.0;
     let mut over = Vec::new();
     for (name, body, budget) in [
         (

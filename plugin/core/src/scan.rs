@@ -455,7 +455,7 @@ impl Scanner {
     /// At a quote outside strings: when it opens a key of the innermost object (tracked, no
     /// capture running) whose closing quote and colon follow in `rest` with no escape between,
     /// takes the key and the colon at once — and, when its value is a string without escapes or a
-    /// number or literal that no capture takes, the value and a comma after it too. Returns the
+    /// number or literal, the value (copied whole if it is captured) and a comma after it too. Returns the
     /// bytes of `rest` used; `None`, or fewer bytes, leave the rest to the byte-level path, in the
     /// state it would itself have reached there.
     #[inline]
@@ -487,23 +487,37 @@ impl Scanner {
             return Some(at);
         };
         self.maybe_capture(true);
-        if self.active.is_some() {
-            // Captured: the byte-level path copies it from its first byte.
-            return Some(at);
-        }
+        let captured = self.active.is_some();
         let after = if first == b'"' {
             match find2(&rest[at + 1..], b'"', b'\\') {
                 Some(q) if rest[at + 1 + q] == b'"' => at + q + 2,
-                // An escape, or the string goes on in the next chunk.
+                // An escape, or the string goes on in the next chunk: the byte-level path reads
+                // it from its opening quote (copying it if it is captured).
                 _ => return Some(at),
             }
         } else {
-            match rest[at..].iter().position(|&c| !is_scalar_byte(c)) {
-                Some(n) => at + n,
-                // It goes on in the next chunk, where its bytes change nothing either.
-                None => return Some(rest.len()),
-            }
+            let Some(n) = rest[at..].iter().position(|&c| !is_scalar_byte(c)) else {
+                // It goes on in the next chunk, where the byte-level path goes on with it.
+                self.push_capture_bytes(&rest[at..]);
+                return Some(rest.len());
+            };
+            at + n
         };
+        if captured {
+            // The whole value, quotes included, as the byte-level path would have copied it. That
+            // path ends a captured scalar only at a delimiter or whitespace (in broken JSON a
+            // quote or bracket may follow): anything else, it goes on from here.
+            self.push_capture_bytes(&rest[at..after]);
+            if first != b'"'
+                && !matches!(
+                    rest.get(after),
+                    Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n')
+                )
+            {
+                return Some(after);
+            }
+            self.finish_capture();
+        }
         if rest.get(after) == Some(&b',') {
             if let Some(Frame::Object { expecting_key, .. }) = self.stack.last_mut() {
                 *expecting_key = true;
@@ -853,6 +867,39 @@ mod tests {
         for i in 0..=body.len() {
             assert_eq!(scan(&[&body[..i], &body[i..]]), expected, "split at {i}");
         }
+    }
+
+    #[test]
+    fn values_read_whole_are_captured_as_byte_by_byte_at_any_split() {
+        // Captured and uncaptured strings and scalars after a whole key, then a comma, a space,
+        // a closing brace or (broken JSON) a quote, bracket or colon right after a scalar: read
+        // in one step when whole in a chunk, byte by byte when split, the same captures.
+        for body in [
+            &br#"{"usage":null,"model":"gpt","n":12,"s":"x"}"#[..],
+            br#"{"n":-1.5e3 ,"usage":7 }"#,
+            br#"{"usage":true}"#,
+            br#"{"usage":7"x","model":"m"}"#,
+            br#"{"usage":1[2],"model":"m"}"#,
+            br#"{"usage":1:2,"model":"m"}"#,
+            br#"{"model":"a\"b","usage":"u"}"#,
+        ] {
+            let whole = scan(&[body]);
+            for i in 0..=body.len() {
+                assert_eq!(
+                    scan(&[&body[..i], &body[i..]]),
+                    whole,
+                    "{} split at {i}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        assert_eq!(
+            scan(&[br#"{"usage":null,"model":"gpt","n":12,"s":"x"}"#]),
+            vec![vec![
+                ("model".to_owned(), "\"gpt\"".to_owned()),
+                ("usage".to_owned(), "null".to_owned()),
+            ]]
+        );
     }
 
     #[test]
