@@ -451,7 +451,7 @@ fn a_retired_root_context_sends_what_is_queued_before_it_says_done() {
 
 /// The usage parser's cost inside the real `.wasm`, counted with fuel (one unit per executed wasm
 /// instruction), so it is deterministic: a regression fails here; timings stay in `make bench`.
-/// Measured 29.4 and 29.9 (2026-12-02; 152 and 155 before the scanner stopped allocating per
+/// Measured 29.5 and 29.9 (2026-12-02; 152 and 155 before the scanner stopped allocating per
 /// capture and object, 43.0 before whole keys and values were read in one step); the aim is 30,
 /// the budget leaves a margin for compiler changes (docs/benchmarks.md).
 #[test]

@@ -486,6 +486,9 @@ impl Scanner {
             self.pending = true;
             return Some(at);
         };
+        // As `value_starts` would: broken JSON (`"a":,` or `"a":}`) can leave a colon's
+        // `pending` standing, and the next value start must not check the path again.
+        self.pending = false;
         self.maybe_capture(true);
         let captured = self.active.is_some();
         let after = if first == b'"' {
@@ -882,6 +885,10 @@ mod tests {
             br#"{"usage":1[2],"model":"m"}"#,
             br#"{"usage":1:2,"model":"m"}"#,
             br#"{"model":"a\"b","usage":"u"}"#,
+            // A colon with no value leaves its value start pending into the next pair.
+            br#"{"id":,"usage":"x"{"prompt_tokens":100000,"completion_tokens":100000}}"#,
+            br#"{"a":,"model":"m" "x"}"#,
+            br#"{"a":{"b":},"usage":7 [1]}"#,
         ] {
             let whole = scan(&[body]);
             for i in 0..=body.len() {
