@@ -433,7 +433,8 @@ impl Scanner {
             }
             let b = chunk[i];
             // Fast path: a whole `"key":` in this chunk, with no escape, read in one step (what
-            // the byte-level path would do with its quote, key run, quote and colon).
+            // the byte-level path would do with its quote, key run, quote and colon), and often
+            // its value with it (see `whole_key`).
             if b == b'"'
                 && let Some(used) = self.whole_key(&chunk[i + 1..])
             {
@@ -454,10 +455,10 @@ impl Scanner {
 
     /// At a quote outside strings: when it opens a key of the innermost object (tracked, no
     /// capture running) whose closing quote and colon follow in `rest` with no escape between,
-    /// takes the key and the colon at once — and, when its value is a string without escapes or a
-    /// number or literal, the value (copied whole if it is captured) and a comma after it too. Returns the
-    /// bytes of `rest` used; `None`, or fewer bytes, leave the rest to the byte-level path, in the
-    /// state it would itself have reached there.
+    /// takes the key and the colon at once — and, when its value is a string without escapes or
+    /// a number or literal, the value (copied whole if it is captured) and a comma after it too.
+    /// Returns the bytes of `rest` used; `None`, or fewer bytes, leave the rest to the
+    /// byte-level path, in the state it would itself have reached there.
     #[inline]
     fn whole_key(&mut self, rest: &[u8]) -> Option<usize> {
         if self.string != Str::No || self.overflow > 0 || self.active.is_some() {
