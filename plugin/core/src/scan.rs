@@ -35,20 +35,21 @@ pub const MAX_ARENA: usize = 4 * MAX_CAPTURE;
 /// [`SLOTS`]): in a document, the last value captured into a slot is the one it holds.
 pub type Wanted = fn(&[&[u8]]) -> Option<u8>;
 
-/// The first position of `a` or `b` in `hay`, eight bytes at a time.
-pub fn find2(hay: &[u8], a: u8, b: u8) -> Option<usize> {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
-    let (pa, pb) = (LO * u64::from(a), LO * u64::from(b));
+/// Word constants of the searches below: each byte 0x01, and each byte's high bit.
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+/// The first position in `hay` of a byte the searches below look for, eight bytes at a time:
+/// `flags` maps a little-endian word to one whose bytes' high bits mark the hits (the lowest
+/// marked byte must be exact; higher ones may be false), `is` tests the last 0–7 bytes one by one.
+#[inline]
+fn first_flagged(hay: &[u8], flags: impl Fn(u64) -> u64, is: impl Fn(u8) -> bool) -> Option<usize> {
     let mut words = hay.chunks_exact(8);
     let mut at = 0;
     for w in words.by_ref() {
         let mut word = [0; 8];
         word.copy_from_slice(w);
-        let v = u64::from_le_bytes(word);
-        let (xa, xb) = (v ^ pa, v ^ pb);
-        // A zero byte in `xa` or `xb` is a match; the lowest flagged byte is the first one.
-        let found = (xa.wrapping_sub(LO) & !xa | xb.wrapping_sub(LO) & !xb) & HI;
+        let found = flags(u64::from_le_bytes(word)) & HI;
         if found != 0 {
             return Some(at + (found.trailing_zeros() / 8) as usize);
         }
@@ -57,33 +58,29 @@ pub fn find2(hay: &[u8], a: u8, b: u8) -> Option<usize> {
     words
         .remainder()
         .iter()
-        .position(|&c| c == a || c == b)
+        .position(|&c| is(c))
         .map(|p| at + p)
+}
+
+/// The first position of `a` or `b` in `hay`, eight bytes at a time.
+pub fn find2(hay: &[u8], a: u8, b: u8) -> Option<usize> {
+    let (pa, pb) = (LO * u64::from(a), LO * u64::from(b));
+    first_flagged(
+        hay,
+        |v| {
+            // A zero byte in `xa` or `xb` is a match (a borrow can only flag bytes above it).
+            let (xa, xb) = (v ^ pa, v ^ pb);
+            xa.wrapping_sub(LO) & !xa | xb.wrapping_sub(LO) & !xb
+        },
+        |c| c == a || c == b,
+    )
 }
 
 /// The first position of a byte below `n` (at most 0x80) in `hay`, eight bytes at a time.
 pub fn find_below(hay: &[u8], n: u8) -> Option<usize> {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
     let below = LO * u64::from(n);
-    let mut words = hay.chunks_exact(8);
-    let mut at = 0;
-    for w in words.by_ref() {
-        let mut word = [0; 8];
-        word.copy_from_slice(w);
-        let v = u64::from_le_bytes(word);
-        // A byte below `n` borrows; the lowest flagged byte is the first one.
-        let found = v.wrapping_sub(below) & !v & HI;
-        if found != 0 {
-            return Some(at + (found.trailing_zeros() / 8) as usize);
-        }
-        at += 8;
-    }
-    words
-        .remainder()
-        .iter()
-        .position(|&c| c < n)
-        .map(|p| at + p)
+    // A byte below `n` borrows (a borrow can only flag bytes above it).
+    first_flagged(hay, |v| v.wrapping_sub(below) & !v, |c| c < n)
 }
 
 /// A byte that continues a number or literal: anything but JSON's structure and whitespace.
