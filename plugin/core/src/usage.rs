@@ -443,8 +443,7 @@ impl Seen {
         // OpenAI Responses.
         let responses_usage = if kind.starts_with("response.") {
             d.nested_usage
-        } else if d.usage.is_some_and(|u| u.first() == Some(&b'{')) && is_text(d.object, "response")
-        {
+        } else if opens_object(d.usage) && is_text(d.object, "response") {
             d.usage
         } else {
             None
@@ -514,12 +513,14 @@ fn text(raw: &[u8]) -> Option<Cow<'_, str>> {
     serde_json::from_slice::<String>(raw).ok().map(Cow::Owned)
 }
 
+/// Whether a captured value begins as a JSON object (the test before any parse).
+fn opens_object(raw: Option<&[u8]>) -> bool {
+    raw.is_some_and(|r| r.first() == Some(&b'{'))
+}
+
 /// A captured value parsed, when it is a JSON object.
 fn object_value(raw: Option<&[u8]>) -> Option<Value> {
-    let raw = raw?;
-    if raw.first() != Some(&b'{') {
-        return None;
-    }
+    let raw = raw.filter(|r| opens_object(Some(r)))?;
     serde_json::from_slice::<Value>(raw)
         .ok()
         .filter(Value::is_object)
